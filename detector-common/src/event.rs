@@ -1,0 +1,296 @@
+//! Events the eBPF programs send through the ring buffer. Every event starts with its
+//! [`EventKind`] so userspace can tell the layouts apart before it reads the rest.
+
+/// Length of a thread name as the kernel stores it (`TASK_COMM_LEN`).
+pub const COMM_LEN: usize = 16;
+/// Bytes of a Python key object copied at a KeyError (header plus the start of its data).
+pub const KEY_OBJ_LEN: usize = 128;
+/// Bytes of the key's type name (`tp_name`) copied at a KeyError.
+pub const TYPE_NAME_LEN: usize = 16;
+
+#[repr(u32)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum EventKind {
+    /// `clear` entered on a cache with no open window: [`WindowEvent`].
+    WindowOpen = 1,
+    /// The refill that follows returned: [`WindowEvent`].
+    WindowClose = 2,
+    /// A lookup by another thread overlapped an open window: [`LookupEvent`].
+    Lookup = 3,
+    /// A Python `d[k]` raised KeyError on a dict whose window was open: [`KeyErrorEvent`].
+    KeyError = 4,
+}
+
+impl EventKind {
+    pub const ALL: [EventKind; 4] = [
+        Self::WindowOpen,
+        Self::WindowClose,
+        Self::Lookup,
+        Self::KeyError,
+    ];
+
+    pub fn from_u32(v: u32) -> Option<Self> {
+        Self::ALL.into_iter().find(|k| *k as u32 == v)
+    }
+}
+
+/// A window boundary.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct WindowEvent {
+    pub kind: u32,
+    pub writer_tid: u32,
+    pub cache: u64,
+    pub open_ns: u64,
+    /// 0 on [`EventKind::WindowOpen`].
+    pub close_ns: u64,
+    pub writer_comm: [u8; COMM_LEN],
+}
+
+/// A lookup that overlapped an open window.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct LookupEvent {
+    pub kind: u32,
+    pub reader_tid: u32,
+    pub cache: u64,
+    /// When the lookup was entered.
+    pub lookup_ns: u64,
+    pub window_open_ns: u64,
+    pub writer_tid: u32,
+    /// 1 when `ret` holds the lookup's return value (its return is probed).
+    pub has_ret: u32,
+    pub ret: i64,
+    pub reader_comm: [u8; COMM_LEN],
+}
+
+/// A Python KeyError raised on a dict whose window was open.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct KeyErrorEvent {
+    pub kind: u32,
+    pub reader_tid: u32,
+    pub dict: u64,
+    pub raised_ns: u64,
+    pub window_open_ns: u64,
+    pub writer_tid: u32,
+    pub _pad: u32,
+    /// The key's address, so userspace can tell a copy that failed from an empty one.
+    pub key: u64,
+    pub reader_comm: [u8; COMM_LEN],
+    pub key_type: [u8; TYPE_NAME_LEN],
+    pub key_obj: [u8; KEY_OBJ_LEN],
+}
+
+/// Indexes of the per-CPU `STATS` array: events the kernel could not deliver, per kind, then
+/// probe hits per probe.
+#[repr(u32)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Stat {
+    LostWindowOpen = 0,
+    LostWindowClose = 1,
+    LostLookup = 2,
+    LostKeyError = 3,
+    /// Window or in-flight state that did not fit in its map.
+    MapFull = 4,
+    HitsClear = 5,
+    HitsRefillEntry = 6,
+    HitsRefillReturn = 7,
+    HitsLookupEntry = 8,
+    HitsLookupReturn = 9,
+    HitsKeyError = 10,
+}
+
+impl Stat {
+    pub const COUNT: u32 = 11;
+
+    pub fn lost(kind: EventKind) -> Stat {
+        match kind {
+            EventKind::WindowOpen => Stat::LostWindowOpen,
+            EventKind::WindowClose => Stat::LostWindowClose,
+            EventKind::Lookup => Stat::LostLookup,
+            EventKind::KeyError => Stat::LostKeyError,
+        }
+    }
+}
+
+#[cfg(feature = "user")]
+mod user {
+    use super::*;
+    use crate::Window;
+
+    // SAFETY: all are #[repr(C)] with only integer fields and no padding (checked in the tests).
+    unsafe impl aya::Pod for Window {}
+    unsafe impl aya::Pod for WindowEvent {}
+    unsafe impl aya::Pod for LookupEvent {}
+    unsafe impl aya::Pod for KeyErrorEvent {}
+    unsafe impl aya::Pod for RegLocation {}
+    unsafe impl aya::Pod for Inflight {}
+}
+
+#[cfg(feature = "user")]
+pub use decode::*;
+
+#[cfg(feature = "user")]
+mod decode {
+    use super::*;
+
+    /// An event read from the ring buffer.
+    #[derive(Clone, Copy, Debug, PartialEq, Eq)]
+    pub enum Event {
+        WindowOpen(WindowEvent),
+        WindowClose(WindowEvent),
+        Lookup(LookupEvent),
+        KeyError(KeyErrorEvent),
+    }
+
+    #[derive(Debug, thiserror::Error, PartialEq, Eq)]
+    pub enum DecodeError {
+        #[error("event of {0} bytes is too short to hold its kind")]
+        TooShort(usize),
+        #[error("unknown event kind {0}")]
+        UnknownKind(u32),
+        #[error("{kind:?} event has {got} bytes, expected {want}")]
+        WrongSize {
+            kind: EventKind,
+            got: usize,
+            want: usize,
+        },
+    }
+
+    fn read<T: Copy>(kind: EventKind, bytes: &[u8]) -> Result<T, DecodeError> {
+        let want = core::mem::size_of::<T>();
+        if bytes.len() != want {
+            return Err(DecodeError::WrongSize {
+                kind,
+                got: bytes.len(),
+                want,
+            });
+        }
+        // SAFETY: the length matches and T is a padding-free #[repr(C)] struct of integers, so
+        // every bit pattern is a valid T; read_unaligned copes with the buffer's alignment.
+        Ok(unsafe { core::ptr::read_unaligned(bytes.as_ptr().cast::<T>()) })
+    }
+
+    impl Event {
+        pub fn decode(bytes: &[u8]) -> Result<Event, DecodeError> {
+            let head: [u8; 4] = bytes
+                .get(..4)
+                .and_then(|h| h.try_into().ok())
+                .ok_or(DecodeError::TooShort(bytes.len()))?;
+            let raw = u32::from_ne_bytes(head);
+            let kind = EventKind::from_u32(raw).ok_or(DecodeError::UnknownKind(raw))?;
+            Ok(match kind {
+                EventKind::WindowOpen => Event::WindowOpen(read(kind, bytes)?),
+                EventKind::WindowClose => Event::WindowClose(read(kind, bytes)?),
+                EventKind::Lookup => Event::Lookup(read(kind, bytes)?),
+                EventKind::KeyError => Event::KeyError(read(kind, bytes)?),
+            })
+        }
+    }
+
+    /// The bytes of a plain-old-data value, as the kernel would write them.
+    pub fn as_bytes<T: aya::Pod>(v: &T) -> &[u8] {
+        // SAFETY: Pod types have no padding and no invalid bit patterns.
+        unsafe {
+            core::slice::from_raw_parts((v as *const T).cast::<u8>(), core::mem::size_of::<T>())
+        }
+    }
+
+    #[cfg(test)]
+    mod tests {
+        use super::*;
+        use core::mem::size_of;
+
+        #[test]
+        fn layouts_have_no_padding() {
+            assert_eq!(size_of::<WindowEvent>(), 4 + 4 + 8 + 8 + 8 + COMM_LEN);
+            assert_eq!(
+                size_of::<LookupEvent>(),
+                4 + 4 + 8 + 8 + 8 + 4 + 4 + 8 + COMM_LEN
+            );
+            assert_eq!(
+                size_of::<KeyErrorEvent>(),
+                4 + 4 + 8 + 8 + 8 + 4 + 4 + 8 + COMM_LEN + TYPE_NAME_LEN + KEY_OBJ_LEN
+            );
+            assert_eq!(size_of::<crate::Window>(), 4 + 4 + 8 + 8);
+        }
+
+        #[test]
+        fn round_trip_every_kind() {
+            let w = WindowEvent {
+                kind: EventKind::WindowClose as u32,
+                writer_tid: 7,
+                cache: 0xdead_beef,
+                open_ns: 10,
+                close_ns: 20,
+                writer_comm: *b"refresher\0\0\0\0\0\0\0",
+            };
+            assert_eq!(Event::decode(as_bytes(&w)), Ok(Event::WindowClose(w)));
+            let l = LookupEvent {
+                kind: EventKind::Lookup as u32,
+                reader_tid: 8,
+                cache: 1,
+                lookup_ns: 15,
+                window_open_ns: 10,
+                writer_tid: 7,
+                has_ret: 1,
+                ret: -1,
+                reader_comm: [b'r'; COMM_LEN],
+            };
+            assert_eq!(Event::decode(as_bytes(&l)), Ok(Event::Lookup(l)));
+            let k = KeyErrorEvent {
+                kind: EventKind::KeyError as u32,
+                reader_tid: 9,
+                dict: 2,
+                raised_ns: 3,
+                window_open_ns: 1,
+                writer_tid: 4,
+                _pad: 0,
+                key: 5,
+                reader_comm: [0; COMM_LEN],
+                key_type: *b"str\0\0\0\0\0\0\0\0\0\0\0\0\0",
+                key_obj: [7; KEY_OBJ_LEN],
+            };
+            assert_eq!(Event::decode(as_bytes(&k)), Ok(Event::KeyError(k)));
+        }
+
+        #[test]
+        fn bad_input_is_a_typed_error() {
+            assert_eq!(Event::decode(&[1, 0]), Err(DecodeError::TooShort(2)));
+            assert_eq!(
+                Event::decode(&[99, 0, 0, 0]),
+                Err(DecodeError::UnknownKind(99))
+            );
+            let mut short = [0u8; 8];
+            short[0] = EventKind::Lookup as u8;
+            assert_eq!(
+                Event::decode(&short),
+                Err(DecodeError::WrongSize {
+                    kind: EventKind::Lookup,
+                    got: 8,
+                    want: size_of::<LookupEvent>()
+                })
+            );
+        }
+    }
+}
+
+/// Where a probe finds a pointer in the registers at its hit, as the kernel reads it.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct RegLocation {
+    /// DWARF register number (x86_64: 3 rbx, 6 rbp, 12-15 r12-r15).
+    pub dwarf_reg: u32,
+    /// 1: the pointer is at `reg + offset`; 0: the pointer is the register itself.
+    pub deref: u32,
+    pub offset: i64,
+}
+
+/// In-flight state kept between a lookup's entry and its return.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Inflight {
+    pub cache: u64,
+    pub entry_ns: u64,
+}

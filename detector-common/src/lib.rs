@@ -1,0 +1,35 @@
+//! What crosses the kernel boundary: event layouts, map names, limits and the window rules that
+//! both the eBPF programs and the userspace collector apply.
+#![no_std]
+
+pub mod event;
+pub mod window;
+
+pub use event::*;
+pub use window::Window;
+
+/// Ring buffer that carries events to userspace.
+pub const EVENTS_MAP: &str = "EVENTS";
+/// Per-cache window state.
+pub const WINDOWS_MAP: &str = "WINDOWS";
+/// Per-CPU counters, indexed by [`Stat`].
+pub const STATS_MAP: &str = "STATS";
+/// Where the dict of a failed Python lookup can be read, keyed by the call site's return address
+/// minus `_PyErr_SetKeyError`'s address (both move together when the library is relocated).
+pub const KEYERROR_SITES_MAP: &str = "KEYERROR_SITES";
+
+/// Default ring buffer size: at 128 bytes an event, 16k events between two polls.
+pub const EVENTS_BYTES_DEFAULT: u32 = 1 << 21;
+/// Caches tracked at once; least recently used ones are evicted first.
+pub const MAX_CACHES: u32 = 16_384;
+/// Threads inside a probed function at once (refill or lookup in flight).
+pub const MAX_INFLIGHT: u32 = 16_384;
+pub const MAX_KEYERROR_SITES: u32 = 16;
+
+/// Globals set at load time (`EbpfLoader::set_global`).
+pub mod globals {
+    /// Only this process is traced (0: any).
+    pub const TARGET_TGID: &str = "TARGET_TGID";
+    /// Which argument (0-based) of clear, update and lookup is the cache object.
+    pub const CACHE_ARG: &str = "CACHE_ARG";
+}

@@ -1,0 +1,102 @@
+//! The window state machine, shared so that the kernel applies exactly the rules the unit and
+//! property tests check on the host.
+//!
+//! A window opens when `clear` is entered and closes when the refill (`update`) called by the same
+//! thread returns. A lookup by another thread overlaps it when the window was open at some point
+//! between the lookup's entry and its return.
+
+/// State of one cache, stored in the kernel's `WINDOWS` map.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Window {
+    /// Thread that emptied the cache.
+    pub writer_tid: u32,
+    /// 1 while the cache is empty-and-not-yet-refilled.
+    pub open: u32,
+    /// When `clear` was entered (CLOCK_MONOTONIC ns).
+    pub open_ns: u64,
+    /// When the refill returned; 0 while open.
+    pub close_ns: u64,
+}
+
+impl Window {
+    /// `clear` entered by `tid` at `now`. A second clear while the window is open keeps the first
+    /// opening: the cache has been empty since then.
+    pub fn on_clear(prev: Option<&Window>, tid: u32, now: u64) -> Option<Window> {
+        match prev {
+            Some(w) if w.open != 0 => None,
+            _ => Some(Window {
+                writer_tid: tid,
+                open: 1,
+                open_ns: now,
+                close_ns: 0,
+            }),
+        }
+    }
+
+    /// Is a refill by `tid` one that closes this window?
+    pub fn closes_on_refill(&self, tid: u32) -> bool {
+        self.open != 0 && self.writer_tid == tid
+    }
+
+    pub fn closed(&self, now: u64) -> Window {
+        Window {
+            open: 0,
+            close_ns: now,
+            ..*self
+        }
+    }
+
+    /// Did a lookup by `tid` overlap this window? `entry_ns` is when the lookup began, or `None`
+    /// when only its entry is probed (then the window must be open now).
+    pub fn overlaps(&self, tid: u32, entry_ns: Option<u64>) -> bool {
+        if self.writer_tid == tid {
+            return false;
+        }
+        self.open != 0 || entry_ns.is_some_and(|start| self.close_ns >= start)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn reader_inside_open_window_overlaps() {
+        let w = Window::on_clear(None, 1, 100).unwrap();
+        assert!(w.overlaps(2, None));
+        assert!(w.overlaps(2, Some(50)));
+        assert!(
+            !w.overlaps(1, None),
+            "the writer's own lookups are not races"
+        );
+    }
+
+    #[test]
+    fn window_closed_before_lookup_began_does_not_overlap() {
+        let w = Window::on_clear(None, 1, 100).unwrap().closed(200);
+        assert!(!w.overlaps(2, Some(201)));
+        assert!(
+            w.overlaps(2, Some(150)),
+            "lookup in flight while the window closed"
+        );
+        assert!(!w.overlaps(2, None));
+    }
+
+    #[test]
+    fn second_clear_keeps_first_opening() {
+        let w = Window::on_clear(None, 1, 100).unwrap();
+        assert_eq!(Window::on_clear(Some(&w), 1, 150), None);
+        let reopened = Window::on_clear(Some(&w.closed(200)), 3, 300).unwrap();
+        assert_eq!(reopened.writer_tid, 3);
+        assert_eq!(reopened.open_ns, 300);
+    }
+
+    #[test]
+    fn only_the_writer_refill_closes() {
+        let w = Window::on_clear(None, 1, 100).unwrap();
+        assert!(w.closes_on_refill(1));
+        assert!(!w.closes_on_refill(2));
+        assert!(!w.closed(150).closes_on_refill(1));
+    }
+}

@@ -1,0 +1,137 @@
+//! The run loop: drains the ring buffer into the correlator and the sink until the target exits,
+//! a signal arrives or the duration elapses, then reports the summary.
+use std::time::{Duration, Instant};
+
+use aya::maps::{MapData, RingBuf};
+use detector_common::{Event, Stat};
+use tokio::{
+    io::unix::AsyncFd,
+    signal::unix::{SignalKind, signal},
+};
+
+use crate::{
+    correlate::Correlator,
+    loader::Loaded,
+    output::{LostByKind, ProbeHits, Sink, Summary},
+    target::Target,
+};
+
+/// How often the ring buffer is drained when no write woke us: the kernel side writes without
+/// wakeups below half full, so this bounds the alert latency.
+const POLL: Duration = Duration::from_millis(10);
+
+pub struct Run<'a> {
+    pub loaded: &'a Loaded,
+    pub events: RingBuf<MapData>,
+    pub correlator: Correlator,
+    pub sink: &'a mut dyn Sink,
+    pub duration: Option<Duration>,
+}
+
+/// Feeds every event waiting in the ring to the correlator, and its alerts to the sink.
+fn drain(
+    ring: &mut RingBuf<MapData>,
+    correlator: &mut Correlator,
+    sink: &mut dyn Sink,
+    decode_errors: &mut u64,
+) -> anyhow::Result<()> {
+    while let Some(item) = ring.next() {
+        match Event::decode(&item) {
+            Ok(event) => {
+                if let Some(alert) = correlator.on_event(&event) {
+                    sink.alert(&alert)?;
+                }
+            }
+            Err(_) => *decode_errors += 1,
+        }
+    }
+    Ok(())
+}
+
+impl Run<'_> {
+    pub async fn run(self, target: &mut Target) -> anyhow::Result<Summary> {
+        let Run {
+            loaded,
+            events,
+            mut correlator,
+            sink,
+            duration,
+        } = self;
+        let started = Instant::now();
+        let mut sigint = signal(SignalKind::interrupt())?;
+        let mut sigterm = signal(SignalKind::terminate())?;
+        let mut sighup = signal(SignalKind::hangup())?;
+        let deadline = async {
+            match duration {
+                Some(d) => tokio::time::sleep(d).await,
+                None => std::future::pending().await,
+            }
+        };
+        tokio::pin!(deadline);
+        let mut tick = tokio::time::interval(POLL);
+        // SAFETY: the ring buffer owns its map fd and keeps it for as long as the AsyncFd lives.
+        let mut ring = unsafe { AsyncFd::register(events) }.map_err(|e| e.into_parts().1)?;
+        let mut decode_errors = 0;
+        let ended = loop {
+            tokio::select! {
+                _ = sigint.recv() => break "interrupted (SIGINT)".to_string(),
+                _ = sigterm.recv() => break "terminated (SIGTERM)".to_string(),
+                _ = sighup.recv() => break "hung up (SIGHUP)".to_string(),
+                _ = &mut deadline => break "duration elapsed".to_string(),
+                status = target.exited() => break match status {
+                    Some(s) => format!("target exited ({s})"),
+                    None => "target exited".to_string(),
+                },
+                guard = ring.readable_mut() => {
+                    let mut guard = guard?;
+                    drain(guard.get_inner_mut(), &mut correlator, sink, &mut decode_errors)?;
+                    guard.clear_ready();
+                }
+                _ = tick.tick() => drain(ring.get_mut(), &mut correlator, sink, &mut decode_errors)?,
+            }
+        };
+        target.finish().await;
+        // Events written before the end are still in the ring.
+        drain(ring.get_mut(), &mut correlator, sink, &mut decode_errors)?;
+        let summary = summary(loaded, &correlator, ended, decode_errors, started.elapsed())?;
+        sink.summary(&summary)?;
+        Ok(summary)
+    }
+}
+
+fn summary(
+    loaded: &Loaded,
+    correlator: &Correlator,
+    ended: String,
+    decode_errors: u64,
+    elapsed: Duration,
+) -> anyhow::Result<Summary> {
+    let s = loaded.stats()?;
+    let stat = |k: Stat| s[k as usize];
+    let lost_by_kind = LostByKind {
+        window_open: stat(Stat::LostWindowOpen),
+        window_close: stat(Stat::LostWindowClose),
+        lookup: stat(Stat::LostLookup),
+        keyerror: stat(Stat::LostKeyError),
+    };
+    Ok(Summary {
+        counts: correlator.counts().into(),
+        lost_events: lost_by_kind.window_open
+            + lost_by_kind.window_close
+            + lost_by_kind.lookup
+            + lost_by_kind.keyerror,
+        lost_by_kind,
+        map_full: stat(Stat::MapFull),
+        decode_errors,
+        probe_hits: ProbeHits {
+            clear: stat(Stat::HitsClear),
+            refill_entry: stat(Stat::HitsRefillEntry),
+            refill_return: stat(Stat::HitsRefillReturn),
+            lookup_entry: stat(Stat::HitsLookupEntry),
+            lookup_return: stat(Stat::HitsLookupReturn),
+            keyerror: stat(Stat::HitsKeyError),
+        },
+        duration_s: elapsed.as_secs_f64(),
+        ended,
+    })
+}

@@ -1,0 +1,185 @@
+//! Loads racewatch's eBPF object with its load-time filters and attaches the probes.
+use std::{num::NonZeroU32, path::PathBuf};
+
+use aya::{
+    Ebpf, EbpfLoader,
+    maps::{HashMap, MapData, PerCpuArray, RingBuf},
+    programs::{UProbe, uprobe::UProbeScope},
+};
+use detector_common::{EVENTS_MAP, KEYERROR_SITES_MAP, RegLocation, STATS_MAP, Stat, globals};
+
+use crate::symbols::Function;
+
+#[derive(Debug, thiserror::Error)]
+pub enum LoadError {
+    #[error("the kernel refused racewatch's eBPF programs: {0}")]
+    Load(#[source] aya::EbpfError),
+    #[error("cannot load the `{program}` probe program: {source}")]
+    Program {
+        program: &'static str,
+        source: aya::programs::ProgramError,
+    },
+    #[error("cannot attach the {role} probe to {function} in {binary}: {source}")]
+    Attach {
+        role: &'static str,
+        function: String,
+        binary: PathBuf,
+        source: aya::programs::ProgramError,
+    },
+    #[error("racewatch's eBPF object lacks map {0} (a build mismatch: rebuild racewatch)")]
+    MissingMap(&'static str),
+    #[error("cannot use the kernel map {map}: {source}")]
+    Map {
+        map: &'static str,
+        source: aya::maps::MapError,
+    },
+}
+
+/// How the cache's lookup is observed.
+pub enum LookupProbe {
+    /// Entry only: lookups entered inside a window.
+    Entry(Function),
+    /// Entry and return: also lookups in flight when the window opened, with their result.
+    EntryAndReturn(Function),
+    /// CPython: `_PyErr_SetKeyError`'s entry, with where each call site keeps the dict, keyed by
+    /// return address minus the function's address.
+    KeyError {
+        function: Function,
+        sites: Vec<(u64, RegLocation)>,
+    },
+}
+
+/// Everything to attach, in one binary (executable or shared library).
+pub struct Plan {
+    pub binary: PathBuf,
+    pub clear: Function,
+    pub refill: Function,
+    pub lookup: LookupProbe,
+}
+
+pub struct Options {
+    /// The traced process (0: any).
+    pub tgid: u32,
+    pub cache_arg: u32,
+    pub ring_bytes: u32,
+}
+
+/// The loaded object; dropping it detaches every probe and frees every map.
+pub struct Loaded {
+    ebpf: Ebpf,
+    pub probes: usize,
+}
+
+static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/detector"));
+
+impl Loaded {
+    pub fn load(opts: &Options) -> Result<Loaded, LoadError> {
+        let wakeup_bytes = u64::from(opts.ring_bytes / 2);
+        let ebpf = EbpfLoader::new()
+            .override_global(globals::TARGET_TGID, &opts.tgid, true)
+            .override_global(globals::CACHE_ARG, &opts.cache_arg, true)
+            .override_global("WAKEUP_BYTES", &wakeup_bytes, true)
+            .map_max_entries(EVENTS_MAP, opts.ring_bytes)
+            .load(OBJECT)
+            .map_err(LoadError::Load)?;
+        Ok(Loaded { ebpf, probes: 0 })
+    }
+
+    fn attach_one(
+        &mut self,
+        program: &'static str,
+        role: &'static str,
+        plan_binary: &PathBuf,
+        function: &Function,
+        pid: u32,
+    ) -> Result<(), LoadError> {
+        let prog: &mut UProbe = self
+            .ebpf
+            .program_mut(program)
+            .and_then(|p| p.try_into().ok())
+            .ok_or(LoadError::MissingMap(program))?;
+        if prog.fd().is_err() {
+            prog.load()
+                .map_err(|source| LoadError::Program { program, source })?;
+        }
+        let scope = NonZeroU32::new(pid).map_or(UProbeScope::AllProcesses, UProbeScope::OneProcess);
+        prog.attach(function.file_offset, plan_binary, scope)
+            .map_err(|source| LoadError::Attach {
+                role,
+                function: function.display.clone(),
+                binary: plan_binary.clone(),
+                source,
+            })?;
+        self.probes += 1;
+        Ok(())
+    }
+
+    /// Attaches every probe of `plan` to process `pid` (0: every process that maps the binary).
+    pub fn attach(&mut self, plan: &Plan, pid: u32) -> Result<(), LoadError> {
+        let bin = &plan.binary;
+        self.attach_one("on_clear", "clear", bin, &plan.clear, pid)?;
+        self.attach_one("on_refill", "refill", bin, &plan.refill, pid)?;
+        self.attach_one("on_refill_return", "refill return", bin, &plan.refill, pid)?;
+        match &plan.lookup {
+            LookupProbe::Entry(f) => self.attach_one("on_lookup", "lookup", bin, f, pid)?,
+            LookupProbe::EntryAndReturn(f) => {
+                self.attach_one("on_lookup_entry", "lookup", bin, f, pid)?;
+                self.attach_one("on_lookup_return", "lookup return", bin, f, pid)?;
+            }
+            LookupProbe::KeyError { function, sites } => {
+                let mut map: HashMap<_, u64, RegLocation> = self
+                    .ebpf
+                    .map_mut(KEYERROR_SITES_MAP)
+                    .ok_or(LoadError::MissingMap(KEYERROR_SITES_MAP))?
+                    .try_into()
+                    .map_err(|source| LoadError::Map {
+                        map: KEYERROR_SITES_MAP,
+                        source,
+                    })?;
+                for (delta, loc) in sites {
+                    map.insert(delta, loc, 0).map_err(|source| LoadError::Map {
+                        map: KEYERROR_SITES_MAP,
+                        source,
+                    })?;
+                }
+                self.attach_one("on_keyerror", "KeyError", bin, function, pid)?;
+            }
+        }
+        Ok(())
+    }
+
+    pub fn take_events(&mut self) -> Result<RingBuf<MapData>, LoadError> {
+        let map = self
+            .ebpf
+            .take_map(EVENTS_MAP)
+            .ok_or(LoadError::MissingMap(EVENTS_MAP))?;
+        RingBuf::try_from(map).map_err(|source| LoadError::Map {
+            map: EVENTS_MAP,
+            source,
+        })
+    }
+
+    /// Each [`Stat`] summed over CPUs.
+    pub fn stats(&self) -> Result<Vec<u64>, LoadError> {
+        let map = self
+            .ebpf
+            .map(STATS_MAP)
+            .ok_or(LoadError::MissingMap(STATS_MAP))?;
+        let stats: PerCpuArray<_, u64> =
+            PerCpuArray::try_from(map).map_err(|source| LoadError::Map {
+                map: STATS_MAP,
+                source,
+            })?;
+        (0..Stat::COUNT)
+            .map(|i| {
+                stats
+                    .get(&i, 0)
+                    .map(|per_cpu| per_cpu.iter().sum())
+                    .map_err(|source| LoadError::Map {
+                        map: STATS_MAP,
+                        source,
+                    })
+            })
+            .collect()
+    }
+}

@@ -1,0 +1,103 @@
+//! racewatch: finds lookups that land in a cache's empty window, through uprobes.
+mod cli;
+mod collector;
+mod correlate;
+mod loader;
+mod output;
+mod preflight;
+mod session;
+mod symbols;
+mod target;
+
+use std::process::ExitCode;
+
+use clap::Parser as _;
+
+use crate::{
+    cli::{Cli, Command, EXIT_RACE, WatchArgs},
+    correlate::Correlator,
+    loader::{LookupProbe, Plan},
+    session::Failure,
+    symbols::SymbolTable,
+};
+
+async fn watch(args: WatchArgs) -> Result<ExitCode, Failure> {
+    session::duration(&args.run)?;
+    let binary = match &args.binary {
+        Some(b) => b.clone(),
+        None => session::default_binary(&args.run)?,
+    };
+    if let Some(pid) = args.run.pid {
+        target::running_exe(pid).map_err(Failure::usage)?;
+    }
+    let table = SymbolTable::load(&binary).map_err(Failure::usage)?;
+    let resolve = |name: &str| table.resolve(name).map_err(Failure::usage);
+    let (clear, refill, lookup) = (
+        resolve(&args.clear)?,
+        resolve(&args.update)?,
+        resolve(&args.lookup)?,
+    );
+    preflight::check().map_err(Failure::usage)?;
+    if args.run.verbose {
+        for (role, f) in [("clear", &clear), ("update", &refill), ("lookup", &lookup)] {
+            eprintln!(
+                "racewatch: {role}: {} at {:#x} (file offset {:#x})",
+                f.display, f.address, f.file_offset
+            );
+        }
+    }
+    let lookup = match args.miss_ret {
+        Some(_) => LookupProbe::EntryAndReturn(lookup),
+        None => LookupProbe::Entry(lookup),
+    };
+    let plan = Plan {
+        binary,
+        clear,
+        refill,
+        lookup,
+    };
+    let correlator = Correlator::new(args.miss_ret, None);
+    let summary = session::run(&plan, &args.run, args.cache_arg, correlator).await?;
+    Ok(exit_for(summary.as_ref()))
+}
+
+fn exit_for(summary: Option<&output::Summary>) -> ExitCode {
+    match summary {
+        Some(s) if s.counts.lookups_in_window > 0 => ExitCode::from(EXIT_RACE),
+        _ => ExitCode::SUCCESS,
+    }
+}
+
+fn symbols(path: &std::path::Path, grep: Option<&str>) -> Result<ExitCode, Failure> {
+    let table = SymbolTable::load(path).map_err(Failure::usage)?;
+    for name in table
+        .names()
+        .into_iter()
+        .filter(|n| grep.is_none_or(|g| n.contains(g)))
+    {
+        println!("{}", output::escape(name));
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let result = match cli.command {
+        Command::HeldExec { command } => return ExitCode::from(target::held_exec(&command) as u8),
+        Command::Symbols { path, grep } => symbols(&path, grep.as_deref()),
+        Command::Watch(args) => match tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+        {
+            Ok(rt) => rt.block_on(watch(args)),
+            Err(e) => Err(Failure::runtime(e)),
+        },
+    };
+    match result {
+        Ok(code) => code,
+        Err(Failure { status, error }) => {
+            eprintln!("racewatch: error: {error:#}");
+            ExitCode::from(status)
+        }
+    }
+}

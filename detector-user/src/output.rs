@@ -1,0 +1,210 @@
+//! Where findings go: human lines or NDJSON, behind one trait; a null sink for tests.
+use std::io::{self, Write};
+
+use serde::Serialize;
+use serde_json::json;
+
+use crate::correlate::{Alert, Counts};
+
+/// Everything the last line of a run reports.
+#[derive(Clone, Debug, Default, Serialize)]
+pub struct Summary {
+    #[serde(flatten)]
+    pub counts: CountsJson,
+    /// Events the kernel could not deliver (ring buffer full), all kinds.
+    pub lost_events: u64,
+    pub lost_by_kind: LostByKind,
+    /// Window or in-flight state the kernel could not store (map full).
+    pub map_full: u64,
+    /// Ring-buffer records userspace could not decode (a racewatch bug if ever non-zero).
+    pub decode_errors: u64,
+    /// Times each probe fired in the target.
+    pub probe_hits: ProbeHits,
+    pub duration_s: f64,
+    /// How the run ended: "target exited", "interrupted", "duration elapsed".
+    pub ended: String,
+}
+
+#[derive(Clone, Debug, Default, Serialize)]
+pub struct CountsJson {
+    pub windows: u64,
+    pub lookups_in_window: u64,
+    pub misses_in_window: u64,
+    pub caches: u64,
+    pub max_window_ns: u64,
+}
+
+impl From<&Counts> for CountsJson {
+    fn from(c: &Counts) -> Self {
+        CountsJson {
+            windows: c.windows,
+            lookups_in_window: c.lookups_in_window,
+            misses_in_window: c.misses_in_window,
+            caches: c.caches,
+            max_window_ns: c.max_window_ns,
+        }
+    }
+}
+
+#[derive(Clone, Debug, Default, Serialize)]
+pub struct LostByKind {
+    pub window_open: u64,
+    pub window_close: u64,
+    pub lookup: u64,
+    pub keyerror: u64,
+}
+
+#[derive(Clone, Debug, Default, Serialize)]
+pub struct ProbeHits {
+    pub clear: u64,
+    pub refill_entry: u64,
+    pub refill_return: u64,
+    pub lookup_entry: u64,
+    pub lookup_return: u64,
+    pub keyerror: u64,
+}
+
+pub trait Sink {
+    fn alert(&mut self, alert: &Alert) -> io::Result<()>;
+    fn summary(&mut self, summary: &Summary) -> io::Result<()>;
+}
+
+/// Discards everything (tests, dry runs).
+pub struct NullSink;
+
+impl Sink for NullSink {
+    fn alert(&mut self, _: &Alert) -> io::Result<()> {
+        Ok(())
+    }
+    fn summary(&mut self, _: &Summary) -> io::Result<()> {
+        Ok(())
+    }
+}
+
+/// Text a target controls (thread names, keys) with control characters escaped, so it cannot
+/// rewrite the terminal or forge lines.
+pub fn escape(s: &str) -> String {
+    s.chars()
+        .flat_map(|c| {
+            if c.is_control() {
+                c.escape_default().collect::<Vec<_>>()
+            } else {
+                vec![c]
+            }
+        })
+        .collect()
+}
+
+fn fmt_ns(ns: u64) -> String {
+    match ns {
+        0..1_000 => format!("{ns} ns"),
+        1_000..1_000_000 => format!("{:.1} µs", ns as f64 / 1e3),
+        1_000_000..1_000_000_000 => format!("{:.1} ms", ns as f64 / 1e6),
+        _ => format!("{:.2} s", ns as f64 / 1e9),
+    }
+}
+
+pub struct HumanSink<W: Write> {
+    out: W,
+}
+
+impl<W: Write> HumanSink<W> {
+    pub fn new(out: W) -> Self {
+        HumanSink { out }
+    }
+}
+
+impl<W: Write> Sink for HumanSink<W> {
+    fn alert(&mut self, a: &Alert) -> io::Result<()> {
+        let writer = a
+            .writer_name
+            .as_deref()
+            .map(escape)
+            .unwrap_or_else(|| "?".into());
+        let outcome = match a.miss {
+            Some(true) => "MISSED",
+            Some(false) => "found",
+            None => "result not probed",
+        };
+        let key = a
+            .key
+            .as_deref()
+            .map(|k| format!(" key {}", escape(k)))
+            .unwrap_or_default();
+        writeln!(
+            self.out,
+            "RACE cache {:#x}: reader {} ({}) looked up{} while writer {} ({}) had emptied it {} earlier: {}",
+            a.cache,
+            a.reader_tid,
+            escape(&a.reader_name),
+            key,
+            a.writer_tid,
+            writer,
+            fmt_ns(a.open_for_ns()),
+            outcome
+        )?;
+        self.out.flush()
+    }
+
+    fn summary(&mut self, s: &Summary) -> io::Result<()> {
+        let c = &s.counts;
+        writeln!(
+            self.out,
+            "racewatch: {} windows in {} caches (widest {}), {} lookups in a window, {} of them missed; \
+             {} events lost; {:.1} s, {}",
+            c.windows,
+            c.caches,
+            fmt_ns(c.max_window_ns),
+            c.lookups_in_window,
+            c.misses_in_window,
+            s.lost_events,
+            s.duration_s,
+            s.ended
+        )?;
+        if s.map_full > 0 || s.decode_errors > 0 {
+            writeln!(
+                self.out,
+                "racewatch: warning: {} window states did not fit in the kernel's maps, {} events could not be decoded",
+                s.map_full, s.decode_errors
+            )?;
+        }
+        self.out.flush()
+    }
+}
+
+pub struct JsonSink<W: Write> {
+    out: W,
+}
+
+impl<W: Write> JsonSink<W> {
+    pub fn new(out: W) -> Self {
+        JsonSink { out }
+    }
+}
+
+impl<W: Write> Sink for JsonSink<W> {
+    fn alert(&mut self, a: &Alert) -> io::Result<()> {
+        let line = json!({
+            "type": "alert",
+            "cache": format!("{:#x}", a.cache),
+            "reader_tid": a.reader_tid,
+            "reader_name": a.reader_name,
+            "writer_tid": a.writer_tid,
+            "writer_name": a.writer_name,
+            "window_open_ns": a.window_open_ns,
+            "lookup_ns": a.lookup_ns,
+            "open_for_ns": a.open_for_ns(),
+            "miss": a.miss,
+            "key": a.key,
+        });
+        writeln!(self.out, "{line}")?;
+        self.out.flush()
+    }
+
+    fn summary(&mut self, s: &Summary) -> io::Result<()> {
+        let mut v = serde_json::to_value(s).map_err(io::Error::other)?;
+        v["type"] = "summary".into();
+        writeln!(self.out, "{v}")?;
+        self.out.flush()
+    }
+}

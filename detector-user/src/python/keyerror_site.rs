@@ -1,0 +1,541 @@
+//! Finds where a failed `d[k]` leaves its dict readable at `_PyErr_SetKeyError`'s entry, from DWARF.
+//!
+//! A uprobe on `_PyErr_SetKeyError` sees only the missing key (arg0). At its first instruction
+//! `[rsp]` is the return address, which names the call site, and the callee-saved registers
+//! (rbx, rbp, r12-r15) still hold the caller's values. So wherever the caller's DWARF location
+//! list puts the dict (or the value-stack pointer) in such a register over the call, the probe
+//! can read which dict missed. Locations differ per build, so nothing here is hard-coded but
+//! the CPython 3.11 source facts in [`CALLERS`].
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+
+use gimli::{
+    constants as dw, AttributeValue, EndianSlice, LittleEndian, Operation, Register, UnitOffset,
+};
+use object::{Object, ObjectSection, ObjectSymbol};
+
+/// x86-64 only (checked), hence little-endian.
+type R<'a> = EndianSlice<'a, LittleEndian>;
+
+const KEY_ERROR_FN: &str = "_PyErr_SetKeyError";
+
+/// The callers whose `_PyErr_SetKeyError` call is a failed `d[k]`, the variable that finds the
+/// dict there, and the value-stack slot it points into (`None`: the variable is the dict).
+/// - `_PyEval_EvalFrameDefault`: `binary_subscr_dict_error` (BINARY_SUBSCR_DICT's miss path) does
+///   `sub = POP()` before the call, so the dict is `stack_pointer[-1]`.
+/// - `dict_subscript(mp, key)`: the `mp_subscript` slot, i.e. unspecialized `d[k]` and `PyObject_GetItem`.
+const CALLERS: [(&str, &str, Option<i64>); 2] = [
+    ("_PyEval_EvalFrameDefault", "stack_pointer", Some(-1)),
+    ("dict_subscript", "mp", None),
+];
+
+/// x86-64 registers a callee must preserve, so they still hold the caller's values at its entry.
+const CALLEE_SAVED: [Register; 6] = [
+    gimli::X86_64::RBX,
+    gimli::X86_64::RBP,
+    gimli::X86_64::R12,
+    gimli::X86_64::R13,
+    gimli::X86_64::R14,
+    gimli::X86_64::R15,
+];
+
+/// A call of `_PyErr_SetKeyError` where the dict whose lookup failed is readable at the callee's entry.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct KeyErrorSite {
+    /// ELF virtual address of the instruction after the call (what [rsp] holds at the callee's entry).
+    pub return_vaddr: u64,
+    /// Caller function name, for -v output.
+    pub caller: String,
+    pub dict: DictLocation,
+}
+
+/// Where the dict is at the callee's entry; `dwarf_reg` is a DWARF x86-64 register number.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DictLocation {
+    /// dict = *(reg + offset) — value-stack slot (BINARY_SUBSCR_DICT: stack_pointer[-1] → offset -8).
+    Deref { dwarf_reg: u16, offset: i64 },
+    /// dict = reg.
+    Reg { dwarf_reg: u16 },
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum SiteError {
+    #[error("cannot read {path}: {source}")]
+    Io {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("{path} is not a readable ELF file: {source}")]
+    Object {
+        path: PathBuf,
+        source: object::Error,
+    },
+    #[error("{path} is built for {arch}: only x86-64 is supported")]
+    UnsupportedArch { path: PathBuf, arch: String },
+    #[error("{path} has no DWARF debug info: install the python debug symbols or use a python built with -g")]
+    NoDebugInfo { path: PathBuf },
+    #[error("{debug} is not the debug file of {path} (build ids differ): reinstall the matching python debug symbols")]
+    DebugMismatch { path: PathBuf, debug: PathBuf },
+    #[error("malformed DWARF in {path}: {source}")]
+    Dwarf { path: PathBuf, source: gimli::Error },
+    #[error(
+        "{path} has no call site of {KEY_ERROR_FN} in its DWARF: pass the image that holds the \
+         interpreter (libpython3.11.so when python links it), built with -O2 -g"
+    )]
+    NoCallSites { path: PathBuf },
+    #[error(
+        "in {path}, none of the {calls} calls of {KEY_ERROR_FN} keeps the dict in a callee-saved \
+         register, so this python build cannot tell which dict missed"
+    )]
+    NoUsableSites { path: PathBuf, calls: usize },
+    #[error("symbol {name} is not in {path} (nor in its separate debug file)")]
+    SymbolNotFound { path: PathBuf, name: String },
+}
+
+/// Every call of `_PyErr_SetKeyError` in `image` (python or libpython) after which the missing dict
+/// can be read at the callee's entry, sorted by return address.
+pub fn find_keyerror_sites(image: &Path) -> Result<Vec<KeyErrorSite>, SiteError> {
+    let data = read(image)?;
+    let obj = parse(image, &data)?;
+    if obj.architecture() != object::Architecture::X86_64 {
+        let arch = format!("{:?}", obj.architecture());
+        return Err(SiteError::UnsupportedArch {
+            path: image.into(),
+            arch,
+        });
+    }
+    let debug = if has_dwarf(&obj) {
+        None
+    } else {
+        Some(load_debug_file(image, &obj)?)
+    };
+    let (dpath, dobj) = match &debug {
+        Some((path, data)) => (path.as_path(), parse(path, data)?),
+        None => (image, obj),
+    };
+    let sections = gimli::DwarfSections::load(|id| {
+        dobj.section_by_name(id.name())
+            .map_or(Ok(Default::default()), |s| s.uncompressed_data())
+    })
+    .map_err(|source| SiteError::Object {
+        path: dpath.into(),
+        source,
+    })?;
+    let dwarf = sections.borrow(|s| EndianSlice::new(s, LittleEndian));
+    let (sites, calls) = scan(&dwarf).map_err(|source| SiteError::Dwarf {
+        path: dpath.into(),
+        source,
+    })?;
+    match (calls, sites.is_empty()) {
+        (0, _) => Err(SiteError::NoCallSites { path: image.into() }),
+        (calls, true) => Err(SiteError::NoUsableSites {
+            path: image.into(),
+            calls,
+        }),
+        _ => Ok(sites),
+    }
+}
+
+/// ELF virtual address of the function or object `name`, from .symtab or .dynsym (or the
+/// separate debug file's .symtab, which holds the static functions of a stripped image).
+pub fn symbol_vaddr(image: &Path, name: &str) -> Result<u64, SiteError> {
+    let data = read(image)?;
+    let obj = parse(image, &data)?;
+    let find = |o: &object::File| {
+        o.symbols()
+            .chain(o.dynamic_symbols())
+            .find(|s| s.is_definition() && s.name() == Ok(name))
+            .map(|s| s.address())
+    };
+    if let Some(vaddr) = find(&obj) {
+        return Ok(vaddr);
+    }
+    if debug_file_path(image, &obj).is_some() {
+        let (path, data) = load_debug_file(image, &obj)?;
+        if let Some(vaddr) = find(&parse(&path, &data)?) {
+            return Ok(vaddr);
+        }
+    }
+    Err(SiteError::SymbolNotFound {
+        path: image.into(),
+        name: name.into(),
+    })
+}
+
+fn read(path: &Path) -> Result<Vec<u8>, SiteError> {
+    std::fs::read(path).map_err(|source| SiteError::Io {
+        path: path.into(),
+        source,
+    })
+}
+
+fn parse<'d>(path: &Path, data: &'d [u8]) -> Result<object::File<'d>, SiteError> {
+    object::File::parse(data).map_err(|source| SiteError::Object {
+        path: path.into(),
+        source,
+    })
+}
+
+fn has_dwarf(obj: &object::File) -> bool {
+    obj.section_by_name(".debug_info")
+        .is_some_and(|s| s.size() > 0)
+}
+
+/// The separate debug file GDB would use: by build id, else by `.gnu_debuglink`.
+fn debug_file_path(image: &Path, obj: &object::File) -> Option<PathBuf> {
+    use std::os::unix::ffi::OsStrExt;
+    let root = Path::new("/usr/lib/debug");
+    let mut candidates = Vec::new();
+    if let Ok(Some(id)) = obj.build_id() {
+        let hex: String = id.iter().map(|b| format!("{b:02x}")).collect();
+        if hex.len() > 2 {
+            candidates.push(
+                root.join(".build-id")
+                    .join(&hex[..2])
+                    .join(format!("{}.debug", &hex[2..])),
+            );
+        }
+    }
+    if let (Ok(Some((name, _crc))), Ok(real)) = (obj.gnu_debuglink(), std::fs::canonicalize(image))
+    {
+        let name = std::ffi::OsStr::from_bytes(name);
+        let dir = real.parent().unwrap_or(Path::new("/"));
+        let under_root = root.join(dir.strip_prefix("/").unwrap_or(dir));
+        candidates.extend([
+            dir.join(name),
+            dir.join(".debug").join(name),
+            under_root.join(name),
+        ]);
+    }
+    candidates.into_iter().find(|p| p.is_file())
+}
+
+/// Reads the separate debug file, checking that it was split from this very build.
+fn load_debug_file(image: &Path, obj: &object::File) -> Result<(PathBuf, Vec<u8>), SiteError> {
+    let path =
+        debug_file_path(image, obj).ok_or_else(|| SiteError::NoDebugInfo { path: image.into() })?;
+    let data = read(&path)?;
+    let debug = parse(&path, &data)?;
+    if !has_dwarf(&debug) {
+        return Err(SiteError::NoDebugInfo { path: image.into() });
+    }
+    match (obj.build_id(), debug.build_id()) {
+        (Ok(Some(a)), Ok(Some(b))) if a != b => Err(SiteError::DebugMismatch {
+            path: image.into(),
+            debug: path,
+        }),
+        _ => Ok((path, data)),
+    }
+}
+
+/// DIE names, following `DW_AT_abstract_origin` / `DW_AT_specification` (inlined and out-of-line copies).
+struct Names<'d, 'a> {
+    dwarf: &'d gimli::Dwarf<R<'a>>,
+    units: &'d [gimli::Unit<R<'a>>],
+    cache: HashMap<(usize, UnitOffset), Option<String>>,
+}
+
+impl<'d, 'a> Names<'d, 'a> {
+    /// The DIE a reference attribute points to, as (unit index, offset in that unit).
+    fn target(&self, unit: usize, value: AttributeValue<R<'a>>) -> Option<(usize, UnitOffset)> {
+        match value {
+            AttributeValue::UnitRef(offset) => Some((unit, offset)),
+            AttributeValue::DebugInfoRef(offset) => {
+                let i = self
+                    .units
+                    .partition_point(|u| u.header.offset().0 <= offset.0)
+                    .checked_sub(1)?;
+                Some((i, offset.to_unit_offset(&self.units[i].header)?))
+            }
+            _ => None,
+        }
+    }
+
+    fn name(&mut self, unit: usize, offset: UnitOffset) -> gimli::Result<Option<String>> {
+        if let Some(name) = self.cache.get(&(unit, offset)) {
+            return Ok(name.clone());
+        }
+        let entry = self.units[unit].entry(offset)?;
+        let name = if let Some(value) = entry.attr_value(dw::DW_AT_name) {
+            Some(
+                self.dwarf
+                    .attr_string(&self.units[unit], value)?
+                    .to_string_lossy()
+                    .into_owned(),
+            )
+        } else {
+            let origin = entry
+                .attr_value(dw::DW_AT_abstract_origin)
+                .or(entry.attr_value(dw::DW_AT_specification));
+            match origin.and_then(|v| self.target(unit, v)) {
+                Some((u, o)) if (u, o) != (unit, offset) => self.name(u, o)?,
+                _ => None,
+            }
+        };
+        self.cache.insert((unit, offset), name.clone());
+        Ok(name)
+    }
+}
+
+/// A lexical scope around the DIE being visited; `func` is set for (inlined) functions.
+struct Scope {
+    depth: isize,
+    offset: UnitOffset,
+    func: Option<String>,
+}
+
+/// A call of `_PyErr_SetKeyError` from a [`CALLERS`] function, with its enclosing scopes
+/// (innermost first, up to the function).
+struct Call {
+    return_pc: u64,
+    caller: String,
+    rule: usize,
+    scopes: Vec<UnitOffset>,
+}
+
+/// Returns the usable sites and the number of calls of `_PyErr_SetKeyError` seen.
+fn scan(dwarf: &gimli::Dwarf<R>) -> gimli::Result<(Vec<KeyErrorSite>, usize)> {
+    let mut units = Vec::new();
+    let mut headers = dwarf.units();
+    while let Some(header) = headers.next()? {
+        units.push(dwarf.unit(header)?);
+    }
+    let mut names = Names {
+        dwarf,
+        units: &units,
+        cache: HashMap::new(),
+    };
+    let (mut sites, mut calls) = (Vec::new(), 0);
+    for (u, unit) in units.iter().enumerate() {
+        let mut scopes: Vec<Scope> = Vec::new();
+        // Location of the CALLERS' dict variable, by the scope that declares it.
+        let mut vars: HashMap<UnitOffset, AttributeValue<R>> = HashMap::new();
+        let mut found: Vec<Call> = Vec::new();
+        let mut cursor = unit.entries();
+        while let Some(entry) = cursor.next_dfs()? {
+            let depth = entry.depth();
+            while scopes.last().is_some_and(|s| s.depth >= depth) {
+                scopes.pop();
+            }
+            let rule = scopes
+                .iter()
+                .rev()
+                .find_map(|s| s.func.as_deref())
+                .and_then(|f| CALLERS.iter().position(|c| c.0 == f));
+            match entry.tag() {
+                dw::DW_TAG_subprogram | dw::DW_TAG_inlined_subroutine => {
+                    let func = names.name(u, entry.offset())?.unwrap_or_default();
+                    scopes.push(Scope {
+                        depth,
+                        offset: entry.offset(),
+                        func: Some(func),
+                    });
+                }
+                dw::DW_TAG_lexical_block => scopes.push(Scope {
+                    depth,
+                    offset: entry.offset(),
+                    func: None,
+                }),
+                dw::DW_TAG_variable | dw::DW_TAG_formal_parameter => {
+                    let (Some(rule), Some(scope), Some(loc)) =
+                        (rule, scopes.last(), entry.attr_value(dw::DW_AT_location))
+                    else {
+                        continue;
+                    };
+                    if scope.depth == depth - 1
+                        && names.name(u, entry.offset())?.as_deref() == Some(CALLERS[rule].1)
+                    {
+                        vars.insert(scope.offset, loc);
+                    }
+                }
+                dw::DW_TAG_call_site | dw::DW_TAG_GNU_call_site => {
+                    let origin = entry
+                        .attr_value(dw::DW_AT_call_origin)
+                        .or(entry.attr_value(dw::DW_AT_abstract_origin));
+                    let Some((ou, oo)) = origin.and_then(|v| names.target(u, v)) else {
+                        continue;
+                    };
+                    if names.name(ou, oo)?.as_deref() != Some(KEY_ERROR_FN) {
+                        continue;
+                    }
+                    calls += 1;
+                    // A tail call leaves the caller's caller's return address in [rsp]: unusable.
+                    let tail = [dw::DW_AT_call_tail_call, dw::DW_AT_GNU_tail_call]
+                        .iter()
+                        .any(|&a| entry.attr(a).is_some());
+                    let pc = entry
+                        .attr_value(dw::DW_AT_call_return_pc)
+                        .or(entry.attr_value(dw::DW_AT_low_pc));
+                    let (Some(rule), false, Some(pc)) = (rule, tail, pc) else {
+                        continue;
+                    };
+                    let Some(return_pc) = dwarf.attr_address(unit, pc)? else {
+                        continue;
+                    };
+                    let func_at = scopes.iter().rposition(|s| s.func.is_some()).unwrap_or(0);
+                    let outer = scopes
+                        .first()
+                        .and_then(|s| s.func.clone())
+                        .unwrap_or_default();
+                    let caller = match func_at {
+                        0 => outer,
+                        _ => format!("{} (inlined into {outer})", CALLERS[rule].0),
+                    };
+                    let scopes = scopes[func_at..].iter().rev().map(|s| s.offset).collect();
+                    found.push(Call {
+                        return_pc,
+                        caller,
+                        rule,
+                        scopes,
+                    });
+                }
+                _ => {}
+            }
+        }
+        for call in found {
+            // The innermost declaration of the variable visible at the call.
+            let Some(&loc) = call.scopes.iter().find_map(|s| vars.get(s)) else {
+                continue;
+            };
+            // `return_pc - 1` lies inside the call instruction: where the caller sits during the call.
+            let Some(reg) =
+                callee_saved_reg(unit.unit_ref(dwarf), loc, call.return_pc.saturating_sub(1))?
+            else {
+                continue;
+            };
+            let dict = match CALLERS[call.rule].2 {
+                Some(slot) => DictLocation::Deref {
+                    dwarf_reg: reg,
+                    offset: slot * i64::from(unit.encoding().address_size),
+                },
+                None => DictLocation::Reg { dwarf_reg: reg },
+            };
+            sites.push(KeyErrorSite {
+                return_vaddr: call.return_pc,
+                caller: call.caller,
+                dict,
+            });
+        }
+    }
+    sites.sort_by_key(|s| s.return_vaddr);
+    sites.dedup();
+    Ok((sites, calls))
+}
+
+/// The callee-saved register holding the variable at `pc`, if its location there is exactly `DW_OP_regN`.
+fn callee_saved_reg<'a>(
+    unit: gimli::UnitRef<R<'a>>,
+    loc: AttributeValue<R<'a>>,
+    pc: u64,
+) -> gimli::Result<Option<u16>> {
+    let expr = match loc {
+        AttributeValue::Exprloc(expr) => Some(expr),
+        other => {
+            let mut found = None;
+            if let Some(mut list) = unit.attr_locations(other)? {
+                while let Some(e) = list.next()? {
+                    if e.range.begin <= pc && pc < e.range.end {
+                        found = Some(e.data);
+                        break;
+                    }
+                }
+            }
+            found
+        }
+    };
+    let Some(expr) = expr else { return Ok(None) };
+    let mut ops = expr.operations(unit.encoding());
+    Ok(match (ops.next()?, ops.next()?) {
+        (Some(Operation::Register { register }), None) if CALLEE_SAVED.contains(&register) => {
+            Some(register.0)
+        }
+        _ => None,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const LIBPYTHON: &str = "/root/.pyenv/versions/3.11.7/lib/libpython3.11.so.1.0";
+    const PYENV_PYTHON: &str = "/root/.pyenv/versions/3.11.7/bin/python3.11";
+    const STRIPPED: &str = "/usr/bin/python3.11";
+
+    fn present(path: &str) -> Option<&Path> {
+        let p = Path::new(path);
+        if !p.exists() {
+            eprintln!("note: {path} is absent, test skipped");
+        }
+        p.exists().then_some(p)
+    }
+
+    #[test]
+    fn finds_binary_subscr_dict_site_in_libpython() {
+        let Some(lib) = present(LIBPYTHON) else {
+            return;
+        };
+        let sites = find_keyerror_sites(lib).expect("sites");
+        let eval = sites
+            .iter()
+            .find(|s| s.caller == "_PyEval_EvalFrameDefault")
+            .expect("eval-loop site");
+        match eval.dict {
+            DictLocation::Deref { dwarf_reg, offset } => {
+                assert!(
+                    CALLEE_SAVED.contains(&Register(dwarf_reg)),
+                    "reg {dwarf_reg}"
+                );
+                assert_eq!(offset, -8);
+            }
+            other => panic!("eval-loop dict should be a stack slot, got {other:?}"),
+        }
+        // Return addresses must be code of this image, where [rsp] can point.
+        let data = read(lib).expect("read");
+        let obj = parse(lib, &data).expect("parse");
+        let text = obj.section_by_name(".text").expect(".text");
+        assert!(sites
+            .iter()
+            .all(|s| (text.address()..text.address() + text.size()).contains(&s.return_vaddr)));
+    }
+
+    #[test]
+    fn python_linking_libpython_points_at_the_library() {
+        let Some(exe) = present(PYENV_PYTHON) else {
+            return;
+        };
+        let err = find_keyerror_sites(exe).expect_err("interpreter lives in libpython");
+        assert!(matches!(err, SiteError::NoCallSites { .. }), "{err}");
+    }
+
+    #[test]
+    fn symbol_of_keyerror_function() {
+        let Some(lib) = present(LIBPYTHON) else {
+            return;
+        };
+        assert!(symbol_vaddr(lib, "_PyErr_SetKeyError").expect("symbol") > 0);
+        assert!(symbol_vaddr(lib, "dict_subscript").expect("static symbol from .symtab") > 0);
+        assert!(matches!(
+            symbol_vaddr(lib, "no_such_symbol_xyz"),
+            Err(SiteError::SymbolNotFound { .. })
+        ));
+    }
+
+    #[test]
+    fn stripped_python_gives_clear_error() {
+        let Some(exe) = present(STRIPPED) else { return };
+        if !has_dwarf(&parse(exe, &read(exe).expect("read")).expect("parse")) {
+            let err = find_keyerror_sites(exe).expect_err("stripped image");
+            assert!(matches!(err, SiteError::NoDebugInfo { .. }), "{err}");
+            assert!(err.to_string().contains("no DWARF debug info"), "{err}");
+        }
+    }
+
+    #[test]
+    fn missing_file_and_non_elf_errors() {
+        let err = find_keyerror_sites(Path::new("/nonexistent/python")).expect_err("missing");
+        assert!(matches!(err, SiteError::Io { .. }), "{err}");
+        let err = find_keyerror_sites(Path::new("/proc/self/status")).expect_err("not ELF");
+        assert!(matches!(err, SiteError::Object { .. }), "{err}");
+    }
+}

@@ -1,0 +1,151 @@
+//! One racewatch run, the same for every front end: launch or find the target, load and attach
+//! the probes, collect until the end, report.
+use std::{fs::File, io, path::PathBuf, time::Duration};
+
+use anyhow::Context as _;
+
+use crate::{
+    cli::RunArgs,
+    collector::Run,
+    correlate::Correlator,
+    loader::{Loaded, Options, Plan},
+    output::{HumanSink, JsonSink, Sink, Summary},
+    target::{Held, PidWatch, Target},
+};
+
+/// Ring buffer size: overridable for tests that prove lost events are counted.
+fn ring_bytes() -> u32 {
+    std::env::var("RACEWATCH_RING_BYTES")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(detector_common::EVENTS_BYTES_DEFAULT)
+}
+
+/// A failure, with the exit status it maps to.
+pub struct Failure {
+    pub status: u8,
+    pub error: anyhow::Error,
+}
+
+impl Failure {
+    pub fn usage(error: impl Into<anyhow::Error>) -> Failure {
+        Failure {
+            status: crate::cli::EXIT_USAGE,
+            error: error.into(),
+        }
+    }
+    pub fn runtime(error: impl Into<anyhow::Error>) -> Failure {
+        Failure {
+            status: crate::cli::EXIT_FAILURE,
+            error: error.into(),
+        }
+    }
+}
+
+fn sink(args: &RunArgs) -> Result<Box<dyn Sink>, Failure> {
+    let out: Box<dyn io::Write> = match &args.output {
+        Some(path) => Box::new(
+            File::create(path)
+                .with_context(|| format!("cannot write {}", path.display()))
+                .map_err(Failure::usage)?,
+        ),
+        None => Box::new(io::stdout().lock()),
+    };
+    Ok(if args.json {
+        Box::new(JsonSink::new(out))
+    } else {
+        Box::new(HumanSink::new(out))
+    })
+}
+
+pub fn duration(args: &RunArgs) -> Result<Option<Duration>, Failure> {
+    args.duration
+        .map(|s| {
+            Duration::try_from_secs_f64(s)
+                .ok()
+                .filter(|d| !d.is_zero())
+                .ok_or_else(|| {
+                    Failure::usage(anyhow::anyhow!(
+                        "--duration must be a positive number of seconds, got {s}"
+                    ))
+                })
+        })
+        .transpose()
+}
+
+/// Runs `plan` against the target of `args`; returns the summary (None for a dry run).
+pub async fn run(
+    plan: &Plan,
+    args: &RunArgs,
+    cache_arg: u32,
+    correlator: Correlator,
+) -> Result<Option<Summary>, Failure> {
+    let duration = duration(args)?;
+    let mut sink = sink(args)?;
+    let held = match (&args.pid, args.dry_run) {
+        (None, false) => Some(Held::spawn(&args.command).map_err(Failure::usage)?),
+        _ => None,
+    };
+    let pid = args.pid.or(held.as_ref().map(Held::pid)).unwrap_or(0);
+    let attached = Loaded::load(&Options {
+        tgid: pid,
+        cache_arg,
+        ring_bytes: ring_bytes(),
+    })
+    .map_err(anyhow::Error::from)
+    .and_then(|mut loaded| {
+        loaded.attach(plan, pid)?;
+        let events = loaded.take_events()?;
+        Ok((loaded, events))
+    });
+    let (loaded, events) = match attached {
+        Ok(ok) => ok,
+        Err(e) => {
+            if let Some(h) = held {
+                h.abandon();
+            }
+            return Err(Failure::usage(e));
+        }
+    };
+    let what = match (args.pid, args.dry_run) {
+        (_, true) => "dry run".to_string(),
+        (Some(pid), _) => format!("watching pid {pid}"),
+        (None, _) => format!("launched pid {pid}"),
+    };
+    eprintln!(
+        "racewatch: {what}: {} probes attached to {}",
+        loaded.probes,
+        plan.binary.display()
+    );
+    if args.dry_run {
+        return Ok(None);
+    }
+    let mut target = match held {
+        Some(h) => Target::Launched(
+            h.release()
+                .context("cannot start the command")
+                .map_err(Failure::runtime)?,
+        ),
+        None => Target::Attached(PidWatch::new(pid).map_err(Failure::usage)?),
+    };
+    let run = Run {
+        loaded: &loaded,
+        events,
+        correlator,
+        sink: sink.as_mut(),
+        duration,
+    };
+    run.run(&mut target)
+        .await
+        .map(Some)
+        .map_err(Failure::runtime)
+}
+
+/// The ELF file to probe when the user named none: the command's or the process's executable.
+pub fn default_binary(args: &RunArgs) -> Result<PathBuf, Failure> {
+    match (args.pid, args.command.first()) {
+        (Some(pid), _) => crate::target::running_exe(pid).map_err(Failure::usage),
+        (None, Some(cmd)) => crate::target::resolve_command(cmd).map_err(Failure::usage),
+        (None, None) => Err(Failure::usage(anyhow::anyhow!("give -p PID or -- COMMAND"))),
+    }
+}

@@ -1,0 +1,254 @@
+//! Resolves the function names a user gives to probe offsets in an ELF file: exact symbol names,
+//! or demangled C++/Rust names with or without their parameter list or hash.
+use std::{
+    collections::BTreeMap,
+    path::{Path, PathBuf},
+};
+
+use object::{Object, ObjectSection, ObjectSymbol, SymbolKind};
+
+#[derive(Debug, thiserror::Error)]
+pub enum SymbolError {
+    #[error("cannot read {path}: {source}")]
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error(
+        "{path} is not an ELF file ({reason}): point --binary at an executable or shared library"
+    )]
+    NotElf { path: PathBuf, reason: String },
+    #[error("{path} is an ELF file for {arch}, not for this machine (x86_64)")]
+    WrongArch { path: PathBuf, arch: String },
+    #[error(
+        "{path} has no symbol table (stripped?): racewatch needs the function symbols; \
+         use an unstripped build"
+    )]
+    NoSymbols { path: PathBuf },
+    #[error("no function named `{name}` in {path}{}", nearest_hint(.nearest))]
+    NotFound {
+        name: String,
+        path: PathBuf,
+        nearest: Vec<String>,
+    },
+    #[error(
+        "`{name}` names {} functions in {path}: give one of these exactly:\n  {}",
+        .matches.len(), .matches.join("\n  ")
+    )]
+    Ambiguous {
+        name: String,
+        path: PathBuf,
+        matches: Vec<String>,
+    },
+    #[error("`{name}` in {path} is a data symbol, not a function")]
+    NotAFunction { name: String, path: PathBuf },
+    #[error(
+        "`{name}` in {path} has no code in the file (an import?): probe the library that defines it"
+    )]
+    Undefined { name: String, path: PathBuf },
+}
+
+fn nearest_hint(nearest: &[String]) -> String {
+    if nearest.is_empty() {
+        String::new()
+    } else {
+        format!("; nearest names: {}", nearest.join(", "))
+    }
+}
+
+/// A function found in the ELF file.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Function {
+    /// The symbol as written in the file.
+    pub symbol: String,
+    /// Its demangled name, for messages.
+    pub display: String,
+    /// Virtual address in the file.
+    pub address: u64,
+    /// Offset of its first byte in the file: what a uprobe attaches to.
+    pub file_offset: u64,
+    pub size: u64,
+}
+
+/// The functions of one ELF file, loaded once and searched by name.
+pub struct SymbolTable {
+    path: PathBuf,
+    /// Functions by address (aliases at one address are one function).
+    functions: BTreeMap<u64, Entry>,
+    /// Data symbols' names, so a user naming one hears what it is.
+    data: Vec<String>,
+    undefined: Vec<String>,
+}
+
+struct Entry {
+    function: Function,
+    /// Every name the function answers to.
+    names: Vec<String>,
+}
+
+/// The names a symbol answers to: raw, demangled, demangled without parameters or hash.
+fn names_for(raw: &str) -> Vec<String> {
+    let mut names = vec![raw.to_string()];
+    if let Ok(sym) = rustc_demangle::try_demangle(raw) {
+        names.push(format!("{sym}"));
+        names.push(format!("{sym:#}"));
+    } else if let Ok(sym) = cpp_demangle::Symbol::new(raw) {
+        let opts = cpp_demangle::DemangleOptions::new();
+        if let Ok(full) = sym.demangle_with_options(&opts) {
+            names.push(full);
+        }
+        if let Ok(short) = sym.demangle_with_options(&opts.no_params()) {
+            names.push(short);
+        }
+    }
+    names.dedup();
+    names
+}
+
+impl SymbolTable {
+    pub fn load(path: &Path) -> Result<SymbolTable, SymbolError> {
+        let data = std::fs::read(path).map_err(|source| SymbolError::Read {
+            path: path.to_path_buf(),
+            source,
+        })?;
+        Self::parse(path, &data)
+    }
+
+    pub fn parse(path: &Path, data: &[u8]) -> Result<SymbolTable, SymbolError> {
+        let not_elf = |reason: String| SymbolError::NotElf {
+            path: path.to_path_buf(),
+            reason,
+        };
+        let file = object::File::parse(data).map_err(|e| not_elf(e.to_string()))?;
+        if file.format() != object::BinaryFormat::Elf {
+            return Err(not_elf(format!("{:?} format", file.format())));
+        }
+        if file.architecture() != object::Architecture::X86_64 {
+            return Err(SymbolError::WrongArch {
+                path: path.to_path_buf(),
+                arch: format!("{:?}", file.architecture()),
+            });
+        }
+        let mut table = SymbolTable {
+            path: path.to_path_buf(),
+            functions: BTreeMap::new(),
+            data: Vec::new(),
+            undefined: Vec::new(),
+        };
+        for sym in file.symbols().chain(file.dynamic_symbols()) {
+            let Ok(raw) = sym.name() else { continue };
+            if raw.is_empty() {
+                continue;
+            }
+            if sym.is_undefined() {
+                table.undefined.push(raw.to_string());
+                continue;
+            }
+            if sym.kind() != SymbolKind::Text {
+                table.data.push(raw.to_string());
+                continue;
+            }
+            let Some(section) = sym
+                .section_index()
+                .and_then(|i| file.section_by_index(i).ok())
+            else {
+                continue;
+            };
+            let Some((section_offset, _)) = section.file_range() else {
+                continue;
+            };
+            let file_offset = sym.address() - section.address() + section_offset;
+            let entry = table.functions.entry(sym.address()).or_insert_with(|| {
+                let names = names_for(raw);
+                Entry {
+                    function: Function {
+                        symbol: raw.to_string(),
+                        display: names.get(1).unwrap_or(&names[0]).clone(),
+                        address: sym.address(),
+                        file_offset,
+                        size: sym.size(),
+                    },
+                    names: Vec::new(),
+                }
+            });
+            for name in names_for(raw) {
+                if !entry.names.contains(&name) {
+                    entry.names.push(name);
+                }
+            }
+        }
+        if table.functions.is_empty() {
+            return Err(SymbolError::NoSymbols {
+                path: path.to_path_buf(),
+            });
+        }
+        Ok(table)
+    }
+
+    /// The one function `name` designates.
+    pub fn resolve(&self, name: &str) -> Result<Function, SymbolError> {
+        let matches: Vec<&Entry> = self
+            .functions
+            .values()
+            .filter(|e| e.names.iter().any(|n| n == name))
+            .collect();
+        match matches.as_slice() {
+            [one] => Ok(one.function.clone()),
+            [] => Err(self.not_found(name)),
+            many => Err(SymbolError::Ambiguous {
+                name: name.to_string(),
+                path: self.path.clone(),
+                matches: many.iter().map(|e| e.function.display.clone()).collect(),
+            }),
+        }
+    }
+
+    fn not_found(&self, name: &str) -> SymbolError {
+        let path = self.path.clone();
+        let name_s = name.to_string();
+        if self.data.iter().any(|d| d == name) {
+            return SymbolError::NotAFunction { name: name_s, path };
+        }
+        if self.undefined.iter().any(|d| d == name) {
+            return SymbolError::Undefined { name: name_s, path };
+        }
+        SymbolError::NotFound {
+            nearest: self.nearest(name, 5),
+            name: name_s,
+            path,
+        }
+    }
+
+    /// The `n` function names closest to `name`, most alike first.
+    pub fn nearest(&self, name: &str, n: usize) -> Vec<String> {
+        let mut scored: Vec<(f64, &str)> = self
+            .functions
+            .values()
+            .map(|e| {
+                let best = e
+                    .names
+                    .iter()
+                    .map(|c| strsim::jaro_winkler(name, c))
+                    .fold(0.0, f64::max);
+                (best, e.function.display.as_str())
+            })
+            .collect();
+        scored.sort_by(|a, b| b.0.total_cmp(&a.0).then(a.1.cmp(b.1)));
+        scored
+            .into_iter()
+            .take(n)
+            .map(|(_, s)| s.to_string())
+            .collect()
+    }
+
+    /// Every function's display name, sorted.
+    pub fn names(&self) -> Vec<&str> {
+        let mut v: Vec<&str> = self
+            .functions
+            .values()
+            .map(|e| e.function.display.as_str())
+            .collect();
+        v.sort_unstable();
+        v
+    }
+}
