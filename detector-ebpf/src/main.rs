@@ -129,8 +129,10 @@ pub fn on_clear(ctx: ProbeContext) -> u32 {
         return 0;
     };
     if let Some(w) = Window::on_clear(window(cache).as_ref(), tid, unsafe { bpf_ktime_get_ns() }) {
-        store_window(cache, &w);
+        // Event first: a lookup that sees the stored window then reserves its own event later in
+        // the ring, so userspace always reads a window's opening before its lookups.
         window_event(EventKind::WindowOpen, cache, &w, tid);
+        store_window(cache, &w);
     }
     0
 }

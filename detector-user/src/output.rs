@@ -202,9 +202,14 @@ impl<W: Write> Sink for JsonSink<W> {
     }
 
     fn summary(&mut self, s: &Summary) -> io::Result<()> {
-        let mut v = serde_json::to_value(s).map_err(io::Error::other)?;
-        v["type"] = "summary".into();
-        writeln!(self.out, "{v}")?;
+        let mut line = serde_json::Map::new();
+        line.insert("type".into(), "summary".into());
+        if let serde_json::Value::Object(fields) =
+            serde_json::to_value(s).map_err(io::Error::other)?
+        {
+            line.extend(fields);
+        }
+        writeln!(self.out, "{}", serde_json::Value::Object(line))?;
         self.out.flush()
     }
 }

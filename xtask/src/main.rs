@@ -1,1 +1,106 @@
-fn main() {}
+//! Orchestration that plain cargo cannot do: install the eBPF toolchain, build the demo targets,
+//! run the tests that need root, the demo and the benchmarks.
+mod bench;
+mod demo;
+mod setup;
+
+use std::{path::PathBuf, process::Command};
+
+use anyhow::{Context as _, Result, bail};
+use clap::{Parser, Subcommand};
+
+#[derive(Parser)]
+#[command(about = "racewatch's development tasks")]
+struct Cli {
+    #[command(subcommand)]
+    task: Task,
+}
+
+#[derive(Subcommand)]
+enum Task {
+    /// Install what building racewatch needs (nightly rust-src, bpf-linker), idempotently.
+    Setup,
+    /// Set up, build racewatch and the demos, and watch the demos race (then their fixed modes).
+    Demo,
+    /// Set up and run every test, the root ones included.
+    Test {
+        /// Extra arguments for `cargo test` (e.g. a test name filter).
+        #[arg(trailing_var_arg = true)]
+        args: Vec<String>,
+    },
+    /// Set up and measure racewatch's cost against the same workloads unobserved; writes
+    /// docs/BENCHMARKS.md.
+    Bench {
+        /// Interleaved repetitions per configuration (medians are reported).
+        #[arg(long, default_value_t = 5)]
+        runs: usize,
+        /// Seconds per measured run.
+        #[arg(long, default_value_t = 3.0)]
+        seconds: f64,
+    },
+}
+
+pub fn workspace_root() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .map(PathBuf::from)
+        .unwrap_or_default()
+}
+
+/// Runs a command to completion, failing with its command line if it fails.
+pub fn run_cmd(cmd: &mut Command) -> Result<()> {
+    let status = cmd
+        .status()
+        .with_context(|| format!("cannot run {cmd:?}"))?;
+    if !status.success() {
+        bail!("{cmd:?} failed: {status}");
+    }
+    Ok(())
+}
+
+pub fn is_root() -> bool {
+    // SAFETY: geteuid cannot fail.
+    unsafe { libc_geteuid() == 0 }
+}
+
+unsafe extern "C" {
+    #[link_name = "geteuid"]
+    fn libc_geteuid() -> u32;
+}
+
+/// Builds racewatch in release mode and returns its path.
+pub fn build_racewatch() -> Result<PathBuf> {
+    run_cmd(
+        Command::new(env!("CARGO"))
+            .current_dir(workspace_root())
+            .args(["build", "--release", "--package", "detector-user"]),
+    )?;
+    Ok(workspace_root().join("target/release/racewatch"))
+}
+
+fn test(args: &[String]) -> Result<()> {
+    if !is_root() {
+        bail!("the root tests load BPF programs: run `sudo -E cargo xtask test`");
+    }
+    demo::build_demos()?;
+    // Unit tests, then the root ones (ignored by a plain `cargo test`), one at a time: they
+    // measure and probe real processes.
+    run_cmd(
+        Command::new(env!("CARGO"))
+            .current_dir(workspace_root())
+            .arg("test")
+            .args(args)
+            .args(["--", "--include-ignored", "--test-threads=1"]),
+    )
+}
+
+fn main() -> Result<()> {
+    let cli = Cli::parse();
+    setup::ensure()?;
+    match cli.task {
+        Task::Setup => Ok(()),
+        Task::Demo => demo::run(),
+        Task::Test { args } => test(&args),
+        Task::Bench { runs, seconds } => bench::run(runs, seconds),
+    }
+}

@@ -1,0 +1,96 @@
+//! Helpers shared by the integration tests: build the demos, run racewatch, read its output.
+#![allow(dead_code)] // each test file uses its own subset
+
+use std::{
+    path::{Path, PathBuf},
+    process::{Command, Output},
+    sync::OnceLock,
+};
+
+use serde_json::Value;
+
+pub const RACEWATCH: &str = env!("CARGO_BIN_EXE_racewatch");
+
+pub fn workspace() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .unwrap()
+        .to_path_buf()
+}
+
+/// The native demo, compiled once per test binary.
+pub fn cache_demo() -> &'static Path {
+    static BIN: OnceLock<PathBuf> = OnceLock::new();
+    BIN.get_or_init(|| {
+        let out = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("cache_demo");
+        let status = Command::new("g++")
+            .args(["-O2", "-g", "-pthread", "-o"])
+            .arg(&out)
+            .arg(workspace().join("demo/cache_demo.cpp"))
+            .status()
+            .expect("run g++ (cargo xtask setup installs it)");
+        assert!(status.success(), "building the demo failed");
+        out
+    })
+}
+
+pub const DEMO_PROBES: [&str; 6] = [
+    "--clear",
+    "Cache::clear",
+    "--update",
+    "Cache::update",
+    "--lookup",
+    "Cache::lookup",
+];
+
+/// The demo's own ground truth from its last stderr line: (lookups, misses, refreshes).
+pub fn demo_truth(stderr: &str) -> (u64, u64, u64) {
+    let line = stderr
+        .lines()
+        .rev()
+        .find(|l| l.starts_with("cache_demo: lookups="))
+        .unwrap_or_else(|| panic!("no ground truth line in the demo's stderr:\n{stderr}"));
+    let field = |name: &str| -> u64 {
+        line.split_whitespace()
+            .find_map(|w| w.strip_prefix(name))
+            .and_then(|v| v.parse().ok())
+            .unwrap_or_else(|| panic!("no {name} in {line}"))
+    };
+    (field("lookups="), field("misses="), field("refreshes="))
+}
+
+/// racewatch's NDJSON output: (alerts, summary).
+pub fn parse_ndjson(text: &str) -> (Vec<Value>, Value) {
+    let lines: Vec<Value> = text
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("bad JSON line {l:?}: {e}")))
+        .collect();
+    let (summary, alerts) = lines
+        .split_last()
+        .unwrap_or_else(|| panic!("no output at all"));
+    assert_eq!(
+        summary["type"], "summary",
+        "last line is not the summary: {summary}"
+    );
+    assert!(
+        alerts.iter().all(|a| a["type"] == "alert"),
+        "non-alert line before the summary"
+    );
+    (alerts.to_vec(), summary.clone())
+}
+
+pub fn racewatch(args: &[&str]) -> Output {
+    Command::new(RACEWATCH)
+        .args(args)
+        .output()
+        .expect("run racewatch")
+}
+
+pub fn stderr(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stderr).into_owned()
+}
+
+/// A per-process path under cargo's test scratch directory; the extension is kept.
+pub fn temp_file(name: &str) -> PathBuf {
+    PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join(format!("{}-{name}", std::process::id()))
+}

@@ -1,0 +1,175 @@
+//! `racewatch watch` against the native demo, in the kernel (root).
+mod common;
+
+use std::{
+    io::{BufRead, BufReader},
+    process::{Command, Stdio},
+};
+
+use common::*;
+
+const ROOT: &str = "loads BPF programs: run as root with `cargo xtask test`";
+
+/// Runs the demo under racewatch and returns (racewatch exit code, demo truth, alerts, summary).
+fn watch_demo(
+    demo_args: &[&str],
+    miss_ret: bool,
+) -> (
+    i32,
+    (u64, u64, u64),
+    Vec<serde_json::Value>,
+    serde_json::Value,
+) {
+    let out = temp_file("watch.ndjson");
+    let out_s = out.to_string_lossy().into_owned();
+    let mut args = vec!["watch"];
+    args.extend(DEMO_PROBES);
+    if miss_ret {
+        args.extend(["--miss-ret", "-1"]);
+    }
+    args.extend(["--json", "-o", &out_s, "--", cache_demo().to_str().unwrap()]);
+    args.extend(demo_args);
+    let o = racewatch(&args);
+    let err = stderr(&o);
+    let text = std::fs::read_to_string(&out)
+        .unwrap_or_else(|e| panic!("no output file ({e}); stderr:\n{err}"));
+    let (alerts, summary) = parse_ndjson(&text);
+    (
+        o.status.code().unwrap_or(-1),
+        demo_truth(&err),
+        alerts,
+        summary,
+    )
+}
+
+#[test]
+#[ignore = "root"]
+fn every_miss_in_a_window_is_reported_exactly() {
+    let _ = ROOT;
+    let (code, (_, misses, refreshes), alerts, summary) = watch_demo(&["--seconds", "2"], true);
+    assert!(
+        misses > 0,
+        "the demo produced no miss to find; summary: {summary}"
+    );
+    assert_eq!(summary["misses_in_window"], misses, "summary: {summary}");
+    assert_eq!(summary["lost_events"], 0, "summary: {summary}");
+    assert_eq!(
+        summary["windows"], refreshes,
+        "one window per refresh; summary: {summary}"
+    );
+    let missed = alerts.iter().filter(|a| a["miss"] == true).count() as u64;
+    assert_eq!(missed, misses);
+    assert_eq!(
+        alerts.len() as u64,
+        summary["lookups_in_window"].as_u64().unwrap()
+    );
+    for a in &alerts {
+        assert_ne!(
+            a["reader_tid"], a["writer_tid"],
+            "the writer's own lookup flagged: {a}"
+        );
+        assert_eq!(a["reader_name"], "reader-0");
+        assert_eq!(a["writer_name"], "refresher");
+    }
+    assert_eq!(code, 1, "a race found exits 1");
+}
+
+#[test]
+#[ignore = "root"]
+fn entry_only_mode_flags_lookups_without_results() {
+    let (code, _, alerts, summary) = watch_demo(&["--seconds", "1"], false);
+    assert!(!alerts.is_empty(), "no lookup flagged; summary: {summary}");
+    assert!(
+        alerts.iter().all(|a| a["miss"].is_null()),
+        "miss must be null without --miss-ret"
+    );
+    assert_eq!(summary["misses_in_window"], 0);
+    assert_eq!(summary["lost_events"], 0);
+    assert_eq!(code, 1);
+}
+
+#[test]
+#[ignore = "root"]
+fn fixed_mode_has_no_window_and_no_alert() {
+    let (code, (lookups, misses, _), alerts, summary) =
+        watch_demo(&["--seconds", "1", "--fixed"], true);
+    assert!(lookups > 0);
+    assert_eq!(misses, 0);
+    assert!(alerts.is_empty(), "alerts on the fixed build: {alerts:?}");
+    assert_eq!(summary["windows"], 0);
+    assert_eq!(summary["lookups_in_window"], 0);
+    assert_eq!(code, 0);
+}
+
+#[test]
+#[ignore = "root"]
+fn attaches_to_a_running_process_by_pid() {
+    // The demo runs race-free until SIGUSR1, so every miss it counts happens while attached.
+    let mut demo = Command::new(cache_demo())
+        .args(["--bug-on-signal", "--seconds", "2"])
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let pid = demo.id().to_string();
+    let out = temp_file("pid.ndjson");
+    let mut args = vec!["watch"];
+    args.extend(DEMO_PROBES);
+    args.extend([
+        "--miss-ret",
+        "-1",
+        "--json",
+        "-o",
+        out.to_str().unwrap(),
+        "-p",
+        &pid,
+    ]);
+    let mut rw = Command::new(RACEWATCH)
+        .args(&args)
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut rw_err = BufReader::new(rw.stderr.take().unwrap());
+    let mut line = String::new();
+    rw_err.read_line(&mut line).unwrap();
+    assert!(
+        line.contains("probes attached"),
+        "racewatch did not attach: {line}"
+    );
+    // SAFETY: plain kill(2) of our own child.
+    unsafe { libc::kill(demo.id() as i32, libc::SIGUSR1) };
+    let demo_out = demo.wait_with_output().unwrap();
+    let status = rw.wait().unwrap();
+    let (_, misses, _) = demo_truth(&String::from_utf8_lossy(&demo_out.stderr));
+    let (_, summary) = parse_ndjson(&std::fs::read_to_string(&out).unwrap());
+    assert!(misses > 0, "the demo produced no miss to find");
+    assert_eq!(summary["misses_in_window"], misses, "summary: {summary}");
+    assert_eq!(summary["lost_events"], 0);
+    assert_eq!(
+        summary["ended"], "target exited",
+        "racewatch ends when the pid exits"
+    );
+    assert_eq!(status.code(), Some(1));
+}
+
+#[test]
+#[ignore = "root"]
+fn without_privileges_says_which_capabilities_are_missing() {
+    let demo = cache_demo().to_str().unwrap();
+    let mut args = vec![
+        "--reuid=65534",
+        "--regid=65534",
+        "--clear-groups",
+        "--inh-caps=-all",
+        RACEWATCH,
+        "watch",
+    ];
+    args.extend(DEMO_PROBES);
+    args.extend(["--", demo]);
+    let o = Command::new("setpriv")
+        .args(&args)
+        .output()
+        .expect("setpriv (util-linux)");
+    let err = stderr(&o);
+    assert_eq!(o.status.code(), Some(2), "stderr: {err}");
+    assert!(err.contains("needs root, or the capabilities CAP_BPF and CAP_PERFMON (missing: CAP_BPF, CAP_PERFMON)"), "stderr: {err}");
+}
