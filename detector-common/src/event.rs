@@ -124,7 +124,7 @@ mod user {
     unsafe impl aya::Pod for WindowEvent {}
     unsafe impl aya::Pod for LookupEvent {}
     unsafe impl aya::Pod for KeyErrorEvent {}
-    unsafe impl aya::Pod for RegLocation {}
+    unsafe impl aya::Pod for DictSite {}
     unsafe impl aya::Pod for Inflight {}
 }
 
@@ -276,15 +276,21 @@ mod decode {
     }
 }
 
-/// Where a probe finds a pointer in the registers at its hit, as the kernel reads it.
+/// Where the kernel finds the dict of a failed `d[k]` at `_PyErr_SetKeyError`'s entry, for one
+/// call site (found in DWARF by userspace).
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct RegLocation {
+pub struct DictSite {
     /// DWARF register number (x86_64: 3 rbx, 6 rbp, 12-15 r12-r15).
     pub dwarf_reg: u32,
-    /// 1: the pointer is at `reg + offset`; 0: the pointer is the register itself.
+    /// 1: the dict is at `reg + offset`; 0: the dict is the register itself.
     pub deref: u32,
     pub offset: i64,
+    /// When non-zero, the register belongs to an outer frame (the site's function was
+    /// tail-called): the site only counts if `[rsp + outer_sp_offset]` minus the probed
+    /// function's address equals `outer_delta`.
+    pub outer_sp_offset: u64,
+    pub outer_delta: u64,
 }
 
 /// In-flight state kept between a lookup's entry and its return.

@@ -14,8 +14,8 @@ use aya_ebpf::{
     programs::{ProbeContext, RetProbeContext},
 };
 use detector_common::{
-    COMM_LEN, EVENTS_BYTES_DEFAULT, EventKind, Inflight, KeyErrorEvent, LookupEvent, MAX_CACHES,
-    MAX_INFLIGHT, MAX_KEYERROR_SITES, RegLocation, Stat, Window, WindowEvent,
+    COMM_LEN, DictSite, EVENTS_BYTES_DEFAULT, EventKind, Inflight, KeyErrorEvent, LookupEvent,
+    MAX_CACHES, MAX_INFLIGHT, MAX_KEYERROR_SITES, Stat, Window, WindowEvent,
 };
 
 /// Only this process is traced; 0 traces any (set at load time).
@@ -40,7 +40,7 @@ static REFILLS: HashMap<u32, u64> = HashMap::with_max_entries(MAX_INFLIGHT, 0);
 #[map(name = "LOOKUPS")]
 static LOOKUPS: LruHashMap<u32, Inflight> = LruHashMap::with_max_entries(MAX_INFLIGHT, 0);
 #[map(name = "KEYERROR_SITES")]
-static KEYERROR_SITES: HashMap<u64, RegLocation> = HashMap::with_max_entries(MAX_KEYERROR_SITES, 0);
+static KEYERROR_SITES: HashMap<u64, DictSite> = HashMap::with_max_entries(MAX_KEYERROR_SITES, 0);
 #[map(name = "STATS")]
 static STATS: PerCpuArray<u64> = PerCpuArray::with_max_entries(Stat::COUNT, 0);
 
@@ -258,16 +258,27 @@ fn register(regs: &pt_regs, dwarf_reg: u32) -> Option<u64> {
     reg_slot(regs, slot)
 }
 
-/// The dict of a failed `d[k]`, read where the calling site keeps it (found in DWARF by userspace).
+/// The dict of a failed `d[k]`, read where the calling site keeps it.
 fn failed_dict(regs: &pt_regs) -> Option<u64> {
-    // SAFETY: reads of the target's user memory through the checked helper.
-    let return_addr: u64 = unsafe { bpf_probe_read_user(regs.rsp as *const u64) }.ok()?;
-    let site = unsafe { KEYERROR_SITES.get(&return_addr.wrapping_sub(regs.rip)) }?;
+    let read = |addr: u64| unsafe { bpf_probe_read_user(addr as *const u64) }.ok();
+    let return_addr = read(regs.rsp)?;
+    // SAFETY: copied out at once.
+    let site = unsafe {
+        KEYERROR_SITES
+            .get(&return_addr.wrapping_sub(regs.rip))
+            .copied()
+    }?;
+    if site.outer_sp_offset != 0
+        && read(regs.rsp.wrapping_add(site.outer_sp_offset))?.wrapping_sub(regs.rip)
+            != site.outer_delta
+    {
+        return None;
+    }
     let reg = register(regs, site.dwarf_reg)?;
     if site.deref == 0 {
         return Some(reg);
     }
-    unsafe { bpf_probe_read_user(reg.wrapping_add(site.offset as u64) as *const u64) }.ok()
+    read(reg.wrapping_add(site.offset as u64))
 }
 
 /// CPython's `void _PyErr_SetKeyError(PyObject *key)`, called when `d[k]` misses: reports the

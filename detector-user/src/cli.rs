@@ -36,6 +36,15 @@ pub enum Command {
         A window opens when --clear is entered on a cache object and closes when --update returns \
         on it; a lookup by another thread that overlaps it is reported.")]
     Watch(WatchArgs),
+    /// Watch a CPython 3.11 program's dicts: a `d[k]` KeyError raised while another thread has
+    /// emptied `d` with `clear()` and not yet refilled it with `update()` (or `|=`).
+    #[command(after_help = "Examples:\n  \
+        racewatch python -- python3 worker.py\n  \
+        racewatch python --json -d 60 -p 1234\n\n\
+        Only clear, refill and the KeyError path are probed, so ordinary dict lookups run \
+        at full speed. Needs an interpreter with symbols and DWARF (pyenv and source builds \
+        have them; distribution builds need their debug-symbol package).")]
+    Python(PythonArgs),
     /// Print a file's function names as racewatch matches them.
     Symbols {
         /// An executable or shared library.
@@ -74,6 +83,12 @@ pub struct WatchArgs {
     /// Which argument (0-based) of the three functions is the cache object (0 is `this`).
     #[arg(long, value_name = "N", default_value_t = 0, value_parser = clap::value_parser!(u32).range(0..=5))]
     pub cache_arg: u32,
+    #[command(flatten)]
+    pub run: RunArgs,
+}
+
+#[derive(Args, Debug)]
+pub struct PythonArgs {
     #[command(flatten)]
     pub run: RunArgs,
 }

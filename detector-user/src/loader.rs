@@ -6,7 +6,7 @@ use aya::{
     maps::{HashMap, MapData, PerCpuArray, RingBuf},
     programs::{UProbe, uprobe::UProbeScope},
 };
-use detector_common::{EVENTS_MAP, KEYERROR_SITES_MAP, RegLocation, STATS_MAP, Stat, globals};
+use detector_common::{DictSite, EVENTS_MAP, KEYERROR_SITES_MAP, STATS_MAP, Stat, globals};
 
 use crate::symbols::Function;
 
@@ -45,7 +45,7 @@ pub enum LookupProbe {
     /// return address minus the function's address.
     KeyError {
         function: Function,
-        sites: Vec<(u64, RegLocation)>,
+        sites: Vec<(u64, DictSite)>,
     },
 }
 
@@ -53,7 +53,8 @@ pub enum LookupProbe {
 pub struct Plan {
     pub binary: PathBuf,
     pub clear: Function,
-    pub refill: Function,
+    /// Functions whose return closes the window (CPython has two ways to refill a dict).
+    pub refills: Vec<Function>,
     pub lookup: LookupProbe,
 }
 
@@ -118,8 +119,10 @@ impl Loaded {
     pub fn attach(&mut self, plan: &Plan, pid: u32) -> Result<(), LoadError> {
         let bin = &plan.binary;
         self.attach_one("on_clear", "clear", bin, &plan.clear, pid)?;
-        self.attach_one("on_refill", "refill", bin, &plan.refill, pid)?;
-        self.attach_one("on_refill_return", "refill return", bin, &plan.refill, pid)?;
+        for refill in &plan.refills {
+            self.attach_one("on_refill", "refill", bin, refill, pid)?;
+            self.attach_one("on_refill_return", "refill return", bin, refill, pid)?;
+        }
         match &plan.lookup {
             LookupProbe::Entry(f) => self.attach_one("on_lookup", "lookup", bin, f, pid)?,
             LookupProbe::EntryAndReturn(f) => {
@@ -127,7 +130,7 @@ impl Loaded {
                 self.attach_one("on_lookup_return", "lookup return", bin, f, pid)?;
             }
             LookupProbe::KeyError { function, sites } => {
-                let mut map: HashMap<_, u64, RegLocation> = self
+                let mut map: HashMap<_, u64, DictSite> = self
                     .ebpf
                     .map_mut(KEYERROR_SITES_MAP)
                     .ok_or(LoadError::MissingMap(KEYERROR_SITES_MAP))?

@@ -5,6 +5,7 @@ mod correlate;
 mod loader;
 mod output;
 mod preflight;
+mod python;
 mod session;
 mod symbols;
 mod target;
@@ -14,7 +15,7 @@ use std::process::ExitCode;
 use clap::Parser as _;
 
 use crate::{
-    cli::{Cli, Command, EXIT_RACE, WatchArgs},
+    cli::{Cli, Command, EXIT_RACE, PythonArgs, WatchArgs},
     correlate::Correlator,
     loader::{LookupProbe, Plan},
     session::Failure,
@@ -53,11 +54,25 @@ async fn watch(args: WatchArgs) -> Result<ExitCode, Failure> {
     let plan = Plan {
         binary,
         clear,
-        refill,
+        refills: vec![refill],
         lookup,
     };
     let correlator = Correlator::new(args.miss_ret, None);
     let summary = session::run(&plan, &args.run, args.cache_arg, correlator).await?;
+    Ok(exit_for(summary.as_ref()))
+}
+
+async fn python(args: PythonArgs) -> Result<ExitCode, Failure> {
+    session::duration(&args.run)?;
+    let interp = match args.run.pid {
+        Some(pid) => python::for_pid(pid),
+        None => python::for_command(&args.run.command),
+    }
+    .map_err(Failure::usage)?;
+    let plan = python::plan(&interp, args.run.verbose).map_err(Failure::usage)?;
+    preflight::check().map_err(Failure::usage)?;
+    let correlator = Correlator::new(None, Some(python::key::render));
+    let summary = session::run(&plan, &args.run, 0, correlator).await?;
     Ok(exit_for(summary.as_ref()))
 }
 
@@ -80,18 +95,23 @@ fn symbols(path: &std::path::Path, grep: Option<&str>) -> Result<ExitCode, Failu
     Ok(ExitCode::SUCCESS)
 }
 
+fn block_on(run: impl Future<Output = Result<ExitCode, Failure>>) -> Result<ExitCode, Failure> {
+    match tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt.block_on(run),
+        Err(e) => Err(Failure::runtime(e)),
+    }
+}
+
 fn main() -> ExitCode {
     let cli = Cli::parse();
     let result = match cli.command {
         Command::HeldExec { command } => return ExitCode::from(target::held_exec(&command) as u8),
         Command::Symbols { path, grep } => symbols(&path, grep.as_deref()),
-        Command::Watch(args) => match tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build()
-        {
-            Ok(rt) => rt.block_on(watch(args)),
-            Err(e) => Err(Failure::runtime(e)),
-        },
+        Command::Watch(args) => block_on(watch(args)),
+        Command::Python(args) => block_on(python(args)),
     };
     match result {
         Ok(code) => code,

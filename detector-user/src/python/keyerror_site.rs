@@ -5,13 +5,16 @@
 //! (rbx, rbp, r12-r15) still hold the caller's values. So wherever the caller's DWARF location
 //! list puts the dict (or the value-stack pointer) in such a register over the call, the probe
 //! can read which dict missed. Locations differ per build, so nothing here is hard-coded but
-//! the CPython 3.11 source facts in [`CALLERS`].
+//! the CPython 3.11 source facts in [`CALLERS`] and [`TAIL_CHAIN`].
+//!
+//! Where the caller itself has lost the dict, a frame further out may still have it: see [`TAIL_CHAIN`].
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 
 use gimli::{
-    constants as dw, AttributeValue, EndianSlice, LittleEndian, Operation, Register, UnitOffset,
+    AttributeValue, CfaRule, EndianSlice, LittleEndian, Operation, Register, RegisterRule,
+    UnitOffset, UnwindSection, constants as dw,
 };
 use object::{Object, ObjectSection, ObjectSymbol};
 
@@ -29,6 +32,32 @@ const CALLERS: [(&str, &str, Option<i64>); 2] = [
     ("_PyEval_EvalFrameDefault", "stack_pointer", Some(-1)),
     ("dict_subscript", "mp", None),
 ];
+
+/// A [`CALLERS`] function whose own dict location is unusable, the function that tail-calls it,
+/// and the call of the latter (in `outer`, by the variable `var` in scope) whose frame it returns to.
+struct TailChain {
+    inner: &'static str,
+    via: &'static str,
+    outer: &'static str,
+    var: &'static str,
+}
+
+/// In `dict_subscript`, `mp` is only a DW_OP_entry_value at the `_PyErr_SetKeyError` call. But
+/// `PyObject_GetItem` tail-jumps to the `mp_subscript` slot, so for an unspecialized `d[k]`,
+/// `dict_subscript`'s frame returns straight to the eval loop's BINARY_SUBSCR call of
+/// `PyObject_GetItem`, where `container` (the dict) is in a callee-saved register. The ABI makes
+/// `PyObject_GetItem` restore those before its tail jump; `dict_subscript`'s CFI must show it left
+/// that register alone. The eval loop's other `PyObject_GetItem` calls (name lookups in non-dict
+/// namespaces) have no `container` in scope. Caveat: a C `mp_subscript` that tail-jumps on into
+/// `PyObject_GetItem` (`mappingproxy_getitem`) leaves the wrapper, not the dict, in `container`, so
+/// the reader must check that the object it reads is a dict. Dict subclasses reach
+/// `dict_subscript` through `slot_mp_subscript`, a real call, so their outer frame never matches.
+const TAIL_CHAIN: TailChain = TailChain {
+    inner: "dict_subscript",
+    via: "PyObject_GetItem",
+    outer: "_PyEval_EvalFrameDefault",
+    var: "container",
+};
 
 /// x86-64 registers a callee must preserve, so they still hold the caller's values at its entry.
 const CALLEE_SAVED: [Register; 6] = [
@@ -48,6 +77,17 @@ pub struct KeyErrorSite {
     /// Caller function name, for -v output.
     pub caller: String,
     pub dict: DictLocation,
+    /// Set when the dict's location belongs to an outer frame: the site's function was tail-called
+    /// from there, and the site only counts when that frame's return address is found at
+    /// [rsp + sp_offset] at `_PyErr_SetKeyError`'s entry.
+    pub outer: Option<OuterFrame>,
+}
+
+/// The frame a tail-called site function returns to (see [`KeyErrorSite::outer`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct OuterFrame {
+    pub sp_offset: u64,
+    pub return_vaddr: u64,
 }
 
 /// Where the dict is at the callee's entry; `dwarf_reg` is a DWARF x86-64 register number.
@@ -73,9 +113,13 @@ pub enum SiteError {
     },
     #[error("{path} is built for {arch}: only x86-64 is supported")]
     UnsupportedArch { path: PathBuf, arch: String },
-    #[error("{path} has no DWARF debug info: install the python debug symbols or use a python built with -g")]
+    #[error(
+        "{path} has no DWARF debug info: install the python debug symbols or use a python built with -g"
+    )]
     NoDebugInfo { path: PathBuf },
-    #[error("{debug} is not the debug file of {path} (build ids differ): reinstall the matching python debug symbols")]
+    #[error(
+        "{debug} is not the debug file of {path} (build ids differ): reinstall the matching python debug symbols"
+    )]
     DebugMismatch { path: PathBuf, debug: PathBuf },
     #[error("malformed DWARF in {path}: {source}")]
     Dwarf { path: PathBuf, source: gimli::Error },
@@ -105,6 +149,10 @@ pub fn find_keyerror_sites(image: &Path) -> Result<Vec<KeyErrorSite>, SiteError>
             arch,
         });
     }
+    let cfi = Cfi::new(&obj).map_err(|source| SiteError::Object {
+        path: image.into(),
+        source,
+    })?;
     let debug = if has_dwarf(&obj) {
         None
     } else {
@@ -123,10 +171,39 @@ pub fn find_keyerror_sites(image: &Path) -> Result<Vec<KeyErrorSite>, SiteError>
         source,
     })?;
     let dwarf = sections.borrow(|s| EndianSlice::new(s, LittleEndian));
-    let (sites, calls) = scan(&dwarf).map_err(|source| SiteError::Dwarf {
+    let Scan {
+        mut sites,
+        calls,
+        tail_called,
+        outer_calls,
+    } = scan(&dwarf).map_err(|source| SiteError::Dwarf {
         path: dpath.into(),
         source,
     })?;
+    // The BPF side keys sites by the inner return address alone, so one outer call per inner
+    // site: if the compiler duplicated BINARY_SUBSCR, the copies beyond the first go unwatched.
+    if let (Some(cfi), Some(&(outer_pc, dwarf_reg))) = (&cfi, outer_calls.iter().min()) {
+        for return_vaddr in tail_called {
+            let slot = cfi
+                .return_address_slot(return_vaddr, dwarf_reg)
+                .map_err(|source| SiteError::Dwarf {
+                    path: image.into(),
+                    source,
+                })?;
+            if let Some(sp_offset) = slot {
+                sites.push(KeyErrorSite {
+                    return_vaddr,
+                    caller: TAIL_CHAIN.inner.into(),
+                    dict: DictLocation::Reg { dwarf_reg },
+                    outer: Some(OuterFrame {
+                        sp_offset,
+                        return_vaddr: outer_pc,
+                    }),
+                });
+            }
+        }
+        sites.sort_by_key(|s| s.return_vaddr);
+    }
     match (calls, sites.is_empty()) {
         (0, _) => Err(SiteError::NoCallSites { path: image.into() }),
         (calls, true) => Err(SiteError::NoUsableSites {
@@ -229,6 +306,60 @@ fn load_debug_file(image: &Path, obj: &object::File) -> Result<(PathBuf, Vec<u8>
     }
 }
 
+/// The image's `.eh_frame`, which stays in the image when its DWARF is split off.
+struct Cfi<'a> {
+    eh_frame: gimli::EhFrame<R<'a>>,
+    bases: gimli::BaseAddresses,
+}
+
+impl<'a> Cfi<'a> {
+    fn new(obj: &object::File<'a>) -> Result<Option<Self>, object::Error> {
+        let (Some(eh_frame), Some(text)) = (
+            obj.section_by_name(".eh_frame"),
+            obj.section_by_name(".text"),
+        ) else {
+            return Ok(None);
+        };
+        Ok(Some(Cfi {
+            eh_frame: gimli::EhFrame::new(eh_frame.data()?, LittleEndian),
+            bases: gimli::BaseAddresses::default()
+                .set_eh_frame(eh_frame.address())
+                .set_text(text.address()),
+        }))
+    }
+
+    /// For the call returning to `return_pc`: the offset from the callee's entry rsp of the
+    /// calling frame's own return address, if the CFA is rsp-based there and the function has not
+    /// saved (so not changed) `reg`.
+    fn return_address_slot(&self, return_pc: u64, reg: u16) -> gimli::Result<Option<u64>> {
+        let mut ctx = gimli::UnwindContext::new();
+        // `return_pc - 1` lies inside the call instruction.
+        let pc = return_pc.saturating_sub(1);
+        let row = match self.eh_frame.unwind_info_for_address(
+            &self.bases,
+            &mut ctx,
+            pc,
+            gimli::EhFrame::cie_from_offset,
+        ) {
+            Err(gimli::Error::NoUnwindInfoForAddress) => return Ok(None),
+            row => row?,
+        };
+        let unchanged = matches!(
+            row.register(Register(reg)),
+            None | Some(RegisterRule::SameValue)
+        );
+        Ok(match (row.cfa(), row.register(gimli::X86_64::RA)) {
+            (&CfaRule::RegisterAndOffset { register, offset }, Some(RegisterRule::Offset(ra)))
+                if unchanged && register == gimli::X86_64::RSP =>
+            {
+                // The call pushes 8 bytes, so the callee's entry rsp is CFA - offset - 8.
+                u64::try_from(offset + ra + 8).ok()
+            }
+            _ => None,
+        })
+    }
+}
+
 /// DIE names, following `DW_AT_abstract_origin` / `DW_AT_specification` (inlined and out-of-line copies).
 struct Names<'d, 'a> {
     dwarf: &'d gimli::Dwarf<R<'a>>,
@@ -285,17 +416,45 @@ struct Scope {
     func: Option<String>,
 }
 
-/// A call of `_PyErr_SetKeyError` from a [`CALLERS`] function, with its enclosing scopes
-/// (innermost first, up to the function).
+/// What a call is: of `_PyErr_SetKeyError` from the [`CALLERS`] function at this index, or of
+/// [`TAIL_CHAIN`]`.via` from its `outer` function.
+#[derive(Clone, Copy)]
+enum Role {
+    Site(usize),
+    Outer,
+}
+
+/// A call of interest, with its enclosing scopes (innermost first, up to the function).
 struct Call {
     return_pc: u64,
     caller: String,
-    rule: usize,
+    role: Role,
     scopes: Vec<UnitOffset>,
 }
 
-/// Returns the usable sites and the number of calls of `_PyErr_SetKeyError` seen.
-fn scan(dwarf: &gimli::Dwarf<R>) -> gimli::Result<(Vec<KeyErrorSite>, usize)> {
+/// The variable `func`'s calls need, if `name` is one.
+fn watched(func: &str, name: &str) -> Option<&'static str> {
+    CALLERS
+        .iter()
+        .map(|c| (c.0, c.1))
+        .chain([(TAIL_CHAIN.outer, TAIL_CHAIN.var)])
+        .find(|&(f, v)| f == func && v == name)
+        .map(|(_, v)| v)
+}
+
+/// What [`scan`] finds, before the tail-called sites are joined to their outer call.
+struct Scan {
+    /// Sites whose own caller has the dict.
+    sites: Vec<KeyErrorSite>,
+    /// Calls of `_PyErr_SetKeyError` seen.
+    calls: usize,
+    /// Return addresses of [`TAIL_CHAIN`]`.inner`'s calls that lost the dict.
+    tail_called: Vec<u64>,
+    /// [`TAIL_CHAIN`]`.via` calls in `outer` with `var` in a callee-saved register: (return pc, register).
+    outer_calls: Vec<(u64, u16)>,
+}
+
+fn scan(dwarf: &gimli::Dwarf<R>) -> gimli::Result<Scan> {
     let mut units = Vec::new();
     let mut headers = dwarf.units();
     while let Some(header) = headers.next()? {
@@ -306,11 +465,12 @@ fn scan(dwarf: &gimli::Dwarf<R>) -> gimli::Result<(Vec<KeyErrorSite>, usize)> {
         units: &units,
         cache: HashMap::new(),
     };
-    let (mut sites, mut calls) = (Vec::new(), 0);
+    let (mut sites, mut calls, mut tail_called, mut outer_calls) =
+        (Vec::new(), 0, Vec::new(), Vec::new());
     for (u, unit) in units.iter().enumerate() {
         let mut scopes: Vec<Scope> = Vec::new();
-        // Location of the CALLERS' dict variable, by the scope that declares it.
-        let mut vars: HashMap<UnitOffset, AttributeValue<R>> = HashMap::new();
+        // Locations of the [`watched`] variables, by declaring scope and name.
+        let mut vars: HashMap<(UnitOffset, &str), AttributeValue<R>> = HashMap::new();
         let mut found: Vec<Call> = Vec::new();
         let mut cursor = unit.entries();
         while let Some(entry) = cursor.next_dfs()? {
@@ -318,11 +478,8 @@ fn scan(dwarf: &gimli::Dwarf<R>) -> gimli::Result<(Vec<KeyErrorSite>, usize)> {
             while scopes.last().is_some_and(|s| s.depth >= depth) {
                 scopes.pop();
             }
-            let rule = scopes
-                .iter()
-                .rev()
-                .find_map(|s| s.func.as_deref())
-                .and_then(|f| CALLERS.iter().position(|c| c.0 == f));
+            let func = scopes.iter().rev().find_map(|s| s.func.as_deref());
+            let rule = func.and_then(|f| CALLERS.iter().position(|c| c.0 == f));
             match entry.tag() {
                 dw::DW_TAG_subprogram | dw::DW_TAG_inlined_subroutine => {
                     let func = names.name(u, entry.offset())?.unwrap_or_default();
@@ -338,15 +495,19 @@ fn scan(dwarf: &gimli::Dwarf<R>) -> gimli::Result<(Vec<KeyErrorSite>, usize)> {
                     func: None,
                 }),
                 dw::DW_TAG_variable | dw::DW_TAG_formal_parameter => {
-                    let (Some(rule), Some(scope), Some(loc)) =
-                        (rule, scopes.last(), entry.attr_value(dw::DW_AT_location))
+                    let (Some(func), Some(scope), Some(loc)) =
+                        (func, scopes.last(), entry.attr_value(dw::DW_AT_location))
                     else {
                         continue;
                     };
-                    if scope.depth == depth - 1
-                        && names.name(u, entry.offset())?.as_deref() == Some(CALLERS[rule].1)
-                    {
-                        vars.insert(scope.offset, loc);
+                    // Name lookups only in the functions that need a variable.
+                    if scope.depth != depth - 1 || rule.is_none() && func != TAIL_CHAIN.outer {
+                        continue;
+                    }
+                    if let Some(name) = names.name(u, entry.offset())? {
+                        if let Some(var) = watched(func, &name) {
+                            vars.insert((scope.offset, var), loc);
+                        }
                     }
                 }
                 dw::DW_TAG_call_site | dw::DW_TAG_GNU_call_site => {
@@ -356,10 +517,17 @@ fn scan(dwarf: &gimli::Dwarf<R>) -> gimli::Result<(Vec<KeyErrorSite>, usize)> {
                     let Some((ou, oo)) = origin.and_then(|v| names.target(u, v)) else {
                         continue;
                     };
-                    if names.name(ou, oo)?.as_deref() != Some(KEY_ERROR_FN) {
-                        continue;
-                    }
-                    calls += 1;
+                    let callee = names.name(ou, oo)?;
+                    let role = match (callee.as_deref(), rule) {
+                        (Some(KEY_ERROR_FN), rule) => {
+                            calls += 1;
+                            rule.map(Role::Site)
+                        }
+                        (Some(f), _) if f == TAIL_CHAIN.via && func == Some(TAIL_CHAIN.outer) => {
+                            Some(Role::Outer)
+                        }
+                        _ => continue,
+                    };
                     // A tail call leaves the caller's caller's return address in [rsp]: unusable.
                     let tail = [dw::DW_AT_call_tail_call, dw::DW_AT_GNU_tail_call]
                         .iter()
@@ -367,7 +535,7 @@ fn scan(dwarf: &gimli::Dwarf<R>) -> gimli::Result<(Vec<KeyErrorSite>, usize)> {
                     let pc = entry
                         .attr_value(dw::DW_AT_call_return_pc)
                         .or(entry.attr_value(dw::DW_AT_low_pc));
-                    let (Some(rule), false, Some(pc)) = (rule, tail, pc) else {
+                    let (Some(role), false, Some(pc)) = (role, tail, pc) else {
                         continue;
                     };
                     let Some(return_pc) = dwarf.attr_address(unit, pc)? else {
@@ -380,13 +548,13 @@ fn scan(dwarf: &gimli::Dwarf<R>) -> gimli::Result<(Vec<KeyErrorSite>, usize)> {
                         .unwrap_or_default();
                     let caller = match func_at {
                         0 => outer,
-                        _ => format!("{} (inlined into {outer})", CALLERS[rule].0),
+                        _ => format!("{} (inlined into {outer})", func.unwrap_or_default()),
                     };
                     let scopes = scopes[func_at..].iter().rev().map(|s| s.offset).collect();
                     found.push(Call {
                         return_pc,
                         caller,
-                        rule,
+                        role,
                         scopes,
                     });
                 }
@@ -394,33 +562,51 @@ fn scan(dwarf: &gimli::Dwarf<R>) -> gimli::Result<(Vec<KeyErrorSite>, usize)> {
             }
         }
         for call in found {
+            let var = match call.role {
+                Role::Site(rule) => CALLERS[rule].1,
+                Role::Outer => TAIL_CHAIN.var,
+            };
             // The innermost declaration of the variable visible at the call.
-            let Some(&loc) = call.scopes.iter().find_map(|s| vars.get(s)) else {
-                continue;
-            };
+            let loc = call.scopes.iter().find_map(|&s| vars.get(&(s, var)));
             // `return_pc - 1` lies inside the call instruction: where the caller sits during the call.
-            let Some(reg) =
-                callee_saved_reg(unit.unit_ref(dwarf), loc, call.return_pc.saturating_sub(1))?
-            else {
-                continue;
+            let reg = match loc {
+                Some(&loc) => {
+                    callee_saved_reg(unit.unit_ref(dwarf), loc, call.return_pc.saturating_sub(1))?
+                }
+                None => None,
             };
-            let dict = match CALLERS[call.rule].2 {
-                Some(slot) => DictLocation::Deref {
-                    dwarf_reg: reg,
-                    offset: slot * i64::from(unit.encoding().address_size),
-                },
-                None => DictLocation::Reg { dwarf_reg: reg },
-            };
-            sites.push(KeyErrorSite {
-                return_vaddr: call.return_pc,
-                caller: call.caller,
-                dict,
-            });
+            match (call.role, reg) {
+                (Role::Outer, Some(reg)) => outer_calls.push((call.return_pc, reg)),
+                // Only the out-of-line copy is the one `TAIL_CHAIN.via` jumps to.
+                (Role::Site(_), None) if call.caller == TAIL_CHAIN.inner => {
+                    tail_called.push(call.return_pc)
+                }
+                (Role::Site(rule), Some(reg)) => sites.push(KeyErrorSite {
+                    return_vaddr: call.return_pc,
+                    caller: call.caller,
+                    dict: match CALLERS[rule].2 {
+                        Some(slot) => DictLocation::Deref {
+                            dwarf_reg: reg,
+                            offset: slot * i64::from(unit.encoding().address_size),
+                        },
+                        None => DictLocation::Reg { dwarf_reg: reg },
+                    },
+                    outer: None,
+                }),
+                _ => {}
+            }
         }
     }
     sites.sort_by_key(|s| s.return_vaddr);
     sites.dedup();
-    Ok((sites, calls))
+    tail_called.sort();
+    tail_called.dedup();
+    Ok(Scan {
+        sites,
+        calls,
+        tail_called,
+        outer_calls,
+    })
 }
 
 /// The callee-saved register holding the variable at `pc`, if its location there is exactly `DW_OP_regN`.
@@ -490,13 +676,49 @@ mod tests {
             }
             other => panic!("eval-loop dict should be a stack slot, got {other:?}"),
         }
+        assert_eq!(eval.outer, None);
         // Return addresses must be code of this image, where [rsp] can point.
         let data = read(lib).expect("read");
         let obj = parse(lib, &data).expect("parse");
         let text = obj.section_by_name(".text").expect(".text");
-        assert!(sites
+        assert!(
+            sites
+                .iter()
+                .all(|s| (text.address()..text.address() + text.size()).contains(&s.return_vaddr))
+        );
+    }
+
+    #[test]
+    fn finds_dict_subscript_site_chained_to_binary_subscr() {
+        let Some(lib) = present(LIBPYTHON) else {
+            return;
+        };
+        let sites = find_keyerror_sites(lib).expect("sites");
+        let site = sites
             .iter()
-            .all(|s| (text.address()..text.address() + text.size()).contains(&s.return_vaddr)));
+            .find(|s| s.caller == "dict_subscript")
+            .expect("dict_subscript site");
+        let DictLocation::Reg { dwarf_reg } = site.dict else {
+            panic!("container should be a register, got {:?}", site.dict);
+        };
+        assert!(
+            CALLEE_SAVED.contains(&Register(dwarf_reg)),
+            "reg {dwarf_reg}"
+        );
+        let outer = site.outer.expect("outer frame");
+        // dict_subscript pushes rbp and rbx and reserves 0x28 bytes: CFA = rsp + 0x40 at its call.
+        assert_eq!(outer.sp_offset, 0x40);
+        // The outer return address follows a direct call (e8 rel32) in the eval loop.
+        let data = read(lib).expect("read");
+        let obj = parse(lib, &data).expect("parse");
+        let eval = obj
+            .symbols()
+            .find(|s| s.name() == Ok("_PyEval_EvalFrameDefault"))
+            .expect("eval loop symbol");
+        assert!((eval.address()..eval.address() + eval.size()).contains(&outer.return_vaddr));
+        let text = obj.section_by_name(".text").expect(".text");
+        let at = usize::try_from(outer.return_vaddr - 5 - text.address()).expect("offset");
+        assert_eq!(text.data().expect("text")[at], 0xe8);
     }
 
     #[test]

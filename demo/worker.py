@@ -1,0 +1,121 @@
+"""racewatch's Python demo: the seed's worker.
+
+A refresher thread rebuilds a dict cache with clear() then update(); a reader thread looks keys up
+(keys that always exist) and writes a byte per lookup. Between clear() and update() the cache is
+empty, and a lookup that lands there raises KeyError.
+
+    worker.py [--fixed] [--seconds S] [--keys N] [--refresh-ms MS] [--switch-interval S]
+              [--absent-every N] [--other-dict] [--bug-on-signal]
+
+--fixed            refresh by build-then-swap: no empty window, no KeyError.
+--absent-every N   every N lookups, also look up a key that never exists (a KeyError no window
+                   causes).
+--other-dict       a second reader raises KeyErrors on another dict, all the time.
+--bug-on-signal    refresh build-then-swap until SIGUSR1, then clear-then-update for --seconds:
+                   lets a tracer attach to a running worker before the bug starts.
+
+Ground truth, printed to stderr at exit:
+    worker: lookups=N keyerrors=M absent_keyerrors=A other_keyerrors=B refreshes=R
+where keyerrors counts only misses of keys that always exist.
+"""
+import argparse
+import os
+import signal
+import sys
+import threading
+import time
+
+
+class Cache:
+    def __init__(self, data):
+        self._cache = dict(data)
+
+    def get(self, key):
+        return self._cache[key]
+
+    def refresh(self, data, racy):
+        if racy:
+            self._cache.clear()  # the window opens: the cache is empty until update() returns
+            self._cache.update(data)
+        else:
+            new = dict(data)
+            self._cache = new  # atomic rebind: no empty window
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--fixed", action="store_true")
+    ap.add_argument("--seconds", type=float, default=3.0)
+    ap.add_argument("--keys", type=int, default=20000)
+    ap.add_argument("--refresh-ms", type=float, default=5.0)
+    ap.add_argument("--switch-interval", type=float, default=1e-4)
+    ap.add_argument("--absent-every", type=int, default=0)
+    ap.add_argument("--other-dict", action="store_true")
+    ap.add_argument("--bug-on-signal", action="store_true")
+    args = ap.parse_args()
+    sys.setswitchinterval(args.switch_interval)
+
+    data = {f"k{i}": i for i in range(args.keys)}
+    keys = list(data)
+    cache = Cache(data)
+    stop = threading.Event()
+    racy = threading.Event()
+    if not args.fixed and not args.bug_on_signal:
+        racy.set()
+    counts = {"lookups": 0, "keyerrors": 0, "absent_keyerrors": 0, "other_keyerrors": 0, "refreshes": 0}
+
+    def reader():
+        out = os.open(os.devnull, os.O_WRONLY)
+        n = len(keys)
+        i = lookups = keyerrors = absent = 0
+        every = args.absent_every
+        while not stop.is_set():
+            try:
+                cache.get(keys[i % n])
+            except KeyError:
+                keyerrors += 1
+            if every and i % every == 0:
+                try:
+                    cache.get(f"absent-{i}")
+                except KeyError:
+                    absent += 1
+            os.write(out, b"x")  # the seed's reader did a little I/O per lookup
+            i += 1
+            lookups += 1
+        counts["lookups"], counts["keyerrors"], counts["absent_keyerrors"] = lookups, keyerrors, absent
+
+    def other_reader():
+        other = {"a": 1}
+        misses = 0
+        while not stop.is_set():
+            try:
+                other["missing"]
+            except KeyError:
+                misses += 1
+            time.sleep(0.0005)
+        counts["other_keyerrors"] = misses
+
+    def refresher():
+        while not stop.is_set():
+            cache.refresh(data, racy.is_set())
+            counts["refreshes"] += 1
+            time.sleep(args.refresh_ms / 1000)
+
+    threads = [threading.Thread(target=reader, name="reader"), threading.Thread(target=refresher, name="refresher")]
+    if args.other_dict:
+        threads.append(threading.Thread(target=other_reader, name="other-reader"))
+    for t in threads:
+        t.start()
+    if args.bug_on_signal:
+        signal.signal(signal.SIGUSR1, lambda *_: racy.set())
+        while not racy.wait(0.01):
+            pass
+    time.sleep(args.seconds)
+    stop.set()
+    for t in threads:
+        t.join()
+    print("worker: " + " ".join(f"{k}={v}" for k, v in counts.items()), file=sys.stderr)
+
+
+if __name__ == "__main__":
+    main()

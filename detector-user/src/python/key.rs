@@ -1,0 +1,179 @@
+//! Renders the key of a failed `d[k]` from the bytes the kernel copied out of the key object
+//! (CPython 3.11 layouts), the way Python's repr() would for str and int keys.
+use detector_common::{KEY_OBJ_LEN, KeyErrorEvent};
+
+use crate::correlate::comm_str;
+
+// PyASCIIObject: length at 16, state at 32, data after the 48-byte header for compact ASCII
+// strings and after the 72-byte PyCompactUnicodeObject header for other compact strings.
+const STR_LENGTH: usize = 16;
+const STR_STATE: usize = 32;
+const ASCII_DATA: usize = 48;
+const COMPACT_DATA: usize = 72;
+// PyLongObject: ob_size (signed digit count) at 16, 30-bit digits in u32s from 24.
+const LONG_SIZE: usize = 16;
+const LONG_DIGITS: usize = 24;
+
+fn i64_at(b: &[u8], at: usize) -> i64 {
+    i64::from_ne_bytes(b[at..at + 8].try_into().unwrap_or([0; 8]))
+}
+
+fn u32_at(b: &[u8], at: usize) -> u32 {
+    u32::from_ne_bytes(b[at..at + 4].try_into().unwrap_or([0; 4]))
+}
+
+fn render_str(b: &[u8; KEY_OBJ_LEN]) -> Option<String> {
+    let len = usize::try_from(i64_at(b, STR_LENGTH)).ok()?;
+    let state = u32_at(b, STR_STATE);
+    let (kind, compact, ascii) = (
+        (state >> 2) & 7,
+        state & (1 << 5) != 0,
+        state & (1 << 6) != 0,
+    );
+    if !compact {
+        return None;
+    }
+    let (start, width) = if ascii {
+        (ASCII_DATA, 1)
+    } else {
+        (COMPACT_DATA, kind as usize)
+    };
+    if !matches!(width, 1 | 2 | 4) {
+        return None;
+    }
+    let avail = (KEY_OBJ_LEN - start) / width;
+    let chars = (0..len.min(avail)).map(|i| {
+        let at = start + i * width;
+        let code = match width {
+            1 => u32::from(b[at]),
+            2 => u32::from(u16::from_ne_bytes([b[at], b[at + 1]])),
+            _ => u32_at(b, at),
+        };
+        char::from_u32(code).unwrap_or(char::REPLACEMENT_CHARACTER)
+    });
+    let mut out = String::from("'");
+    for c in chars {
+        match c {
+            '\'' => out.push_str("\\'"),
+            '\\' => out.push_str("\\\\"),
+            c if c.is_control() => out.extend(c.escape_default()),
+            c => out.push(c),
+        }
+    }
+    out.push('\'');
+    if len > avail {
+        out.push_str(&format!("… ({len} chars)"));
+    }
+    Some(out)
+}
+
+fn render_int(b: &[u8; KEY_OBJ_LEN]) -> Option<String> {
+    let size = i64_at(b, LONG_SIZE);
+    let ndigits = usize::try_from(size.unsigned_abs()).ok()?;
+    // Up to four 30-bit digits fit in a u128; longer ints are named by size.
+    if ndigits > 4 {
+        return Some(format!("<int of {ndigits} digits>"));
+    }
+    let value = (0..ndigits).rev().fold(0u128, |acc, i| {
+        (acc << 30) | u128::from(u32_at(b, LONG_DIGITS + 4 * i))
+    });
+    Some(if size < 0 {
+        format!("-{value}")
+    } else {
+        value.to_string()
+    })
+}
+
+/// The key as Python would print it, or `<TYPE object at 0x…>` for other types.
+pub fn render(e: &KeyErrorEvent) -> Option<String> {
+    if e.key == 0 {
+        return None;
+    }
+    let type_name = comm_str(&e.key_type);
+    let rendered = match type_name.as_str() {
+        "str" => render_str(&e.key_obj),
+        "int" => render_int(&e.key_obj),
+        _ => None,
+    };
+    Some(rendered.unwrap_or_else(|| format!("<{type_name} object at {:#x}>", e.key)))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use detector_common::{COMM_LEN, EventKind, TYPE_NAME_LEN};
+
+    fn event(type_name: &str, obj: [u8; KEY_OBJ_LEN]) -> KeyErrorEvent {
+        let mut key_type = [0; TYPE_NAME_LEN];
+        key_type[..type_name.len()].copy_from_slice(type_name.as_bytes());
+        KeyErrorEvent {
+            kind: EventKind::KeyError as u32,
+            reader_tid: 1,
+            dict: 2,
+            raised_ns: 3,
+            window_open_ns: 1,
+            writer_tid: 4,
+            _pad: 0,
+            key: 0x1000,
+            reader_comm: [0; COMM_LEN],
+            key_type,
+            key_obj: obj,
+        }
+    }
+
+    fn ascii(s: &str) -> [u8; KEY_OBJ_LEN] {
+        let mut b = [0; KEY_OBJ_LEN];
+        b[STR_LENGTH..STR_LENGTH + 8].copy_from_slice(&(s.len() as i64).to_ne_bytes());
+        let state: u32 = (1 << 2) | (1 << 5) | (1 << 6) | (1 << 7); // 1-byte kind, compact, ascii, ready
+        b[STR_STATE..STR_STATE + 4].copy_from_slice(&state.to_ne_bytes());
+        let n = s.len().min(KEY_OBJ_LEN - ASCII_DATA);
+        b[ASCII_DATA..ASCII_DATA + n].copy_from_slice(&s.as_bytes()[..n]);
+        b
+    }
+
+    fn long(size: i64, digits: &[u32]) -> [u8; KEY_OBJ_LEN] {
+        let mut b = [0; KEY_OBJ_LEN];
+        b[LONG_SIZE..LONG_SIZE + 8].copy_from_slice(&size.to_ne_bytes());
+        for (i, d) in digits.iter().enumerate() {
+            b[LONG_DIGITS + 4 * i..LONG_DIGITS + 4 * i + 4].copy_from_slice(&d.to_ne_bytes());
+        }
+        b
+    }
+
+    #[test]
+    fn str_keys_render_like_repr() {
+        assert_eq!(
+            render(&event("str", ascii("k123"))).as_deref(),
+            Some("'k123'")
+        );
+        assert_eq!(
+            render(&event("str", ascii("it's\n"))).as_deref(),
+            Some("'it\\'s\\n'")
+        );
+        let long_key = "x".repeat(100);
+        let shown = render(&event("str", ascii(&long_key))).unwrap();
+        assert!(shown.ends_with("… (100 chars)"), "{shown}");
+    }
+
+    #[test]
+    fn int_keys_render_their_value() {
+        assert_eq!(render(&event("int", long(1, &[42]))).as_deref(), Some("42"));
+        assert_eq!(render(&event("int", long(0, &[]))).as_deref(), Some("0"));
+        assert_eq!(
+            render(&event("int", long(-2, &[1, 1]))).as_deref(),
+            Some(&*format!("-{}", (1u64 << 30) + 1))
+        );
+        assert_eq!(
+            render(&event("int", long(9, &[1; 9]))).as_deref(),
+            Some("<int of 9 digits>")
+        );
+    }
+
+    #[test]
+    fn other_types_are_named() {
+        assert_eq!(
+            render(&event("tuple", [0; KEY_OBJ_LEN])).as_deref(),
+            Some("<tuple object at 0x1000>")
+        );
+    }
+}
