@@ -51,9 +51,8 @@ pub enum PythonError {
         minor: u32,
     },
     #[error(
-        "{image} lacks the function `{symbol}` racewatch probes ({source}): this interpreter is \
-         stripped; use a CPython built with symbols (a pyenv or source build) or install its \
-         debug symbols"
+        "{image} lacks the function `{symbol}` racewatch probes: this interpreter is stripped; \
+         use a CPython built with symbols (a pyenv or source build) or install its debug symbols"
     )]
     Symbol {
         image: PathBuf,
@@ -77,6 +76,14 @@ fn version_in_name(path: &Path) -> Option<(u32, u32)> {
     let rest = &name[name.find("python")? + "python".len()..];
     let mut parts = rest.split(|c: char| !c.is_ascii_digit());
     Some((parts.next()?.parse().ok()?, parts.next()?.parse().ok()?))
+}
+
+/// `python`, `python3`, `python3.11`: an interpreter's executable name.
+fn is_python_name(path: &Path) -> bool {
+    path.file_name()
+        .and_then(|n| n.to_str())
+        .and_then(|n| n.strip_prefix("python"))
+        .is_some_and(|rest| rest.chars().all(|c| c.is_ascii_digit() || c == '.'))
 }
 
 fn check_version(image: PathBuf) -> Result<Interpreter, PythonError> {

@@ -94,3 +94,30 @@ pub fn stderr(o: &Output) -> String {
 pub fn temp_file(name: &str) -> PathBuf {
     PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join(format!("{}-{name}", std::process::id()))
 }
+
+/// The seed-like Python worker.
+pub fn worker() -> String {
+    workspace()
+        .join("demo/worker.py")
+        .to_string_lossy()
+        .into_owned()
+}
+
+/// The worker's ground truth line, as name → count.
+pub fn worker_truth(stderr: &str) -> std::collections::HashMap<String, u64> {
+    let line = stderr
+        .lines()
+        .rev()
+        .find(|l| l.starts_with("worker: "))
+        .unwrap_or_else(|| panic!("no ground truth line in the worker's stderr:\n{stderr}"));
+    line["worker: ".len()..]
+        .split_whitespace()
+        .filter_map(|kv| kv.split_once('='))
+        .map(|(k, v)| {
+            (
+                k.to_string(),
+                v.parse().unwrap_or_else(|_| panic!("bad count in {line}")),
+            )
+        })
+        .collect()
+}
