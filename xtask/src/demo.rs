@@ -1,7 +1,11 @@
 //! The bundled demos: built here, watched by racewatch in `cargo xtask demo`.
-use std::{path::PathBuf, process::Command};
+use std::{
+    io::{BufRead, BufReader},
+    path::PathBuf,
+    process::{Command, Stdio},
+};
 
-use anyhow::Result;
+use anyhow::{Context as _, Result};
 
 use crate::{build_racewatch, run_cmd, workspace_root};
 
@@ -27,14 +31,31 @@ fn banner(text: &str) {
     eprintln!("\n=== {text}");
 }
 
-/// racewatch exits 1 when it found a race: that is the demo working, not failing.
+/// Alert lines shown per run; racewatch streams all of them, the demo keeps the screen readable.
+const SHOWN_ALERTS: usize = 5;
+
+/// Runs racewatch, showing its first alerts and its summary. racewatch exits 1 when it found a
+/// race: that is the demo working, not failing.
 fn watch(racewatch: &PathBuf, args: &[&str]) -> Result<()> {
     eprintln!("$ racewatch {}", args.join(" "));
-    let status = Command::new(racewatch).args(args).status()?;
-    eprintln!(
-        "(racewatch exit status: {})",
-        status.code().map_or("signal".into(), |c| c.to_string())
-    );
+    let mut child = Command::new(racewatch).args(args).stdout(Stdio::piped()).spawn()?;
+    let stdout = child.stdout.take().context("racewatch's stdout")?;
+    let mut alerts = 0;
+    for line in BufReader::new(stdout).lines() {
+        let line = line?;
+        if !line.starts_with("RACE ") {
+            println!("{line}");
+            continue;
+        }
+        alerts += 1;
+        if alerts <= SHOWN_ALERTS {
+            println!("{line}");
+        } else if alerts == SHOWN_ALERTS + 1 {
+            println!("... (more alerts stream here; the demo shows the first {SHOWN_ALERTS})");
+        }
+    }
+    let status = child.wait()?;
+    eprintln!("(racewatch exit status: {})", status.code().map_or("signal".into(), |c| c.to_string()));
     Ok(())
 }
 
@@ -58,6 +79,15 @@ pub fn run() -> Result<()> {
     args.extend(["--", &demo, "--seconds", "2"]);
     watch(&racewatch, &args)?;
     banner("native demo, --fixed: refreshed by build-then-swap");
+    args.push("--fixed");
+    watch(&racewatch, &args)?;
+
+    let worker = workspace_root().join("demo/worker.py");
+    let worker = worker.to_string_lossy();
+    banner("the seed's Python worker: cache.clear() then cache.update() while a thread reads it");
+    let mut args = vec!["python", "--", "python3", &worker, "--seconds", "2"];
+    watch(&racewatch, &args)?;
+    banner("the seed's fix: build the new dict, then swap the reference");
     args.push("--fixed");
     watch(&racewatch, &args)
 }
