@@ -5,9 +5,11 @@ A refresher thread rebuilds a dict cache with clear() then update(); a reader th
 empty, and a lookup that lands there raises KeyError.
 
     worker.py [--fixed] [--seconds S] [--keys N] [--refresh-ms MS] [--switch-interval S]
-              [--absent-every N] [--other-dict] [--bug-on-signal]
+              [--gap-ms MS] [--absent-every N] [--other-dict] [--bug-on-signal]
 
 --fixed            refresh by build-then-swap: no empty window, no KeyError.
+--gap-ms MS        sleep between clear() and update(), as the seed's repro did: every refresh
+                   then lets the reader in.
 --absent-every N   every N lookups, also look up a key that never exists (a KeyError no window
                    causes).
 --other-dict       a second reader raises KeyErrors on another dict, all the time.
@@ -33,9 +35,11 @@ class Cache:
     def get(self, key):
         return self._cache[key]
 
-    def refresh(self, data, racy):
+    def refresh(self, data, racy, gap):
         if racy:
             self._cache.clear()  # the window opens: the cache is empty until update() returns
+            if gap:
+                time.sleep(gap)  # the seed's repro: widen the window on purpose
             self._cache.update(data)
         else:
             new = dict(data)
@@ -49,6 +53,7 @@ def main():
     ap.add_argument("--keys", type=int, default=20000)
     ap.add_argument("--refresh-ms", type=float, default=5.0)
     ap.add_argument("--switch-interval", type=float, default=1e-4)
+    ap.add_argument("--gap-ms", type=float, default=0.0)
     ap.add_argument("--absent-every", type=int, default=0)
     ap.add_argument("--other-dict", action="store_true")
     ap.add_argument("--bug-on-signal", action="store_true")
@@ -97,7 +102,7 @@ def main():
 
     def refresher():
         while not stop.is_set():
-            cache.refresh(data, racy.is_set())
+            cache.refresh(data, racy.is_set(), args.gap_ms / 1000)
             counts["refreshes"] += 1
             time.sleep(args.refresh_ms / 1000)
 
