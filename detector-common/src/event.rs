@@ -19,14 +19,17 @@ pub enum EventKind {
     Lookup = 3,
     /// A Python `d[k]` raised KeyError on a dict whose window was open: [`KeyErrorEvent`].
     KeyError = 4,
+    /// Whether the key of earlier KeyErrors is in the dict once refilled: [`KeyVerdict`].
+    KeyVerdict = 5,
 }
 
 impl EventKind {
-    pub const ALL: [EventKind; 4] = [
+    pub const ALL: [EventKind; 5] = [
         Self::WindowOpen,
         Self::WindowClose,
         Self::Lookup,
         Self::KeyError,
+        Self::KeyVerdict,
     ];
 
     pub fn from_u32(v: u32) -> Option<Self> {
@@ -82,8 +85,41 @@ pub struct KeyErrorEvent {
     pub key_obj: [u8; KEY_OBJ_LEN],
 }
 
-/// Indexes of the per-CPU `STATS` array: events the kernel could not deliver, per kind, then
-/// probe hits per probe.
+/// [`KeyVerdict::present`]: the key is not in the refilled dict, so the KeyError was not the
+/// window's doing.
+pub const KEY_ABSENT: u32 = 0;
+pub const KEY_PRESENT: u32 = 1;
+/// The key could not be hashed or looked up: its KeyErrors count as window misses.
+pub const KEY_UNKNOWN: u32 = 2;
+
+/// The verdict on the KeyErrors that `key` raised on `dict` during a window, sent when the
+/// refill closing that window returns, or at once ([`KEY_UNKNOWN`]) when the kernel cannot
+/// judge the key.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct KeyVerdict {
+    pub kind: u32,
+    pub present: u32,
+    pub dict: u64,
+    pub key: u64,
+    /// The key's hash ([`crate::key_hash`]), which tells apart keys that had one address.
+    pub hash: i64,
+}
+
+/// A key that raised KeyError in a dict's open window, to be judged when the window closes (the
+/// kernel's `PENDING` set).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct PendingKey {
+    pub dict: u64,
+    /// The key object's address: a freed key's address can be reused by another key, hence the
+    /// hash too.
+    pub key: u64,
+    pub hash: i64,
+}
+
+/// Indexes of the per-CPU `STATS` array: events the kernel could not deliver, state that did not
+/// fit in its map, and probe hits.
 #[repr(u32)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Stat {
@@ -99,10 +135,13 @@ pub enum Stat {
     HitsLookupEntry = 8,
     HitsLookupReturn = 9,
     HitsKeyError = 10,
+    /// KeyErrors whose key did not fit in the `PENDING` map (judged unknown).
+    PendingFull = 11,
+    LostKeyVerdict = 12,
 }
 
 impl Stat {
-    pub const COUNT: u32 = 11;
+    pub const COUNT: u32 = 13;
 
     pub fn lost(kind: EventKind) -> Stat {
         match kind {
@@ -110,6 +149,7 @@ impl Stat {
             EventKind::WindowClose => Stat::LostWindowClose,
             EventKind::Lookup => Stat::LostLookup,
             EventKind::KeyError => Stat::LostKeyError,
+            EventKind::KeyVerdict => Stat::LostKeyVerdict,
         }
     }
 }
@@ -124,6 +164,8 @@ mod user {
     unsafe impl aya::Pod for WindowEvent {}
     unsafe impl aya::Pod for LookupEvent {}
     unsafe impl aya::Pod for KeyErrorEvent {}
+    unsafe impl aya::Pod for KeyVerdict {}
+    unsafe impl aya::Pod for PendingKey {}
     unsafe impl aya::Pod for DictSite {}
     unsafe impl aya::Pod for Inflight {}
 }
@@ -142,6 +184,7 @@ mod decode {
         WindowClose(WindowEvent),
         Lookup(LookupEvent),
         KeyError(KeyErrorEvent),
+        KeyVerdict(KeyVerdict),
     }
 
     #[derive(Debug, thiserror::Error, PartialEq, Eq)]
@@ -185,6 +228,7 @@ mod decode {
                 EventKind::WindowClose => Event::WindowClose(read(kind, bytes)?),
                 EventKind::Lookup => Event::Lookup(read(kind, bytes)?),
                 EventKind::KeyError => Event::KeyError(read(kind, bytes)?),
+                EventKind::KeyVerdict => Event::KeyVerdict(read(kind, bytes)?),
             })
         }
     }
@@ -213,6 +257,8 @@ mod decode {
                 size_of::<KeyErrorEvent>(),
                 4 + 4 + 8 + 8 + 8 + 4 + 4 + 8 + COMM_LEN + TYPE_NAME_LEN + KEY_OBJ_LEN
             );
+            assert_eq!(size_of::<KeyVerdict>(), 4 + 4 + 8 + 8 + 8);
+            assert_eq!(size_of::<PendingKey>(), 8 + 8 + 8);
             assert_eq!(size_of::<crate::Window>(), 4 + 4 + 8 + 8);
         }
 
@@ -253,6 +299,14 @@ mod decode {
                 key_obj: [7; KEY_OBJ_LEN],
             };
             assert_eq!(Event::decode(as_bytes(&k)), Ok(Event::KeyError(k)));
+            let v = KeyVerdict {
+                kind: EventKind::KeyVerdict as u32,
+                present: KEY_ABSENT,
+                dict: 2,
+                key: 5,
+                hash: -7,
+            };
+            assert_eq!(Event::decode(as_bytes(&v)), Ok(Event::KeyVerdict(v)));
         }
 
         #[test]

@@ -3,9 +3,11 @@
 #![no_std]
 
 pub mod event;
+pub mod pykey;
 pub mod window;
 
 pub use event::*;
+pub use pykey::{UNKNOWN_HASH, key_hash};
 pub use window::Window;
 
 /// Ring buffer that carries events to userspace.
@@ -25,6 +27,9 @@ pub const MAX_CACHES: u32 = 16_384;
 /// Threads inside a probed function at once (refill or lookup in flight).
 pub const MAX_INFLIGHT: u32 = 16_384;
 pub const MAX_KEYERROR_SITES: u32 = 16;
+/// KeyError keys awaiting their window's close at once, over all dicts (one window can see
+/// thousands).
+pub const MAX_PENDING: u32 = 16_384;
 
 /// Globals set at load time (`EbpfLoader::set_global`).
 pub mod globals {

@@ -38,7 +38,7 @@ fn drain(
     while let Some(item) = ring.next() {
         match Event::decode(&item) {
             Ok(event) => {
-                if let Some(alert) = correlator.on_event(&event) {
+                for alert in correlator.on_event(&event) {
                     sink.alert(&alert)?;
                 }
             }
@@ -93,6 +93,9 @@ impl Run<'_> {
         target.finish().await;
         // Events written before the end are still in the ring.
         drain(ring.get_mut(), &mut correlator, sink, &mut decode_errors)?;
+        for alert in correlator.finish() {
+            sink.alert(&alert)?;
+        }
         let summary = summary(loaded, &correlator, ended, decode_errors, started.elapsed())?;
         sink.summary(&summary)?;
         Ok(summary)
@@ -113,15 +116,18 @@ fn summary(
         window_close: stat(Stat::LostWindowClose),
         lookup: stat(Stat::LostLookup),
         keyerror: stat(Stat::LostKeyError),
+        key_verdict: stat(Stat::LostKeyVerdict),
     };
     Ok(Summary {
         counts: correlator.counts().into(),
         lost_events: lost_by_kind.window_open
             + lost_by_kind.window_close
             + lost_by_kind.lookup
-            + lost_by_kind.keyerror,
+            + lost_by_kind.keyerror
+            + lost_by_kind.key_verdict,
         lost_by_kind,
         map_full: stat(Stat::MapFull),
+        pending_full: stat(Stat::PendingFull),
         decode_errors,
         probe_hits: ProbeHits {
             clear: stat(Stat::HitsClear),

@@ -2,7 +2,9 @@
 //! property-tested on hand-written event sequences.
 use std::collections::{HashMap, HashSet};
 
-use detector_common::{COMM_LEN, Event, KeyErrorEvent, LookupEvent, WindowEvent};
+use detector_common::{
+    COMM_LEN, Event, KEY_ABSENT, KeyErrorEvent, KeyVerdict, LookupEvent, WindowEvent, key_hash,
+};
 
 /// A lookup that fell inside another thread's empty-cache window.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -36,6 +38,8 @@ pub struct Counts {
     pub windows: u64,
     pub lookups_in_window: u64,
     pub misses_in_window: u64,
+    /// KeyErrors in a window for keys the refill did not bring back either: not the window's.
+    pub absent_keys_in_window: u64,
     /// Caches that had at least one window.
     pub caches: u64,
     /// Widest window seen closing, in ns.
@@ -52,6 +56,8 @@ pub struct Correlator {
     /// it closes: a lookup that overlapped it can arrive after its close.
     last: HashMap<u64, (u64, String)>,
     caches: HashSet<u64>,
+    /// KeyError alerts awaiting their key's verdict, by (dict, key address, key hash).
+    held: HashMap<(u64, u64, i64), Vec<Alert>>,
     counts: Counts,
 }
 
@@ -68,6 +74,7 @@ impl Correlator {
             render_key,
             last: HashMap::new(),
             caches: HashSet::new(),
+            held: HashMap::new(),
             counts: Counts::default(),
         }
     }
@@ -76,20 +83,30 @@ impl Correlator {
         &self.counts
     }
 
-    /// Feeds one event; returns the alert it raises, if any.
-    pub fn on_event(&mut self, event: &Event) -> Option<Alert> {
+    /// Feeds one event; returns the alerts it raises.
+    pub fn on_event(&mut self, event: &Event) -> Vec<Alert> {
         match event {
-            Event::WindowOpen(w) => {
-                self.on_open(w);
-                None
-            }
-            Event::WindowClose(w) => {
-                self.on_close(w);
-                None
-            }
-            Event::Lookup(l) => self.on_lookup(l),
+            Event::WindowOpen(w) => self.on_open(w),
+            Event::WindowClose(w) => self.on_close(w),
+            Event::Lookup(l) => return self.on_lookup(l).into_iter().collect(),
             Event::KeyError(k) => self.on_keyerror(k),
+            Event::KeyVerdict(v) => return self.on_verdict(v),
         }
+        Vec::new()
+    }
+
+    /// At the end of a run: KeyErrors still awaiting a verdict are window misses (their window
+    /// never closed while racewatch watched).
+    pub fn finish(&mut self) -> Vec<Alert> {
+        let mut alerts: Vec<Alert> = self.held.drain().flat_map(|(_, a)| a).collect();
+        alerts.sort_by_key(|a| a.lookup_ns);
+        self.count_misses(alerts.len());
+        alerts
+    }
+
+    fn count_misses(&mut self, n: usize) {
+        self.counts.lookups_in_window += n as u64;
+        self.counts.misses_in_window += n as u64;
     }
 
     fn on_open(&mut self, w: &WindowEvent) {
@@ -149,13 +166,12 @@ impl Correlator {
         })
     }
 
-    fn on_keyerror(&mut self, k: &KeyErrorEvent) -> Option<Alert> {
+    /// Holds the alert until the kernel says whether the key is in the refilled dict.
+    fn on_keyerror(&mut self, k: &KeyErrorEvent) {
         if k.reader_tid == k.writer_tid {
-            return None;
+            return;
         }
-        self.counts.lookups_in_window += 1;
-        self.counts.misses_in_window += 1;
-        Some(Alert {
+        let alert = Alert {
             cache: k.dict,
             reader_tid: k.reader_tid,
             reader_name: comm_str(&k.reader_comm),
@@ -165,6 +181,161 @@ impl Correlator {
             lookup_ns: k.raised_ns,
             miss: Some(true),
             key: self.render_key.and_then(|r| r(k)),
+        };
+        let hash = key_hash(&k.key_type, &k.key_obj);
+        self.held
+            .entry((k.dict, k.key, hash))
+            .or_default()
+            .push(alert);
+    }
+
+    fn on_verdict(&mut self, v: &KeyVerdict) -> Vec<Alert> {
+        let alerts = self
+            .held
+            .remove(&(v.dict, v.key, v.hash))
+            .unwrap_or_default();
+        if v.present == KEY_ABSENT {
+            self.counts.absent_keys_in_window += alerts.len() as u64;
+            return Vec::new();
+        }
+        self.count_misses(alerts.len());
+        alerts
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use detector_common::{
+        EventKind, KEY_OBJ_LEN, KEY_PRESENT, KEY_UNKNOWN, TYPE_NAME_LEN, UNKNOWN_HASH,
+    };
+
+    /// A str key object with refcount 1 and cached hash `hash`.
+    fn str_key(hash: i64) -> ([u8; TYPE_NAME_LEN], [u8; KEY_OBJ_LEN]) {
+        let mut t = [0; TYPE_NAME_LEN];
+        t[..3].copy_from_slice(b"str");
+        let mut o = [0; KEY_OBJ_LEN];
+        o[..8].copy_from_slice(&1i64.to_ne_bytes());
+        o[24..32].copy_from_slice(&hash.to_ne_bytes());
+        (t, o)
+    }
+
+    const DICT: u64 = 0xd1c7;
+
+    fn keyerror(key: u64, hash: i64, raised_ns: u64) -> Event {
+        let (key_type, key_obj) = str_key(hash);
+        Event::KeyError(KeyErrorEvent {
+            kind: EventKind::KeyError as u32,
+            reader_tid: 2,
+            dict: DICT,
+            raised_ns,
+            window_open_ns: 100,
+            writer_tid: 1,
+            _pad: 0,
+            key,
+            reader_comm: [0; COMM_LEN],
+            key_type,
+            key_obj,
         })
+    }
+
+    fn verdict(key: u64, hash: i64, present: u32) -> Event {
+        Event::KeyVerdict(KeyVerdict {
+            kind: EventKind::KeyVerdict as u32,
+            present,
+            dict: DICT,
+            key,
+            hash,
+        })
+    }
+
+    fn feed(c: &mut Correlator, events: &[Event]) -> Vec<u64> {
+        events
+            .iter()
+            .flat_map(|e| c.on_event(e))
+            .map(|a| a.lookup_ns)
+            .collect()
+    }
+
+    #[test]
+    fn keyerrors_wait_for_their_verdict() {
+        let mut c = Correlator::new(None, None);
+        assert!(feed(&mut c, &[keyerror(7, 70, 110), keyerror(7, 70, 120)]).is_empty());
+        assert_eq!(c.counts().misses_in_window, 0);
+        assert_eq!(feed(&mut c, &[verdict(7, 70, KEY_PRESENT)]), [110, 120]);
+        assert_eq!(c.counts().misses_in_window, 2);
+        assert_eq!(c.counts().lookups_in_window, 2);
+        assert!(c.finish().is_empty());
+    }
+
+    #[test]
+    fn absent_keys_are_counted_apart() {
+        let mut c = Correlator::new(None, None);
+        let events = [
+            keyerror(7, 70, 110),
+            keyerror(8, 80, 120),
+            verdict(8, 80, KEY_ABSENT),
+        ];
+        assert!(feed(&mut c, &events).is_empty());
+        assert_eq!(c.counts().absent_keys_in_window, 1);
+        assert_eq!(c.counts().misses_in_window, 0);
+        assert_eq!(feed(&mut c, &[verdict(7, 70, KEY_UNKNOWN)]), [110]);
+        assert_eq!(c.counts().misses_in_window, 1);
+        assert_eq!(c.counts().lookups_in_window, 1);
+    }
+
+    #[test]
+    fn keys_that_shared_an_address_get_their_own_verdicts() {
+        let mut c = Correlator::new(None, None);
+        let events = [
+            keyerror(7, 70, 110),
+            keyerror(7, 71, 120),
+            verdict(7, 70, KEY_ABSENT),
+        ];
+        assert!(feed(&mut c, &events).is_empty());
+        assert_eq!(feed(&mut c, &[verdict(7, 71, KEY_PRESENT)]), [120]);
+        assert_eq!(c.counts().absent_keys_in_window, 1);
+        assert_eq!(c.counts().misses_in_window, 1);
+    }
+
+    #[test]
+    fn unhashable_keys_match_their_unknown_verdict() {
+        let mut c = Correlator::new(None, None);
+        let Event::KeyError(mut k) = keyerror(7, 70, 110) else {
+            unreachable!()
+        };
+        k.key_type = [0; TYPE_NAME_LEN];
+        let events = [Event::KeyError(k), verdict(7, UNKNOWN_HASH, KEY_UNKNOWN)];
+        assert_eq!(feed(&mut c, &events), [110]);
+        assert_eq!(c.counts().misses_in_window, 1);
+    }
+
+    #[test]
+    fn verdict_without_keyerror_is_ignored() {
+        let mut c = Correlator::new(None, None);
+        assert!(feed(&mut c, &[verdict(9, 90, KEY_PRESENT)]).is_empty());
+        assert_eq!(c.counts(), &Counts::default());
+    }
+
+    #[test]
+    fn unjudged_keyerrors_are_misses_at_the_end() {
+        let mut c = Correlator::new(None, None);
+        feed(&mut c, &[keyerror(8, 80, 130), keyerror(7, 70, 110)]);
+        let left: Vec<u64> = c.finish().iter().map(|a| a.lookup_ns).collect();
+        assert_eq!(left, [110, 130]);
+        assert_eq!(c.counts().misses_in_window, 2);
+        assert!(c.finish().is_empty(), "flushed once");
+    }
+
+    #[test]
+    fn writer_own_keyerror_is_not_held() {
+        let mut c = Correlator::new(None, None);
+        let Event::KeyError(mut k) = keyerror(7, 70, 110) else {
+            unreachable!()
+        };
+        k.reader_tid = k.writer_tid;
+        feed(&mut c, &[Event::KeyError(k), verdict(7, 70, KEY_PRESENT)]);
+        assert!(c.finish().is_empty());
+        assert_eq!(c.counts().misses_in_window, 0);
     }
 }

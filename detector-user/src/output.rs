@@ -16,6 +16,8 @@ pub struct Summary {
     pub lost_by_kind: LostByKind,
     /// Window or in-flight state the kernel could not store (map full).
     pub map_full: u64,
+    /// KeyErrors whose key the kernel could not keep for judging (counted as window misses).
+    pub pending_full: u64,
     /// Ring-buffer records userspace could not decode (a racewatch bug if ever non-zero).
     pub decode_errors: u64,
     /// Times each probe fired in the target.
@@ -30,6 +32,7 @@ pub struct CountsJson {
     pub windows: u64,
     pub lookups_in_window: u64,
     pub misses_in_window: u64,
+    pub absent_keys_in_window: u64,
     pub caches: u64,
     pub max_window_ns: u64,
 }
@@ -40,6 +43,7 @@ impl From<&Counts> for CountsJson {
             windows: c.windows,
             lookups_in_window: c.lookups_in_window,
             misses_in_window: c.misses_in_window,
+            absent_keys_in_window: c.absent_keys_in_window,
             caches: c.caches,
             max_window_ns: c.max_window_ns,
         }
@@ -52,6 +56,7 @@ pub struct LostByKind {
     pub window_close: u64,
     pub lookup: u64,
     pub keyerror: u64,
+    pub key_verdict: u64,
 }
 
 #[derive(Clone, Debug, Default, Serialize)]
@@ -148,15 +153,21 @@ impl<W: Write> Sink for HumanSink<W> {
 
     fn summary(&mut self, s: &Summary) -> io::Result<()> {
         let c = &s.counts;
+        // Only Python runs judge keys; a watch run has nothing to say here.
+        let absent = match c.absent_keys_in_window {
+            0 => String::new(),
+            n => format!(" ({n} more KeyErrors in a window were for keys absent after it too)"),
+        };
         writeln!(
             self.out,
-            "racewatch: {} windows in {} caches (widest {}), {} lookups in a window, {} of them missed; \
+            "racewatch: {} windows in {} caches (widest {}), {} lookups in a window, {} of them missed{}; \
              {} events lost; {:.1} s, {}",
             c.windows,
             c.caches,
             fmt_ns(c.max_window_ns),
             c.lookups_in_window,
             c.misses_in_window,
+            absent,
             s.lost_events,
             s.duration_s,
             s.ended

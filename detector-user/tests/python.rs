@@ -114,7 +114,14 @@ fn keyerrors_the_window_did_not_cause_are_not_counted() {
 fn attaches_to_a_running_worker_by_pid() {
     // The worker swaps until SIGUSR1, so every KeyError it counts happens while attached.
     let mut worker = Command::new("python3")
-        .args([&worker(), "--bug-on-signal", "--seconds", "2", "--gap-ms", "0.1"])
+        .args([
+            &worker(),
+            "--bug-on-signal",
+            "--seconds",
+            "2",
+            "--gap-ms",
+            "0.1",
+        ])
         .stderr(Stdio::piped())
         .spawn()
         .unwrap();

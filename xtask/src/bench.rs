@@ -65,10 +65,17 @@ fn measure(w: &Workload, runs: usize, seconds: f64) -> Result<Vec<Vec<(f64, f64)
                 .output()
                 .with_context(|| format!("cannot run {argv:?}"))?;
             let stderr = String::from_utf8_lossy(&out.stderr);
-            let t = truth(&stderr, w.truth_prefix).with_context(|| format!("{} under {}", w.title, c.name))?;
+            let t = truth(&stderr, w.truth_prefix)
+                .with_context(|| format!("{} under {}", w.title, c.name))?;
             let rate = |k: &str| t.get(k).copied().unwrap_or(f64::NAN) / seconds;
             results[i].push((rate(w.lookups), rate(w.misses)));
-            eprintln!("bench: {} [{}] rep {}: {:.0} lookups/s", w.title, c.name, rep + 1, rate(w.lookups));
+            eprintln!(
+                "bench: {} [{}] rep {}: {:.0} lookups/s",
+                w.title,
+                c.name,
+                rep + 1,
+                rate(w.lookups)
+            );
         }
     }
     Ok(results)
@@ -76,14 +83,22 @@ fn measure(w: &Workload, runs: usize, seconds: f64) -> Result<Vec<Vec<(f64, f64)
 
 fn table(w: &Workload, results: &[Vec<(f64, f64)>], out: &mut String) -> Result<()> {
     writeln!(out, "\n### {}\n", w.title)?;
-    writeln!(out, "| configuration | lookups/s (median) | ratio to unobserved | {}/s (median) |", w.misses)?;
+    writeln!(
+        out,
+        "| configuration | lookups/s (median) | ratio to unobserved | {}/s (median) |",
+        w.misses
+    )?;
     writeln!(out, "|---|---|---|---|")?;
     let base = &results[0];
     for (c, r) in w.configs.iter().zip(results) {
         let ratio = median(r.iter().zip(base).map(|(a, b)| a.0 / b.0).collect());
         let lookups = median(r.iter().map(|x| x.0).collect());
         let misses = median(r.iter().map(|x| x.1).collect());
-        writeln!(out, "| {} | {:.0} | {:.3} | {:.1} |", c.name, lookups, ratio, misses)?;
+        writeln!(
+            out,
+            "| {} | {:.0} | {:.3} | {:.1} |",
+            c.name, lookups, ratio, misses
+        )?;
     }
     Ok(())
 }
@@ -103,26 +118,62 @@ pub fn run(runs: usize, seconds: f64) -> Result<()> {
     let racewatch = build_racewatch()?.to_string_lossy().into_owned();
     let demo = build_demos()?.to_string_lossy().into_owned();
     let secs = seconds.to_string();
-    let worker = workspace_root().join("demo/worker.py").to_string_lossy().into_owned();
+    let worker = workspace_root()
+        .join("demo/worker.py")
+        .to_string_lossy()
+        .into_owned();
     let rw = |args: &[&str]| Config {
         name: "",
-        prefix: [&[racewatch.as_str()][..], args, &["-o", "/dev/null", "--json", "--"]].concat().iter().map(|s| s.to_string()).collect(),
+        prefix: [
+            &[racewatch.as_str()][..],
+            args,
+            &["-o", "/dev/null", "--json", "--"],
+        ]
+        .concat()
+        .iter()
+        .map(|s| s.to_string())
+        .collect(),
     };
     let named = |name, c: Config| Config { name, ..c };
-    let probes = ["--clear", "Cache::clear", "--update", "Cache::update", "--lookup", "Cache::lookup"];
+    let probes = [
+        "--clear",
+        "Cache::clear",
+        "--update",
+        "Cache::update",
+        "--lookup",
+        "Cache::lookup",
+    ];
     let mut native = vec![
-        Config { name: "unobserved", prefix: vec![] },
-        named("racewatch watch (lookup entry)", rw(&[&["watch"][..], &probes].concat())),
-        named("racewatch watch --miss-ret -1 (entry + return)", rw(&[&["watch"][..], &probes, &["--miss-ret", "-1"]].concat())),
+        Config {
+            name: "unobserved",
+            prefix: vec![],
+        },
+        named(
+            "racewatch watch (lookup entry)",
+            rw(&[&["watch"][..], &probes].concat()),
+        ),
+        named(
+            "racewatch watch --miss-ret -1 (entry + return)",
+            rw(&[&["watch"][..], &probes, &["--miss-ret", "-1"]].concat()),
+        ),
     ];
     let mut python = vec![
-        Config { name: "unobserved", prefix: vec![] },
+        Config {
+            name: "unobserved",
+            prefix: vec![],
+        },
         named("racewatch python", rw(&["python"])),
     ];
     if let Some(strace) = tool("strace") {
         let s = strace.to_string_lossy().into_owned();
-        python.push(Config { name: "strace -f", prefix: vec![s.clone(), "-f".into(), "-o".into(), "/dev/null".into()] });
-        native.push(Config { name: "strace -f", prefix: vec![s, "-f".into(), "-o".into(), "/dev/null".into()] });
+        python.push(Config {
+            name: "strace -f",
+            prefix: vec![s.clone(), "-f".into(), "-o".into(), "/dev/null".into()],
+        });
+        native.push(Config {
+            name: "strace -f",
+            prefix: vec![s, "-f".into(), "-o".into(), "/dev/null".into()],
+        });
     }
     let workloads = [
         Workload {
@@ -158,13 +209,28 @@ pub fn run(runs: usize, seconds: f64) -> Result<()> {
 
 fn header(runs: usize, seconds: f64) -> Result<String> {
     let kernel = std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default();
-    let cpus = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(0);
+    let cpus = std::thread::available_parallelism()
+        .map(|n| n.get())
+        .unwrap_or(0);
     let mut s = String::new();
     writeln!(s, "# Benchmarks\n")?;
-    writeln!(s, "Written by `cargo xtask bench --runs {runs} --seconds {seconds}` (kernel {}, {cpus} CPUs).", kernel.trim())?;
-    writeln!(s, "Each figure is the median over {runs} interleaved repetitions of {seconds} s runs; the ratio is")?;
-    writeln!(s, "the median of per-repetition ratios of the workload's own lookup rate to the unobserved run of")?;
-    writeln!(s, "the same repetition. Rates come from each workload's own ground-truth line.")?;
+    writeln!(
+        s,
+        "Written by `cargo xtask bench --runs {runs} --seconds {seconds}` (kernel {}, {cpus} CPUs).",
+        kernel.trim()
+    )?;
+    writeln!(
+        s,
+        "Each figure is the median over {runs} interleaved repetitions of {seconds} s runs; the ratio is"
+    )?;
+    writeln!(
+        s,
+        "the median of per-repetition ratios of the workload's own lookup rate to the unobserved run of"
+    )?;
+    writeln!(
+        s,
+        "the same repetition. Rates come from each workload's own ground-truth line."
+    )?;
     Ok(s)
 }
 

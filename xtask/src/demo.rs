@@ -38,7 +38,10 @@ const SHOWN_ALERTS: usize = 5;
 /// race: that is the demo working, not failing.
 fn watch(racewatch: &PathBuf, args: &[&str]) -> Result<()> {
     eprintln!("$ racewatch {}", args.join(" "));
-    let mut child = Command::new(racewatch).args(args).stdout(Stdio::piped()).spawn()?;
+    let mut child = Command::new(racewatch)
+        .args(args)
+        .stdout(Stdio::piped())
+        .spawn()?;
     let stdout = child.stdout.take().context("racewatch's stdout")?;
     let mut alerts = 0;
     for line in BufReader::new(stdout).lines() {
@@ -55,7 +58,10 @@ fn watch(racewatch: &PathBuf, args: &[&str]) -> Result<()> {
         }
     }
     let status = child.wait()?;
-    eprintln!("(racewatch exit status: {})", status.code().map_or("signal".into(), |c| c.to_string()));
+    eprintln!(
+        "(racewatch exit status: {})",
+        status.code().map_or("signal".into(), |c| c.to_string())
+    );
     Ok(())
 }
 
