@@ -158,19 +158,19 @@ impl<W: Write> Sink for HumanSink<W> {
             0 => String::new(),
             n => format!(" ({n} more KeyErrors in a window were for keys absent after it too)"),
         };
+        let windows = match c.windows {
+            0 => "no cache was emptied (0 windows)".to_string(),
+            n => format!(
+                "{n} windows in {} caches (widest {})",
+                c.caches,
+                fmt_ns(c.max_window_ns)
+            ),
+        };
         writeln!(
             self.out,
-            "racewatch: {} windows in {} caches (widest {}), {} lookups in a window, {} of them missed{}; \
-             {} events lost; {:.1} s, {}",
-            c.windows,
-            c.caches,
-            fmt_ns(c.max_window_ns),
-            c.lookups_in_window,
-            c.misses_in_window,
-            absent,
-            s.lost_events,
-            s.duration_s,
-            s.ended
+            "racewatch: {windows}, {} lookups in a window, {} of them missed{absent}; {} events lost; \
+             {:.1} s, {}",
+            c.lookups_in_window, c.misses_in_window, s.lost_events, s.duration_s, s.ended
         )?;
         if s.map_full > 0 || s.decode_errors > 0 {
             writeln!(
