@@ -10,7 +10,11 @@ use std::{
 
 use anyhow::{Context as _, Result, bail};
 
-use crate::{build_racewatch, demo::build_demos, workspace_root};
+use crate::{
+    build_racewatch,
+    demo::{DEMO_PROBES, build_demos},
+    workspace_root,
+};
 
 /// One way of running a workload.
 struct Config {
@@ -135,14 +139,7 @@ pub fn run(runs: usize, seconds: f64) -> Result<()> {
         .collect(),
     };
     let named = |name, c: Config| Config { name, ..c };
-    let probes = [
-        "--clear",
-        "Cache::clear",
-        "--update",
-        "Cache::update",
-        "--lookup",
-        "Cache::lookup",
-    ];
+    let probes = DEMO_PROBES;
     let mut native = vec![
         Config {
             name: "unobserved",

@@ -31,6 +31,16 @@ fn banner(text: &str) {
     eprintln!("\n=== {text}");
 }
 
+/// The native demo's cache functions, as racewatch watch names them.
+pub const DEMO_PROBES: [&str; 6] = [
+    "--clear",
+    "Cache::clear",
+    "--update",
+    "Cache::update",
+    "--lookup",
+    "Cache::lookup",
+];
+
 /// Alert lines shown per run; racewatch streams all of them, the demo keeps the screen readable.
 const SHOWN_ALERTS: usize = 5;
 
@@ -69,16 +79,7 @@ pub fn run() -> Result<()> {
     let racewatch = build_racewatch()?;
     let demo = build_demos()?;
     let demo = demo.to_string_lossy();
-    let probes = [
-        "--clear",
-        "Cache::clear",
-        "--update",
-        "Cache::update",
-        "--lookup",
-        "Cache::lookup",
-        "--miss-ret",
-        "-1",
-    ];
+    let probes = [&DEMO_PROBES[..], &["--miss-ret", "-1"]].concat();
     banner("native demo: a locked cache refreshed by clear() then update()");
     let mut args = vec!["watch"];
     args.extend(probes);
