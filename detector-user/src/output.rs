@@ -74,18 +74,6 @@ pub trait Sink {
     fn summary(&mut self, summary: &Summary) -> io::Result<()>;
 }
 
-/// Discards everything (tests, dry runs).
-pub struct NullSink;
-
-impl Sink for NullSink {
-    fn alert(&mut self, _: &Alert) -> io::Result<()> {
-        Ok(())
-    }
-    fn summary(&mut self, _: &Summary) -> io::Result<()> {
-        Ok(())
-    }
-}
-
 /// Text a target controls (thread names, keys) with control characters escaped, so it cannot
 /// rewrite the terminal or forge lines.
 pub fn escape(s: &str) -> String {

@@ -16,7 +16,7 @@ use gimli::{
     AttributeValue, CfaRule, EndianSlice, LittleEndian, Operation, Register, RegisterRule,
     UnitOffset, UnwindSection, constants as dw,
 };
-use object::{Object, ObjectSection, ObjectSymbol};
+use object::{Object, ObjectSection};
 
 /// x86-64 only (checked), hence little-endian.
 type R<'a> = EndianSlice<'a, LittleEndian>;
@@ -133,8 +133,6 @@ pub enum SiteError {
          register, so this python build cannot tell which dict missed"
     )]
     NoUsableSites { path: PathBuf, calls: usize },
-    #[error("symbol {name} is not in {path} (nor in its separate debug file)")]
-    SymbolNotFound { path: PathBuf, name: String },
 }
 
 /// Every call of `_PyErr_SetKeyError` in `image` (python or libpython) after which the missing dict
@@ -212,32 +210,6 @@ pub fn find_keyerror_sites(image: &Path) -> Result<Vec<KeyErrorSite>, SiteError>
         }),
         _ => Ok(sites),
     }
-}
-
-/// ELF virtual address of the function or object `name`, from .symtab or .dynsym (or the
-/// separate debug file's .symtab, which holds the static functions of a stripped image).
-pub fn symbol_vaddr(image: &Path, name: &str) -> Result<u64, SiteError> {
-    let data = read(image)?;
-    let obj = parse(image, &data)?;
-    let find = |o: &object::File| {
-        o.symbols()
-            .chain(o.dynamic_symbols())
-            .find(|s| s.is_definition() && s.name() == Ok(name))
-            .map(|s| s.address())
-    };
-    if let Some(vaddr) = find(&obj) {
-        return Ok(vaddr);
-    }
-    if debug_file_path(image, &obj).is_some() {
-        let (path, data) = load_debug_file(image, &obj)?;
-        if let Some(vaddr) = find(&parse(&path, &data)?) {
-            return Ok(vaddr);
-        }
-    }
-    Err(SiteError::SymbolNotFound {
-        path: image.into(),
-        name: name.into(),
-    })
 }
 
 fn read(path: &Path) -> Result<Vec<u8>, SiteError> {
@@ -728,19 +700,6 @@ mod tests {
         };
         let err = find_keyerror_sites(exe).expect_err("interpreter lives in libpython");
         assert!(matches!(err, SiteError::NoCallSites { .. }), "{err}");
-    }
-
-    #[test]
-    fn symbol_of_keyerror_function() {
-        let Some(lib) = present(LIBPYTHON) else {
-            return;
-        };
-        assert!(symbol_vaddr(lib, "_PyErr_SetKeyError").expect("symbol") > 0);
-        assert!(symbol_vaddr(lib, "dict_subscript").expect("static symbol from .symtab") > 0);
-        assert!(matches!(
-            symbol_vaddr(lib, "no_such_symbol_xyz"),
-            Err(SiteError::SymbolNotFound { .. })
-        ));
     }
 
     #[test]

@@ -167,12 +167,7 @@ pub fn for_pid(pid: u32) -> Result<Interpreter, PythonError> {
         });
     match lib {
         Some(lib) => check_version(PathBuf::from(lib)),
-        None if exe
-            .file_name()
-            .is_some_and(|n| n.to_string_lossy().starts_with("python")) =>
-        {
-            check_version(exe)
-        }
+        None if is_python_name(&exe) => check_version(exe),
         None => Err(PythonError::NotPython { pid, exe }),
     }
 }
