@@ -615,6 +615,7 @@ fn callee_saved_reg<'a>(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use object::ObjectSymbol;
 
     const LIBPYTHON: &str = "/root/.pyenv/versions/3.11.7/lib/libpython3.11.so.1.0";
     const PYENV_PYTHON: &str = "/root/.pyenv/versions/3.11.7/bin/python3.11";
