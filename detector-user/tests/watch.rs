@@ -8,8 +8,6 @@ use std::{
 
 use common::*;
 
-const ROOT: &str = "loads BPF programs: run as root with `cargo xtask test`";
-
 /// Runs the demo under racewatch and returns (racewatch exit code, demo truth, alerts, summary).
 fn watch_demo(
     demo_args: &[&str],
@@ -45,7 +43,6 @@ fn watch_demo(
 #[test]
 #[ignore = "root"]
 fn every_miss_in_a_window_is_reported_exactly() {
-    let _ = ROOT;
     let (code, (_, misses, refreshes), alerts, summary) = watch_demo(&["--seconds", "2"], true);
     assert!(
         misses > 0,
