@@ -45,13 +45,24 @@ pub enum Command {
         at full speed. Needs an interpreter with symbols and DWARF (pyenv and source builds \
         have them; distribution builds need their debug-symbol package).")]
     Python(PythonArgs),
-    /// Print a file's function names as racewatch matches them.
+    /// Print a file's function names, demangled, as racewatch matches them.
+    #[command(after_help = "Examples:\n  \
+        racewatch symbols ./cache_demo --grep '^Cache::'\n  \
+        racewatch symbols /usr/lib/libfoo.so --grep 'clear|refill'")]
     Symbols {
         /// An executable or shared library.
         path: PathBuf,
-        /// Only names containing this text.
-        #[arg(long)]
+        /// Only names matching this regular expression (unanchored: plain text matches anywhere
+        /// in the name).
+        #[arg(long, value_name = "REGEX")]
         grep: Option<String>,
+    },
+    /// Check what this kernel and this user allow: each feature racewatch uses, pass or fail,
+    /// and the fix for each failure. Exits 0 when racewatch can run, 2 when it cannot.
+    Info {
+        /// Print one JSON object instead of lines.
+        #[arg(long)]
+        json: bool,
     },
     #[command(name = crate::target::HELD_EXEC, hide = true)]
     HeldExec {

@@ -2,6 +2,7 @@
 mod cli;
 mod collector;
 mod correlate;
+mod info;
 mod loader;
 mod output;
 mod preflight;
@@ -84,15 +85,34 @@ fn exit_for(summary: Option<&output::Summary>) -> ExitCode {
 }
 
 fn symbols(path: &std::path::Path, grep: Option<&str>) -> Result<ExitCode, Failure> {
+    let pattern = grep.map(regex_lite::Regex::new).transpose().map_err(|e| {
+        Failure::usage(anyhow::anyhow!(
+            "--grep is not a valid regular expression: {e}"
+        ))
+    })?;
     let table = SymbolTable::load(path).map_err(Failure::usage)?;
     for name in table
         .names()
         .into_iter()
-        .filter(|n| grep.is_none_or(|g| n.contains(g)))
+        .filter(|n| pattern.as_ref().is_none_or(|p| p.is_match(n)))
     {
         println!("{}", output::escape(name));
     }
     Ok(ExitCode::SUCCESS)
+}
+
+fn info(json: bool) -> ExitCode {
+    let checks = info::run();
+    if json {
+        println!("{}", info::render_json(&checks));
+    } else {
+        print!("{}", info::render_human(&checks));
+    }
+    if info::all_needed_pass(&checks) {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::from(cli::EXIT_USAGE)
+    }
 }
 
 fn block_on(run: impl Future<Output = Result<ExitCode, Failure>>) -> Result<ExitCode, Failure> {
@@ -110,6 +130,7 @@ fn main() -> ExitCode {
     let result = match cli.command {
         Command::HeldExec { command } => return ExitCode::from(target::held_exec(&command) as u8),
         Command::Symbols { path, grep } => symbols(&path, grep.as_deref()),
+        Command::Info { json } => Ok(info(json)),
         Command::Watch(args) => block_on(watch(args)),
         Command::Python(args) => block_on(python(args)),
     };

@@ -149,3 +149,30 @@ fn stripped_binary_says_so() {
         "{err}"
     );
 }
+
+#[test]
+fn symbols_lists_demangled_names_filtered_by_a_regex() {
+    let demo = cache_demo().to_str().unwrap();
+    let o = racewatch(&["symbols", demo, "--grep", "^Cache::(clear|update)"]);
+    assert_eq!(o.status.code(), Some(0), "{}", stderr(&o));
+    let names = String::from_utf8_lossy(&o.stdout);
+    assert_eq!(
+        names,
+        "Cache::clear()\nCache::update(std::vector<std::pair<long, long>, std::allocator<std::pair<long, long> > > const&)\n"
+    );
+    // Unanchored: text without regex syntax matches anywhere in the name.
+    let o = racewatch(&["symbols", demo, "--grep", "e::look"]);
+    assert_eq!(String::from_utf8_lossy(&o.stdout), "Cache::lookup(long)\n");
+}
+
+#[test]
+fn symbols_rejects_a_bad_regex() {
+    let o = racewatch(&["symbols", "/bin/true", "--grep", "Cache::(clear"]);
+    let err = stderr(&o);
+    assert_eq!(o.status.code(), Some(2), "{err}");
+    assert!(
+        err.contains("--grep is not a valid regular expression"),
+        "{err}"
+    );
+    assert!(!err.contains("panicked"), "{err}");
+}
