@@ -125,6 +125,19 @@ fn block_on(run: impl Future<Output = Result<ExitCode, Failure>>) -> Result<Exit
     }
 }
 
+/// The error and its causes on one line, each cause once (a message that already quotes its
+/// cause is not followed by it again), with what a target or file controls escaped.
+fn error_message(error: &anyhow::Error) -> String {
+    let mut text = error.to_string();
+    for cause in error.chain().skip(1) {
+        let cause = cause.to_string();
+        if !text.contains(&cause) {
+            text = format!("{text}: {cause}");
+        }
+    }
+    output::escape_lines(&text)
+}
+
 fn main() -> ExitCode {
     let cli = Cli::parse();
     let result = match cli.command {
@@ -137,8 +150,25 @@ fn main() -> ExitCode {
     match result {
         Ok(code) => code,
         Err(Failure { status, error }) => {
-            eprintln!("racewatch: error: {error:#}");
+            eprintln!("racewatch: error: {}", error_message(&error));
             ExitCode::from(status)
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn error_message_names_each_cause_once_and_escapes() {
+        let io = std::io::Error::new(std::io::ErrorKind::NotFound, "gone");
+        let quoted = anyhow::Error::new(symbols::SymbolError::Read {
+            path: "/x\x1b[2J".into(),
+            source: io,
+        });
+        assert_eq!(error_message(&quoted), "cannot read /x\\u{1b}[2J: gone");
+        let chained = anyhow::anyhow!("inner").context("outer");
+        assert_eq!(error_message(&chained), "outer: inner");
     }
 }

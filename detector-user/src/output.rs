@@ -74,12 +74,24 @@ pub trait Sink {
     fn summary(&mut self, summary: &Summary) -> io::Result<()>;
 }
 
-/// Text a target controls (thread names, keys) with control characters escaped, so it cannot
-/// rewrite the terminal or forge lines.
+/// Text a target controls (thread names, keys, symbol names, paths) with control characters
+/// escaped, so it cannot rewrite the terminal or forge lines. Bidirectional overrides count as
+/// control characters too: they reorder what the terminal shows.
 pub fn escape(s: &str) -> String {
+    escape_but(s, None)
+}
+
+/// [`escape`] for a message racewatch itself laid out on several lines: its own newlines stay.
+pub fn escape_lines(s: &str) -> String {
+    escape_but(s, Some('\n'))
+}
+
+fn escape_but(s: &str, keep: Option<char>) -> String {
+    let unsafe_char =
+        |c: char| c.is_control() || matches!(c, '\u{202a}'..='\u{202e}' | '\u{2066}'..='\u{2069}');
     s.chars()
         .flat_map(|c| {
-            if c.is_control() {
+            if unsafe_char(c) && Some(c) != keep {
                 c.escape_default().collect::<Vec<_>>()
             } else {
                 vec![c]

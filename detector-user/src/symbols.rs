@@ -5,6 +5,7 @@ use std::{
     path::{Path, PathBuf},
 };
 
+use crate::output::escape;
 use object::{Object, ObjectSection, ObjectSymbol, SymbolKind};
 
 #[derive(Debug, thiserror::Error)]
@@ -18,6 +19,8 @@ pub enum SymbolError {
         "{path} is not an ELF file ({reason}): point --binary at an executable or shared library"
     )]
     NotElf { path: PathBuf, reason: String },
+    #[error("{path} is a truncated or corrupt ELF file ({reason}): rebuild or copy it again")]
+    Corrupt { path: PathBuf, reason: String },
     #[error("{path} is an ELF file for {arch}, not for this machine (x86_64)")]
     WrongArch { path: PathBuf, arch: String },
     #[error(
@@ -75,7 +78,7 @@ pub struct SymbolTable {
     path: PathBuf,
     /// Functions by address (aliases at one address are one function).
     functions: BTreeMap<u64, Entry>,
-    /// Data symbols' names, so a user naming one hears what it is.
+    /// Data symbols' names (raw and demangled), so a user naming one hears what it is.
     data: Vec<String>,
     undefined: Vec<String>,
 }
@@ -119,7 +122,16 @@ impl SymbolTable {
             path: path.to_path_buf(),
             reason,
         };
-        let file = object::File::parse(data).map_err(|e| not_elf(e.to_string()))?;
+        let file = object::File::parse(data).map_err(|e| {
+            if data.starts_with(b"\x7fELF") {
+                SymbolError::Corrupt {
+                    path: path.to_path_buf(),
+                    reason: e.to_string(),
+                }
+            } else {
+                not_elf(e.to_string())
+            }
+        })?;
         if file.format() != object::BinaryFormat::Elf {
             return Err(not_elf(format!("{:?} format", file.format())));
         }
@@ -145,7 +157,7 @@ impl SymbolTable {
                 continue;
             }
             if sym.kind() != SymbolKind::Text {
-                table.data.push(raw.to_string());
+                table.data.extend(names_for(raw));
                 continue;
             }
             let Some(section) = sym
@@ -198,7 +210,8 @@ impl SymbolTable {
             many => Err(SymbolError::Ambiguous {
                 name: name.to_string(),
                 path: self.path.clone(),
-                matches: many.iter().map(|e| e.function.display.clone()).collect(),
+                // Escaped here: the list is laid out on lines of its own.
+                matches: many.iter().map(|e| escape(&e.function.display)).collect(),
             }),
         }
     }

@@ -1,4 +1,6 @@
-//! Bad input gets a clear message and exit status 2, before anything is loaded (no root needed).
+//! Bad input gets a clear message and the documented exit status, never a panic. Most rows are
+//! refused before anything is loaded (no root needed); those marked "root" change user or
+//! capabilities with setpriv, or load the probes.
 mod common;
 
 use common::*;
@@ -175,4 +177,228 @@ fn symbols_rejects_a_bad_regex() {
         "{err}"
     );
     assert!(!err.contains("panicked"), "{err}");
+}
+
+/// Asserts racewatch refused with exit status 2, said `message`, and did not panic.
+fn assert_refused(code: Option<i32>, err: &str, message: &str) {
+    assert_eq!(code, Some(2), "{err}");
+    assert!(err.contains(message), "expected {message:?} in:\n{err}");
+    assert!(!err.contains("panicked"), "{err}");
+}
+
+#[test]
+fn truncated_elf_says_so() {
+    let whole = std::fs::read(cache_demo()).unwrap();
+    let cut = temp_file("truncated_demo");
+    std::fs::write(&cut, &whole[..4096]).unwrap();
+    let cut = cut.to_str().unwrap();
+    let (code, err) = watch_err(Some(cut), SYMS, &["-p", &own_pid()]);
+    assert_refused(
+        code,
+        &err,
+        &format!("{cut} is a truncated or corrupt ELF file ("),
+    );
+}
+
+/// A 64-byte ELF header for `machine`, with no sections: what an object for another
+/// architecture looks like to racewatch's parser before anything else.
+fn elf_header(class64: bool, machine: u16) -> Vec<u8> {
+    let mut h = vec![0x7f, b'E', b'L', b'F', if class64 { 2 } else { 1 }, 1, 1];
+    h.resize(16, 0);
+    h.extend(2u16.to_le_bytes()); // ET_EXEC
+    h.extend(machine.to_le_bytes());
+    h.extend(1u32.to_le_bytes()); // EV_CURRENT
+    if class64 {
+        h.extend([0u8; 24]); // entry, phoff, shoff
+        h.extend(0u32.to_le_bytes()); // flags
+        for v in [64u16, 56, 0, 64, 0, 0] {
+            h.extend(v.to_le_bytes());
+        }
+    } else {
+        h.extend([0u8; 12]);
+        h.extend(0u32.to_le_bytes());
+        for v in [52u16, 32, 0, 40, 0, 0] {
+            h.extend(v.to_le_bytes());
+        }
+    }
+    h
+}
+
+#[test]
+fn wrong_architecture_elf_says_which() {
+    for (name, class64, machine, arch) in [
+        ("aarch64_app", true, 183u16, "Aarch64"),
+        ("i386_app", false, 3u16, "I386"),
+    ] {
+        let path = temp_file(name);
+        std::fs::write(&path, elf_header(class64, machine)).unwrap();
+        let path = path.to_str().unwrap();
+        let (code, err) = watch_err(Some(path), SYMS, &["-p", &own_pid()]);
+        assert_refused(
+            code,
+            &err,
+            &format!("{path} is an ELF file for {arch}, not for this machine (x86_64)"),
+        );
+    }
+}
+
+#[test]
+fn data_symbol_is_not_a_function() {
+    let demo = cache_demo().to_str().unwrap();
+    // `g_stop` is a static bool (mangled `_ZL6g_stop`): named demangled and raw.
+    for name in ["g_stop", "_ZL6g_stop"] {
+        let (code, err) = watch_err(Some(demo), [name, SYMS[1], SYMS[2]], &["-p", &own_pid()]);
+        assert_refused(
+            code,
+            &err,
+            &format!("`{name}` in {demo} is a data symbol, not a function"),
+        );
+    }
+}
+
+#[test]
+fn cache_arg_out_of_range() {
+    let demo = cache_demo().to_str().unwrap();
+    let mut args = vec!["watch", "--cache-arg", "6"];
+    args.extend(DEMO_PROBES);
+    args.extend(["--", demo]);
+    let o = racewatch(&args);
+    assert_refused(
+        o.status.code(),
+        &stderr(&o),
+        "invalid value '6' for '--cache-arg <N>': 6 is not in 0..=5",
+    );
+}
+
+#[test]
+fn zombie_pid_has_nothing_to_watch() {
+    // A child that exits and is not reaped stays a zombie until this test waits for it.
+    let mut child = std::process::Command::new("true").spawn().unwrap();
+    let pid = child.id();
+    let stat = format!("/proc/{pid}/stat");
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+    while !std::fs::read_to_string(&stat).is_ok_and(|s| s.contains(") Z ")) {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "{pid} never became a zombie"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(10));
+    }
+    let demo = cache_demo().to_str().unwrap();
+    let (code, err) = watch_err(Some(demo), SYMS, &["-p", &pid.to_string()]);
+    child.wait().unwrap();
+    assert_refused(
+        code,
+        &err,
+        &format!("process {pid} has exited (zombie): nothing left to watch"),
+    );
+}
+
+/// racewatch under setpriv with `setpriv` options before it.
+fn racewatch_as(setpriv: &[&str], args: &[&str]) -> std::process::Output {
+    std::process::Command::new("setpriv")
+        .args(setpriv)
+        .arg(RACEWATCH)
+        .args(args)
+        .output()
+        .expect("setpriv (util-linux)")
+}
+
+const NOBODY: [&str; 4] = [
+    "--reuid=65534",
+    "--regid=65534",
+    "--clear-groups",
+    "--inh-caps=-all",
+];
+
+#[test]
+#[ignore = "root"]
+fn unreadable_binary() {
+    // Root reads any file: the refusal is only seen by another user.
+    let dir = temp_file("unreadable");
+    std::fs::create_dir_all(&dir).unwrap();
+    let bin = dir.join("app");
+    std::fs::copy(cache_demo(), &bin).unwrap();
+    use std::os::unix::fs::PermissionsExt as _;
+    std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o755)).unwrap();
+    std::fs::set_permissions(&bin, std::fs::Permissions::from_mode(0o000)).unwrap();
+    let bin = bin.to_str().unwrap();
+    let mut args = vec!["watch", "--binary", bin];
+    args.extend(DEMO_PROBES);
+    args.extend(["--", "true"]);
+    let o = racewatch_as(&NOBODY, &args);
+    assert_refused(
+        o.status.code(),
+        &stderr(&o),
+        &format!("racewatch: error: cannot read {bin}: Permission denied (os error 13)\n"),
+    );
+}
+
+#[test]
+#[ignore = "root"]
+fn root_without_bpf_capabilities() {
+    let demo = cache_demo().to_str().unwrap();
+    let mut args = vec!["watch"];
+    args.extend(DEMO_PROBES);
+    args.extend(["--", demo]);
+    let o = racewatch_as(
+        &[
+            "--inh-caps=-bpf,-perfmon,-sys_admin",
+            "--bounding-set=-bpf,-perfmon,-sys_admin",
+        ],
+        &args,
+    );
+    assert_refused(
+        o.status.code(),
+        &stderr(&o),
+        "racewatch needs root, or the capabilities CAP_BPF and CAP_PERFMON (missing: CAP_BPF, \
+         CAP_PERFMON): run it with sudo",
+    );
+}
+
+#[test]
+#[ignore = "root"]
+fn command_that_exits_at_once() {
+    let demo = cache_demo().to_str().unwrap();
+    let mut args = vec!["watch"];
+    args.extend(DEMO_PROBES);
+    args.extend(["--", demo, "--no-such-option"]);
+    let o = racewatch(&args);
+    let err = stderr(&o);
+    let out = String::from_utf8_lossy(&o.stdout);
+    assert!(!err.contains("panicked"), "{err}");
+    assert!(
+        err.contains("cache_demo: unknown option --no-such-option"),
+        "{err}"
+    );
+    assert!(
+        out.contains("racewatch: no cache was emptied (0 windows), 0 lookups in a window")
+            && out.ends_with("target exited (exit status: 2)\n"),
+        "{out}"
+    );
+    assert_eq!(o.status.code(), Some(0), "no lookup in a window exits 0");
+}
+
+#[test]
+#[ignore = "root"]
+fn pid_that_exits_mid_run() {
+    let mut demo = std::process::Command::new(cache_demo())
+        .args(["--fixed", "--seconds", "1"])
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let pid = demo.id().to_string();
+    let mut args = vec!["watch"];
+    args.extend(DEMO_PROBES);
+    args.extend(["-p", &pid]);
+    let o = racewatch(&args);
+    let demo_out = demo.wait_with_output().unwrap();
+    let (lookups, _, _) = demo_truth(&String::from_utf8_lossy(&demo_out.stderr));
+    let err = stderr(&o);
+    let out = String::from_utf8_lossy(&o.stdout);
+    assert!(!err.contains("panicked"), "{err}");
+    assert!(err.contains(&format!("watching pid {pid}")), "{err}");
+    assert!(lookups > 0);
+    assert!(out.ends_with(", target exited\n"), "{out}");
+    assert_eq!(o.status.code(), Some(0), "{err}");
 }
