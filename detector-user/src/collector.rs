@@ -6,7 +6,7 @@ use aya::maps::{MapData, RingBuf};
 use detector_common::{Event, Stat};
 use tokio::{
     io::unix::AsyncFd,
-    signal::unix::{SignalKind, signal},
+    signal::unix::{Signal, SignalKind, signal},
 };
 
 use crate::{
@@ -20,7 +20,35 @@ use crate::{
 /// wakeups below half full, so this bounds the alert latency.
 const POLL: Duration = Duration::from_millis(10);
 
+/// The signals that end a run, caught from before the probes are loaded: one that arrives while
+/// racewatch loads or attaches still ends the run with a summary and a clean detach.
+pub struct Signals {
+    int: Signal,
+    term: Signal,
+    hup: Signal,
+}
+
+impl Signals {
+    pub fn catch() -> std::io::Result<Signals> {
+        Ok(Signals {
+            int: signal(SignalKind::interrupt())?,
+            term: signal(SignalKind::terminate())?,
+            hup: signal(SignalKind::hangup())?,
+        })
+    }
+
+    /// Resolves with how the run ended when one arrives.
+    async fn recv(&mut self) -> &'static str {
+        tokio::select! {
+            _ = self.int.recv() => "interrupted (SIGINT)",
+            _ = self.term.recv() => "terminated (SIGTERM)",
+            _ = self.hup.recv() => "hung up (SIGHUP)",
+        }
+    }
+}
+
 pub struct Run<'a> {
+    pub signals: Signals,
     pub loaded: &'a Loaded,
     pub events: RingBuf<MapData>,
     pub correlator: Correlator,
@@ -51,6 +79,7 @@ fn drain(
 impl Run<'_> {
     pub async fn run(self, target: &mut Target) -> anyhow::Result<Summary> {
         let Run {
+            mut signals,
             loaded,
             events,
             mut correlator,
@@ -58,9 +87,6 @@ impl Run<'_> {
             duration,
         } = self;
         let started = Instant::now();
-        let mut sigint = signal(SignalKind::interrupt())?;
-        let mut sigterm = signal(SignalKind::terminate())?;
-        let mut sighup = signal(SignalKind::hangup())?;
         let deadline = async {
             match duration {
                 Some(d) => tokio::time::sleep(d).await,
@@ -74,9 +100,7 @@ impl Run<'_> {
         let mut decode_errors = 0;
         let ended = loop {
             tokio::select! {
-                _ = sigint.recv() => break "interrupted (SIGINT)".to_string(),
-                _ = sigterm.recv() => break "terminated (SIGTERM)".to_string(),
-                _ = sighup.recv() => break "hung up (SIGHUP)".to_string(),
+                how = signals.recv() => break how.to_string(),
                 _ = &mut deadline => break "duration elapsed".to_string(),
                 status = target.exited() => break match status {
                     Some(s) => format!("target exited ({s})"),

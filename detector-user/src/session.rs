@@ -6,7 +6,7 @@ use anyhow::Context as _;
 
 use crate::{
     cli::RunArgs,
-    collector::Run,
+    collector::{Run, Signals},
     correlate::Correlator,
     loader::{Loaded, Options, Plan},
     output::{HumanSink, JsonSink, Sink, Summary},
@@ -80,6 +80,9 @@ pub async fn run(
     cache_arg: u32,
     correlator: Correlator,
 ) -> Result<Option<Summary>, Failure> {
+    let signals = Signals::catch()
+        .context("cannot catch SIGINT, SIGTERM and SIGHUP")
+        .map_err(Failure::runtime)?;
     let duration = duration(args)?;
     let mut sink = sink(args)?;
     let held = match (&args.pid, args.dry_run) {
@@ -129,6 +132,7 @@ pub async fn run(
         None => Target::Attached(PidWatch::new(pid).map_err(Failure::usage)?),
     };
     let run = Run {
+        signals,
         loaded: &loaded,
         events,
         correlator,

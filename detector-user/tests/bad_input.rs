@@ -382,7 +382,7 @@ fn command_that_exits_at_once() {
 #[test]
 #[ignore = "root"]
 fn pid_that_exits_mid_run() {
-    let mut demo = std::process::Command::new(cache_demo())
+    let demo = std::process::Command::new(cache_demo())
         .args(["--fixed", "--seconds", "1"])
         .stderr(std::process::Stdio::piped())
         .spawn()

@@ -113,7 +113,7 @@ fn keyerrors_the_window_did_not_cause_are_not_counted() {
 #[ignore = "root"]
 fn attaches_to_a_running_worker_by_pid() {
     // The worker swaps until SIGUSR1, so every KeyError it counts happens while attached.
-    let mut worker = Command::new("python3")
+    let worker = Command::new("python3")
         .args([
             &worker(),
             "--bug-on-signal",
@@ -164,6 +164,7 @@ fn a_process_that_is_not_python_is_refused() {
     let pid = sleeper.id().to_string();
     let o = racewatch(&["python", "-p", &pid]);
     sleeper.kill().unwrap();
+    sleeper.wait().unwrap();
     let err = stderr(&o);
     assert_eq!(o.status.code(), Some(2), "{err}");
     assert!(

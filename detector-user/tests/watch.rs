@@ -102,7 +102,7 @@ fn fixed_mode_has_no_window_and_no_alert() {
 #[ignore = "root"]
 fn attaches_to_a_running_process_by_pid() {
     // The demo runs race-free until SIGUSR1, so every miss it counts happens while attached.
-    let mut demo = Command::new(cache_demo())
+    let demo = Command::new(cache_demo())
         .args(["--bug-on-signal", "--seconds", "2"])
         .stderr(Stdio::piped())
         .spawn()
