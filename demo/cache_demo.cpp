@@ -3,11 +3,13 @@
 // a reader that runs in between misses keys that always exist.
 //
 //   cache_demo [--fixed] [--seconds S] [--readers N] [--keys K] [--refresh-us U] [--gap-us G]
-//              [--bug-on-signal]
+//              [--bug-on-signal] [--reader-name NAME]
 //
 // --fixed          refresh by build-then-swap: no empty window, no miss.
 // --bug-on-signal  run --fixed until SIGUSR1, then clear-then-refill for --seconds: lets a tracer
 //                  attach to a running process before the bug starts.
+// --reader-name    name the reader threads NAME (at most 15 bytes, any bytes): lets a test give
+//                  racewatch a hostile thread name.
 // Ground truth, printed to stderr at exit: "cache_demo: lookups=N misses=M refreshes=R".
 #include <atomic>
 #include <chrono>
@@ -64,6 +66,7 @@ int main(int argc, char **argv) {
     double seconds = 3;
     int readers = 1;
     long keys = 2000, refresh_us = 1000, gap_us = 0;
+    const char *reader_name = nullptr;
     for (int i = 1; i < argc; i++) {
         std::string a = argv[i];
         auto next = [&]() -> const char * {
@@ -80,6 +83,7 @@ int main(int argc, char **argv) {
         else if (a == "--keys") keys = atol(next());
         else if (a == "--refresh-us") refresh_us = atol(next());
         else if (a == "--gap-us") gap_us = atol(next());
+        else if (a == "--reader-name") reader_name = next();
         else {
             fprintf(stderr, "cache_demo: unknown option %s\n", a.c_str());
             return 2;
@@ -107,7 +111,9 @@ int main(int argc, char **argv) {
     std::vector<std::thread> threads;
     for (int r = 0; r < readers; r++) {
         threads.emplace_back([&, r] {
-            pthread_setname_np(pthread_self(), ("reader-" + std::to_string(r)).c_str());
+            std::string name = reader_name ? reader_name : "reader-" + std::to_string(r);
+            if (pthread_setname_np(pthread_self(), name.c_str()) != 0)
+                fprintf(stderr, "cache_demo: cannot name a thread %s\n", name.c_str());
             std::mt19937_64 rng(r + 1);
             long n = 0, m = 0;
             while (!g_stop.load(std::memory_order_relaxed)) {

@@ -44,7 +44,9 @@ async fn watch(args: WatchArgs) -> Result<ExitCode, Failure> {
         for (role, f) in [("clear", &clear), ("update", &refill), ("lookup", &lookup)] {
             eprintln!(
                 "racewatch: {role}: {} at {:#x} (file offset {:#x})",
-                f.display, f.address, f.file_offset
+                output::escape(&f.display),
+                f.address,
+                f.file_offset
             );
         }
     }

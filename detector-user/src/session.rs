@@ -118,7 +118,7 @@ pub async fn run(
     eprintln!(
         "racewatch: {what}: {} probes attached to {}",
         loaded.probes,
-        plan.binary.display()
+        crate::output::escape(&plan.binary.to_string_lossy())
     );
     if args.dry_run {
         return Ok(None);

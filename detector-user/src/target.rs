@@ -138,7 +138,10 @@ pub fn held_exec(command: &[OsString]) -> i32 {
         return 127;
     };
     let err = std::process::Command::new(program).args(args).exec();
-    eprintln!("racewatch: cannot run {}: {err}", program.to_string_lossy());
+    eprintln!(
+        "racewatch: cannot run {}: {err}",
+        crate::output::escape(&program.to_string_lossy())
+    );
     127
 }
 

@@ -170,3 +170,47 @@ fn without_privileges_says_which_capabilities_are_missing() {
     assert_eq!(o.status.code(), Some(2), "stderr: {err}");
     assert!(err.contains("needs root, or the capabilities CAP_BPF and CAP_PERFMON (missing: CAP_BPF, CAP_PERFMON)"), "stderr: {err}");
 }
+
+#[test]
+#[ignore = "root"]
+fn a_hostile_thread_name_is_escaped_for_people_and_kept_in_json() {
+    use std::{ffi::OsStr, os::unix::ffi::OsStrExt as _};
+    // An escape sequence, invalid UTF-8 and a newline, as the reader's thread name.
+    let name = OsStr::from_bytes(b"r\x1b[31m\xff\n");
+    let run = |json: bool| {
+        let mut cmd = Command::new(RACEWATCH);
+        cmd.arg("watch")
+            .args(DEMO_PROBES)
+            .args(["--miss-ret", "-1"]);
+        if json {
+            cmd.arg("--json");
+        }
+        cmd.args(["--", cache_demo().to_str().unwrap(), "--seconds", "1"])
+            .arg("--reader-name")
+            .arg(name);
+        let o = cmd.output().unwrap();
+        assert!(!stderr(&o).contains("panicked"), "{}", stderr(&o));
+        assert_eq!(o.status.code(), Some(1), "{}", stderr(&o));
+        o.stdout
+    };
+    let human = run(false);
+    let text = String::from_utf8(human).expect("human output is UTF-8");
+    let races: Vec<&str> = text.lines().filter(|l| l.starts_with("RACE ")).collect();
+    assert!(!races.is_empty(), "no alert:\n{text}");
+    for line in text.lines() {
+        assert!(
+            !line.chars().any(char::is_control),
+            "raw control character in {line:?}"
+        );
+    }
+    assert!(
+        races[0].contains(" (r\\u{1b}[31m\u{fffd}\\n) looked up while"),
+        "{}",
+        races[0]
+    );
+    let (alerts, _) = parse_ndjson(&String::from_utf8_lossy(&run(true)));
+    assert!(!alerts.is_empty());
+    for a in &alerts {
+        assert_eq!(a["reader_name"], "r\x1b[31m\u{fffd}\n", "{a}");
+    }
+}

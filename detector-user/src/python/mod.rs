@@ -215,7 +215,10 @@ pub fn plan(interp: &Interpreter, verbose: bool) -> Result<Plan, PythonError> {
         for s in &sites {
             eprintln!(
                 "racewatch: KeyError site in {} returning to {:#x}: dict at {:?}, outer frame {:?}",
-                s.caller, s.return_vaddr, s.dict, s.outer
+                crate::output::escape(&s.caller),
+                s.return_vaddr,
+                s.dict,
+                s.outer
             );
         }
     }
