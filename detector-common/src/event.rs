@@ -138,10 +138,12 @@ pub enum Stat {
     /// KeyErrors whose key did not fit in the `PENDING` map (judged unknown).
     PendingFull = 11,
     LostKeyVerdict = 12,
+    /// The lookup's miss path (`--miss-ret`, when its code tells where the miss is returned).
+    HitsLookupMiss = 13,
 }
 
 impl Stat {
-    pub const COUNT: u32 = 13;
+    pub const COUNT: u32 = 14;
 
     pub fn lost(kind: EventKind) -> Stat {
         match kind {

@@ -37,4 +37,8 @@ pub mod globals {
     pub const TARGET_TGID: &str = "TARGET_TGID";
     /// Which argument (0-based) of clear, update and lookup is the cache object.
     pub const CACHE_ARG: &str = "CACHE_ARG";
+    /// `pt_regs` slot of the register holding the cache object on the lookup's miss path.
+    pub const MISS_CACHE_SLOT: &str = "MISS_CACHE_SLOT";
+    /// The lookup's miss value, reported with each miss-path hit.
+    pub const MISS_VALUE: &str = "MISS_VALUE";
 }

@@ -27,6 +27,13 @@ static TARGET_TGID: u32 = 0;
 /// Which argument is the cache object (set at load time).
 #[unsafe(no_mangle)]
 static CACHE_ARG: u32 = 0;
+/// `pt_regs` slot of the register that holds the cache on the lookup's miss path (set at load
+/// time from the decoded function).
+#[unsafe(no_mangle)]
+static MISS_CACHE_SLOT: u32 = 0;
+/// The lookup's miss value, reported as the return value of each miss-path hit.
+#[unsafe(no_mangle)]
+static MISS_VALUE: i64 = 0;
 /// Ring fill above which a write wakes the collector; below it the collector polls, which spares
 /// the target the wakeup's cost (~6 µs an event on this kind of machine).
 #[unsafe(no_mangle)]
@@ -252,6 +259,28 @@ pub fn on_lookup_return(ctx: RetProbeContext) -> u32 {
             inflight.entry_ns,
             Some(ctx.ret::<i64>()),
         );
+    }
+    0
+}
+
+/// An instruction on the path by which the lookup function returns its miss value (`--miss-ret`):
+/// only misses pass here, so lookups that find their key never trap. The cache is read from the
+/// register the function keeps it in at that point.
+#[uprobe]
+pub fn on_lookup_miss(ctx: ProbeContext) -> u32 {
+    bump(Stat::HitsLookupMiss);
+    let Some(tid) = traced_tid() else { return 0 };
+    // pt_regs has 21 slots; the loader only sets general-purpose ones (< 15).
+    let slot = global(&MISS_CACHE_SLOT) as usize;
+    if slot >= 15 {
+        return 0;
+    }
+    let Some(cache) = reg_slot(ctx.regs, slot) else {
+        return 0;
+    };
+    if let Some(w) = window(cache).filter(|w| w.overlaps(tid, None)) {
+        let now = unsafe { bpf_ktime_get_ns() };
+        lookup_event(cache, tid, &w, now, Some(global(&MISS_VALUE)));
     }
     0
 }

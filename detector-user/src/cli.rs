@@ -87,10 +87,16 @@ pub struct WatchArgs {
     /// Function that looks a key up.
     #[arg(long, value_name = "SYM")]
     pub lookup: String,
-    /// The lookup's return value (signed) meaning "not found": probes the lookup's return too,
-    /// and marks which lookups in a window missed.
+    /// The lookup's return value (signed) meaning "not found": racewatch probes the instructions
+    /// by which the lookup returns it, so that only misses trap, and reports the misses in a
+    /// window (it falls back to probing every lookup's entry and return, with a warning, when the
+    /// code does not show where the miss is returned).
     #[arg(long, value_name = "VALUE", allow_hyphen_values = true)]
     pub miss_ret: Option<i64>,
+    /// With --miss-ret: probe every lookup's entry and return instead of its miss path, which
+    /// also counts the lookups in a window that found their key (costs two traps a lookup).
+    #[arg(long, requires = "miss_ret")]
+    pub probe_returns: bool,
     /// Which argument (0-based) of the three functions is the cache object (0 is `this`).
     #[arg(long, value_name = "N", default_value_t = 0, value_parser = clap::value_parser!(u32).range(0..=5))]
     pub cache_arg: u32,

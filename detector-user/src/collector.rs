@@ -159,6 +159,7 @@ fn summary(
             refill_return: stat(Stat::HitsRefillReturn),
             lookup_entry: stat(Stat::HitsLookupEntry),
             lookup_return: stat(Stat::HitsLookupReturn),
+            lookup_miss: stat(Stat::HitsLookupMiss),
             keyerror: stat(Stat::HitsKeyError),
         },
         duration_s: elapsed.as_secs_f64(),

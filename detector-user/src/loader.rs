@@ -35,12 +35,28 @@ pub enum LoadError {
     },
 }
 
+/// A function and where in it its probe goes.
+pub struct Placed {
+    pub function: Function,
+    /// Bytes from the function's entry (see `placement`).
+    pub offset: u64,
+}
+
 /// How the cache's lookup is observed.
 pub enum LookupProbe {
     /// Entry only: lookups entered inside a window.
-    Entry(Function),
+    Entry(Placed),
     /// Entry and return: also lookups in flight when the window opened, with their result.
     EntryAndReturn(Function),
+    /// The instructions by which the lookup returns its miss value: misses alone trap.
+    Miss {
+        function: Function,
+        /// Offsets of the miss-path sites in the function.
+        offsets: Vec<u64>,
+        /// `pt_regs` slot of the register that holds the cache at those sites.
+        cache_slot: u32,
+        value: i64,
+    },
     /// CPython: `_PyErr_SetKeyError`'s entry, with where each call site keeps the dict, keyed by
     /// return address minus the function's address.
     KeyError {
@@ -52,7 +68,7 @@ pub enum LookupProbe {
 /// Everything to attach, in one binary (executable or shared library).
 pub struct Plan {
     pub binary: PathBuf,
-    pub clear: Function,
+    pub clear: Placed,
     /// Functions whose return closes the window (CPython has two ways to refill a dict).
     pub refills: Vec<Function>,
     pub lookup: LookupProbe,
@@ -65,6 +81,18 @@ pub struct Options {
     pub ring_bytes: u32,
 }
 
+impl Plan {
+    /// The miss-path probe's globals: where it reads the cache, and the miss value.
+    fn miss_globals(&self) -> (u32, i64) {
+        match &self.lookup {
+            LookupProbe::Miss {
+                cache_slot, value, ..
+            } => (*cache_slot, *value),
+            _ => (0, 0),
+        }
+    }
+}
+
 /// The loaded object; dropping it detaches every probe and frees every map.
 pub struct Loaded {
     ebpf: Ebpf,
@@ -74,11 +102,14 @@ pub struct Loaded {
 static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/detector"));
 
 impl Loaded {
-    pub fn load(opts: &Options) -> Result<Loaded, LoadError> {
+    pub fn load(opts: &Options, plan: &Plan) -> Result<Loaded, LoadError> {
         let wakeup_bytes = u64::from(opts.ring_bytes / 2);
+        let (miss_slot, miss_value) = plan.miss_globals();
         let ebpf = EbpfLoader::new()
             .override_global(globals::TARGET_TGID, &opts.tgid, true)
             .override_global(globals::CACHE_ARG, &opts.cache_arg, true)
+            .override_global(globals::MISS_CACHE_SLOT, &miss_slot, true)
+            .override_global(globals::MISS_VALUE, &miss_value, true)
             .override_global("WAKEUP_BYTES", &wakeup_bytes, true)
             .map_max_entries(EVENTS_MAP, opts.ring_bytes)
             .load(OBJECT)
@@ -92,6 +123,7 @@ impl Loaded {
         role: &'static str,
         plan_binary: &PathBuf,
         function: &Function,
+        offset: u64,
         pid: u32,
     ) -> Result<(), LoadError> {
         let prog: &mut UProbe = self
@@ -104,7 +136,7 @@ impl Loaded {
                 .map_err(|source| LoadError::Program { program, source })?;
         }
         let scope = NonZeroU32::new(pid).map_or(UProbeScope::AllProcesses, UProbeScope::OneProcess);
-        prog.attach(function.file_offset, plan_binary, scope)
+        prog.attach(function.file_offset + offset, plan_binary, scope)
             .map_err(|source| LoadError::Attach {
                 role,
                 function: function.display.clone(),
@@ -118,16 +150,27 @@ impl Loaded {
     /// Attaches every probe of `plan` to process `pid` (0: every process that maps the binary).
     pub fn attach(&mut self, plan: &Plan, pid: u32) -> Result<(), LoadError> {
         let bin = &plan.binary;
-        self.attach_one("on_clear", "clear", bin, &plan.clear, pid)?;
+        let clear = &plan.clear;
+        self.attach_one("on_clear", "clear", bin, &clear.function, clear.offset, pid)?;
+        // The refill's entry probe shares the breakpoint its return probe needs at the entry.
         for refill in &plan.refills {
-            self.attach_one("on_refill", "refill", bin, refill, pid)?;
-            self.attach_one("on_refill_return", "refill return", bin, refill, pid)?;
+            self.attach_one("on_refill", "refill", bin, refill, 0, pid)?;
+            self.attach_one("on_refill_return", "refill return", bin, refill, 0, pid)?;
         }
         match &plan.lookup {
-            LookupProbe::Entry(f) => self.attach_one("on_lookup", "lookup", bin, f, pid)?,
+            LookupProbe::Entry(p) => {
+                self.attach_one("on_lookup", "lookup", bin, &p.function, p.offset, pid)?
+            }
             LookupProbe::EntryAndReturn(f) => {
-                self.attach_one("on_lookup_entry", "lookup", bin, f, pid)?;
-                self.attach_one("on_lookup_return", "lookup return", bin, f, pid)?;
+                self.attach_one("on_lookup_entry", "lookup", bin, f, 0, pid)?;
+                self.attach_one("on_lookup_return", "lookup return", bin, f, 0, pid)?;
+            }
+            LookupProbe::Miss {
+                function, offsets, ..
+            } => {
+                for &offset in offsets {
+                    self.attach_one("on_lookup_miss", "lookup miss", bin, function, offset, pid)?;
+                }
             }
             LookupProbe::KeyError { function, sites } => {
                 let mut map: HashMap<_, u64, DictSite> = self
@@ -145,7 +188,7 @@ impl Loaded {
                         source,
                     })?;
                 }
-                self.attach_one("on_keyerror", "KeyError", bin, function, pid)?;
+                self.attach_one("on_keyerror", "KeyError", bin, function, 0, pid)?;
             }
         }
         Ok(())

@@ -5,6 +5,7 @@ mod correlate;
 mod info;
 mod loader;
 mod output;
+mod placement;
 mod preflight;
 mod python;
 mod session;
@@ -40,19 +41,35 @@ async fn watch(args: WatchArgs) -> Result<ExitCode, Failure> {
         resolve(&args.lookup)?,
     );
     preflight::check().map_err(Failure::usage)?;
-    if args.run.verbose {
-        for (role, f) in [("clear", &clear), ("update", &refill), ("lookup", &lookup)] {
-            eprintln!(
-                "racewatch: {role}: {} at {:#x} (file offset {:#x})",
-                output::escape(&f.display),
-                f.address,
-                f.file_offset
-            );
-        }
+    let verbose = args.run.verbose;
+    if verbose {
+        eprintln!(
+            "racewatch: update: {} at its entry {:#x} (its return is probed)",
+            output::escape(&refill.display),
+            refill.address
+        );
     }
+    let clear = placement::place_entry(&binary, "clear", clear, args.cache_arg, verbose);
     let lookup = match args.miss_ret {
-        Some(_) => LookupProbe::EntryAndReturn(lookup),
-        None => LookupProbe::Entry(lookup),
+        Some(_) if args.probe_returns => LookupProbe::EntryAndReturn(lookup),
+        Some(value) => {
+            placement::place_miss(&binary, lookup, args.cache_arg, value, verbose)
+                .unwrap_or_else(|(lookup, why)| {
+                    eprintln!(
+                        "racewatch: warning: probing every lookup's entry and return, not just its misses: \
+                         cannot tell from {}'s code where it returns {value}: {why}",
+                        output::escape(&lookup.display)
+                    );
+                    LookupProbe::EntryAndReturn(lookup)
+                })
+        }
+        None => LookupProbe::Entry(placement::place_entry(
+            &binary,
+            "lookup",
+            lookup,
+            args.cache_arg,
+            verbose,
+        )),
     };
     let plan = Plan {
         binary,

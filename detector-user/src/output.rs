@@ -66,6 +66,7 @@ pub struct ProbeHits {
     pub refill_return: u64,
     pub lookup_entry: u64,
     pub lookup_return: u64,
+    pub lookup_miss: u64,
     pub keyerror: u64,
 }
 

@@ -90,11 +90,14 @@ pub async fn run(
         _ => None,
     };
     let pid = args.pid.or(held.as_ref().map(Held::pid)).unwrap_or(0);
-    let attached = Loaded::load(&Options {
-        tgid: pid,
-        cache_arg,
-        ring_bytes: ring_bytes(),
-    })
+    let attached = Loaded::load(
+        &Options {
+            tgid: pid,
+            cache_arg,
+            ring_bytes: ring_bytes(),
+        },
+        plan,
+    )
     .map_err(anyhow::Error::from)
     .and_then(|mut loaded| {
         loaded.attach(plan, pid)?;

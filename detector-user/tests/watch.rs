@@ -8,10 +8,11 @@ use std::{
 
 use common::*;
 
-/// Runs the demo under racewatch and returns (racewatch exit code, demo truth, alerts, summary).
+/// Runs the demo under racewatch with `watch_args` and returns (racewatch exit code, demo truth,
+/// alerts, summary).
 fn watch_demo(
     demo_args: &[&str],
-    miss_ret: bool,
+    watch_args: &[&str],
 ) -> (
     i32,
     (u64, u64, u64),
@@ -22,9 +23,7 @@ fn watch_demo(
     let out_s = out.to_string_lossy().into_owned();
     let mut args = vec!["watch"];
     args.extend(DEMO_PROBES);
-    if miss_ret {
-        args.extend(["--miss-ret", "-1"]);
-    }
+    args.extend(watch_args);
     args.extend(["--json", "-o", &out_s, "--", cache_demo().to_str().unwrap()]);
     args.extend(demo_args);
     let o = racewatch(&args);
@@ -43,7 +42,8 @@ fn watch_demo(
 #[test]
 #[ignore = "root"]
 fn every_miss_in_a_window_is_reported_exactly() {
-    let (code, (_, misses, refreshes), alerts, summary) = watch_demo(&["--seconds", "2"], true);
+    let (code, (_, misses, refreshes), alerts, summary) =
+        watch_demo(&["--seconds", "2"], &["--miss-ret", "-1"]);
     assert!(
         misses > 0,
         "the demo produced no miss to find; summary: {summary}"
@@ -68,14 +68,46 @@ fn every_miss_in_a_window_is_reported_exactly() {
         assert_eq!(a["reader_name"], "reader-0");
         assert_eq!(a["writer_name"], "refresher");
     }
+    let hits = &summary["probe_hits"];
+    assert_eq!(
+        hits["lookup_miss"], misses,
+        "only misses pass the miss-path probe; summary: {summary}"
+    );
+    assert_eq!(hits["lookup_entry"], 0, "no lookup entry probed: {summary}");
     assert_eq!(code, 1, "a race found exits 1");
 }
 
 #[test]
 #[ignore = "root"]
+fn probe_returns_sees_every_lookup_and_still_counts_misses_exactly() {
+    let (code, (lookups, misses, _), alerts, summary) = watch_demo(
+        &["--seconds", "2"],
+        &["--miss-ret", "-1", "--probe-returns"],
+    );
+    assert!(misses > 0, "the demo produced no miss; summary: {summary}");
+    assert_eq!(summary["misses_in_window"], misses, "summary: {summary}");
+    assert_eq!(summary["lost_events"], 0, "summary: {summary}");
+    let hits = &summary["probe_hits"];
+    assert_eq!(hits["lookup_entry"], lookups, "summary: {summary}");
+    assert_eq!(hits["lookup_return"], lookups, "summary: {summary}");
+    assert_eq!(hits["lookup_miss"], 0, "summary: {summary}");
+    assert!(
+        alerts.iter().filter(|a| a["miss"] == true).count() as u64 == misses,
+        "alerts: {}",
+        alerts.len()
+    );
+    assert_eq!(code, 1);
+}
+
+#[test]
+#[ignore = "root"]
 fn entry_only_mode_flags_lookups_without_results() {
-    let (code, _, alerts, summary) = watch_demo(&["--seconds", "1"], false);
+    let (code, (lookups, _, _), alerts, summary) = watch_demo(&["--seconds", "1"], &[]);
     assert!(!alerts.is_empty(), "no lookup flagged; summary: {summary}");
+    assert_eq!(
+        summary["probe_hits"]["lookup_entry"], lookups,
+        "the probe placed past endbr64 fires once a lookup; summary: {summary}"
+    );
     assert!(
         alerts.iter().all(|a| a["miss"].is_null()),
         "miss must be null without --miss-ret"
@@ -89,7 +121,7 @@ fn entry_only_mode_flags_lookups_without_results() {
 #[ignore = "root"]
 fn fixed_mode_has_no_window_and_no_alert() {
     let (code, (lookups, misses, _), alerts, summary) =
-        watch_demo(&["--seconds", "1", "--fixed"], true);
+        watch_demo(&["--seconds", "1", "--fixed"], &["--miss-ret", "-1"]);
     assert!(lookups > 0);
     assert_eq!(misses, 0);
     assert!(alerts.is_empty(), "alerts on the fixed build: {alerts:?}");

@@ -20,7 +20,9 @@ pub fn build_demos() -> Result<PathBuf> {
     let bin = out.join("cache_demo");
     run_cmd(
         Command::new("g++")
-            .args(["-O2", "-g", "-pthread", "-o"])
+            // CET on, as distributions build by default: functions open with endbr64, which the
+            // kernel single-steps under a uprobe (racewatch probes past it).
+            .args(["-O2", "-g", "-pthread", "-fcf-protection=full", "-o"])
             .arg(&bin)
             .arg(workspace_root().join("demo/cache_demo.cpp")),
     )?;

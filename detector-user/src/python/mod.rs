@@ -204,7 +204,7 @@ pub fn plan(interp: &Interpreter, verbose: bool) -> Result<Plan, PythonError> {
             source: Box::new(e),
         })
     };
-    let clear = resolve(CLEAR)?;
+    let clear = crate::placement::place_entry(image, "clear", resolve(CLEAR)?, 0, verbose);
     let refills = REFILLS
         .into_iter()
         .map(resolve)

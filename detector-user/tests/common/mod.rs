@@ -24,7 +24,9 @@ pub fn cache_demo() -> &'static Path {
     BIN.get_or_init(|| {
         let out = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("cache_demo");
         let status = Command::new("g++")
-            .args(["-O2", "-g", "-pthread", "-o"])
+            // CET on, as distributions build by default: functions open with endbr64, which the
+            // kernel single-steps under a uprobe (racewatch probes past it).
+            .args(["-O2", "-g", "-pthread", "-fcf-protection=full", "-o"])
             .arg(&out)
             .arg(workspace().join("demo/cache_demo.cpp"))
             .status()
