@@ -3,8 +3,10 @@
 // a reader that runs in between misses keys that always exist.
 //
 //   cache_demo [--fixed] [--seconds S] [--readers N] [--keys K] [--refresh-us U] [--gap-us G]
-//              [--bug-on-signal] [--reader-name NAME]
+//              [--pause-us P] [--bug-on-signal] [--reader-name NAME]
 //
+// --pause-us P     each reader sleeps P µs between lookups: with a long --refresh-us and few --keys
+//                  the race becomes rare (the seed's "once an hour").
 // --fixed          refresh by build-then-swap: no empty window, no miss.
 // --bug-on-signal  run --fixed until SIGUSR1, then clear-then-refill for --seconds: lets a tracer
 //                  attach to a running process before the bug starts.
@@ -65,7 +67,7 @@ int main(int argc, char **argv) {
     bool fixed = false, bug_on_signal = false;
     double seconds = 3;
     int readers = 1;
-    long keys = 2000, refresh_us = 1000, gap_us = 0;
+    long keys = 2000, refresh_us = 1000, gap_us = 0, pause_us = 0;
     const char *reader_name = nullptr;
     for (int i = 1; i < argc; i++) {
         std::string a = argv[i];
@@ -84,6 +86,7 @@ int main(int argc, char **argv) {
         else if (a == "--refresh-us") refresh_us = atol(next());
         else if (a == "--gap-us") gap_us = atol(next());
         else if (a == "--reader-name") reader_name = next();
+        else if (a == "--pause-us") pause_us = atol(next());
         else {
             fprintf(stderr, "cache_demo: unknown option %s\n", a.c_str());
             return 2;
@@ -122,6 +125,7 @@ int main(int argc, char **argv) {
                 n++;
                 // The seed's reader did a little I/O per lookup.
                 if (write(devnull, "x", 1) < 0) perror("write");
+                if (pause_us) std::this_thread::sleep_for(std::chrono::microseconds(pause_us));
             }
             lookups += n;
             misses += m;

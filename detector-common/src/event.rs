@@ -21,15 +21,18 @@ pub enum EventKind {
     KeyError = 4,
     /// Whether the key of earlier KeyErrors is in the dict once refilled: [`KeyVerdict`].
     KeyVerdict = 5,
+    /// A reader's first lookup on a cache since a window opened there: [`NearEvent`].
+    Near = 8,
 }
 
 impl EventKind {
-    pub const ALL: [EventKind; 5] = [
+    pub const ALL: [EventKind; 6] = [
         Self::WindowOpen,
         Self::WindowClose,
         Self::Lookup,
         Self::KeyError,
         Self::KeyVerdict,
+        Self::Near,
     ];
 
     pub fn from_u32(v: u32) -> Option<Self> {
@@ -65,6 +68,43 @@ pub struct LookupEvent {
     pub has_ret: u32,
     pub ret: i64,
     pub reader_comm: [u8; COMM_LEN],
+}
+
+/// A reader's first lookup on a cache since a window opened there: at most one per reader and
+/// window, so userspace learns how close each reader came to each window without receiving every
+/// lookup.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct NearEvent {
+    pub kind: u32,
+    pub reader_tid: u32,
+    pub cache: u64,
+    /// The reader's previous lookup on this cache.
+    pub prev_lookup_ns: u64,
+    pub lookup_ns: u64,
+    /// When the cache's last window closed, if that was after `prev_lookup_ns`; 0 otherwise (or
+    /// while a window is open).
+    pub close_ns: u64,
+}
+
+/// A reader of one cache: the key of the kernel's `READERS` map.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct ReaderKey {
+    pub cache: u64,
+    pub tid: u32,
+    pub _pad: u32,
+}
+
+/// What the kernel counts for each reader of a cache, read by userspace at each hazard report.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ReaderState {
+    /// Lookups probed (all of them for `watch`; those inside sampling bursts for `python`).
+    pub lookups: u64,
+    pub last_ns: u64,
+    /// The thread's name at its first lookup.
+    pub comm: [u8; COMM_LEN],
 }
 
 /// A Python KeyError raised on a dict whose window was open.
@@ -140,10 +180,11 @@ pub enum Stat {
     LostKeyVerdict = 12,
     /// The lookup's miss path (`--miss-ret`, when its code tells where the miss is returned).
     HitsLookupMiss = 13,
+    LostNear = 14,
 }
 
 impl Stat {
-    pub const COUNT: u32 = 14;
+    pub const COUNT: u32 = 15;
 
     pub fn lost(kind: EventKind) -> Stat {
         match kind {
@@ -152,6 +193,7 @@ impl Stat {
             EventKind::Lookup => Stat::LostLookup,
             EventKind::KeyError => Stat::LostKeyError,
             EventKind::KeyVerdict => Stat::LostKeyVerdict,
+            EventKind::Near => Stat::LostNear,
         }
     }
 }
@@ -170,6 +212,10 @@ mod user {
     unsafe impl aya::Pod for PendingKey {}
     unsafe impl aya::Pod for DictSite {}
     unsafe impl aya::Pod for Inflight {}
+    unsafe impl aya::Pod for NearEvent {}
+    unsafe impl aya::Pod for crate::ProvokeState {}
+    unsafe impl aya::Pod for ReaderKey {}
+    unsafe impl aya::Pod for ReaderState {}
 }
 
 #[cfg(feature = "user")]
@@ -187,6 +233,7 @@ mod decode {
         Lookup(LookupEvent),
         KeyError(KeyErrorEvent),
         KeyVerdict(KeyVerdict),
+        Near(NearEvent),
     }
 
     #[derive(Debug, thiserror::Error, PartialEq, Eq)]
@@ -231,6 +278,7 @@ mod decode {
                 EventKind::Lookup => Event::Lookup(read(kind, bytes)?),
                 EventKind::KeyError => Event::KeyError(read(kind, bytes)?),
                 EventKind::KeyVerdict => Event::KeyVerdict(read(kind, bytes)?),
+                EventKind::Near => Event::Near(read(kind, bytes)?),
             })
         }
     }
@@ -261,6 +309,9 @@ mod decode {
             );
             assert_eq!(size_of::<KeyVerdict>(), 4 + 4 + 8 + 8 + 8);
             assert_eq!(size_of::<PendingKey>(), 8 + 8 + 8);
+            assert_eq!(size_of::<NearEvent>(), 4 + 4 + 8 + 8 + 8 + 8);
+            assert_eq!(size_of::<ReaderKey>(), 8 + 4 + 4);
+            assert_eq!(size_of::<ReaderState>(), 8 + 8 + COMM_LEN);
             assert_eq!(size_of::<crate::Window>(), 4 + 4 + 8 + 8);
         }
 
@@ -309,6 +360,15 @@ mod decode {
                 hash: -7,
             };
             assert_eq!(Event::decode(as_bytes(&v)), Ok(Event::KeyVerdict(v)));
+            let n = NearEvent {
+                kind: EventKind::Near as u32,
+                reader_tid: 8,
+                cache: 1,
+                prev_lookup_ns: 90,
+                lookup_ns: 120,
+                close_ns: 110,
+            };
+            assert_eq!(Event::decode(as_bytes(&n)), Ok(Event::Near(n)));
         }
 
         #[test]

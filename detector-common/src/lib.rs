@@ -3,10 +3,12 @@
 #![no_std]
 
 pub mod event;
+pub mod provoke;
 pub mod pykey;
 pub mod window;
 
 pub use event::*;
+pub use provoke::{PROVOKE_BUDGET_PCT, PROVOKE_MAX_NS, ProvokeState, within_budget};
 pub use pykey::{UNKNOWN_HASH, key_hash};
 pub use window::Window;
 
@@ -20,6 +22,11 @@ pub const STATS_MAP: &str = "STATS";
 /// minus `_PyErr_SetKeyError`'s address (both move together when the library is relocated).
 pub const KEYERROR_SITES_MAP: &str = "KEYERROR_SITES";
 
+/// Per-(cache, thread) lookup counts, for the hazard report.
+pub const READERS_MAP: &str = "READERS";
+/// Provocation counters ([`ProvokeState`]), per CPU, one entry.
+pub const PROVOKE_MAP: &str = "PROVOKE";
+
 /// Default ring buffer size: at 128 bytes an event, 16k events between two polls.
 pub const EVENTS_BYTES_DEFAULT: u32 = 1 << 21;
 /// Caches tracked at once; least recently used ones are evicted first.
@@ -27,6 +34,8 @@ pub const MAX_CACHES: u32 = 16_384;
 /// Threads inside a probed function at once (refill or lookup in flight).
 pub const MAX_INFLIGHT: u32 = 16_384;
 pub const MAX_KEYERROR_SITES: u32 = 16;
+/// (cache, reader thread) pairs counted at once; least recently used ones are evicted first.
+pub const MAX_READERS: u32 = 16_384;
 /// KeyError keys awaiting their window's close at once, over all dicts (one window can see
 /// thousands).
 pub const MAX_PENDING: u32 = 16_384;
@@ -41,4 +50,10 @@ pub mod globals {
     pub const MISS_CACHE_SLOT: &str = "MISS_CACHE_SLOT";
     /// The lookup's miss value, reported with each miss-path hit.
     pub const MISS_VALUE: &str = "MISS_VALUE";
+    /// How long to hold a writer inside each window, in ns (0: never).
+    pub const PROVOKE_NS: &str = "PROVOKE_NS";
+    /// When the provocation budget starts accruing (CLOCK_MONOTONIC ns).
+    pub const PROVOKE_START_NS: &str = "PROVOKE_START_NS";
+    /// CPUs that share the provocation budget.
+    pub const PROVOKE_CPUS: &str = "PROVOKE_CPUS";
 }

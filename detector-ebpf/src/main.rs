@@ -9,7 +9,7 @@ use aya_ebpf::{
     helpers::{
         bpf_get_current_comm, bpf_get_current_pid_tgid, bpf_ktime_get_ns, bpf_probe_read_kernel,
         bpf_probe_read_user, bpf_probe_read_user_buf, bpf_probe_read_user_str_bytes,
-        generated::bpf_for_each_map_elem,
+        generated::{bpf_for_each_map_elem, bpf_loop},
     },
     macros::{map, uprobe, uretprobe},
     maps::{HashMap, LruHashMap, PerCpuArray, RingBuf},
@@ -18,7 +18,8 @@ use aya_ebpf::{
 use detector_common::{
     COMM_LEN, DictSite, EVENTS_BYTES_DEFAULT, EventKind, Inflight, KEY_ABSENT, KEY_PRESENT,
     KEY_UNKNOWN, KeyErrorEvent, KeyVerdict, LookupEvent, MAX_CACHES, MAX_INFLIGHT,
-    MAX_KEYERROR_SITES, MAX_PENDING, PendingKey, Stat, UNKNOWN_HASH, Window, WindowEvent, key_hash,
+    MAX_KEYERROR_SITES, MAX_PENDING, MAX_READERS, NearEvent, PendingKey, ProvokeState, ReaderKey,
+    ReaderState, Stat, UNKNOWN_HASH, Window, WindowEvent, key_hash, within_budget,
 };
 
 /// Only this process is traced; 0 traces any (set at load time).
@@ -38,6 +39,15 @@ static MISS_VALUE: i64 = 0;
 /// the target the wakeup's cost (~6 µs an event on this kind of machine).
 #[unsafe(no_mangle)]
 static WAKEUP_BYTES: u64 = (EVENTS_BYTES_DEFAULT / 2) as u64;
+/// How long to hold a writer inside each window (0: never; set at load time).
+#[unsafe(no_mangle)]
+static PROVOKE_NS: u64 = 0;
+/// When the provocation budget starts accruing (set at load time).
+#[unsafe(no_mangle)]
+static PROVOKE_START_NS: u64 = 0;
+/// CPUs that share the provocation budget (set at load time).
+#[unsafe(no_mangle)]
+static PROVOKE_CPUS: u32 = 1;
 
 #[map(name = "EVENTS")]
 static EVENTS: RingBuf = RingBuf::with_byte_size(EVENTS_BYTES_DEFAULT, 0);
@@ -58,6 +68,11 @@ static PENDING: HashMap<PendingKey, u8> = HashMap::with_max_entries(MAX_PENDING,
 /// Dicts with keys in `PENDING`, so a window's close walks that map only when it has to.
 #[map(name = "PENDING_DICTS")]
 static PENDING_DICTS: HashMap<u64, u8> = HashMap::with_max_entries(MAX_CACHES, 0);
+/// Lookups per (cache, reader thread), and the reader's last lookup, for the hazard report.
+#[map(name = "READERS")]
+static READERS: LruHashMap<ReaderKey, ReaderState> = LruHashMap::with_max_entries(MAX_READERS, 0);
+#[map(name = "PROVOKE")]
+static PROVOKE: PerCpuArray<ProvokeState> = PerCpuArray::with_max_entries(1, 0);
 #[map(name = "STATS")]
 static STATS: PerCpuArray<u64> = PerCpuArray::with_max_entries(Stat::COUNT, 0);
 
@@ -162,12 +177,51 @@ pub fn on_refill(ctx: ProbeContext) -> u32 {
     let (Some(tid), Some(cache)) = (traced_tid(), cache_arg(&ctx)) else {
         return 0;
     };
-    if window(cache).is_some_and(|w| w.closes_on_refill(tid))
-        && REFILLS.insert(&tid, &cache, 0).is_err()
-    {
-        bump(Stat::MapFull);
+    if window(cache).is_some_and(|w| w.closes_on_refill(tid)) {
+        if REFILLS.insert(&tid, &cache, 0).is_err() {
+            bump(Stat::MapFull);
+        }
+        hold_writer();
     }
     0
+}
+
+/// `bpf_loop` callback: stops once the deadline has passed.
+extern "C" fn spin(_index: u64, deadline: *const u64) -> i64 {
+    // SAFETY: `deadline` is hold_writer's stack variable, live for the whole loop.
+    (unsafe { bpf_ktime_get_ns() } >= unsafe { *deadline }) as i64
+}
+
+/// `--provoke`: keeps the calling writer inside its window for up to PROVOKE_NS, within the
+/// budget, so readers on other CPUs run while the cache is empty. A busy-wait, since a BPF
+/// program cannot sleep; `bpf_loop` bounds it (2^23 clock reads, longer than PROVOKE_MAX_NS).
+fn hold_writer() {
+    let hold = global(&PROVOKE_NS);
+    if hold == 0 {
+        return;
+    }
+    let Some(state) = PROVOKE.get_ptr_mut(0) else {
+        return;
+    };
+    let start = unsafe { bpf_ktime_get_ns() };
+    let (start_ns, cpus) = (global(&PROVOKE_START_NS), global(&PROVOKE_CPUS));
+    // SAFETY: this CPU's slot; the program runs with migration disabled, so the hold is
+    // accounted on the CPU that ran it.
+    unsafe {
+        if !within_budget(start_ns, start, (*state).held_ns, hold, cpus) {
+            (*state).refused += 1;
+            return;
+        }
+        let deadline = start + hold;
+        bpf_loop(
+            1 << 23,
+            spin as *mut c_void,
+            &deadline as *const u64 as *mut c_void,
+            0,
+        );
+        (*state).held_ns += bpf_ktime_get_ns() - start;
+        (*state).windows += 1;
+    }
 }
 
 /// The refill function's return: closes the window.
@@ -208,6 +262,53 @@ fn lookup_event(cache: u64, tid: u32, w: &Window, lookup_ns: u64, ret: Option<i6
     );
 }
 
+/// Counts a lookup by `tid` on `cache` at `now`, and tells userspace when it is the reader's
+/// first since a window opened there (so it can tell how close the reader came to that window).
+fn note_lookup(cache: u64, tid: u32, now: u64, w: Option<&Window>) {
+    let key = ReaderKey {
+        cache,
+        tid,
+        _pad: 0,
+    };
+    let Some(state) = READERS.get_ptr_mut(&key) else {
+        let first = ReaderState {
+            lookups: 1,
+            last_ns: now,
+            comm: comm(),
+        };
+        if READERS.insert(&key, &first, 0).is_err() {
+            bump(Stat::MapFull);
+        }
+        return;
+    };
+    // SAFETY: a live map value; only this thread updates its own key.
+    let prev = unsafe {
+        let prev = (*state).last_ns;
+        (*state).lookups += 1;
+        (*state).last_ns = now;
+        prev
+    };
+    let Some(w) = w.filter(|w| w.open_ns > prev && w.writer_tid != tid) else {
+        return;
+    };
+    let close_ns = if w.open == 0 && w.close_ns > prev {
+        w.close_ns
+    } else {
+        0
+    };
+    send(
+        EventKind::Near,
+        NearEvent {
+            kind: EventKind::Near as u32,
+            reader_tid: tid,
+            cache,
+            prev_lookup_ns: prev,
+            lookup_ns: now,
+            close_ns,
+        },
+    );
+}
+
 /// The cache's lookup function, `V lookup(Cache *c, K key)`, when its return is not probed:
 /// a lookup entered while another thread's window is open is a race.
 #[uprobe]
@@ -216,8 +317,11 @@ pub fn on_lookup(ctx: ProbeContext) -> u32 {
     let (Some(tid), Some(cache)) = (traced_tid(), cache_arg(&ctx)) else {
         return 0;
     };
-    if let Some(w) = window(cache).filter(|w| w.overlaps(tid, None)) {
-        lookup_event(cache, tid, &w, unsafe { bpf_ktime_get_ns() }, None);
+    let now = unsafe { bpf_ktime_get_ns() };
+    let w = window(cache);
+    note_lookup(cache, tid, now, w.as_ref());
+    if let Some(w) = w.filter(|w| w.overlaps(tid, None)) {
+        lookup_event(cache, tid, &w, now, None);
     }
     0
 }
@@ -234,6 +338,7 @@ pub fn on_lookup_entry(ctx: ProbeContext) -> u32 {
         cache,
         entry_ns: unsafe { bpf_ktime_get_ns() },
     };
+    note_lookup(cache, tid, inflight.entry_ns, window(cache).as_ref());
     if LOOKUPS.insert(&tid, &inflight, 0).is_err() {
         bump(Stat::MapFull);
     }

@@ -100,6 +100,12 @@ pub struct WatchArgs {
     /// Which argument (0-based) of the three functions is the cache object (0 is `this`).
     #[arg(long, value_name = "N", default_value_t = 0, value_parser = clap::value_parser!(u32).range(0..=5))]
     pub cache_arg: u32,
+    /// Hold the writer inside each window up to DURATION longer (e.g. 500us, 2ms; at most 50ms), so the
+    /// collision the hazard report predicts happens now. Bounded: all holds together stay within
+    /// 10% of the time since attach (windows beyond the budget are left alone and counted). Off
+    /// by default.
+    #[arg(long, value_name = "DURATION", value_parser = parse_provoke)]
+    pub provoke: Option<std::time::Duration>,
     #[command(flatten)]
     pub run: RunArgs,
 }
@@ -121,6 +127,9 @@ pub struct RunArgs {
     /// Stop after SECS seconds.
     #[arg(short, long, value_name = "SECS")]
     pub duration: Option<f64>,
+    /// Also print the hazard report every SECS seconds (it is always printed at the end).
+    #[arg(long, value_name = "SECS")]
+    pub interval: Option<f64>,
     /// Say where each probe goes.
     #[arg(short, long)]
     pub verbose: bool,
@@ -139,4 +148,86 @@ pub struct RunArgs {
     /// Command to launch, held until every probe is attached; racewatch ends when it exits.
     #[arg(last = true, value_name = "COMMAND")]
     pub command: Vec<OsString>,
+}
+
+/// `--provoke`'s DURATION: a number and a unit among ns, us (or µs), ms, s; at most
+/// [`detector_common::PROVOKE_MAX_NS`].
+pub fn parse_provoke(text: &str) -> Result<std::time::Duration, String> {
+    let t = text.trim();
+    let split = t
+        .find(|c: char| !(c.is_ascii_digit() || c == '.'))
+        .ok_or_else(|| format!("{text:?} has no unit: write e.g. 500us or 2ms"))?;
+    let (num, unit) = t.split_at(split);
+    let per_unit = match unit.trim() {
+        "ns" => 1.0,
+        "us" | "µs" => 1e3,
+        "ms" => 1e6,
+        "s" => 1e9,
+        u => {
+            return Err(format!(
+                "unknown unit {u:?} in {text:?}: use ns, us, ms or s"
+            ));
+        }
+    };
+    let n: f64 = num
+        .parse()
+        .map_err(|_| format!("{text:?} does not start with a number: write e.g. 500us or 2ms"))?;
+    let ns = (n * per_unit).round();
+    let max = detector_common::PROVOKE_MAX_NS;
+    if ns < 1.0 {
+        return Err(format!("{text:?} is no time at all: give at least 1ns"));
+    }
+    if ns > max as f64 {
+        return Err(format!(
+            "{text:?} is more than the {} ms racewatch holds a window at most",
+            max / 1_000_000
+        ));
+    }
+    Ok(std::time::Duration::from_nanos(ns as u64))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::time::Duration;
+
+    #[test]
+    fn provoke_durations_as_users_write_them() {
+        assert_eq!(parse_provoke("500us"), Ok(Duration::from_micros(500)));
+        assert_eq!(parse_provoke("500µs"), Ok(Duration::from_micros(500)));
+        assert_eq!(parse_provoke("2ms"), Ok(Duration::from_millis(2)));
+        assert_eq!(parse_provoke("1.5ms"), Ok(Duration::from_micros(1_500)));
+        assert_eq!(parse_provoke("750ns"), Ok(Duration::from_nanos(750)));
+        assert_eq!(parse_provoke("0.01s"), Ok(Duration::from_millis(10)));
+        assert_eq!(parse_provoke(" 3 ms "), Ok(Duration::from_millis(3)));
+        assert_eq!(parse_provoke("50ms"), Ok(Duration::from_millis(50)));
+    }
+
+    #[test]
+    fn bad_provoke_durations_say_what_to_write() {
+        assert_eq!(
+            parse_provoke("2"),
+            Err("\"2\" has no unit: write e.g. 500us or 2ms".into())
+        );
+        assert_eq!(
+            parse_provoke("2min"),
+            Err("unknown unit \"min\" in \"2min\": use ns, us, ms or s".into())
+        );
+        assert_eq!(
+            parse_provoke("ms"),
+            Err("\"ms\" does not start with a number: write e.g. 500us or 2ms".into())
+        );
+        assert_eq!(
+            parse_provoke("1.2.3ms"),
+            Err("\"1.2.3ms\" does not start with a number: write e.g. 500us or 2ms".into())
+        );
+        assert_eq!(
+            parse_provoke("0ms"),
+            Err("\"0ms\" is no time at all: give at least 1ns".into())
+        );
+        assert_eq!(
+            parse_provoke("51ms"),
+            Err("\"51ms\" is more than the 50 ms racewatch holds a window at most".into())
+        );
+    }
 }

@@ -1,5 +1,6 @@
-//! The run loop: drains the ring buffer into the correlator and the sink until the target exits,
-//! a signal arrives or the duration elapses, then reports the summary.
+//! The run loop: drains the ring buffer into the correlator, the hazard tracker and the sink
+//! until the target exits, a signal arrives or the duration elapses, then reports the hazards
+//! and the summary.
 use std::time::{Duration, Instant};
 
 use aya::maps::{MapData, RingBuf};
@@ -11,8 +12,9 @@ use tokio::{
 
 use crate::{
     correlate::Correlator,
+    hazard::HazardTracker,
     loader::Loaded,
-    output::{LostByKind, ProbeHits, Sink, Summary},
+    output::{LostByKind, ProbeHits, ProvokeJson, Sink, Summary},
     target::Target,
 };
 
@@ -54,26 +56,43 @@ pub struct Run<'a> {
     pub correlator: Correlator,
     pub sink: &'a mut dyn Sink,
     pub duration: Option<Duration>,
+    /// Hazard reports between the start and the end, if asked for.
+    pub interval: Option<Duration>,
 }
 
-/// Feeds every event waiting in the ring to the correlator, and its alerts to the sink.
-fn drain(
-    ring: &mut RingBuf<MapData>,
-    correlator: &mut Correlator,
-    sink: &mut dyn Sink,
-    decode_errors: &mut u64,
-) -> anyhow::Result<()> {
-    while let Some(item) = ring.next() {
-        match Event::decode(&item) {
-            Ok(event) => {
-                for alert in correlator.on_event(&event) {
-                    sink.alert(&alert)?;
+/// Where decoded events go.
+struct Consumers<'a> {
+    correlator: Correlator,
+    hazard: HazardTracker,
+    sink: &'a mut dyn Sink,
+    decode_errors: u64,
+}
+
+impl Consumers<'_> {
+    /// Feeds every event waiting in the ring to the correlator and the hazard tracker, and the
+    /// alerts to the sink.
+    fn drain(&mut self, ring: &mut RingBuf<MapData>) -> anyhow::Result<()> {
+        while let Some(item) = ring.next() {
+            match Event::decode(&item) {
+                Ok(event) => {
+                    self.hazard.on_event(&event);
+                    for alert in self.correlator.on_event(&event) {
+                        self.sink.alert(&alert)?;
+                    }
                 }
+                Err(_) => self.decode_errors += 1,
             }
-            Err(_) => *decode_errors += 1,
         }
+        Ok(())
     }
-    Ok(())
+
+    fn report_hazards(&mut self, loaded: &Loaded, started: Instant) -> anyhow::Result<()> {
+        let elapsed = started.elapsed().as_secs_f64();
+        for h in self.hazard.report(&loaded.readers()?, elapsed, elapsed) {
+            self.sink.hazard(&h)?;
+        }
+        Ok(())
+    }
 }
 
 impl Run<'_> {
@@ -82,10 +101,17 @@ impl Run<'_> {
             mut signals,
             loaded,
             events,
-            mut correlator,
+            correlator,
             sink,
             duration,
+            interval,
         } = self;
+        let mut feed = Consumers {
+            correlator,
+            hazard: HazardTracker::default(),
+            sink,
+            decode_errors: 0,
+        };
         let started = Instant::now();
         let deadline = async {
             match duration {
@@ -95,9 +121,14 @@ impl Run<'_> {
         };
         tokio::pin!(deadline);
         let mut tick = tokio::time::interval(POLL);
+        let mut hazard_tick =
+            interval.map(|d| tokio::time::interval_at(tokio::time::Instant::now() + d, d));
+        let hazard_due = async |t: &mut Option<tokio::time::Interval>| match t {
+            Some(t) => t.tick().await,
+            None => std::future::pending().await,
+        };
         // SAFETY: the ring buffer owns its map fd and keeps it for as long as the AsyncFd lives.
         let mut ring = unsafe { AsyncFd::register(events) }.map_err(|e| e.into_parts().1)?;
-        let mut decode_errors = 0;
         let ended = loop {
             tokio::select! {
                 how = signals.recv() => break how.to_string(),
@@ -108,20 +139,31 @@ impl Run<'_> {
                 },
                 guard = ring.readable_mut() => {
                     let mut guard = guard?;
-                    drain(guard.get_inner_mut(), &mut correlator, sink, &mut decode_errors)?;
+                    feed.drain(guard.get_inner_mut())?;
                     guard.clear_ready();
                 }
-                _ = tick.tick() => drain(ring.get_mut(), &mut correlator, sink, &mut decode_errors)?,
+                _ = tick.tick() => feed.drain(ring.get_mut())?,
+                _ = hazard_due(&mut hazard_tick) => {
+                    feed.drain(ring.get_mut())?;
+                    feed.report_hazards(loaded, started)?;
+                }
             }
         };
         target.finish().await;
         // Events written before the end are still in the ring.
-        drain(ring.get_mut(), &mut correlator, sink, &mut decode_errors)?;
-        for alert in correlator.finish() {
-            sink.alert(&alert)?;
+        feed.drain(ring.get_mut())?;
+        for alert in feed.correlator.finish() {
+            feed.sink.alert(&alert)?;
         }
-        let summary = summary(loaded, &correlator, ended, decode_errors, started.elapsed())?;
-        sink.summary(&summary)?;
+        feed.report_hazards(loaded, started)?;
+        let summary = summary(
+            loaded,
+            &feed.correlator,
+            ended,
+            feed.decode_errors,
+            started.elapsed(),
+        )?;
+        feed.sink.summary(&summary)?;
         Ok(summary)
     }
 }
@@ -141,14 +183,17 @@ fn summary(
         lookup: stat(Stat::LostLookup),
         keyerror: stat(Stat::LostKeyError),
         key_verdict: stat(Stat::LostKeyVerdict),
+        near: stat(Stat::LostNear),
     };
+    let p = loaded.provoke()?;
     Ok(Summary {
         counts: correlator.counts().into(),
         lost_events: lost_by_kind.window_open
             + lost_by_kind.window_close
             + lost_by_kind.lookup
             + lost_by_kind.keyerror
-            + lost_by_kind.key_verdict,
+            + lost_by_kind.key_verdict
+            + lost_by_kind.near,
         lost_by_kind,
         map_full: stat(Stat::MapFull),
         pending_full: stat(Stat::PendingFull),
@@ -161,6 +206,11 @@ fn summary(
             lookup_return: stat(Stat::HitsLookupReturn),
             lookup_miss: stat(Stat::HitsLookupMiss),
             keyerror: stat(Stat::HitsKeyError),
+        },
+        provoke: ProvokeJson {
+            windows: p.windows,
+            added_ns: p.held_ns,
+            over_budget: p.refused,
         },
         duration_s: elapsed.as_secs_f64(),
         ended,

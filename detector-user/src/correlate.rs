@@ -91,6 +91,8 @@ impl Correlator {
             Event::Lookup(l) => return self.on_lookup(l).into_iter().collect(),
             Event::KeyError(k) => self.on_keyerror(k),
             Event::KeyVerdict(v) => return self.on_verdict(v),
+            // For the hazard report only.
+            Event::Near(_) => {}
         }
         Vec::new()
     }

@@ -6,7 +6,10 @@ use aya::{
     maps::{HashMap, MapData, PerCpuArray, RingBuf},
     programs::{UProbe, uprobe::UProbeScope},
 };
-use detector_common::{DictSite, EVENTS_MAP, KEYERROR_SITES_MAP, STATS_MAP, Stat, globals};
+use detector_common::{
+    DictSite, EVENTS_MAP, KEYERROR_SITES_MAP, PROVOKE_MAP, ProvokeState, READERS_MAP, ReaderKey,
+    ReaderState, STATS_MAP, Stat, globals,
+};
 
 use crate::symbols::Function;
 
@@ -26,6 +29,8 @@ pub enum LoadError {
         binary: PathBuf,
         source: aya::programs::ProgramError,
     },
+    #[error("cannot count this machine's CPUs: {0}")]
+    Cpus(#[source] std::io::Error),
     #[error("racewatch's eBPF object lacks map {0} (a build mismatch: rebuild racewatch)")]
     MissingMap(&'static str),
     #[error("cannot use the kernel map {map}: {source}")]
@@ -79,6 +84,8 @@ pub struct Options {
     pub tgid: u32,
     pub cache_arg: u32,
     pub ring_bytes: u32,
+    /// How long to hold a writer in each window (0: never).
+    pub provoke_ns: u64,
 }
 
 impl Plan {
@@ -105,12 +112,21 @@ impl Loaded {
     pub fn load(opts: &Options, plan: &Plan) -> Result<Loaded, LoadError> {
         let wakeup_bytes = u64::from(opts.ring_bytes / 2);
         let (miss_slot, miss_value) = plan.miss_globals();
+        // The provocation budget accrues from now, on the clock bpf_ktime_get_ns reads.
+        let start_ns = monotonic_ns();
+        let cpus = aya::util::nr_cpus()
+            .map_err(|(_, e)| LoadError::Cpus(e))?
+            .try_into()
+            .unwrap_or(u32::MAX);
         let ebpf = EbpfLoader::new()
             .override_global(globals::TARGET_TGID, &opts.tgid, true)
             .override_global(globals::CACHE_ARG, &opts.cache_arg, true)
             .override_global(globals::MISS_CACHE_SLOT, &miss_slot, true)
             .override_global(globals::MISS_VALUE, &miss_value, true)
             .override_global("WAKEUP_BYTES", &wakeup_bytes, true)
+            .override_global(globals::PROVOKE_NS, &opts.provoke_ns, true)
+            .override_global(globals::PROVOKE_START_NS, &start_ns, true)
+            .override_global(globals::PROVOKE_CPUS, &cpus, true)
             .map_max_entries(EVENTS_MAP, opts.ring_bytes)
             .load(OBJECT)
             .map_err(LoadError::Load)?;
@@ -205,6 +221,45 @@ impl Loaded {
         })
     }
 
+    /// Every reader the kernel counted, by (cache, thread).
+    pub fn readers(&self) -> Result<Vec<(ReaderKey, ReaderState)>, LoadError> {
+        let map_err = |source| LoadError::Map {
+            map: READERS_MAP,
+            source,
+        };
+        let map = self
+            .ebpf
+            .map(READERS_MAP)
+            .ok_or(LoadError::MissingMap(READERS_MAP))?;
+        let readers: HashMap<_, ReaderKey, ReaderState> =
+            HashMap::try_from(map).map_err(map_err)?;
+        // A key evicted between its listing and its read yields an error for that key alone:
+        // that reader is skipped.
+        Ok(readers.iter().filter_map(Result::ok).collect())
+    }
+
+    /// The provocation counters, summed over CPUs.
+    pub fn provoke(&self) -> Result<ProvokeState, LoadError> {
+        let map_err = |source| LoadError::Map {
+            map: PROVOKE_MAP,
+            source,
+        };
+        let map = self
+            .ebpf
+            .map(PROVOKE_MAP)
+            .ok_or(LoadError::MissingMap(PROVOKE_MAP))?;
+        let array: PerCpuArray<_, ProvokeState> = PerCpuArray::try_from(map).map_err(map_err)?;
+        Ok(array
+            .get(&0, 0)
+            .map_err(map_err)?
+            .iter()
+            .fold(ProvokeState::default(), |sum, cpu| ProvokeState {
+                held_ns: sum.held_ns + cpu.held_ns,
+                windows: sum.windows + cpu.windows,
+                refused: sum.refused + cpu.refused,
+            }))
+    }
+
     /// Each [`Stat`] summed over CPUs.
     pub fn stats(&self) -> Result<Vec<u64>, LoadError> {
         let map = self
@@ -228,4 +283,15 @@ impl Loaded {
             })
             .collect()
     }
+}
+
+/// CLOCK_MONOTONIC in ns: the clock of the kernel's `bpf_ktime_get_ns`.
+fn monotonic_ns() -> u64 {
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: clock_gettime writes the timespec it is given; CLOCK_MONOTONIC always exists.
+    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
+    ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
 }

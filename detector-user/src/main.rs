@@ -2,6 +2,8 @@
 mod cli;
 mod collector;
 mod correlate;
+mod hazard;
+mod histogram;
 mod info;
 mod loader;
 mod output;
@@ -26,6 +28,7 @@ use crate::{
 
 async fn watch(args: WatchArgs) -> Result<ExitCode, Failure> {
     session::duration(&args.run)?;
+    session::interval(&args.run)?;
     let binary = match &args.binary {
         Some(b) => b.clone(),
         None => session::default_binary(&args.run)?,
@@ -78,12 +81,14 @@ async fn watch(args: WatchArgs) -> Result<ExitCode, Failure> {
         lookup,
     };
     let correlator = Correlator::new(args.miss_ret, None);
-    let summary = session::run(&plan, &args.run, args.cache_arg, correlator).await?;
+    let provoke_ns = args.provoke.map_or(0, |d| d.as_nanos() as u64);
+    let summary = session::run(&plan, &args.run, args.cache_arg, provoke_ns, correlator).await?;
     Ok(exit_for(summary.as_ref()))
 }
 
 async fn python(args: PythonArgs) -> Result<ExitCode, Failure> {
     session::duration(&args.run)?;
+    session::interval(&args.run)?;
     let interp = match args.run.pid {
         Some(pid) => python::for_pid(pid),
         None => python::for_command(&args.run.command),
@@ -92,7 +97,7 @@ async fn python(args: PythonArgs) -> Result<ExitCode, Failure> {
     let plan = python::plan(&interp, args.run.verbose).map_err(Failure::usage)?;
     preflight::check().map_err(Failure::usage)?;
     let correlator = Correlator::new(None, Some(python::key::render));
-    let summary = session::run(&plan, &args.run, 0, correlator).await?;
+    let summary = session::run(&plan, &args.run, 0, 0, correlator).await?;
     Ok(exit_for(summary.as_ref()))
 }
 

@@ -4,7 +4,10 @@ use std::io::{self, Write};
 use serde::Serialize;
 use serde_json::json;
 
-use crate::correlate::{Alert, Counts};
+use crate::{
+    correlate::{Alert, Counts},
+    hazard::Hazard,
+};
 
 /// Everything the last line of a run reports.
 #[derive(Clone, Debug, Default, Serialize)]
@@ -22,6 +25,8 @@ pub struct Summary {
     pub decode_errors: u64,
     /// Times each probe fired in the target.
     pub probe_hits: ProbeHits,
+    /// What `--provoke` did (all zero without it).
+    pub provoke: ProvokeJson,
     pub duration_s: f64,
     /// How the run ended: "target exited", "interrupted", "duration elapsed".
     pub ended: String,
@@ -51,12 +56,23 @@ impl From<&Counts> for CountsJson {
 }
 
 #[derive(Clone, Debug, Default, Serialize)]
+pub struct ProvokeJson {
+    /// Windows held open longer.
+    pub windows: u64,
+    /// Time added to them, in total.
+    pub added_ns: u64,
+    /// Windows left alone because the budget was spent.
+    pub over_budget: u64,
+}
+
+#[derive(Clone, Debug, Default, Serialize)]
 pub struct LostByKind {
     pub window_open: u64,
     pub window_close: u64,
     pub lookup: u64,
     pub keyerror: u64,
     pub key_verdict: u64,
+    pub near: u64,
 }
 
 #[derive(Clone, Debug, Default, Serialize)]
@@ -72,6 +88,7 @@ pub struct ProbeHits {
 
 pub trait Sink {
     fn alert(&mut self, alert: &Alert) -> io::Result<()>;
+    fn hazard(&mut self, hazard: &Hazard) -> io::Result<()>;
     fn summary(&mut self, summary: &Summary) -> io::Result<()>;
 }
 
@@ -152,6 +169,46 @@ impl<W: Write> Sink for HumanSink<W> {
         self.out.flush()
     }
 
+    fn hazard(&mut self, h: &Hazard) -> io::Result<()> {
+        let sampled = if h.sampled_fraction < 1.0 {
+            format!(
+                " (lookups sampled {:.1}% of the time)",
+                h.sampled_fraction * 100.0
+            )
+        } else {
+            String::new()
+        };
+        writeln!(
+            self.out,
+            "HAZARD cache {:#x}: {} windows ({:.1}/s), width p50 {} p99 {} max {}, empty {:.4}% of \
+             the time; expect {:.1} collisions/hour{sampled}",
+            h.cache,
+            h.windows,
+            h.windows_per_s,
+            fmt_ns(h.window_p50_ns),
+            fmt_ns(h.window_p99_ns),
+            fmt_ns(h.window_max_ns),
+            h.time_in_window * 100.0,
+            h.expected_collisions_per_hour,
+        )?;
+        if h.readers.is_empty() {
+            writeln!(self.out, "  no reader's lookups were counted")?;
+        }
+        let far = |d: Option<u64>| d.map_or_else(|| "never seen".to_string(), fmt_ns);
+        for r in &h.readers {
+            writeln!(
+                self.out,
+                "  reader {} ({}): {:.0} lookups/s, closest {} before a window and {} after one",
+                r.tid,
+                escape(&r.comm),
+                r.lookups_per_s,
+                far(r.closest_before_ns),
+                far(r.closest_after_ns),
+            )?;
+        }
+        self.out.flush()
+    }
+
     fn summary(&mut self, s: &Summary) -> io::Result<()> {
         let c = &s.counts;
         // Only Python runs judge keys; a watch run has nothing to say here.
@@ -173,6 +230,16 @@ impl<W: Write> Sink for HumanSink<W> {
              {:.1} s, {}",
             c.lookups_in_window, c.misses_in_window, s.lost_events, s.duration_s, s.ended
         )?;
+        let p = &s.provoke;
+        if p.windows > 0 || p.over_budget > 0 {
+            writeln!(
+                self.out,
+                "racewatch: provoked {} windows, adding {} in all ({} more left alone: budget spent)",
+                p.windows,
+                fmt_ns(p.added_ns),
+                p.over_budget
+            )?;
+        }
         if s.map_full > 0 || s.decode_errors > 0 {
             writeln!(
                 self.out,
@@ -208,6 +275,40 @@ impl<W: Write> Sink for JsonSink<W> {
             "open_for_ns": a.open_for_ns(),
             "miss": a.miss,
             "key": a.key,
+        });
+        writeln!(self.out, "{line}")?;
+        self.out.flush()
+    }
+
+    fn hazard(&mut self, h: &Hazard) -> io::Result<()> {
+        let readers: Vec<_> = h
+            .readers
+            .iter()
+            .map(|r| {
+                json!({
+                    "tid": r.tid,
+                    "comm": r.comm,
+                    "lookups": r.lookups,
+                    "lookups_per_s": r.lookups_per_s,
+                    "closest_before_ns": r.closest_before_ns,
+                    "closest_after_ns": r.closest_after_ns,
+                    "expected_collisions_per_hour": r.expected_collisions_per_hour,
+                })
+            })
+            .collect();
+        let line = json!({
+            "type": "hazard",
+            "cache": format!("{:#x}", h.cache),
+            "windows": h.windows,
+            "windows_per_s": h.windows_per_s,
+            "window_p50_ns": h.window_p50_ns,
+            "window_p99_ns": h.window_p99_ns,
+            "window_max_ns": h.window_max_ns,
+            "time_in_window": h.time_in_window,
+            "readers": readers,
+            "expected_collisions_per_hour": h.expected_collisions_per_hour,
+            "sampled_fraction": h.sampled_fraction,
+            "elapsed_s": h.elapsed_s,
         });
         writeln!(self.out, "{line}")?;
         self.out.flush()

@@ -58,19 +58,26 @@ fn sink(args: &RunArgs) -> Result<Box<dyn Sink>, Failure> {
     })
 }
 
+fn seconds(flag: &str, secs: Option<f64>) -> Result<Option<Duration>, Failure> {
+    secs.map(|s| {
+        Duration::try_from_secs_f64(s)
+            .ok()
+            .filter(|d| !d.is_zero())
+            .ok_or_else(|| {
+                Failure::usage(anyhow::anyhow!(
+                    "{flag} must be a positive number of seconds, got {s}"
+                ))
+            })
+    })
+    .transpose()
+}
+
 pub fn duration(args: &RunArgs) -> Result<Option<Duration>, Failure> {
-    args.duration
-        .map(|s| {
-            Duration::try_from_secs_f64(s)
-                .ok()
-                .filter(|d| !d.is_zero())
-                .ok_or_else(|| {
-                    Failure::usage(anyhow::anyhow!(
-                        "--duration must be a positive number of seconds, got {s}"
-                    ))
-                })
-        })
-        .transpose()
+    seconds("--duration", args.duration)
+}
+
+pub fn interval(args: &RunArgs) -> Result<Option<Duration>, Failure> {
+    seconds("--interval", args.interval)
 }
 
 /// Runs `plan` against the target of `args`; returns the summary (None for a dry run).
@@ -78,12 +85,14 @@ pub async fn run(
     plan: &Plan,
     args: &RunArgs,
     cache_arg: u32,
+    provoke_ns: u64,
     correlator: Correlator,
 ) -> Result<Option<Summary>, Failure> {
     let signals = Signals::catch()
         .context("cannot catch SIGINT, SIGTERM and SIGHUP")
         .map_err(Failure::runtime)?;
     let duration = duration(args)?;
+    let interval = interval(args)?;
     let mut sink = sink(args)?;
     let held = match (&args.pid, args.dry_run) {
         (None, false) => Some(Held::spawn(&args.command).map_err(Failure::usage)?),
@@ -95,6 +104,7 @@ pub async fn run(
             tgid: pid,
             cache_arg,
             ring_bytes: ring_bytes(),
+            provoke_ns,
         },
         plan,
     )
@@ -141,6 +151,7 @@ pub async fn run(
         correlator,
         sink: sink.as_mut(),
         duration,
+        interval,
     };
     run.run(&mut target)
         .await

@@ -402,3 +402,33 @@ fn pid_that_exits_mid_run() {
     assert!(out.ends_with(", target exited\n"), "{out}");
     assert_eq!(o.status.code(), Some(0), "{err}");
 }
+
+#[test]
+fn provoke_duration_without_a_unit() {
+    let (code, err) = watch_err(None, SYMS, &["--provoke", "2", "-p", &own_pid()]);
+    assert_eq!(code, Some(2));
+    assert!(
+        err.contains("invalid value '2' for '--provoke <DURATION>': \"2\" has no unit: write e.g. 500us or 2ms"),
+        "{err}"
+    );
+}
+
+#[test]
+fn provoke_longer_than_the_cap() {
+    let (code, err) = watch_err(None, SYMS, &["--provoke", "1s", "-p", &own_pid()]);
+    assert_eq!(code, Some(2));
+    assert!(
+        err.contains("\"1s\" is more than the 50 ms racewatch holds a window at most"),
+        "{err}"
+    );
+}
+
+#[test]
+fn interval_must_be_positive() {
+    let (code, err) = watch_err(None, SYMS, &["--interval", "0", "-p", &own_pid()]);
+    assert_eq!(code, Some(2));
+    assert!(
+        err.contains("--interval must be a positive number of seconds, got 0"),
+        "{err}"
+    );
+}

@@ -246,3 +246,146 @@ fn a_hostile_thread_name_is_escaped_for_people_and_kept_in_json() {
         assert_eq!(a["reader_name"], "r\x1b[31m\u{fffd}\n", "{a}");
     }
 }
+
+/// Runs the demo under racewatch with extra racewatch flags: (exit code, demo truth, NDJSON).
+fn watch_demo_with(flags: &[&str], demo_args: &[&str]) -> (i32, (u64, u64, u64), String) {
+    let out = temp_file("hazard.ndjson");
+    let out_s = out.to_string_lossy().into_owned();
+    let mut args = vec!["watch"];
+    args.extend(DEMO_PROBES);
+    args.extend(["--miss-ret", "-1", "--json", "-o", &out_s]);
+    args.extend(flags);
+    args.extend(["--", cache_demo().to_str().unwrap()]);
+    args.extend(demo_args);
+    let o = racewatch(&args);
+    let err = stderr(&o);
+    let text = std::fs::read_to_string(&out)
+        .unwrap_or_else(|e| panic!("no output file ({e}); stderr:\n{err}"));
+    (o.status.code().unwrap_or(-1), demo_truth(&err), text)
+}
+
+#[test]
+#[ignore = "root"]
+fn rare_race_shows_no_miss_in_ten_unobserved_seconds() {
+    let o = Command::new(cache_demo())
+        .args(RARE_DEMO)
+        .args(["--seconds", "10"])
+        .output()
+        .unwrap();
+    let (lookups, misses, refreshes) = demo_truth(&stderr(&o));
+    assert!(
+        lookups > 1_000 && refreshes > 20,
+        "{lookups} lookups, {refreshes} refreshes"
+    );
+    assert_eq!(misses, 0, "the rare race fired unobserved: not rare enough");
+}
+
+#[test]
+#[ignore = "root"]
+fn rare_race_gets_a_hazard_line_within_the_run() {
+    let mut demo = vec!["--seconds", "10"];
+    demo.extend(RARE_DEMO);
+    // Every lookup's entry is probed, so the reader's count is exact.
+    let (code, (lookups, misses, refreshes), text) =
+        watch_demo_with(&["--probe-returns", "--interval", "2"], &demo);
+    let (_, summary) = parse_ndjson(&text);
+    let hazards = hazard_lines(&text);
+    // Four or five interval reports, then the final one: the first comes 2 s into the run.
+    assert!(hazards.len() >= 4, "hazard lines: {hazards:?}");
+    let first = &hazards[0];
+    assert!(first["elapsed_s"].as_f64().unwrap() < 3.0, "{first}");
+    assert!(first["windows"].as_u64().unwrap() > 0, "{first}");
+    let last = hazards.last().unwrap();
+    assert_eq!(last["windows"], refreshes, "one window per refresh: {last}");
+    assert_eq!(last["windows"], summary["windows"]);
+    assert_eq!(last["window_max_ns"], summary["max_window_ns"]);
+    let (p50, p99, max) = (
+        last["window_p50_ns"].as_u64().unwrap(),
+        last["window_p99_ns"].as_u64().unwrap(),
+        last["window_max_ns"].as_u64().unwrap(),
+    );
+    assert!(0 < p50 && p50 <= p99 && p99 <= max, "{last}");
+    let readers = last["readers"].as_array().unwrap();
+    assert_eq!(readers.len(), 1, "the refresher does not look up: {last}");
+    let r = &readers[0];
+    assert_eq!(r["comm"], "reader-0");
+    assert_eq!(r["lookups"], lookups, "every lookup counted: {r}");
+    let rate = r["lookups_per_s"].as_f64().unwrap();
+    let elapsed = last["elapsed_s"].as_f64().unwrap();
+    assert!((rate * elapsed - lookups as f64).abs() < 1.0, "{r}");
+    assert!(r["closest_before_ns"].as_u64().is_some(), "{r}");
+    assert!(r["closest_after_ns"].as_u64().is_some(), "{r}");
+    // The estimate is the formula of docs/HAZARD.md on the line's own numbers.
+    let expected = rate * last["time_in_window"].as_f64().unwrap() * 3600.0;
+    let got = last["expected_collisions_per_hour"].as_f64().unwrap();
+    assert!(
+        got > 0.0 && (got - expected).abs() < 1e-6 * expected,
+        "{last}"
+    );
+    assert_eq!(last["sampled_fraction"], 1.0);
+    assert_eq!(summary["misses_in_window"], misses, "summary: {summary}");
+    assert_eq!(summary["lost_events"], 0, "summary: {summary}");
+    assert_eq!(
+        code,
+        if summary["lookups_in_window"] == 0 {
+            0
+        } else {
+            1
+        }
+    );
+}
+
+#[test]
+#[ignore = "root"]
+fn provoke_makes_the_rare_race_fire_and_every_miss_is_flagged() {
+    let mut demo = vec!["--seconds", "5"];
+    demo.extend(RARE_DEMO);
+    let (code, (_, misses, refreshes), text) = watch_demo_with(&["--provoke", "2ms"], &demo);
+    let (alerts, summary) = parse_ndjson(&text);
+    assert!(misses > 0, "--provoke made no miss; summary: {summary}");
+    assert_eq!(summary["misses_in_window"], misses, "summary: {summary}");
+    assert_eq!(
+        alerts.iter().filter(|a| a["miss"] == true).count() as u64,
+        misses
+    );
+    assert_eq!(summary["lost_events"], 0, "summary: {summary}");
+    let p = &summary["provoke"];
+    let provoked = p["windows"].as_u64().unwrap();
+    assert!(provoked > 0, "summary: {summary}");
+    assert_eq!(
+        provoked + p["over_budget"].as_u64().unwrap(),
+        refreshes,
+        "every window provoked or refused: {summary}"
+    );
+    let added = p["added_ns"].as_u64().unwrap();
+    assert!(
+        added >= provoked * 2_000_000,
+        "each hold lasts 2 ms: {summary}"
+    );
+    let wall_ns = summary["duration_s"].as_f64().unwrap() * 1e9;
+    assert!(
+        (added as f64) <= 0.1 * wall_ns,
+        "over the 10% budget: {summary}"
+    );
+    assert_eq!(code, 1);
+}
+
+#[test]
+#[ignore = "root"]
+fn fixed_mode_has_no_hazard_and_no_miss_under_provoke() {
+    let mut demo = vec!["--seconds", "2", "--fixed"];
+    demo.extend(RARE_DEMO);
+    let (code, (lookups, misses, _), text) =
+        watch_demo_with(&["--provoke", "2ms", "--interval", "1"], &demo);
+    let (alerts, summary) = parse_ndjson(&text);
+    assert!(lookups > 0);
+    assert_eq!(misses, 0);
+    assert!(alerts.is_empty(), "alerts on the fixed build: {alerts:?}");
+    assert!(
+        hazard_lines(&text).is_empty(),
+        "hazard on the fixed build:\n{text}"
+    );
+    assert_eq!(summary["windows"], 0);
+    assert_eq!(summary["provoke"]["windows"], 0);
+    assert_eq!(code, 0);
+}

@@ -61,7 +61,26 @@ pub fn demo_truth(stderr: &str) -> (u64, u64, u64) {
     (field("lookups="), field("misses="), field("refreshes="))
 }
 
-/// racewatch's NDJSON output: (alerts, summary).
+/// The native demo's rare race: a 64-key cache refreshed 5 times a second, one reader pausing
+/// 2 ms between lookups. Unobserved, a 10 s run sees no miss.
+pub const RARE_DEMO: [&str; 6] = [
+    "--keys",
+    "64",
+    "--refresh-us",
+    "200000",
+    "--pause-us",
+    "2000",
+];
+
+/// racewatch's NDJSON hazard lines.
+pub fn hazard_lines(text: &str) -> Vec<Value> {
+    text.lines()
+        .filter_map(|l| serde_json::from_str::<Value>(l).ok())
+        .filter(|v| v["type"] == "hazard")
+        .collect()
+}
+
+/// racewatch's NDJSON output: (alerts, summary); hazard lines are left out.
 pub fn parse_ndjson(text: &str) -> (Vec<Value>, Value) {
     let lines: Vec<Value> = text
         .lines()
@@ -75,10 +94,13 @@ pub fn parse_ndjson(text: &str) -> (Vec<Value>, Value) {
         "last line is not the summary: {summary}"
     );
     assert!(
-        alerts.iter().all(|a| a["type"] == "alert"),
-        "non-alert line before the summary"
+        alerts
+            .iter()
+            .all(|a| a["type"] == "alert" || a["type"] == "hazard"),
+        "a line that is neither alert nor hazard before the summary"
     );
-    (alerts.to_vec(), summary.clone())
+    let alerts = alerts.iter().filter(|a| a["type"] == "alert").cloned();
+    (alerts.collect(), summary.clone())
 }
 
 pub fn racewatch(args: &[&str]) -> Output {

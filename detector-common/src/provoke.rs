@@ -1,0 +1,81 @@
+//! The provocation budget: how long racewatch may hold a writer inside its windows, shared so the
+//! kernel enforces exactly the rule the host tests check.
+
+/// Longest hold of one window (`--provoke` refuses more): a BPF program cannot sleep, so the
+/// hold is a bounded busy-wait on the writer's CPU.
+pub const PROVOKE_MAX_NS: u64 = 50_000_000;
+/// Share of the wall time since attach that holds may add up to, in percent.
+pub const PROVOKE_BUDGET_PCT: u64 = 10;
+
+/// Provocation counters, in the kernel's per-CPU `PROVOKE` array (one entry): each CPU accounts
+/// the holds it ran, with no atomics (the BPF target has none Rust can emit here).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct ProvokeState {
+    /// Time writers were held, in total.
+    pub held_ns: u64,
+    /// Windows held open.
+    pub windows: u64,
+    /// Windows left alone because the budget was spent.
+    pub refused: u64,
+}
+
+/// Whether one CPU, having held writers `held_ns` in all, may hold one `hold_ns` more at
+/// `now_ns`: each of the `cpus` CPUs gets an equal share of [`PROVOKE_BUDGET_PCT`] of the time
+/// since `start_ns`, so all holds together never exceed that percentage.
+pub fn within_budget(start_ns: u64, now_ns: u64, held_ns: u64, hold_ns: u64, cpus: u32) -> bool {
+    // No overflowing multiplications: the BPF target has no 128-bit multiply to check them with.
+    let allowed = now_ns.saturating_sub(start_ns).min(u64::MAX / 100) * PROVOKE_BUDGET_PCT;
+    let need = held_ns.saturating_add(hold_ns);
+    let cpus = u64::from(cpus.max(1));
+    need <= u64::MAX / 100 / cpus && need * 100 * cpus <= allowed
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn budget_accrues_with_wall_time() {
+        // One CPU: 2 ms holds need 20 ms of wall time each at 10%.
+        assert!(!within_budget(1_000, 1_000 + 19_999_999, 0, 2_000_000, 1));
+        assert!(within_budget(1_000, 1_000 + 20_000_000, 0, 2_000_000, 1));
+        assert!(!within_budget(0, 40_000_000, 2_000_000, 2_000_001, 1));
+        assert!(within_budget(0, 40_000_000, 2_000_000, 2_000_000, 1));
+    }
+
+    #[test]
+    fn each_cpu_gets_its_share() {
+        // Two CPUs: 5% each, so together at most 10%.
+        assert!(!within_budget(0, 39_999_999, 0, 2_000_000, 2));
+        assert!(within_budget(0, 40_000_000, 0, 2_000_000, 2));
+        // Zero CPUs (a bad count) is treated as one, never a division by zero.
+        assert!(within_budget(0, 20_000_000, 0, 2_000_000, 0));
+    }
+
+    #[test]
+    fn clock_before_start_or_huge_values_never_pass() {
+        assert!(!within_budget(500, 100, 0, 1, 1));
+        assert!(!within_budget(0, u64::MAX, u64::MAX, 1, 1));
+        assert!(!within_budget(0, u64::MAX, u64::MAX / 200, 0, 4));
+    }
+
+    proptest::proptest! {
+        /// However the holds come, the total a CPU is allowed never exceeds its share.
+        #[test]
+        fn sum_of_allowed_holds_stays_within_share(
+            holds in proptest::collection::vec((1u64..10_000_000, 0u64..50_000_000), 1..200),
+            cpus in 1u32..8,
+        ) {
+            let (mut now, mut held) = (0u64, 0u64);
+            for (hold, gap) in holds {
+                now += gap;
+                if within_budget(0, now, held, hold, cpus) {
+                    held += hold;
+                    now += hold;
+                }
+                proptest::prop_assert!(held as u128 * 100 * cpus as u128 <= now as u128 * 10);
+            }
+        }
+    }
+}

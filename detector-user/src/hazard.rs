@@ -1,0 +1,350 @@
+//! The hazard report: for each cache that has empty windows, how often and how long it is empty,
+//! who reads it and how close they came, and how many collisions to expect per hour, whether or
+//! not a lookup has hit a window yet. Pure: fed kernel events and the kernel's reader counts, no
+//! I/O, no clock. The estimate and its limits are in docs/HAZARD.md.
+use std::collections::{HashMap, HashSet, VecDeque};
+
+use detector_common::{Event, NearEvent, ReaderKey, ReaderState, WindowEvent};
+
+use crate::{correlate::comm_str, histogram::Histogram};
+
+/// Window openings kept per cache to find the first one after a reader's lookup: a reader with
+/// more windows than this between two of its lookups gets its "before" distance from the oldest
+/// one kept (an overestimate, on a reader that far from the windows anyway).
+const RECENT_OPENS: usize = 4096;
+
+/// One reader of a cache in the report.
+#[derive(Clone, Debug, PartialEq)]
+pub struct ReaderHazard {
+    pub tid: u32,
+    pub comm: String,
+    /// Lookups counted (in the sampled time only, for a sampled run).
+    pub lookups: u64,
+    pub lookups_per_s: f64,
+    /// Shortest time from one of its lookups to the next window's opening.
+    pub closest_before_ns: Option<u64>,
+    /// Shortest time from a window's close to its next lookup.
+    pub closest_after_ns: Option<u64>,
+    pub expected_collisions_per_hour: f64,
+}
+
+/// One cache's hazard line.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Hazard {
+    pub cache: u64,
+    /// Windows that closed while racewatch watched.
+    pub windows: u64,
+    pub windows_per_s: f64,
+    pub window_p50_ns: u64,
+    pub window_p99_ns: u64,
+    pub window_max_ns: u64,
+    /// Share of the watched time the cache spent empty.
+    pub time_in_window: f64,
+    pub readers: Vec<ReaderHazard>,
+    pub expected_collisions_per_hour: f64,
+    /// Share of the watched time in which lookups were counted (1 when every lookup is probed).
+    pub sampled_fraction: f64,
+    pub elapsed_s: f64,
+}
+
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+struct Closest {
+    before: Option<u64>,
+    after: Option<u64>,
+}
+
+fn keep_min(slot: &mut Option<u64>, v: u64) {
+    *slot = Some(slot.map_or(v, |old| old.min(v)));
+}
+
+#[derive(Default)]
+struct CacheWindows {
+    widths: Histogram,
+    recent_opens: VecDeque<u64>,
+    writers: HashSet<u32>,
+    closest: HashMap<u32, Closest>,
+}
+
+impl CacheWindows {
+    fn on_near(&mut self, n: &NearEvent) {
+        let c = self.closest.entry(n.reader_tid).or_default();
+        // The first window that opened after the reader's previous lookup: later ones are
+        // farther from that lookup.
+        let first = self
+            .recent_opens
+            .partition_point(|&o| o <= n.prev_lookup_ns);
+        if let Some(&open) = self.recent_opens.get(first).filter(|&&o| o <= n.lookup_ns) {
+            keep_min(&mut c.before, open - n.prev_lookup_ns);
+        }
+        if n.close_ns != 0 {
+            keep_min(&mut c.after, n.lookup_ns.saturating_sub(n.close_ns));
+        }
+    }
+}
+
+#[derive(Default)]
+pub struct HazardTracker {
+    caches: HashMap<u64, CacheWindows>,
+}
+
+impl HazardTracker {
+    pub fn on_event(&mut self, event: &Event) {
+        match event {
+            Event::WindowOpen(w) => self.on_open(w),
+            Event::WindowClose(w) => {
+                let c = self.caches.entry(w.cache).or_default();
+                c.writers.insert(w.writer_tid);
+                c.widths.record(w.close_ns.saturating_sub(w.open_ns));
+            }
+            Event::Near(n) => self.caches.entry(n.cache).or_default().on_near(n),
+            Event::Lookup(_) | Event::KeyError(_) | Event::KeyVerdict(_) => {}
+        }
+    }
+
+    fn on_open(&mut self, w: &WindowEvent) {
+        let c = self.caches.entry(w.cache).or_default();
+        c.writers.insert(w.writer_tid);
+        if c.recent_opens.len() == RECENT_OPENS {
+            c.recent_opens.pop_front();
+        }
+        c.recent_opens.push_back(w.open_ns);
+    }
+
+    /// One hazard per cache that had a window, sorted by expected collisions (highest first).
+    /// `readers` is the kernel's count per (cache, thread); `elapsed_s` the watched time, of
+    /// which lookups were counted during `sampled_s`.
+    pub fn report(
+        &self,
+        readers: &[(ReaderKey, ReaderState)],
+        elapsed_s: f64,
+        sampled_s: f64,
+    ) -> Vec<Hazard> {
+        let mut out: Vec<Hazard> = self
+            .caches
+            .iter()
+            .filter(|(_, c)| c.widths.count() > 0)
+            .map(|(&cache, c)| cache_hazard(cache, c, readers, elapsed_s, sampled_s))
+            .collect();
+        out.sort_by(|a, b| {
+            b.expected_collisions_per_hour
+                .total_cmp(&a.expected_collisions_per_hour)
+                .then(a.cache.cmp(&b.cache))
+        });
+        out
+    }
+}
+
+fn rate(n: f64, secs: f64) -> f64 {
+    if secs > 0.0 { n / secs } else { 0.0 }
+}
+
+/// Expected collisions per hour of one reader: its lookup rate times the share of time the cache
+/// is empty, times 3600 (lookups assumed to fall independently of the windows: docs/HAZARD.md).
+pub fn collisions_per_hour(lookups_per_s: f64, time_in_window: f64) -> f64 {
+    lookups_per_s * time_in_window * 3600.0
+}
+
+fn cache_hazard(
+    cache: u64,
+    c: &CacheWindows,
+    readers: &[(ReaderKey, ReaderState)],
+    elapsed_s: f64,
+    sampled_s: f64,
+) -> Hazard {
+    let time_in_window = rate(c.widths.sum() as f64 / 1e9, elapsed_s).min(1.0);
+    let mut rs: Vec<ReaderHazard> = readers
+        .iter()
+        .filter(|(k, _)| k.cache == cache && !c.writers.contains(&k.tid))
+        .map(|(k, s)| {
+            let closest = c.closest.get(&k.tid).copied().unwrap_or_default();
+            let lookups_per_s = rate(s.lookups as f64, sampled_s);
+            ReaderHazard {
+                tid: k.tid,
+                comm: comm_str(&s.comm),
+                lookups: s.lookups,
+                lookups_per_s,
+                closest_before_ns: closest.before,
+                closest_after_ns: closest.after,
+                expected_collisions_per_hour: collisions_per_hour(lookups_per_s, time_in_window),
+            }
+        })
+        .collect();
+    rs.sort_by(|a, b| b.lookups.cmp(&a.lookups).then(a.tid.cmp(&b.tid)));
+    Hazard {
+        cache,
+        windows: c.widths.count(),
+        windows_per_s: rate(c.widths.count() as f64, elapsed_s),
+        window_p50_ns: c.widths.quantile(0.5),
+        window_p99_ns: c.widths.quantile(0.99),
+        window_max_ns: c.widths.max(),
+        time_in_window,
+        expected_collisions_per_hour: rs.iter().map(|r| r.expected_collisions_per_hour).sum(),
+        readers: rs,
+        sampled_fraction: rate(sampled_s, elapsed_s).min(1.0),
+        elapsed_s,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use detector_common::{COMM_LEN, EventKind};
+
+    const CACHE: u64 = 0xcace;
+    const WRITER: u32 = 1;
+
+    fn window(kind: EventKind, open_ns: u64, close_ns: u64) -> Event {
+        let w = WindowEvent {
+            kind: kind as u32,
+            writer_tid: WRITER,
+            cache: CACHE,
+            open_ns,
+            close_ns,
+            writer_comm: [0; COMM_LEN],
+        };
+        match kind {
+            EventKind::WindowOpen => Event::WindowOpen(w),
+            _ => Event::WindowClose(w),
+        }
+    }
+
+    /// Windows [open, open + width) for each open.
+    fn windows(t: &mut HazardTracker, opens: &[u64], width: u64) {
+        for &o in opens {
+            t.on_event(&window(EventKind::WindowOpen, o, 0));
+            t.on_event(&window(EventKind::WindowClose, o, o + width));
+        }
+    }
+
+    fn near(tid: u32, prev: u64, now: u64, close_ns: u64) -> Event {
+        Event::Near(NearEvent {
+            kind: EventKind::Near as u32,
+            reader_tid: tid,
+            cache: CACHE,
+            prev_lookup_ns: prev,
+            lookup_ns: now,
+            close_ns,
+        })
+    }
+
+    fn reader(tid: u32, lookups: u64) -> (ReaderKey, ReaderState) {
+        let mut comm = [0; COMM_LEN];
+        comm[..6].copy_from_slice(b"reader");
+        (
+            ReaderKey {
+                cache: CACHE,
+                tid,
+                _pad: 0,
+            },
+            ReaderState {
+                lookups,
+                last_ns: 0,
+                comm,
+            },
+        )
+    }
+
+    #[test]
+    fn estimate_is_rate_times_share_of_time_empty() {
+        let mut t = HazardTracker::default();
+        // 10 windows of 5 µs in 1 s: empty 5e-5 of the time.
+        windows(
+            &mut t,
+            &(0..10).map(|i| i * 100_000_000).collect::<Vec<_>>(),
+            5_000,
+        );
+        let h = &t.report(&[reader(2, 1_000), reader(WRITER, 50)], 1.0, 1.0)[0];
+        assert_eq!(h.windows, 10);
+        assert_eq!(h.windows_per_s, 10.0);
+        assert_eq!(
+            (h.window_p50_ns, h.window_p99_ns, h.window_max_ns),
+            (5_000, 5_000, 5_000)
+        );
+        assert!((h.time_in_window - 5e-5).abs() < 1e-12);
+        assert_eq!(
+            h.readers.len(),
+            1,
+            "the writer is not a reader of its own window"
+        );
+        let r = &h.readers[0];
+        assert_eq!(
+            (r.tid, r.comm.as_str(), r.lookups_per_s),
+            (2, "reader", 1_000.0)
+        );
+        // 1000 lookups/s × 5e-5 × 3600 s = 180 per hour.
+        assert!((h.expected_collisions_per_hour - 180.0).abs() < 1e-6);
+        assert_eq!(h.sampled_fraction, 1.0);
+    }
+
+    #[test]
+    fn sampled_counts_are_scaled_to_the_sampled_time() {
+        let mut t = HazardTracker::default();
+        windows(&mut t, &[0], 1_000_000);
+        // 20 lookups counted in 0.1 s of sampling over a 10 s run: 200 lookups/s.
+        let h = &t.report(&[reader(2, 20)], 10.0, 0.1)[0];
+        assert_eq!(h.readers[0].lookups_per_s, 200.0);
+        assert!((h.sampled_fraction - 0.01).abs() < 1e-12);
+        // 200/s × (1 ms / 10 s) × 3600 = 72.
+        assert!((h.expected_collisions_per_hour - 72.0).abs() < 1e-9);
+    }
+
+    #[test]
+    fn closest_distances_come_from_the_nearest_windows() {
+        let mut t = HazardTracker::default();
+        windows(&mut t, &[1_000, 2_000, 3_000], 100);
+        // Lookups at 900 then 3_500: the first window after 900 opened 100 ns later; the last
+        // close before 3_500 was 3_100, 400 ns earlier.
+        t.on_event(&near(2, 900, 3_500, 3_100));
+        // Another reader: lookups at 1_950 and 2_180: 50 ns before, 80 ns after.
+        t.on_event(&near(3, 1_950, 2_180, 2_100));
+        // A lookup inside an open window has no "after" (close_ns 0).
+        t.on_event(&near(3, 2_990, 3_050, 0));
+        let h = &t.report(&[reader(2, 2), reader(3, 3)], 1.0, 1.0)[0];
+        let by_tid = |tid| h.readers.iter().find(|r| r.tid == tid).unwrap();
+        assert_eq!(by_tid(2).closest_before_ns, Some(100));
+        assert_eq!(by_tid(2).closest_after_ns, Some(400));
+        assert_eq!(by_tid(3).closest_before_ns, Some(10));
+        assert_eq!(by_tid(3).closest_after_ns, Some(80));
+    }
+
+    #[test]
+    fn readers_without_near_lookups_have_no_distance() {
+        let mut t = HazardTracker::default();
+        windows(&mut t, &[1_000], 100);
+        let h = &t.report(&[reader(2, 5)], 1.0, 1.0)[0];
+        assert_eq!(h.readers[0].closest_before_ns, None);
+        assert_eq!(h.readers[0].closest_after_ns, None);
+    }
+
+    #[test]
+    fn no_window_no_hazard() {
+        let mut t = HazardTracker::default();
+        t.on_event(&near(2, 1, 2, 0));
+        assert!(t.report(&[reader(2, 1_000)], 1.0, 1.0).is_empty());
+        // A window still open at the report has no width yet.
+        t.on_event(&window(EventKind::WindowOpen, 5, 0));
+        assert!(t.report(&[reader(2, 1_000)], 1.0, 1.0).is_empty());
+    }
+
+    #[test]
+    fn zero_elapsed_time_gives_zero_rates_not_nan() {
+        let mut t = HazardTracker::default();
+        windows(&mut t, &[0], 10);
+        let h = &t.report(&[reader(2, 1)], 0.0, 0.0)[0];
+        assert_eq!(h.windows_per_s, 0.0);
+        assert_eq!(h.expected_collisions_per_hour, 0.0);
+        assert_eq!(h.sampled_fraction, 0.0);
+    }
+
+    #[test]
+    fn opens_are_bounded() {
+        let mut t = HazardTracker::default();
+        windows(
+            &mut t,
+            &(0..RECENT_OPENS as u64 + 10).collect::<Vec<_>>(),
+            0,
+        );
+        assert_eq!(t.caches[&CACHE].recent_opens.len(), RECENT_OPENS);
+        assert_eq!(t.caches[&CACHE].recent_opens[0], 10);
+    }
+}
