@@ -5,11 +5,13 @@ A refresher thread rebuilds a dict cache with clear() then update(); a reader th
 empty, and a lookup that lands there raises KeyError.
 
     worker.py [--fixed] [--seconds S] [--keys N] [--refresh-ms MS] [--switch-interval S]
-              [--gap-ms MS] [--absent-every N] [--other-dict] [--bug-on-signal]
+              [--gap-ms MS] [--pause-ms MS] [--absent-every N] [--other-dict] [--bug-on-signal]
 
 --fixed            refresh by build-then-swap: no empty window, no KeyError.
 --gap-ms MS        sleep between clear() and update(), as the seed's repro did: every refresh
                    then lets the reader in.
+--pause-ms MS      the reader sleeps MS between lookups: with few --keys and a long --refresh-ms
+                   the race becomes rare (the seed's "once an hour").
 --absent-every N   every N lookups, also look up a key that never exists (a KeyError no window
                    causes).
 --other-dict       a second reader raises KeyErrors on another dict, all the time.
@@ -54,6 +56,7 @@ def main():
     ap.add_argument("--refresh-ms", type=float, default=5.0)
     ap.add_argument("--switch-interval", type=float, default=1e-4)
     ap.add_argument("--gap-ms", type=float, default=0.0)
+    ap.add_argument("--pause-ms", type=float, default=0.0)
     ap.add_argument("--absent-every", type=int, default=0)
     ap.add_argument("--other-dict", action="store_true")
     ap.add_argument("--bug-on-signal", action="store_true")
@@ -74,6 +77,7 @@ def main():
         n = len(keys)
         i = lookups = keyerrors = absent = 0
         every = args.absent_every
+        pause = args.pause_ms / 1000
         while not stop.is_set():
             try:
                 cache.get(keys[i % n])
@@ -85,6 +89,8 @@ def main():
                 except KeyError:
                     absent += 1
             os.write(out, b"x")  # the seed's reader did a little I/O per lookup
+            if pause:
+                time.sleep(pause)
             i += 1
             lookups += 1
         counts["lookups"], counts["keyerrors"], counts["absent_keyerrors"] = lookups, keyerrors, absent

@@ -181,10 +181,12 @@ pub enum Stat {
     /// The lookup's miss path (`--miss-ret`, when its code tells where the miss is returned).
     HitsLookupMiss = 13,
     LostNear = 14,
+    /// The lookup's entry while a sampling burst has it attached.
+    HitsLookupSample = 15,
 }
 
 impl Stat {
-    pub const COUNT: u32 = 15;
+    pub const COUNT: u32 = 16;
 
     pub fn lost(kind: EventKind) -> Stat {
         match kind {

@@ -326,6 +326,24 @@ pub fn on_lookup(ctx: ProbeContext) -> u32 {
     0
 }
 
+/// The lookup function's entry (`V lookup(Cache *c, K key)`; CPython's
+/// `PyDict_GetItemWithError(dict, key)`), attached in short bursts when lookups are not otherwise
+/// probed: counts the lookup for the hazard report, and nothing else.
+#[uprobe]
+pub fn on_lookup_sample(ctx: ProbeContext) -> u32 {
+    bump(Stat::HitsLookupSample);
+    let (Some(tid), Some(cache)) = (traced_tid(), cache_arg(&ctx)) else {
+        return 0;
+    };
+    note_lookup(
+        cache,
+        tid,
+        unsafe { bpf_ktime_get_ns() },
+        window(cache).as_ref(),
+    );
+    0
+}
+
 /// The lookup function's entry when its return is probed too (`--miss-ret`): remembers the cache
 /// and the entry time so the return can tell whether a window opened meanwhile.
 #[uprobe]

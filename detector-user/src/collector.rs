@@ -13,8 +13,9 @@ use tokio::{
 use crate::{
     correlate::Correlator,
     hazard::HazardTracker,
-    loader::Loaded,
+    loader::{Loaded, monotonic_ns},
     output::{LostByKind, ProbeHits, ProvokeJson, Sink, Summary},
+    sampling::Sampler,
     target::Target,
 };
 
@@ -51,7 +52,7 @@ impl Signals {
 
 pub struct Run<'a> {
     pub signals: Signals,
-    pub loaded: &'a Loaded,
+    pub loaded: &'a mut Loaded,
     pub events: RingBuf<MapData>,
     pub correlator: Correlator,
     pub sink: &'a mut dyn Sink,
@@ -86,9 +87,19 @@ impl Consumers<'_> {
         Ok(())
     }
 
-    fn report_hazards(&mut self, loaded: &Loaded, started: Instant) -> anyhow::Result<()> {
-        let elapsed = started.elapsed().as_secs_f64();
-        for h in self.hazard.report(&loaded.readers()?, elapsed, elapsed) {
+    /// `sampled`: how long lookups were counted, when they are counted in bursts.
+    fn report_hazards(
+        &mut self,
+        loaded: &Loaded,
+        started: Instant,
+        sampled: Option<Duration>,
+    ) -> anyhow::Result<()> {
+        let elapsed = started.elapsed();
+        let counted = sampled.unwrap_or(elapsed).as_secs_f64();
+        for h in self
+            .hazard
+            .report(&loaded.readers()?, elapsed.as_secs_f64(), counted)
+        {
             self.sink.hazard(&h)?;
         }
         Ok(())
@@ -127,9 +138,11 @@ impl Run<'_> {
             Some(t) => t.tick().await,
             None => std::future::pending().await,
         };
+        let mut sampler = loaded.samples().then(|| Sampler::new(Instant::now()));
         // SAFETY: the ring buffer owns its map fd and keeps it for as long as the AsyncFd lives.
         let mut ring = unsafe { AsyncFd::register(events) }.map_err(|e| e.into_parts().1)?;
         let ended = loop {
+            let sample_due = sampler.as_ref().map(Sampler::due);
             tokio::select! {
                 how = signals.recv() => break how.to_string(),
                 _ = &mut deadline => break "duration elapsed".to_string(),
@@ -145,17 +158,29 @@ impl Run<'_> {
                 _ = tick.tick() => feed.drain(ring.get_mut())?,
                 _ = hazard_due(&mut hazard_tick) => {
                     feed.drain(ring.get_mut())?;
-                    feed.report_hazards(loaded, started)?;
+                    let sampled = sampler.as_ref().map(|s| s.sampled(Instant::now()));
+                    feed.report_hazards(loaded, started, sampled)?;
+                }
+                _ = sleep_until(sample_due) => {
+                    // Drained first: the burst's start decides which reader distances count.
+                    feed.drain(ring.get_mut())?;
+                    if let Some(s) = sampler.as_mut() {
+                        toggle_sample(s, loaded, &mut feed.hazard)?;
+                    }
                 }
             }
         };
+        if let Some(s) = sampler.as_mut().filter(|s| s.is_on()) {
+            toggle_sample(s, loaded, &mut feed.hazard)?;
+        }
         target.finish().await;
         // Events written before the end are still in the ring.
         feed.drain(ring.get_mut())?;
         for alert in feed.correlator.finish() {
             feed.sink.alert(&alert)?;
         }
-        feed.report_hazards(loaded, started)?;
+        let sampled = sampler.as_ref().map(|s| s.sampled(Instant::now()));
+        feed.report_hazards(loaded, started, sampled)?;
         let summary = summary(
             loaded,
             &feed.correlator,
@@ -166,6 +191,56 @@ impl Run<'_> {
         feed.sink.summary(&summary)?;
         Ok(summary)
     }
+}
+
+async fn sleep_until(at: Option<Instant>) {
+    match at {
+        Some(at) => tokio::time::sleep_until(at.into()).await,
+        None => std::future::pending().await,
+    }
+}
+
+/// Starts or stops a lookup-sampling burst. A burst that cannot start ends the sampling, not
+/// the run: the process may have just exited (then silently), or the kernel refused (then with
+/// a warning, and the hazard report keeps the counts of the bursts that ran).
+fn toggle_sample(
+    s: &mut Sampler,
+    loaded: &mut Loaded,
+    hazard: &mut HazardTracker,
+) -> anyhow::Result<()> {
+    if s.is_on() {
+        s.stopped(Instant::now());
+        loaded.stop_sample()?;
+        return Ok(());
+    }
+    hazard.on_burst(monotonic_ns());
+    match loaded.start_sample() {
+        Ok(()) => s.started(Instant::now()),
+        Err(e) => {
+            s.halt();
+            if !process_gone(&e) {
+                eprintln!(
+                    "racewatch: warning: lookup sampling stopped: {}",
+                    crate::output::escape(&format!("{:#}", anyhow::Error::from(e)))
+                );
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Whether an attach failed because the traced process no longer exists (ESRCH).
+fn process_gone(e: &(dyn std::error::Error + 'static)) -> bool {
+    let mut cause = Some(e);
+    while let Some(c) = cause {
+        if c.downcast_ref::<std::io::Error>()
+            .is_some_and(|io| io.raw_os_error() == Some(libc::ESRCH))
+        {
+            return true;
+        }
+        cause = c.source();
+    }
+    false
 }
 
 fn summary(
@@ -205,6 +280,7 @@ fn summary(
             lookup_entry: stat(Stat::HitsLookupEntry),
             lookup_return: stat(Stat::HitsLookupReturn),
             lookup_miss: stat(Stat::HitsLookupMiss),
+            lookup_sample: stat(Stat::HitsLookupSample),
             keyerror: stat(Stat::HitsKeyError),
         },
         provoke: ProvokeJson {

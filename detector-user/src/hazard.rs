@@ -66,8 +66,13 @@ struct CacheWindows {
 }
 
 impl CacheWindows {
-    fn on_near(&mut self, n: &NearEvent) {
+    fn on_near(&mut self, n: &NearEvent, burst_start_ns: u64) {
         let c = self.closest.entry(n.reader_tid).or_default();
+        if n.prev_lookup_ns < burst_start_ns {
+            // The previous lookup counted came from an earlier burst: the reader's lookups in
+            // between were not seen, so the distances would be made up.
+            return;
+        }
         // The first window that opened after the reader's previous lookup: later ones are
         // farther from that lookup.
         let first = self
@@ -85,6 +90,8 @@ impl CacheWindows {
 #[derive(Default)]
 pub struct HazardTracker {
     caches: HashMap<u64, CacheWindows>,
+    /// When the running sampling burst began (0 when every lookup is counted).
+    burst_start_ns: u64,
 }
 
 impl HazardTracker {
@@ -96,9 +103,19 @@ impl HazardTracker {
                 c.writers.insert(w.writer_tid);
                 c.widths.record(w.close_ns.saturating_sub(w.open_ns));
             }
-            Event::Near(n) => self.caches.entry(n.cache).or_default().on_near(n),
+            Event::Near(n) => self
+                .caches
+                .entry(n.cache)
+                .or_default()
+                .on_near(n, self.burst_start_ns),
             Event::Lookup(_) | Event::KeyError(_) | Event::KeyVerdict(_) => {}
         }
+    }
+
+    /// A sampling burst began at `now_ns` (kernel clock): a reader's distance to a window counts
+    /// only between two lookups of the same burst.
+    pub fn on_burst(&mut self, now_ns: u64) {
+        self.burst_start_ns = now_ns;
     }
 
     fn on_open(&mut self, w: &WindowEvent) {
@@ -305,6 +322,23 @@ mod tests {
         assert_eq!(by_tid(2).closest_after_ns, Some(400));
         assert_eq!(by_tid(3).closest_before_ns, Some(10));
         assert_eq!(by_tid(3).closest_after_ns, Some(80));
+    }
+
+    #[test]
+    fn distances_span_only_lookups_of_one_burst() {
+        let mut t = HazardTracker::default();
+        windows(&mut t, &[1_000, 5_000], 100);
+        t.on_burst(4_000);
+        // The previous lookup counted (900) was in an earlier burst: no distance from it.
+        t.on_event(&near(2, 900, 4_500, 1_100));
+        let h = &t.report(&[reader(2, 2)], 1.0, 1.0)[0];
+        assert_eq!(h.readers[0].closest_before_ns, None);
+        assert_eq!(h.readers[0].closest_after_ns, None);
+        // Both lookups in this burst.
+        t.on_event(&near(2, 4_900, 5_150, 5_100));
+        let h = &t.report(&[reader(2, 3)], 1.0, 1.0)[0];
+        assert_eq!(h.readers[0].closest_before_ns, Some(100));
+        assert_eq!(h.readers[0].closest_after_ns, Some(50));
     }
 
     #[test]

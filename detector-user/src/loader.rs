@@ -4,7 +4,10 @@ use std::{num::NonZeroU32, path::PathBuf};
 use aya::{
     Ebpf, EbpfLoader,
     maps::{HashMap, MapData, PerCpuArray, RingBuf},
-    programs::{UProbe, uprobe::UProbeScope},
+    programs::{
+        UProbe,
+        uprobe::{UProbeLinkId, UProbeScope},
+    },
 };
 use detector_common::{
     DictSite, EVENTS_MAP, KEYERROR_SITES_MAP, PROVOKE_MAP, ProvokeState, READERS_MAP, ReaderKey,
@@ -41,6 +44,7 @@ pub enum LoadError {
 }
 
 /// A function and where in it its probe goes.
+#[derive(Clone, Debug)]
 pub struct Placed {
     pub function: Function,
     /// Bytes from the function's entry (see `placement`).
@@ -77,6 +81,9 @@ pub struct Plan {
     /// Functions whose return closes the window (CPython has two ways to refill a dict).
     pub refills: Vec<Function>,
     pub lookup: LookupProbe,
+    /// A lookup function's entry to count lookups in short bursts (see `sampling`), when
+    /// `lookup` does not probe every lookup.
+    pub sample: Option<Placed>,
 }
 
 pub struct Options {
@@ -104,6 +111,9 @@ impl Plan {
 pub struct Loaded {
     ebpf: Ebpf,
     pub probes: usize,
+    /// The sampling probe's site and process, once attached; and its link while a burst runs.
+    sample: Option<(PathBuf, Placed, u32)>,
+    sample_link: Option<UProbeLinkId>,
 }
 
 static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/detector"));
@@ -130,7 +140,26 @@ impl Loaded {
             .map_max_entries(EVENTS_MAP, opts.ring_bytes)
             .load(OBJECT)
             .map_err(LoadError::Load)?;
-        Ok(Loaded { ebpf, probes: 0 })
+        Ok(Loaded {
+            ebpf,
+            probes: 0,
+            sample: None,
+            sample_link: None,
+        })
+    }
+
+    /// The program, loaded into the kernel (verified) on first use.
+    fn program(&mut self, program: &'static str) -> Result<&mut UProbe, LoadError> {
+        let prog: &mut UProbe = self
+            .ebpf
+            .program_mut(program)
+            .and_then(|p| p.try_into().ok())
+            .ok_or(LoadError::MissingMap(program))?;
+        if prog.fd().is_err() {
+            prog.load()
+                .map_err(|source| LoadError::Program { program, source })?;
+        }
+        Ok(prog)
     }
 
     fn attach_one(
@@ -142,25 +171,69 @@ impl Loaded {
         offset: u64,
         pid: u32,
     ) -> Result<(), LoadError> {
-        let prog: &mut UProbe = self
-            .ebpf
-            .program_mut(program)
-            .and_then(|p| p.try_into().ok())
-            .ok_or(LoadError::MissingMap(program))?;
-        if prog.fd().is_err() {
-            prog.load()
-                .map_err(|source| LoadError::Program { program, source })?;
-        }
+        self.attach_site(program, role, plan_binary, function, offset, pid)?;
+        self.probes += 1;
+        Ok(())
+    }
+
+    fn attach_site(
+        &mut self,
+        program: &'static str,
+        role: &'static str,
+        plan_binary: &PathBuf,
+        function: &Function,
+        offset: u64,
+        pid: u32,
+    ) -> Result<UProbeLinkId, LoadError> {
+        let prog = self.program(program)?;
         let scope = NonZeroU32::new(pid).map_or(UProbeScope::AllProcesses, UProbeScope::OneProcess);
-        prog.attach(function.file_offset + offset, plan_binary, scope)
+        let link = prog
+            .attach(function.file_offset + offset, plan_binary, scope)
             .map_err(|source| LoadError::Attach {
                 role,
                 function: function.display.clone(),
                 binary: plan_binary.clone(),
                 source,
             })?;
-        self.probes += 1;
+        Ok(link)
+    }
+
+    /// Whether lookups are counted in bursts rather than all of them.
+    pub fn samples(&self) -> bool {
+        self.sample.is_some()
+    }
+
+    /// Starts a sampling burst: attaches the lookup-counting probe. No-op without one, or while
+    /// a burst runs.
+    pub fn start_sample(&mut self) -> Result<(), LoadError> {
+        let Some((bin, placed, pid)) = self.sample.clone() else {
+            return Ok(());
+        };
+        if self.sample_link.is_none() {
+            let link = self.attach_site(
+                "on_lookup_sample",
+                "lookup sample",
+                &bin,
+                &placed.function,
+                placed.offset,
+                pid,
+            )?;
+            self.sample_link = Some(link);
+        }
         Ok(())
+    }
+
+    /// Ends a sampling burst: detaches the lookup-counting probe.
+    pub fn stop_sample(&mut self) -> Result<(), LoadError> {
+        let Some(link) = self.sample_link.take() else {
+            return Ok(());
+        };
+        self.program("on_lookup_sample")?
+            .detach(link)
+            .map_err(|source| LoadError::Program {
+                program: "on_lookup_sample",
+                source,
+            })
     }
 
     /// Attaches every probe of `plan` to process `pid` (0: every process that maps the binary).
@@ -175,7 +248,7 @@ impl Loaded {
         }
         match &plan.lookup {
             LookupProbe::Entry(p) => {
-                self.attach_one("on_lookup", "lookup", bin, &p.function, p.offset, pid)?
+                self.attach_one("on_lookup", "lookup", bin, &p.function, p.offset, pid)?;
             }
             LookupProbe::EntryAndReturn(f) => {
                 self.attach_one("on_lookup_entry", "lookup", bin, f, 0, pid)?;
@@ -206,6 +279,12 @@ impl Loaded {
                 }
                 self.attach_one("on_keyerror", "KeyError", bin, function, 0, pid)?;
             }
+        }
+        if let Some(sample) = &plan.sample {
+            self.sample = Some((bin.clone(), sample.clone(), pid));
+            // Attached once now, so a site the kernel refuses fails the run before it starts.
+            self.start_sample()?;
+            self.stop_sample()?;
         }
         Ok(())
     }
@@ -286,7 +365,7 @@ impl Loaded {
 }
 
 /// CLOCK_MONOTONIC in ns: the clock of the kernel's `bpf_ktime_get_ns`.
-fn monotonic_ns() -> u64 {
+pub fn monotonic_ns() -> u64 {
     let mut ts = libc::timespec {
         tv_sec: 0,
         tv_nsec: 0,

@@ -10,6 +10,7 @@ mod output;
 mod placement;
 mod preflight;
 mod python;
+mod sampling;
 mod session;
 mod symbols;
 mod target;
@@ -53,6 +54,17 @@ async fn watch(args: WatchArgs) -> Result<ExitCode, Failure> {
         );
     }
     let clear = placement::place_entry(&binary, "clear", clear, args.cache_arg, verbose);
+    // On the miss path alone, ordinary lookups are not seen: the hazard report counts them in
+    // bursts at the lookup's entry.
+    let sample = (args.miss_ret.is_some() && !args.probe_returns).then(|| {
+        placement::place_entry(
+            &binary,
+            "lookup sample",
+            lookup.clone(),
+            args.cache_arg,
+            verbose,
+        )
+    });
     let lookup = match args.miss_ret {
         Some(_) if args.probe_returns => LookupProbe::EntryAndReturn(lookup),
         Some(value) => {
@@ -78,6 +90,7 @@ async fn watch(args: WatchArgs) -> Result<ExitCode, Failure> {
         binary,
         clear,
         refills: vec![refill],
+        sample: sample.filter(|_| matches!(lookup, LookupProbe::Miss { .. })),
         lookup,
     };
     let correlator = Correlator::new(args.miss_ret, None);

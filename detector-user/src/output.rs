@@ -83,6 +83,8 @@ pub struct ProbeHits {
     pub lookup_entry: u64,
     pub lookup_return: u64,
     pub lookup_miss: u64,
+    /// The lookup's entry during sampling bursts (hazard report).
+    pub lookup_sample: u64,
     pub keyerror: u64,
 }
 

@@ -114,7 +114,7 @@ pub async fn run(
         let events = loaded.take_events()?;
         Ok((loaded, events))
     });
-    let (loaded, events) = match attached {
+    let (mut loaded, events) = match attached {
         Ok(ok) => ok,
         Err(e) => {
             if let Some(h) = held {
@@ -146,7 +146,7 @@ pub async fn run(
     };
     let run = Run {
         signals,
-        loaded: &loaded,
+        loaded: &mut loaded,
         events,
         correlator,
         sink: sink.as_mut(),

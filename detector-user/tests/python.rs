@@ -8,6 +8,28 @@ use std::{
 
 use common::*;
 
+/// The worker's rare race: 50 keys refreshed 5 times a second, the reader pausing 2 ms between
+/// lookups. Unobserved, a 10 s run raises no KeyError.
+const RARE_WORKER: [&str; 6] = ["--keys", "50", "--refresh-ms", "200", "--pause-ms", "2"];
+
+/// Runs the worker under racewatch with extra racewatch flags: (exit code, truth, NDJSON).
+fn watch_worker_with(
+    flags: &[&str],
+    worker_args: &[&str],
+) -> (i32, std::collections::HashMap<String, u64>, String) {
+    let out = temp_file("python-hazard.ndjson");
+    let worker = worker();
+    let mut args = vec!["python", "--json", "-o", out.to_str().unwrap()];
+    args.extend(flags);
+    args.extend(["--", "python3", &worker]);
+    args.extend(worker_args);
+    let o = racewatch(&args);
+    let err = stderr(&o);
+    let text =
+        std::fs::read_to_string(&out).unwrap_or_else(|e| panic!("no output ({e}); stderr:\n{err}"));
+    (o.status.code().unwrap_or(-1), worker_truth(&err), text)
+}
+
 /// Runs the worker under racewatch: (exit code, worker truth, alerts, summary).
 fn watch_worker(
     worker_args: &[&str],
@@ -196,4 +218,77 @@ fn a_missing_script_is_named() {
         err.contains("script not found: /nonexistent/worker.py"),
         "{err}"
     );
+}
+
+#[test]
+#[ignore = "root"]
+fn rare_race_raises_no_keyerror_in_ten_unobserved_seconds() {
+    let o = Command::new("python3")
+        .arg(worker())
+        .args(RARE_WORKER)
+        .args(["--seconds", "10"])
+        .output()
+        .unwrap();
+    let truth = worker_truth(&stderr(&o));
+    assert!(
+        truth["lookups"] > 1_000 && truth["refreshes"] > 20,
+        "{truth:?}"
+    );
+    assert_eq!(
+        truth["keyerrors"], 0,
+        "the rare race fired unobserved: {truth:?}"
+    );
+}
+
+#[test]
+#[ignore = "root"]
+fn rare_race_gets_a_sampled_hazard_line_within_the_run() {
+    let mut worker = vec!["--seconds", "10"];
+    worker.extend(RARE_WORKER);
+    let (_, truth, text) = watch_worker_with(&["--interval", "2"], &worker);
+    let (_, summary) = parse_ndjson(&text);
+    let hazards = hazard_lines(&text);
+    assert!(hazards.len() >= 4, "hazard lines: {hazards:?}");
+    assert!(hazards[0]["elapsed_s"].as_f64().unwrap() < 3.0);
+    assert!(
+        hazards[0]["windows"].as_u64().unwrap() > 0,
+        "{}",
+        hazards[0]
+    );
+    let h = hazards.last().unwrap();
+    assert_eq!(
+        h["windows"], truth["refreshes"],
+        "one window per refresh: {h}"
+    );
+    let fraction = h["sampled_fraction"].as_f64().unwrap();
+    assert!((0.01..0.05).contains(&fraction), "{h}");
+    // The reader is the busiest thread on the cache; its scaled rate is near the worker's own.
+    let r = &h["readers"][0];
+    let truth_rate = truth["lookups"] as f64 / h["elapsed_s"].as_f64().unwrap();
+    let rate = r["lookups_per_s"].as_f64().unwrap();
+    assert!(
+        rate > truth_rate / 2.0 && rate < truth_rate * 2.0,
+        "sampled {rate}/s, truly {truth_rate}/s: {h}"
+    );
+    assert!(
+        h["expected_collisions_per_hour"].as_f64().unwrap() > 0.0,
+        "{h}"
+    );
+    assert_eq!(
+        summary["misses_in_window"], truth["keyerrors"],
+        "summary: {summary}"
+    );
+    assert_eq!(summary["lost_events"], 0, "summary: {summary}");
+}
+
+#[test]
+#[ignore = "root"]
+fn build_then_swap_gets_no_hazard_line() {
+    let mut worker = vec!["--seconds", "2", "--fixed"];
+    worker.extend(RARE_WORKER);
+    let (code, truth, text) = watch_worker_with(&["--interval", "1"], &worker);
+    assert!(truth["lookups"] > 0);
+    assert!(hazard_lines(&text).is_empty(), "{text}");
+    assert_eq!(parse_ndjson(&text).1["windows"], 0);
+    assert_eq!(code, 0);
 }

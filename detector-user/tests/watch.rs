@@ -389,3 +389,34 @@ fn fixed_mode_has_no_hazard_and_no_miss_under_provoke() {
     assert_eq!(summary["provoke"]["windows"], 0);
     assert_eq!(code, 0);
 }
+
+#[test]
+#[ignore = "root"]
+fn miss_path_mode_samples_lookup_rates_for_the_hazard() {
+    let mut demo = vec!["--seconds", "5"];
+    demo.extend(RARE_DEMO);
+    let (_, (lookups, misses, refreshes), text) = watch_demo_with(&[], &demo);
+    let (_, summary) = parse_ndjson(&text);
+    let h = hazard_lines(&text);
+    let h = h
+        .last()
+        .unwrap_or_else(|| panic!("no hazard line:\n{text}"));
+    assert_eq!(h["windows"], refreshes, "{h}");
+    // 20 ms of every second: about 2% of the run, never all of it.
+    let fraction = h["sampled_fraction"].as_f64().unwrap();
+    assert!((0.01..0.05).contains(&fraction), "{h}");
+    let r = &h["readers"][0];
+    assert_eq!(r["comm"], "reader-0", "{h}");
+    assert_eq!(
+        r["lookups"], summary["probe_hits"]["lookup_sample"],
+        "the reader's count is the sampling probe's hits: {summary}"
+    );
+    // The scaled rate against the demo's own: within a factor of two over a few bursts.
+    let truth = lookups as f64 / h["elapsed_s"].as_f64().unwrap();
+    let rate = r["lookups_per_s"].as_f64().unwrap();
+    assert!(
+        rate > truth / 2.0 && rate < truth * 2.0,
+        "sampled {rate}/s, truly {truth}/s: {h}"
+    );
+    assert_eq!(summary["misses_in_window"], misses, "summary: {summary}");
+}

@@ -26,6 +26,9 @@ const CLEAR: &str = "dict_clear";
 /// `d.update(...)` and `d |= other`: neither kwargs handling nor `dict(...)` calls them.
 const REFILLS: [&str; 2] = ["dict_update", "dict_ior"];
 const KEYERROR: &str = "_PyErr_SetKeyError";
+/// `d[k]` once its call site is specialised (BINARY_SUBSCR_DICT), arg0 the dict: probed in
+/// sampling bursts only, for the hazard report's lookup rates.
+const LOOKUP: &str = "PyDict_GetItemWithError";
 
 #[derive(Debug, thiserror::Error)]
 pub enum PythonError {
@@ -210,6 +213,8 @@ pub fn plan(interp: &Interpreter, verbose: bool) -> Result<Plan, PythonError> {
         .map(resolve)
         .collect::<Result<Vec<_>, _>>()?;
     let keyerror = resolve(KEYERROR)?;
+    let sample =
+        crate::placement::place_entry(image, "lookup sample", resolve(LOOKUP)?, 0, verbose);
     let sites = keyerror_site::find_keyerror_sites(image)?;
     if verbose {
         for s in &sites {
@@ -239,6 +244,7 @@ pub fn plan(interp: &Interpreter, verbose: bool) -> Result<Plan, PythonError> {
             function: keyerror,
             sites,
         },
+        sample: Some(sample),
     })
 }
 

@@ -1,0 +1,114 @@
+//! Lookup sampling. Where probing every lookup would slow the target (`python`, whose dict
+//! lookups run millions of times a second; `watch --miss-ret`, which probes misses alone), the
+//! lookup-counting probe is attached for a short burst once a period, and the hazard report
+//! scales the counts by the time it was attached. The target pays the probe's cost during
+//! [`BURST`] out of every [`PERIOD`] (2% of its lookups) and nothing otherwise.
+use std::time::{Duration, Instant};
+
+pub const BURST: Duration = Duration::from_millis(20);
+pub const PERIOD: Duration = Duration::from_secs(1);
+
+/// When bursts start and stop, and how long lookups were counted.
+#[derive(Debug)]
+pub struct Sampler {
+    /// When the running burst's probe was attached.
+    on_since: Option<Instant>,
+    /// When the next burst starts (or the running one stops).
+    due: Instant,
+    sampled: Duration,
+}
+
+impl Sampler {
+    /// The first burst is due at `now`.
+    pub fn new(now: Instant) -> Sampler {
+        Sampler {
+            on_since: None,
+            due: now,
+            sampled: Duration::ZERO,
+        }
+    }
+
+    pub fn due(&self) -> Instant {
+        self.due
+    }
+
+    pub fn is_on(&self) -> bool {
+        self.on_since.is_some()
+    }
+
+    /// The probe was attached at `now` (after the attach returned: the time counted is never
+    /// more than the probe was live).
+    pub fn started(&mut self, now: Instant) {
+        self.on_since = Some(now);
+        self.due = now + BURST;
+    }
+
+    /// The probe is about to be detached at `now`.
+    pub fn stopped(&mut self, now: Instant) {
+        if let Some(since) = self.on_since.take() {
+            self.sampled += now.saturating_duration_since(since);
+            self.due = since + PERIOD;
+        }
+    }
+
+    /// No more bursts (the probe could not be attached).
+    pub fn halt(&mut self) {
+        self.on_since = None;
+        self.due = Instant::now() + Duration::from_secs(365 * 24 * 3600);
+    }
+
+    /// Time lookups were counted, the running burst included.
+    pub fn sampled(&self, now: Instant) -> Duration {
+        self.sampled
+            + self
+                .on_since
+                .map_or(Duration::ZERO, |since| now.saturating_duration_since(since))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn bursts_repeat_each_period_and_their_time_adds_up() {
+        let t0 = Instant::now();
+        let mut s = Sampler::new(t0);
+        assert_eq!(s.due(), t0);
+        assert!(!s.is_on());
+        s.started(t0 + Duration::from_millis(1));
+        assert!(s.is_on());
+        assert_eq!(s.due(), t0 + Duration::from_millis(21));
+        assert_eq!(
+            s.sampled(t0 + Duration::from_millis(11)),
+            Duration::from_millis(10)
+        );
+        s.stopped(t0 + Duration::from_millis(23));
+        assert!(!s.is_on());
+        assert_eq!(s.due(), t0 + Duration::from_millis(1001));
+        s.started(t0 + Duration::from_millis(1002));
+        s.stopped(t0 + Duration::from_millis(1022));
+        assert_eq!(
+            s.sampled(t0 + Duration::from_secs(5)),
+            Duration::from_millis(42)
+        );
+    }
+
+    #[test]
+    fn halted_sampler_is_never_due_again() {
+        let t0 = Instant::now();
+        let mut s = Sampler::new(t0);
+        s.halt();
+        assert!(!s.is_on());
+        assert!(s.due() > t0 + Duration::from_secs(3600));
+    }
+
+    #[test]
+    fn stopping_without_a_burst_changes_nothing() {
+        let t0 = Instant::now();
+        let mut s = Sampler::new(t0);
+        s.stopped(t0 + Duration::from_secs(1));
+        assert_eq!(s.sampled(t0 + Duration::from_secs(2)), Duration::ZERO);
+        assert_eq!(s.due(), t0);
+    }
+}
