@@ -183,10 +183,13 @@ pub enum Stat {
     LostNear = 14,
     /// The lookup's entry while a sampling burst has it attached.
     HitsLookupSample = 15,
+    /// Lookups the kernel found overlapping a window, each then sent or counted in
+    /// `LostLookup`: the ground truth that delivered plus lost lookups must add up to.
+    WindowLookups = 16,
 }
 
 impl Stat {
-    pub const COUNT: u32 = 16;
+    pub const COUNT: u32 = 17;
 
     pub fn lost(kind: EventKind) -> Stat {
         match kind {

@@ -246,6 +246,7 @@ pub fn on_refill_return(_ctx: RetProbeContext) -> u32 {
 }
 
 fn lookup_event(cache: u64, tid: u32, w: &Window, lookup_ns: u64, ret: Option<i64>) {
+    bump(Stat::WindowLookups);
     send(
         EventKind::Lookup,
         LookupEvent {

@@ -84,6 +84,7 @@ impl Consumers<'_> {
                 Err(_) => self.decode_errors += 1,
             }
         }
+        self.sink.flush()?;
         Ok(())
     }
 
@@ -270,6 +271,7 @@ fn summary(
             + lost_by_kind.key_verdict
             + lost_by_kind.near,
         lost_by_kind,
+        kernel_lookups_in_window: stat(Stat::WindowLookups),
         map_full: stat(Stat::MapFull),
         pending_full: stat(Stat::PendingFull),
         decode_errors,

@@ -16,6 +16,9 @@ pub struct Summary {
     pub counts: CountsJson,
     /// Events the kernel could not deliver (ring buffer full), all kinds.
     pub lost_events: u64,
+    /// Lookups the kernel found in a window, delivered or lost: `lookups_in_window` plus
+    /// `lost_by_kind.lookup` (watch runs; Python's KeyErrors are counted apart).
+    pub kernel_lookups_in_window: u64,
     pub lost_by_kind: LostByKind,
     /// Window or in-flight state the kernel could not store (map full).
     pub map_full: u64,
@@ -88,9 +91,14 @@ pub struct ProbeHits {
     pub keyerror: u64,
 }
 
+/// Alerts are written to a buffer and reach the output at each [`Sink::flush`] (once per drain
+/// of the ring, so at most one poll interval late): a write per alert would make the output, not
+/// the kernel, what limits how many events a second racewatch takes. The summary is flushed
+/// at once.
 pub trait Sink {
     fn alert(&mut self, alert: &Alert) -> io::Result<()>;
     fn hazard(&mut self, hazard: &Hazard) -> io::Result<()>;
+    fn flush(&mut self) -> io::Result<()>;
     fn summary(&mut self, summary: &Summary) -> io::Result<()>;
 }
 
@@ -167,7 +175,10 @@ impl<W: Write> Sink for HumanSink<W> {
             writer,
             fmt_ns(a.open_for_ns()),
             outcome
-        )?;
+        )
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
         self.out.flush()
     }
 
@@ -242,6 +253,23 @@ impl<W: Write> Sink for HumanSink<W> {
                 p.over_budget
             )?;
         }
+        if s.lost_events > 0 {
+            let l = &s.lost_by_kind;
+            writeln!(
+                self.out,
+                "racewatch: warning: the ring buffer overflowed and {} events were lost (window \
+                 opens {}, closes {}, lookups {} of {} in a window, KeyErrors {}, key verdicts {}, near \
+                 misses {}): the counts above are lower bounds",
+                s.lost_events,
+                l.window_open,
+                l.window_close,
+                l.lookup,
+                s.kernel_lookups_in_window,
+                l.keyerror,
+                l.key_verdict,
+                l.near
+            )?;
+        }
         if s.map_full > 0 || s.decode_errors > 0 {
             writeln!(
                 self.out,
@@ -278,7 +306,10 @@ impl<W: Write> Sink for JsonSink<W> {
             "miss": a.miss,
             "key": a.key,
         });
-        writeln!(self.out, "{line}")?;
+        writeln!(self.out, "{line}")
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
         self.out.flush()
     }
 

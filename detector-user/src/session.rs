@@ -44,12 +44,17 @@ impl Failure {
 
 fn sink(args: &RunArgs) -> Result<Box<dyn Sink>, Failure> {
     let out: Box<dyn io::Write> = match &args.output {
-        Some(path) => Box::new(
+        Some(path) => Box::new(io::BufWriter::new(
             File::create(path)
-                .with_context(|| format!("cannot write {}", path.display()))
+                .with_context(|| {
+                    format!(
+                        "cannot write {}",
+                        crate::output::escape(&path.to_string_lossy())
+                    )
+                })
                 .map_err(Failure::usage)?,
-        ),
-        None => Box::new(io::stdout().lock()),
+        )),
+        None => Box::new(io::BufWriter::new(io::stdout().lock())),
     };
     Ok(if args.json {
         Box::new(JsonSink::new(out))
