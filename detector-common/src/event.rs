@@ -219,6 +219,7 @@ mod user {
     unsafe impl aya::Pod for Inflight {}
     unsafe impl aya::Pod for NearEvent {}
     unsafe impl aya::Pod for crate::ProvokeState {}
+    unsafe impl aya::Pod for crate::GilHold {}
     unsafe impl aya::Pod for ReaderKey {}
     unsafe impl aya::Pod for ReaderState {}
 }

@@ -8,7 +8,7 @@ pub mod pykey;
 pub mod window;
 
 pub use event::*;
-pub use provoke::{PROVOKE_BUDGET_PCT, PROVOKE_MAX_NS, ProvokeState, within_budget};
+pub use provoke::{GilHold, PROVOKE_BUDGET_PCT, PROVOKE_MAX_NS, ProvokeState, within_budget};
 pub use pykey::{UNKNOWN_HASH, key_hash};
 pub use window::Window;
 
@@ -56,4 +56,7 @@ pub mod globals {
     pub const PROVOKE_START_NS: &str = "PROVOKE_START_NS";
     /// CPUs that share the provocation budget.
     pub const PROVOKE_CPUS: &str = "PROVOKE_CPUS";
+    /// CPython `--provoke`: the main interpreter's `gil_drop_request` minus the clear probe's
+    /// address (0: hold native writers at the refill instead).
+    pub const DROP_REQUEST_DELTA: &str = "DROP_REQUEST_DELTA";
 }

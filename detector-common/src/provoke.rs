@@ -20,6 +20,19 @@ pub struct ProvokeState {
     pub refused: u64,
 }
 
+/// A CPython writer armed to hand the GIL over inside its window (`python --provoke`), by thread,
+/// in the kernel's `GIL_HOLDS` map: from its `dict_clear` until it takes the GIL back.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct GilHold {
+    /// The dict whose window is open.
+    pub cache: u64,
+    /// Until when the writer is kept from taking the GIL back.
+    pub deadline_ns: u64,
+    /// The interpreter's `gil_drop_request` in the target's memory.
+    pub drop_request: u64,
+}
+
 /// Whether one CPU, having held writers `held_ns` in all, may hold one `hold_ns` more at
 /// `now_ns`: each of the `cpus` CPUs gets an equal share of [`PROVOKE_BUDGET_PCT`] of the time
 /// since `start_ns`, so all holds together never exceed that percentage.

@@ -16,8 +16,8 @@ use aya_ebpf::{
     programs::{ProbeContext, RetProbeContext},
 };
 use detector_common::{
-    COMM_LEN, DictSite, EVENTS_BYTES_DEFAULT, EventKind, Inflight, KEY_ABSENT, KEY_PRESENT,
-    KEY_UNKNOWN, KeyErrorEvent, KeyVerdict, LookupEvent, MAX_CACHES, MAX_INFLIGHT,
+    COMM_LEN, DictSite, EVENTS_BYTES_DEFAULT, EventKind, GilHold, Inflight, KEY_ABSENT,
+    KEY_PRESENT, KEY_UNKNOWN, KeyErrorEvent, KeyVerdict, LookupEvent, MAX_CACHES, MAX_INFLIGHT,
     MAX_KEYERROR_SITES, MAX_PENDING, MAX_READERS, NearEvent, PendingKey, ProvokeState, ReaderKey,
     ReaderState, Stat, UNKNOWN_HASH, Window, WindowEvent, key_hash, within_budget,
 };
@@ -48,6 +48,10 @@ static PROVOKE_START_NS: u64 = 0;
 /// CPUs that share the provocation budget (set at load time).
 #[unsafe(no_mangle)]
 static PROVOKE_CPUS: u32 = 1;
+/// CPython `--provoke`: where the interpreter's `gil_drop_request` is, relative to the clear
+/// probe's address (0: native `--provoke`, which holds at the refill).
+#[unsafe(no_mangle)]
+static DROP_REQUEST_DELTA: i64 = 0;
 
 #[map(name = "EVENTS")]
 static EVENTS: RingBuf = RingBuf::with_byte_size(EVENTS_BYTES_DEFAULT, 0);
@@ -73,6 +77,9 @@ static PENDING_DICTS: HashMap<u64, u8> = HashMap::with_max_entries(MAX_CACHES, 0
 static READERS: LruHashMap<ReaderKey, ReaderState> = LruHashMap::with_max_entries(MAX_READERS, 0);
 #[map(name = "PROVOKE")]
 static PROVOKE: PerCpuArray<ProvokeState> = PerCpuArray::with_max_entries(1, 0);
+/// CPython writers armed to hand the GIL over in their window, by thread.
+#[map(name = "GIL_HOLDS")]
+static GIL_HOLDS: HashMap<u32, GilHold> = HashMap::with_max_entries(MAX_INFLIGHT, 0);
 #[map(name = "STATS")]
 static STATS: PerCpuArray<u64> = PerCpuArray::with_max_entries(Stat::COUNT, 0);
 
@@ -165,6 +172,75 @@ pub fn on_clear(ctx: ProbeContext) -> u32 {
         // the ring, so userspace always reads a window's opening before its lookups.
         window_event(EventKind::WindowOpen, cache, &w, tid);
         store_window(cache, &w);
+        if global(&DROP_REQUEST_DELTA) != 0 {
+            arm_gil_handover(&ctx, cache, tid, w.open_ns);
+        }
+    }
+    0
+}
+
+/// CPython `--provoke`, at `dict_clear`'s entry: arms the handover (see on_clear_return and
+/// on_take_gil) if the budget allows, with the deadline of the whole hold.
+fn arm_gil_handover(ctx: &ProbeContext, cache: u64, tid: u32, now: u64) {
+    let hold = global(&PROVOKE_NS);
+    let Some(state) = PROVOKE.get_ptr_mut(0) else {
+        return;
+    };
+    let (start_ns, cpus) = (global(&PROVOKE_START_NS), global(&PROVOKE_CPUS));
+    // SAFETY: this CPU's slot of the per-CPU array.
+    if !within_budget(start_ns, now, unsafe { (*state).held_ns }, hold, cpus) {
+        unsafe { (*state).refused += 1 };
+        return;
+    }
+    // SAFETY: the context's registers are valid for the whole program.
+    let rip = unsafe { (*ctx.regs).rip };
+    let armed = GilHold {
+        cache,
+        deadline_ns: now + hold,
+        drop_request: rip.wrapping_add(global(&DROP_REQUEST_DELTA) as u64),
+    };
+    if GIL_HOLDS.insert(&tid, &armed, 0).is_err() {
+        bump(Stat::MapFull);
+    }
+}
+
+/// `dict_clear`'s return, attached with `python --provoke`: the window is open and the writer
+/// holds the GIL. It is kept here until a thread waiting for the GIL asks for it (sets the
+/// interpreter's `gil_drop_request`, as CPython does after the switch interval) or the
+/// deadline passes. Asked, the writer drops the GIL at the eval-breaker check that follows the
+/// call, inside the window; racewatch never writes to the target's memory.
+#[uretprobe]
+pub fn on_clear_return(_ctx: RetProbeContext) -> u32 {
+    let Some(tid) = traced_tid() else { return 0 };
+    // SAFETY: copied out at once.
+    let Some(armed) = (unsafe { GIL_HOLDS.get(&tid).copied() }) else {
+        return 0;
+    };
+    if !hold_until(
+        unsafe { bpf_ktime_get_ns() },
+        armed.deadline_ns,
+        armed.drop_request,
+    ) {
+        // Nobody asked for the GIL in time: no handover, the window goes on as it would.
+        let _ = GIL_HOLDS.remove(&tid);
+    }
+    0
+}
+
+/// CPython's `static void take_gil(PyThreadState *tstate)`, attached with `python --provoke`: a
+/// writer that handed the GIL over in its window is kept here, without the GIL, until the
+/// deadline, so the readers run while its dict is empty.
+#[uprobe]
+pub fn on_take_gil(_ctx: ProbeContext) -> u32 {
+    let Some(tid) = traced_tid() else { return 0 };
+    // SAFETY: copied out at once.
+    let Some(armed) = (unsafe { GIL_HOLDS.get(&tid).copied() }) else {
+        return 0;
+    };
+    let _ = GIL_HOLDS.remove(&tid);
+    if window(armed.cache).is_some_and(|w| w.closes_on_refill(tid)) {
+        hold_until(unsafe { bpf_ktime_get_ns() }, armed.deadline_ns, 0);
+        count_provoked();
     }
     0
 }
@@ -186,10 +262,24 @@ pub fn on_refill(ctx: ProbeContext) -> u32 {
     0
 }
 
-/// `bpf_loop` callback: stops once the deadline has passed.
-extern "C" fn spin(_index: u64, deadline: *const u64) -> i64 {
-    // SAFETY: `deadline` is hold_writer's stack variable, live for the whole loop.
-    (unsafe { bpf_ktime_get_ns() } >= unsafe { *deadline }) as i64
+/// What a hold waits for: the deadline, or a non-zero 4-byte flag in the target at `flag`.
+struct Spin {
+    deadline: u64,
+    /// 0: the deadline only.
+    flag: u64,
+    /// Set when the flag ended the hold.
+    flagged: u64,
+}
+
+/// `bpf_loop` callback: 1 (stop) once the deadline has passed or the flag is set.
+extern "C" fn spin(_index: u64, s: *mut Spin) -> i64 {
+    // SAFETY: `s` is hold_until's stack variable, live for the whole loop.
+    let s = unsafe { &mut *s };
+    if s.flag != 0 && read_user::<i32>(s.flag).is_some_and(|v| v != 0) {
+        s.flagged = 1;
+        return 1;
+    }
+    (unsafe { bpf_ktime_get_ns() } >= s.deadline) as i64
 }
 
 /// `--provoke`: keeps the calling writer inside its window for up to PROVOKE_NS, within the
@@ -197,7 +287,7 @@ extern "C" fn spin(_index: u64, deadline: *const u64) -> i64 {
 /// program cannot sleep; `bpf_loop` bounds it (2^23 clock reads, longer than PROVOKE_MAX_NS).
 fn hold_writer() {
     let hold = global(&PROVOKE_NS);
-    if hold == 0 {
+    if hold == 0 || global(&DROP_REQUEST_DELTA) != 0 {
         return;
     }
     let Some(state) = PROVOKE.get_ptr_mut(0) else {
@@ -205,22 +295,48 @@ fn hold_writer() {
     };
     let start = unsafe { bpf_ktime_get_ns() };
     let (start_ns, cpus) = (global(&PROVOKE_START_NS), global(&PROVOKE_CPUS));
-    // SAFETY: this CPU's slot; the program runs with migration disabled, so the hold is
-    // accounted on the CPU that ran it.
+    // SAFETY: this CPU's slot of the per-CPU array.
+    if !within_budget(start_ns, start, unsafe { (*state).held_ns }, hold, cpus) {
+        unsafe { (*state).refused += 1 };
+        return;
+    }
+    hold_until(start, start + hold, 0);
+    count_provoked();
+}
+
+/// Busy-waits until `deadline`, or until the target's 4-byte flag at `flag` (if not 0) is set,
+/// and accounts the time held since `start`; true if the flag ended it. The program runs with
+/// migration disabled, so the hold is accounted on the CPU that ran it.
+fn hold_until(start: u64, deadline: u64, flag: u64) -> bool {
+    let Some(state) = PROVOKE.get_ptr_mut(0) else {
+        return false;
+    };
+    if start >= deadline {
+        return false;
+    }
+    let mut s = Spin {
+        deadline,
+        flag,
+        flagged: 0,
+    };
+    // SAFETY: `s` lives on this stack for the whole loop; the state is this CPU's slot.
     unsafe {
-        if !within_budget(start_ns, start, (*state).held_ns, hold, cpus) {
-            (*state).refused += 1;
-            return;
-        }
-        let deadline = start + hold;
         bpf_loop(
             1 << 23,
             spin as *mut c_void,
-            &deadline as *const u64 as *mut c_void,
+            &mut s as *mut Spin as *mut c_void,
             0,
         );
         (*state).held_ns += bpf_ktime_get_ns() - start;
-        (*state).windows += 1;
+    }
+    s.flagged != 0
+}
+
+/// One more window held open.
+fn count_provoked() {
+    if let Some(state) = PROVOKE.get_ptr_mut(0) {
+        // SAFETY: this CPU's slot of the per-CPU array.
+        unsafe { (*state).windows += 1 };
     }
 }
 
@@ -234,6 +350,10 @@ pub fn on_refill_return(_ctx: RetProbeContext) -> u32 {
         return 0;
     };
     let _ = REFILLS.remove(&tid);
+    // A CPython writer armed to hand the GIL over that never did: the window ends here.
+    if global(&DROP_REQUEST_DELTA) != 0 {
+        let _ = GIL_HOLDS.remove(&tid);
+    }
     if let Some(w) = window(cache).filter(|w| w.closes_on_refill(tid)) {
         let closed = w.closed(unsafe { bpf_ktime_get_ns() });
         store_window(cache, &closed);

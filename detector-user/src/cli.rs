@@ -112,6 +112,14 @@ pub struct WatchArgs {
 
 #[derive(Args, Debug)]
 pub struct PythonArgs {
+    /// Keep each window open up to DURATION longer (e.g. 500us, 2ms; at most 50ms): the writer
+    /// waits after clear() until a reader asks for the GIL, hands it over inside the window, and
+    /// is kept from taking it back until DURATION has passed, so readers run while the dict is
+    /// empty. Bounded: all holds together stay within 10% of the time since attach. Off by
+    /// default; while on, dict_clear's return and take_gil are probed too (a trap at each GIL
+    /// switch).
+    #[arg(long, value_name = "DURATION", value_parser = parse_provoke)]
+    pub provoke: Option<std::time::Duration>,
     #[command(flatten)]
     pub run: RunArgs,
 }

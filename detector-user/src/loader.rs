@@ -74,6 +74,14 @@ pub enum LookupProbe {
     },
 }
 
+/// CPython `--provoke`: `dict_clear` (its return is probed), `take_gil`, and where the
+/// interpreter's `gil_drop_request` is relative to the clear probe's address.
+pub struct GilHandover {
+    pub clear: Function,
+    pub take_gil: Placed,
+    pub drop_request_delta: i64,
+}
+
 /// Everything to attach, in one binary (executable or shared library).
 pub struct Plan {
     pub binary: PathBuf,
@@ -81,6 +89,8 @@ pub struct Plan {
     /// Functions whose return closes the window (CPython has two ways to refill a dict).
     pub refills: Vec<Function>,
     pub lookup: LookupProbe,
+    /// CPython `--provoke`: how to make a writer hand the GIL over (None: native holds).
+    pub gil: Option<GilHandover>,
     /// A lookup function's entry to count lookups in short bursts (see `sampling`), when
     /// `lookup` does not probe every lookup.
     pub sample: Option<Placed>,
@@ -122,6 +132,7 @@ impl Loaded {
     pub fn load(opts: &Options, plan: &Plan) -> Result<Loaded, LoadError> {
         let wakeup_bytes = u64::from(opts.ring_bytes / 2);
         let (miss_slot, miss_value) = plan.miss_globals();
+        let drop_delta = plan.gil.as_ref().map_or(0i64, |g| g.drop_request_delta);
         // The provocation budget accrues from now, on the clock bpf_ktime_get_ns reads.
         let start_ns = monotonic_ns();
         let cpus = aya::util::nr_cpus()
@@ -137,6 +148,7 @@ impl Loaded {
             .override_global(globals::PROVOKE_NS, &opts.provoke_ns, true)
             .override_global(globals::PROVOKE_START_NS, &start_ns, true)
             .override_global(globals::PROVOKE_CPUS, &cpus, true)
+            .override_global(globals::DROP_REQUEST_DELTA, &drop_delta, true)
             .map_max_entries(EVENTS_MAP, opts.ring_bytes)
             .load(OBJECT)
             .map_err(LoadError::Load)?;
@@ -279,6 +291,11 @@ impl Loaded {
                 }
                 self.attach_one("on_keyerror", "KeyError", bin, function, 0, pid)?;
             }
+        }
+        if let Some(g) = &plan.gil {
+            let t = &g.take_gil;
+            self.attach_one("on_clear_return", "clear return", bin, &g.clear, 0, pid)?;
+            self.attach_one("on_take_gil", "take_gil", bin, &t.function, t.offset, pid)?;
         }
         if let Some(sample) = &plan.sample {
             self.sample = Some((bin.clone(), sample.clone(), pid));

@@ -91,6 +91,7 @@ async fn watch(args: WatchArgs) -> Result<ExitCode, Failure> {
         clear,
         refills: vec![refill],
         sample: sample.filter(|_| matches!(lookup, LookupProbe::Miss { .. })),
+        gil: None,
         lookup,
     };
     let correlator = Correlator::new(args.miss_ret, None);
@@ -107,10 +108,12 @@ async fn python(args: PythonArgs) -> Result<ExitCode, Failure> {
         None => python::for_command(&args.run.command),
     }
     .map_err(Failure::usage)?;
-    let plan = python::plan(&interp, args.run.verbose).map_err(Failure::usage)?;
+    let plan =
+        python::plan(&interp, args.provoke.is_some(), args.run.verbose).map_err(Failure::usage)?;
     preflight::check().map_err(Failure::usage)?;
     let correlator = Correlator::new(None, Some(python::key::render));
-    let summary = session::run(&plan, &args.run, 0, 0, correlator).await?;
+    let provoke_ns = args.provoke.map_or(0, |d| d.as_nanos() as u64);
+    let summary = session::run(&plan, &args.run, 0, provoke_ns, correlator).await?;
     Ok(exit_for(summary.as_ref()))
 }
 

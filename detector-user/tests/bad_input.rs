@@ -432,3 +432,14 @@ fn interval_must_be_positive() {
         "{err}"
     );
 }
+
+#[test]
+fn python_provoke_duration_must_have_a_unit() {
+    let o = racewatch(&["python", "--provoke", "5", "--", "python3", "-c", "pass"]);
+    let err = stderr(&o);
+    assert_eq!(o.status.code(), Some(2), "{err}");
+    assert!(
+        err.contains("\"5\" has no unit: write e.g. 500us or 2ms"),
+        "{err}"
+    );
+}

@@ -295,3 +295,47 @@ fn build_then_swap_gets_no_hazard_line() {
     assert_eq!(parse_ndjson(&text).1["windows"], 0);
     assert_eq!(code, 0);
 }
+
+#[test]
+#[ignore = "root"]
+fn provoke_hands_the_gil_over_in_the_window_and_every_keyerror_is_flagged() {
+    let mut worker = vec!["--seconds", "5"];
+    worker.extend(RARE_WORKER);
+    let (code, truth, text) = watch_worker_with(&["--provoke", "5ms"], &worker);
+    let (alerts, summary) = parse_ndjson(&text);
+    let keyerrors = truth["keyerrors"];
+    assert!(
+        keyerrors > 0,
+        "--provoke raised no KeyError: {truth:?}; {summary}"
+    );
+    assert_eq!(summary["misses_in_window"], keyerrors, "summary: {summary}");
+    assert_eq!(alerts.len() as u64, keyerrors);
+    assert_eq!(summary["lost_events"], 0, "summary: {summary}");
+    let p = &summary["provoke"];
+    let provoked = p["windows"].as_u64().unwrap();
+    assert!(
+        provoked > 0 && provoked <= truth["refreshes"],
+        "summary: {summary}"
+    );
+    let added = p["added_ns"].as_u64().unwrap() as f64;
+    let wall_ns = summary["duration_s"].as_f64().unwrap() * 1e9;
+    assert!(added <= 0.1 * wall_ns, "over the 10% budget: {summary}");
+    assert_eq!(code, 1);
+}
+
+#[test]
+#[ignore = "root"]
+fn build_then_swap_shows_nothing_under_provoke() {
+    let mut worker = vec!["--seconds", "2", "--fixed"];
+    worker.extend(RARE_WORKER);
+    let (code, truth, text) = watch_worker_with(&["--provoke", "5ms"], &worker);
+    let (alerts, summary) = parse_ndjson(&text);
+    assert!(truth["lookups"] > 0);
+    assert_eq!(truth["keyerrors"], 0);
+    assert!(alerts.is_empty(), "{alerts:?}");
+    assert!(hazard_lines(&text).is_empty(), "{text}");
+    assert_eq!(summary["windows"], 0);
+    assert_eq!(summary["provoke"]["windows"], 0);
+    assert_eq!(summary["provoke"]["added_ns"], 0);
+    assert_eq!(code, 0);
+}

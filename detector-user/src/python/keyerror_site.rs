@@ -133,6 +133,11 @@ pub enum SiteError {
          register, so this python build cannot tell which dict missed"
     )]
     NoUsableSites { path: PathBuf, calls: usize },
+    #[error(
+        "{path} does not describe {missing} in its DWARF, which --provoke needs to make a writer \
+         hand the GIL over"
+    )]
+    NoGilState { path: PathBuf, missing: String },
 }
 
 /// Every call of `_PyErr_SetKeyError` in `image` (python or libpython) after which the missing dict
@@ -212,21 +217,21 @@ pub fn find_keyerror_sites(image: &Path) -> Result<Vec<KeyErrorSite>, SiteError>
     }
 }
 
-fn read(path: &Path) -> Result<Vec<u8>, SiteError> {
+pub(super) fn read(path: &Path) -> Result<Vec<u8>, SiteError> {
     std::fs::read(path).map_err(|source| SiteError::Io {
         path: path.into(),
         source,
     })
 }
 
-fn parse<'d>(path: &Path, data: &'d [u8]) -> Result<object::File<'d>, SiteError> {
+pub(super) fn parse<'d>(path: &Path, data: &'d [u8]) -> Result<object::File<'d>, SiteError> {
     object::File::parse(data).map_err(|source| SiteError::Object {
         path: path.into(),
         source,
     })
 }
 
-fn has_dwarf(obj: &object::File) -> bool {
+pub(super) fn has_dwarf(obj: &object::File) -> bool {
     obj.section_by_name(".debug_info")
         .is_some_and(|s| s.size() > 0)
 }
@@ -261,7 +266,10 @@ fn debug_file_path(image: &Path, obj: &object::File) -> Option<PathBuf> {
 }
 
 /// Reads the separate debug file, checking that it was split from this very build.
-fn load_debug_file(image: &Path, obj: &object::File) -> Result<(PathBuf, Vec<u8>), SiteError> {
+pub(super) fn load_debug_file(
+    image: &Path,
+    obj: &object::File,
+) -> Result<(PathBuf, Vec<u8>), SiteError> {
     let path =
         debug_file_path(image, obj).ok_or_else(|| SiteError::NoDebugInfo { path: image.into() })?;
     let data = read(&path)?;

@@ -1,5 +1,6 @@
 //! `racewatch python`: finds the CPython interpreter a process runs and the probe points for a
 //! dict's clear, its refill and the KeyError of a failed `d[k]`.
+pub mod gil;
 pub mod key;
 pub mod keyerror_site;
 
@@ -12,7 +13,7 @@ use std::{
 use detector_common::DictSite;
 
 use crate::{
-    loader::{LookupProbe, Plan},
+    loader::{GilHandover, LookupProbe, Plan},
     symbols::{SymbolError, SymbolTable},
 };
 
@@ -29,6 +30,9 @@ const KEYERROR: &str = "_PyErr_SetKeyError";
 /// `d[k]` once its call site is specialised (BINARY_SUBSCR_DICT), arg0 the dict: probed in
 /// sampling bursts only, for the hazard report's lookup rates.
 const LOOKUP: &str = "PyDict_GetItemWithError";
+/// The GIL's acquisition (static in ceval_gil.h; called after every release: a forced switch or
+/// a blocking call): probed with `--provoke` only.
+const TAKE_GIL: &str = "take_gil";
 
 #[derive(Debug, thiserror::Error)]
 pub enum PythonError {
@@ -193,7 +197,8 @@ fn dict_site(site: &KeyErrorSite, keyerror_vaddr: u64) -> DictSite {
 }
 
 /// The probes for `interp`; `verbose` says where each KeyError site reads the dict.
-pub fn plan(interp: &Interpreter, verbose: bool) -> Result<Plan, PythonError> {
+/// What to probe in `interp`; with `provoke`, also how to make a writer hand the GIL over.
+pub fn plan(interp: &Interpreter, provoke: bool, verbose: bool) -> Result<Plan, PythonError> {
     let image = &interp.image;
     let table = SymbolTable::load(image).map_err(|e| PythonError::Symbol {
         image: image.clone(),
@@ -213,6 +218,18 @@ pub fn plan(interp: &Interpreter, verbose: bool) -> Result<Plan, PythonError> {
         .map(resolve)
         .collect::<Result<Vec<_>, _>>()?;
     let keyerror = resolve(KEYERROR)?;
+    let gil = if provoke {
+        let drop_request = gil::find_gil_drop_request(image)?;
+        let at = clear.function.address + clear.offset;
+        let take_gil = resolve(TAKE_GIL)?;
+        Some(GilHandover {
+            clear: clear.function.clone(),
+            take_gil: crate::placement::place_entry(image, TAKE_GIL, take_gil, 0, verbose),
+            drop_request_delta: drop_request.wrapping_sub(at) as i64,
+        })
+    } else {
+        None
+    };
     let sample =
         crate::placement::place_entry(image, "lookup sample", resolve(LOOKUP)?, 0, verbose);
     let sites = keyerror_site::find_keyerror_sites(image)?;
@@ -245,6 +262,7 @@ pub fn plan(interp: &Interpreter, verbose: bool) -> Result<Plan, PythonError> {
             sites,
         },
         sample: Some(sample),
+        gil,
     })
 }
 
