@@ -216,12 +216,15 @@ pub fn on_clear_return(_ctx: RetProbeContext) -> u32 {
     let Some(armed) = (unsafe { GIL_HOLDS.get(&tid).copied() }) else {
         return 0;
     };
-    if !hold_until(
+    let handed_over = hold_until(
         unsafe { bpf_ktime_get_ns() },
         armed.deadline_ns,
         armed.drop_request,
-    ) {
-        // Nobody asked for the GIL in time: no handover, the window goes on as it would.
+    );
+    count_provoked();
+    if !handed_over {
+        // Nobody asked for the GIL in time: the window was held that long, and goes on as it
+        // would.
         let _ = GIL_HOLDS.remove(&tid);
     }
     0
@@ -240,7 +243,6 @@ pub fn on_take_gil(_ctx: ProbeContext) -> u32 {
     let _ = GIL_HOLDS.remove(&tid);
     if window(armed.cache).is_some_and(|w| w.closes_on_refill(tid)) {
         hold_until(unsafe { bpf_ktime_get_ns() }, armed.deadline_ns, 0);
-        count_provoked();
     }
     0
 }
