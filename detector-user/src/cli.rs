@@ -32,17 +32,25 @@ pub enum Command {
         racewatch watch --clear Cache::clear --update Cache::update --lookup Cache::lookup \\\n      \
         --miss-ret -1 -- ./cache_demo\n  \
         racewatch watch --binary /usr/lib/libfoo.so --clear foo_clear --update foo_fill \\\n      \
-        --lookup foo_get --json -d 30 -p 1234\n\n\
+        --lookup foo_get --json -d 30 -p 1234\n  \
+        racewatch watch --clear Cache::clear --update Cache::update --lookup Cache::lookup \\\n      \
+        --miss-ret -1 --provoke 2ms -- ./cache_demo --pause-us 2000 --refresh-us 200000\n\n\
         A window opens when --clear is entered on a cache object and closes when --update returns \
-        on it; a lookup by another thread that overlaps it is reported.")]
+        on it; a lookup by another thread that overlaps it is reported. A hazard report per cache \
+        (at the end, and every --interval) says how often a lookup will land in a window, before \
+        one has (docs/HAZARD.md). With --miss-ret, ordinary lookups are counted for it in \
+        bursts: the lookup's entry is probed 20 ms of every second, so ~2% of lookups pay a \
+        trap.")]
     Watch(WatchArgs),
     /// Watch a CPython 3.11 program's dicts: a `d[k]` KeyError raised while another thread has
     /// emptied `d` with `clear()` and not yet refilled it with `update()` (or `|=`).
     #[command(after_help = "Examples:\n  \
         racewatch python -- python3 worker.py\n  \
-        racewatch python --json -d 60 -p 1234\n\n\
+        racewatch python --json -d 60 -p 1234\n  \
+        racewatch python --provoke 5ms --interval 2 -- python3 worker.py\n\n\
         Only clear, refill and the KeyError path are probed, so ordinary dict lookups run \
-        at full speed. Needs an interpreter with symbols and DWARF (pyenv and source builds \
+        at full speed. The hazard report's lookup rates are sampled: PyDict_GetItemWithError is \
+        probed 20 ms of every second, so ~2% of dict lookups pay a trap. Needs an interpreter with symbols and DWARF (pyenv and source builds \
         have them; distribution builds need their debug-symbol package).")]
     Python(PythonArgs),
     /// Print a file's function names, demangled, as racewatch matches them.
