@@ -251,17 +251,31 @@ pub fn on_take_gil(_ctx: ProbeContext) -> u32 {
 /// thread is refilling, when the refill is the one that closes its window.
 #[uprobe]
 pub fn on_refill(ctx: ProbeContext) -> u32 {
+    refill_entry(&ctx, false);
+    0
+}
+
+/// `on_refill` for native `--provoke`: also holds the writer inside the window. A program of its
+/// own because `bpf_loop` needs kernel 5.17+, which runs without `--provoke` need not.
+#[uprobe]
+pub fn on_refill_provoke(ctx: ProbeContext) -> u32 {
+    refill_entry(&ctx, true);
+    0
+}
+
+fn refill_entry(ctx: &ProbeContext, hold: bool) {
     bump(Stat::HitsRefillEntry);
-    let (Some(tid), Some(cache)) = (traced_tid(), cache_arg(&ctx)) else {
-        return 0;
+    let (Some(tid), Some(cache)) = (traced_tid(), cache_arg(ctx)) else {
+        return;
     };
     if window(cache).is_some_and(|w| w.closes_on_refill(tid)) {
         if REFILLS.insert(&tid, &cache, 0).is_err() {
             bump(Stat::MapFull);
         }
-        hold_writer();
+        if hold {
+            hold_writer();
+        }
     }
-    0
 }
 
 /// What a hold waits for: the deadline, or a non-zero 4-byte flag in the target at `flag`.
@@ -289,7 +303,7 @@ extern "C" fn spin(_index: u64, s: *mut Spin) -> i64 {
 /// program cannot sleep; `bpf_loop` bounds it (2^23 clock reads, longer than PROVOKE_MAX_NS).
 fn hold_writer() {
     let hold = global(&PROVOKE_NS);
-    if hold == 0 || global(&DROP_REQUEST_DELTA) != 0 {
+    if hold == 0 {
         return;
     }
     let Some(state) = PROVOKE.get_ptr_mut(0) else {

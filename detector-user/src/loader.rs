@@ -121,6 +121,8 @@ impl Plan {
 pub struct Loaded {
     ebpf: Ebpf,
     pub probes: usize,
+    /// Native `--provoke`: the refill's entry probe holds the writer.
+    hold_at_refill: bool,
     /// The sampling probe's site and process, once attached; and its link while a burst runs.
     sample: Option<(PathBuf, Placed, u32)>,
     sample_link: Option<UProbeLinkId>,
@@ -155,6 +157,7 @@ impl Loaded {
         Ok(Loaded {
             ebpf,
             probes: 0,
+            hold_at_refill: opts.provoke_ns != 0 && plan.gil.is_none(),
             sample: None,
             sample_link: None,
         })
@@ -255,7 +258,12 @@ impl Loaded {
         self.attach_one("on_clear", "clear", bin, &clear.function, clear.offset, pid)?;
         // The refill's entry probe shares the breakpoint its return probe needs at the entry.
         for refill in &plan.refills {
-            self.attach_one("on_refill", "refill", bin, refill, 0, pid)?;
+            let entry = if self.hold_at_refill {
+                "on_refill_provoke"
+            } else {
+                "on_refill"
+            };
+            self.attach_one(entry, "refill", bin, refill, 0, pid)?;
             self.attach_one("on_refill_return", "refill return", bin, refill, 0, pid)?;
         }
         match &plan.lookup {
