@@ -1,30 +1,18 @@
 //! racewatch: finds lookups that land in a cache's empty window, through uprobes.
-mod cli;
-mod collector;
-mod correlate;
-mod hazard;
-mod histogram;
-mod info;
-mod loader;
-mod output;
-mod placement;
-mod preflight;
-mod python;
-mod sampling;
-mod session;
-mod symbols;
-mod target;
 
 use std::process::ExitCode;
 
 use clap::Parser as _;
 
-use crate::{
-    cli::{Cli, Command, EXIT_RACE, PythonArgs, WatchArgs},
+use detector_user::{
+    cli::{self, Cli, Command, EXIT_RACE, PythonArgs, WatchArgs},
     correlate::Correlator,
+    info,
     loader::{LookupProbe, Plan},
-    session::Failure,
+    output, placement, preflight, python,
+    session::{self, Failure},
     symbols::SymbolTable,
+    target,
 };
 
 async fn watch(args: WatchArgs) -> Result<ExitCode, Failure> {
@@ -203,7 +191,7 @@ mod tests {
     #[test]
     fn error_message_names_each_cause_once_and_escapes() {
         let io = std::io::Error::new(std::io::ErrorKind::NotFound, "gone");
-        let quoted = anyhow::Error::new(symbols::SymbolError::Read {
+        let quoted = anyhow::Error::new(detector_user::symbols::SymbolError::Read {
             path: "/x\x1b[2J".into(),
             source: io,
         });

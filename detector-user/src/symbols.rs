@@ -166,10 +166,19 @@ impl SymbolTable {
             else {
                 continue;
             };
-            let Some((section_offset, _)) = section.file_range() else {
+            let Some((section_offset, section_size)) = section.file_range() else {
                 continue;
             };
-            let file_offset = sym.address() - section.address() + section_offset;
+            // A symbol that does not point into its section's bytes (a corrupt or crafted file)
+            // has no code racewatch could probe.
+            let Some(file_offset) = sym
+                .address()
+                .checked_sub(section.address())
+                .filter(|delta| *delta < section_size)
+                .and_then(|delta| delta.checked_add(section_offset))
+            else {
+                continue;
+            };
             let entry = table.functions.entry(sym.address()).or_insert_with(|| {
                 let names = names_for(raw);
                 Entry {
@@ -263,5 +272,28 @@ impl SymbolTable {
             .collect();
         v.sort_unstable();
         v
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Found by the `symbols` fuzz target: a small executable whose symbol table has a function
+    /// at an address below its section's (parsing used to underflow computing its offset).
+    #[test]
+    fn a_symbol_outside_its_section_is_skipped() {
+        let data = include_bytes!("../tests/data/symbol-outside-its-section.elf");
+        let table = SymbolTable::parse(Path::new("crafted.elf"), data).expect("other symbols");
+        for f in table.functions.values() {
+            assert!(
+                f.function.file_offset < data.len() as u64,
+                "{} at file offset {:#x}",
+                f.function.display,
+                f.function.file_offset
+            );
+        }
+        let names = table.names();
+        assert!(names.contains(&"frame_dummy"), "{names:?}");
     }
 }

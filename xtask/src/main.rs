@@ -2,6 +2,7 @@
 //! run the tests that need root, the demo and the benchmarks.
 mod bench;
 mod demo;
+mod fuzz;
 mod setup;
 
 use std::{path::PathBuf, process::Command};
@@ -18,12 +19,16 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Task {
-    /// Install what building racewatch needs (nightly rust-src, bpf-linker), idempotently.
+    /// Install what building and testing racewatch needs (nightly rust-src, bpf-linker, g++,
+    /// cargo-fuzz), idempotently.
     Setup,
     /// Set up, build racewatch and the demos, and watch the demos race (then their fixed modes).
     Demo,
-    /// Set up and run every test, the root ones included.
+    /// Set up and run every test, the root ones included, then each fuzz target for a while.
     Test {
+        /// Seconds each fuzz target runs (0: none).
+        #[arg(long, default_value_t = 30)]
+        fuzz_seconds: u64,
         /// Extra arguments for `cargo test` (e.g. a test name filter).
         #[arg(trailing_var_arg = true)]
         args: Vec<String>,
@@ -78,7 +83,7 @@ pub fn build_racewatch() -> Result<PathBuf> {
     Ok(workspace_root().join("target/release/racewatch"))
 }
 
-fn test(args: &[String]) -> Result<()> {
+fn test(args: &[String], fuzz_seconds: u64) -> Result<()> {
     if !is_root() {
         bail!("the root tests load BPF programs: run `sudo -E cargo xtask test`");
     }
@@ -91,7 +96,11 @@ fn test(args: &[String]) -> Result<()> {
             .arg("test")
             .args(args)
             .args(["--", "--include-ignored", "--test-threads=1"]),
-    )
+    )?;
+    if fuzz_seconds > 0 {
+        fuzz::run(fuzz_seconds)?;
+    }
+    Ok(())
 }
 
 fn main() -> Result<()> {
@@ -100,7 +109,7 @@ fn main() -> Result<()> {
     match cli.task {
         Task::Setup => Ok(()),
         Task::Demo => demo::run(),
-        Task::Test { args } => test(&args),
+        Task::Test { args, fuzz_seconds } => test(&args, fuzz_seconds),
         Task::Bench { runs, seconds } => bench::run(runs, seconds),
     }
 }

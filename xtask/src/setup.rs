@@ -132,8 +132,22 @@ fn ensure_cxx() -> Result<()> {
     run_cmd(Command::new("apt-get").args(["install", "-y", "g++"]))
 }
 
+/// cargo-fuzz, for the fuzz targets `cargo xtask test` runs.
+fn ensure_cargo_fuzz() -> Result<()> {
+    if Command::new("cargo")
+        .args(["fuzz", "--version"])
+        .output()
+        .is_ok_and(|o| o.status.success())
+    {
+        return Ok(());
+    }
+    eprintln!("setup: installing cargo-fuzz");
+    run_cmd(Command::new("cargo").args(["install", "cargo-fuzz", "--locked"]))
+}
+
 pub fn ensure() -> Result<()> {
     ensure_toolchain()?;
     ensure_bpf_linker()?;
-    ensure_cxx()
+    ensure_cxx()?;
+    ensure_cargo_fuzz()
 }

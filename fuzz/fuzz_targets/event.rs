@@ -1,0 +1,50 @@
+//! Any bytes as a sequence of ring-buffer records (each prefixed by its length, u16 LE):
+//! decoding ends in an event or a typed error, and whatever the events hold (thread names,
+//! keys), every human line carries no raw control character and every JSON line parses.
+#![no_main]
+
+use detector_common::Event;
+use detector_user::{
+    correlate::{Alert, Correlator},
+    output::{HumanSink, JsonSink, Sink},
+    python,
+};
+use libfuzzer_sys::fuzz_target;
+
+fn check(alert: &Alert) {
+    let mut human = Vec::new();
+    HumanSink::new(&mut human).alert(alert).unwrap();
+    let line = String::from_utf8(human).expect("human output is UTF-8");
+    let line = line.strip_suffix('\n').expect("one line");
+    assert!(
+        !line.chars().any(char::is_control),
+        "raw control character in {line:?}"
+    );
+    let mut json = Vec::new();
+    JsonSink::new(&mut json).alert(alert).unwrap();
+    let text = String::from_utf8(json).expect("JSON is UTF-8");
+    assert_eq!(text.matches('\n').count(), 1, "{text:?}");
+    serde_json::from_str::<serde_json::Value>(&text).expect("JSON parses");
+}
+
+fuzz_target!(|data: &[u8]| {
+    let mut correlators = [
+        Correlator::new(Some(-1), None),
+        Correlator::new(None, Some(python::key::render)),
+    ];
+    let mut rest = data;
+    while let [lo, hi, tail @ ..] = rest {
+        let len = usize::from(u16::from_le_bytes([*lo, *hi])).min(tail.len());
+        let (record, next) = tail.split_at(len);
+        rest = next;
+        let Ok(event) = Event::decode(record) else {
+            continue;
+        };
+        for correlator in &mut correlators {
+            correlator.on_event(&event).iter().for_each(check);
+        }
+    }
+    for correlator in &mut correlators {
+        correlator.finish().iter().for_each(check);
+    }
+});
