@@ -66,7 +66,8 @@ pub enum Command {
         grep: Option<String>,
     },
     /// Check what this kernel and this user allow: each feature racewatch uses, pass or fail,
-    /// and the fix for each failure. Exits 0 when racewatch can run, 2 when it cannot.
+    /// and the fix for each failure. Exits 0 when everything racewatch offers can run here, 2
+    /// otherwise.
     Info {
         /// Print one JSON object instead of lines.
         #[arg(long)]

@@ -19,6 +19,8 @@ pub enum Needed {
     /// `watch` and `python`.
     Both,
     Python,
+    /// `--provoke` (its bounded hold in the kernel).
+    Provoke,
     /// Reported for the record; nothing racewatch does depends on it.
     No,
 }
@@ -111,7 +113,11 @@ pub fn run() -> Vec<Check> {
         BpfHelper::BPF_FUNC_get_attach_cookie,
         Needed::No,
     ));
-    checks.push(helper("bpf_loop", BpfHelper::BPF_FUNC_loop, Needed::No));
+    checks.push(helper(
+        "bpf_loop",
+        BpfHelper::BPF_FUNC_loop,
+        Needed::Provoke,
+    ));
     checks.push(path_check(
         "BTF",
         Path::new("/sys/kernel/btf/vmlinux"),
@@ -223,6 +229,7 @@ pub fn render_human(checks: &[Check]) -> String {
         let needed = match c.needed {
             Needed::Both => "",
             Needed::Python => " (needed by `racewatch python`)",
+            Needed::Provoke => " (needed by `--provoke`)",
             Needed::No => " (not needed)",
         };
         let mark = if c.ok { "ok  " } else { "FAIL" };
@@ -231,15 +238,27 @@ pub fn render_human(checks: &[Check]) -> String {
             out += &format!("     fix: {}\n", escape(fix));
         }
     }
-    let failed: Vec<&str> = checks
-        .iter()
-        .filter(|c| !c.ok && c.needed != Needed::No)
-        .map(|c| c.name)
-        .collect();
-    out += &if failed.is_empty() {
-        "racewatch can run here\n".to_string()
-    } else {
-        format!("racewatch cannot run here: {} failed\n", failed.join(", "))
+    let failed = |of: &[Needed]| -> Vec<&str> {
+        checks
+            .iter()
+            .filter(|c| !c.ok && of.contains(&c.needed))
+            .map(|c| c.name)
+            .collect()
+    };
+    let (core, features) = (
+        failed(&[Needed::Both]),
+        failed(&[Needed::Python, Needed::Provoke]),
+    );
+    out += &match (core.is_empty(), features.is_empty()) {
+        (true, true) => "racewatch can run here\n".to_string(),
+        (true, false) => format!(
+            "racewatch can run here, but not all of it: {} failed\n",
+            features.join(", ")
+        ),
+        (false, _) => format!(
+            "racewatch cannot run here: {} failed\n",
+            [core, features].concat().join(", ")
+        ),
     };
     out
 }
@@ -281,7 +300,13 @@ mod tests {
         let text = render_human(&checks);
         assert!(text.contains("FAIL c: d (needed by `racewatch python`)\n     fix: do this\n"));
         assert!(
-            text.ends_with("racewatch cannot run here: c failed\n"),
+            text.ends_with("racewatch can run here, but not all of it: c failed\n"),
+            "{text}"
+        );
+        checks.push(check("d", false, Needed::Both));
+        let text = render_human(&checks);
+        assert!(
+            text.ends_with("racewatch cannot run here: d, c failed\n"),
             "{text}"
         );
     }
