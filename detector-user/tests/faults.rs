@@ -149,8 +149,14 @@ fn start(pid: Option<u32>, tag: &str) -> Running {
         Some(_) => args.extend(["-p", &pid_s]),
         None => args.extend(["--", demo, "--fixed", "--seconds", "60"]),
     }
+    attach(&args, pid, out)
+}
+
+/// Starts racewatch with `args` and waits until it has attached to `pid` (or the command it
+/// launches), checking what it holds in the kernel and that the target holds none of it.
+fn attach(args: &[&str], pid: Option<u32>, out: PathBuf) -> Running {
     let mut racewatch = Command::new(RACEWATCH)
-        .args(&args)
+        .args(args)
         .stderr(Stdio::piped())
         .spawn()
         .unwrap();
@@ -391,4 +397,41 @@ fn has_child(pid: u32) -> bool {
             })
         })
         .unwrap_or(false)
+}
+
+#[test]
+#[ignore = "root"]
+fn a_python_run_frees_everything_too() {
+    // `racewatch python` loads more (KeyError sites, pending keys): signalled, then killed.
+    for sig in [libc::SIGINT, libc::SIGKILL] {
+        let out = temp_file("python-faults.ndjson");
+        let worker = worker();
+        let args = [
+            "python",
+            "--json",
+            "-o",
+            out.to_str().unwrap(),
+            "--",
+            "python3",
+            &worker,
+            "--seconds",
+            "60",
+        ];
+        let mut run = attach(&args, None, out.clone());
+        let target = run.target;
+        std::thread::sleep(Duration::from_millis(500));
+        run.record_more();
+        signal(run.racewatch.id(), sig);
+        if sig == libc::SIGKILL {
+            let mut racewatch = run.racewatch;
+            racewatch.wait().unwrap();
+            assert_released(&run.ids);
+            signal(target, libc::SIGTERM);
+            continue;
+        }
+        let (code, summary, ids) = run.finish();
+        assert_eq!(summary["ended"], "interrupted (SIGINT)", "{summary}");
+        assert!(matches!(code, Some(0 | 1)), "{code:?}");
+        assert_released(&ids);
+    }
 }
