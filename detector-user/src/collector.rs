@@ -11,10 +11,11 @@ use tokio::{
 };
 
 use crate::{
+    calibrate::{self, Traps},
     correlate::Correlator,
     hazard::HazardTracker,
     loader::{Loaded, monotonic_ns},
-    output::{LostByKind, ProbeHits, ProvokeJson, Sink, Summary},
+    output::{LostByKind, ProbeHits, ProvokeJson, SelfCost, Sink, Summary},
     sampling::Sampler,
     target::Target,
 };
@@ -59,6 +60,9 @@ pub struct Run<'a> {
     pub duration: Option<Duration>,
     /// Hazard reports between the start and the end, if asked for.
     pub interval: Option<Duration>,
+    pub verbose: bool,
+    /// How each probe traps, for the estimate of what racewatch added to the target.
+    pub traps: Traps,
 }
 
 /// Where decoded events go.
@@ -117,6 +121,8 @@ impl Run<'_> {
             sink,
             duration,
             interval,
+            verbose,
+            traps,
         } = self;
         let mut feed = Consumers {
             correlator,
@@ -182,13 +188,27 @@ impl Run<'_> {
         }
         let sampled = sampler.as_ref().map(|s| s.sampled(Instant::now()));
         feed.report_hazards(loaded, started, sampled)?;
-        let summary = summary(
+        let mut summary = summary(
             loaded,
             &feed.correlator,
             ended,
             feed.decode_errors,
             started.elapsed(),
         )?;
+        let cpu = target.cpu_used().map(|d| d.as_nanos() as u64);
+        // Measured once the target no longer runs beside the measurement (or, attached to a
+        // running process, after its run), so that measuring disturbs nothing.
+        let costs = calibrate::calibrate()
+            .inspect_err(|e| eprintln!("racewatch: cannot estimate what its probes cost: {e}"))
+            .ok();
+        if let (Some(c), true) = (&costs, verbose) {
+            eprintln!(
+                "racewatch: one probe hit costs {:.0} ns on an emulated instruction, {:.0} ns \
+                 single-stepped, {:.0} ns more with the return probed",
+                c.emulated_ns, c.single_stepped_ns, c.return_ns
+            );
+        }
+        summary.self_cost = costs.map(|c| SelfCost::new(c, &traps, &summary.probe_hits, cpu));
         feed.sink.summary(&summary)?;
         Ok(summary)
     }
@@ -290,6 +310,7 @@ fn summary(
             added_ns: p.held_ns,
             over_budget: p.refused,
         },
+        self_cost: None,
         duration_s: elapsed.as_secs_f64(),
         ended,
     })

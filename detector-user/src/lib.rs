@@ -1,5 +1,6 @@
 //! racewatch's modules, as a library: the `racewatch` binary is built on it, and the fuzz targets
 //! (`fuzz/`) reach the parsers and renderers that take untrusted bytes through it.
+pub mod calibrate;
 pub mod cli;
 pub mod collector;
 pub mod correlate;

@@ -14,7 +14,7 @@ use detector_common::{
     ReaderState, STATS_MAP, Stat, globals,
 };
 
-use crate::symbols::Function;
+use crate::{calibrate::Traps, placement::RefillProbe, symbols::Function};
 
 #[derive(Debug, thiserror::Error)]
 pub enum LoadError {
@@ -49,6 +49,8 @@ pub struct Placed {
     pub function: Function,
     /// Bytes from the function's entry (see `placement`).
     pub offset: u64,
+    /// Whether the kernel emulates the probed instruction rather than single-stepping it.
+    pub emulated: bool,
 }
 
 /// How the cache's lookup is observed.
@@ -56,7 +58,7 @@ pub enum LookupProbe {
     /// Entry only: lookups entered inside a window.
     Entry(Placed),
     /// Entry and return: also lookups in flight when the window opened, with their result.
-    EntryAndReturn(Function),
+    EntryAndReturn(Placed),
     /// The instructions by which the lookup returns its miss value: misses alone trap.
     Miss {
         function: Function,
@@ -65,11 +67,13 @@ pub enum LookupProbe {
         /// `pt_regs` slot of the register that holds the cache at those sites.
         cache_slot: u32,
         value: i64,
+        /// Every site is on an instruction the kernel emulates.
+        emulated: bool,
     },
     /// CPython: `_PyErr_SetKeyError`'s entry, with where each call site keeps the dict, keyed by
     /// return address minus the function's address.
     KeyError {
-        function: Function,
+        function: Placed,
         sites: Vec<(u64, DictSite)>,
     },
 }
@@ -87,7 +91,7 @@ pub struct Plan {
     pub binary: PathBuf,
     pub clear: Placed,
     /// Functions whose return closes the window (CPython has two ways to refill a dict).
-    pub refills: Vec<Function>,
+    pub refills: Vec<RefillProbe>,
     pub lookup: LookupProbe,
     /// CPython `--provoke`: how to make a writer hand the GIL over (None: native holds).
     pub gil: Option<GilHandover>,
@@ -115,6 +119,30 @@ impl Plan {
             _ => (0, 0),
         }
     }
+
+    /// How each probe traps, for the estimate of the time racewatch adds.
+    pub fn traps(&self) -> Traps {
+        let (lookup_entry, lookup_miss, keyerror) = match &self.lookup {
+            LookupProbe::Entry(p) | LookupProbe::EntryAndReturn(p) => (p.emulated, true, true),
+            LookupProbe::Miss { emulated, .. } => (true, *emulated, true),
+            LookupProbe::KeyError { function, .. } => (true, true, function.emulated),
+        };
+        Traps {
+            clear: self.clear.emulated,
+            refill: self.refills.iter().all(|r| match r {
+                RefillProbe::Return(p) => p.emulated,
+                RefillProbe::Exits { .. } => true,
+            }),
+            refill_exits: self
+                .refills
+                .iter()
+                .all(|r| matches!(r, RefillProbe::Exits { .. })),
+            lookup_entry,
+            lookup_miss,
+            lookup_sample: self.sample.as_ref().is_none_or(|p| p.emulated),
+            keyerror,
+        }
+    }
 }
 
 /// The loaded object; dropping it detaches every probe and frees every map.
@@ -128,7 +156,8 @@ pub struct Loaded {
     sample_link: Option<UProbeLinkId>,
 }
 
-static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/detector"));
+pub(crate) static OBJECT: &[u8] =
+    aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/detector"));
 
 impl Loaded {
     pub fn load(opts: &Options, plan: &Plan) -> Result<Loaded, LoadError> {
@@ -263,14 +292,26 @@ impl Loaded {
             } else {
                 "on_refill"
             };
-            self.attach_one(entry, "refill", bin, refill, 0, pid)?;
-            self.attach_one("on_refill_return", "refill return", bin, refill, 0, pid)?;
+            match refill {
+                RefillProbe::Return(p) => {
+                    let f = &p.function;
+                    self.attach_one(entry, "refill", bin, f, 0, pid)?;
+                    self.attach_one("on_refill_return", "refill return", bin, f, 0, pid)?;
+                }
+                RefillProbe::Exits { entry: at, exits } => {
+                    let f = &at.function;
+                    self.attach_one(entry, "refill", bin, f, at.offset, pid)?;
+                    for &exit in exits {
+                        self.attach_one("on_refill_exit", "refill exit", bin, f, exit, pid)?;
+                    }
+                }
+            }
         }
         match &plan.lookup {
             LookupProbe::Entry(p) => {
                 self.attach_one("on_lookup", "lookup", bin, &p.function, p.offset, pid)?;
             }
-            LookupProbe::EntryAndReturn(f) => {
+            LookupProbe::EntryAndReturn(Placed { function: f, .. }) => {
                 self.attach_one("on_lookup_entry", "lookup", bin, f, 0, pid)?;
                 self.attach_one("on_lookup_return", "lookup return", bin, f, 0, pid)?;
             }
@@ -297,7 +338,7 @@ impl Loaded {
                         source,
                     })?;
                 }
-                self.attach_one("on_keyerror", "KeyError", bin, function, 0, pid)?;
+                self.attach_one("on_keyerror", "KeyError", bin, &function.function, 0, pid)?;
             }
         }
         if let Some(g) = &plan.gil {

@@ -34,13 +34,6 @@ async fn watch(args: WatchArgs) -> Result<ExitCode, Failure> {
     );
     preflight::check().map_err(Failure::usage)?;
     let verbose = args.run.verbose;
-    if verbose {
-        eprintln!(
-            "racewatch: update: {} at its entry {:#x} (its return is probed)",
-            output::escape(&refill.display),
-            refill.address
-        );
-    }
     let clear = placement::place_entry(&binary, "clear", clear, args.cache_arg, verbose);
     // On the miss path alone, ordinary lookups are not seen: the hazard report counts them in
     // bursts at the lookup's entry.
@@ -53,8 +46,17 @@ async fn watch(args: WatchArgs) -> Result<ExitCode, Failure> {
             verbose,
         )
     });
+    let refills = vec![placement::place_refill(
+        &binary,
+        &table,
+        refill,
+        args.cache_arg,
+        verbose,
+    )];
     let lookup = match args.miss_ret {
-        Some(_) if args.probe_returns => LookupProbe::EntryAndReturn(lookup),
+        Some(_) if args.probe_returns => {
+            LookupProbe::EntryAndReturn(placement::at_entry(&binary, lookup))
+        }
         Some(value) => {
             placement::place_miss(&binary, lookup, args.cache_arg, value, verbose)
                 .unwrap_or_else(|(lookup, why)| {
@@ -63,7 +65,7 @@ async fn watch(args: WatchArgs) -> Result<ExitCode, Failure> {
                          cannot tell from {}'s code where it returns {value}: {why}",
                         output::escape(&lookup.display)
                     );
-                    LookupProbe::EntryAndReturn(lookup)
+                    LookupProbe::EntryAndReturn(placement::at_entry(&binary, lookup))
                 })
         }
         None => LookupProbe::Entry(placement::place_entry(
@@ -77,7 +79,7 @@ async fn watch(args: WatchArgs) -> Result<ExitCode, Failure> {
     let plan = Plan {
         binary,
         clear,
-        refills: vec![refill],
+        refills,
         sample: sample.filter(|_| matches!(lookup, LookupProbe::Miss { .. })),
         gil: None,
         lookup,

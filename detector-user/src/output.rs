@@ -5,6 +5,7 @@ use serde::Serialize;
 use serde_json::json;
 
 use crate::{
+    calibrate::{Costs, Traps, added_ns},
     correlate::{Alert, Counts},
     hazard::Hazard,
 };
@@ -30,6 +31,8 @@ pub struct Summary {
     pub probe_hits: ProbeHits,
     /// What `--provoke` did (all zero without it).
     pub provoke: ProvokeJson,
+    /// racewatch's estimate of the time its probes added to the target.
+    pub self_cost: Option<SelfCost>,
     pub duration_s: f64,
     /// How the run ended: "target exited", "interrupted", "duration elapsed".
     pub ended: String,
@@ -89,6 +92,54 @@ pub struct ProbeHits {
     /// The lookup's entry during sampling bursts (hazard report).
     pub lookup_sample: u64,
     pub keyerror: u64,
+}
+
+/// The time racewatch's probes added to the target: each probe's hits times what one hit costs on
+/// this machine, measured on racewatch's own functions when the run ends.
+#[derive(Clone, Debug, Default, Serialize)]
+pub struct SelfCost {
+    pub added_ns: u64,
+    /// The target's CPU time during the run, where known.
+    pub target_cpu_ns: Option<u64>,
+    /// `added_ns` over `target_cpu_ns`.
+    pub added_share: Option<f64>,
+    pub per_hit_ns: Costs,
+}
+
+impl SelfCost {
+    pub fn new(costs: Costs, traps: &Traps, hits: &ProbeHits, target_cpu_ns: Option<u64>) -> Self {
+        let added_ns = added_ns(&costs, traps, hits).round() as u64;
+        SelfCost {
+            added_ns,
+            target_cpu_ns,
+            added_share: target_cpu_ns
+                .filter(|&cpu| cpu > 0)
+                .map(|cpu| added_ns as f64 / cpu as f64),
+            per_hit_ns: costs,
+        }
+    }
+
+    fn human(&self) -> String {
+        let share = match (self.added_share, self.target_cpu_ns) {
+            (Some(share), Some(cpu)) => {
+                format!(
+                    " ({:.2}% of its {} of CPU time)",
+                    share * 100.0,
+                    fmt_ns(cpu)
+                )
+            }
+            _ => String::new(),
+        };
+        let c = &self.per_hit_ns;
+        format!(
+            "racewatch: its probes added ~{} to the target{share}; one hit costs {} (emulated \
+             instruction), {} (single-stepped), {} more with the return probed",
+            fmt_ns(self.added_ns),
+            fmt_ns(c.emulated_ns as u64),
+            fmt_ns(c.single_stepped_ns as u64),
+            fmt_ns(c.return_ns as u64),
+        )
+    }
 }
 
 /// Alerts are written to a buffer and reach the output at each [`Sink::flush`] (once per drain
@@ -223,6 +274,10 @@ impl<W: Write> Sink for HumanSink<W> {
     }
 
     fn summary(&mut self, s: &Summary) -> io::Result<()> {
+        // Before the summary line, which stays the last.
+        if let Some(cost) = &s.self_cost {
+            writeln!(self.out, "{}", cost.human())?;
+        }
         let c = &s.counts;
         // Only Python runs judge keys; a watch run has nothing to say here.
         let absent = match c.absent_keys_in_window {

@@ -17,7 +17,7 @@ use iced_x86::{
 use crate::{
     loader::{LookupProbe, Placed},
     output::escape,
-    symbols::Function,
+    symbols::{Function, SymbolTable},
 };
 
 /// Registers that hold the six integer arguments, in order.
@@ -408,7 +408,7 @@ pub fn place_entry(binary: &Path, role: &str, f: Function, arg: u32, verbose: bo
         let reg = ARG_REGS.get(arg as usize).copied().unwrap_or(Register::RDI);
         entry_site(&code, f.address, &[reg])
     });
-    let offset = match site {
+    let (offset, emulated) = match site {
         Ok(site) => {
             if verbose {
                 eprintln!(
@@ -424,7 +424,7 @@ pub fn place_entry(binary: &Path, role: &str, f: Function, arg: u32, verbose: bo
                     },
                 );
             }
-            site.offset
+            (site.offset, site.emulated)
         }
         Err(why) => {
             if verbose {
@@ -434,12 +434,32 @@ pub fn place_entry(binary: &Path, role: &str, f: Function, arg: u32, verbose: bo
                     f.address
                 );
             }
-            0
+            (0, entry_is_emulated(binary, &f))
         }
     };
     Placed {
         function: f,
         offset,
+        emulated,
+    }
+}
+
+/// Whether the kernel emulates `f`'s first instruction.
+fn entry_is_emulated(binary: &Path, f: &Function) -> bool {
+    code_of(binary, f).is_ok_and(|code| {
+        Decoder::with_ip(64, &code, f.address, DecoderOptions::NONE)
+            .iter()
+            .next()
+            .is_some_and(|ins| is_emulated(&ins))
+    })
+}
+
+/// A probe at `f`'s entry: where a return probe must go, and an entry probe that reads the stack.
+pub fn at_entry(binary: &Path, f: Function) -> Placed {
+    Placed {
+        emulated: entry_is_emulated(binary, &f),
+        function: f,
+        offset: 0,
     }
 }
 
@@ -479,11 +499,128 @@ pub fn place_miss(
         }
     }
     Ok(LookupProbe::Miss {
+        emulated: found.sites.iter().all(|s| s.emulated),
         offsets: found.sites.iter().map(|s| s.offset).collect(),
         function: f,
         cache_slot,
         value,
     })
+}
+
+/// The instructions by which `decoded` leaves the function: `ret`s and tail calls. `Err` when a
+/// jump leaves for code that may come back (a `.cold` fragment of the function) or goes through a
+/// jump table.
+fn exits(decoded: &Code_, is_fragment: &dyn Fn(u64) -> bool) -> Result<Vec<Site>, String> {
+    if decoded.indirect_jumps {
+        return Err("the function jumps through a register (a jump table)".into());
+    }
+    let end = decoded.start + decoded.instrs.iter().map(|x| x.len() as u64).sum::<u64>();
+    let mut found = Vec::new();
+    for ins in &decoded.instrs {
+        let leaves = match ins.flow_control() {
+            FlowControl::Return | FlowControl::IndirectBranch => true,
+            FlowControl::UnconditionalBranch | FlowControl::ConditionalBranch => {
+                let t = ins.near_branch_target();
+                let outside = t < decoded.start || t >= end;
+                if outside && is_fragment(t) {
+                    return Err(format!(
+                        "+{:#x} jumps to a fragment of the function placed elsewhere",
+                        ins.ip() - decoded.start
+                    ));
+                }
+                if outside && ins.flow_control() == FlowControl::ConditionalBranch {
+                    return Err(format!(
+                        "+{:#x} leaves the function conditionally",
+                        ins.ip() - decoded.start
+                    ));
+                }
+                outside
+            }
+            _ => false,
+        };
+        if leaves {
+            found.push(decoded.site(ins));
+        }
+    }
+    if found.is_empty() {
+        return Err("the function never returns".into());
+    }
+    Ok(found)
+}
+
+/// How a refill is probed: at its entry (to learn which cache) and where it ends.
+pub enum RefillProbe {
+    /// The entry, and the return through a return probe (which needs the entry's breakpoint).
+    Return(Placed),
+    /// An emulated prologue instruction, and every exit, each one emulated (tail calls): two
+    /// cheap traps instead of the entry's and the return trampoline's.
+    Exits { entry: Placed, exits: Vec<u64> },
+}
+
+/// The cheapest sure way to probe refill `f`: its exits when they are all emulated instructions,
+/// else a return probe.
+pub fn place_refill(
+    binary: &Path,
+    table: &SymbolTable,
+    f: Function,
+    arg: u32,
+    verbose: bool,
+) -> RefillProbe {
+    let reg = ARG_REGS.get(arg as usize).copied().unwrap_or(Register::RDI);
+    let fragment_prefix = format!("{}.", f.symbol);
+    let is_fragment = |addr: u64| {
+        table
+            .containing(addr)
+            .is_some_and(|g| g.symbol.starts_with(&fragment_prefix))
+    };
+    let plan = code_of(binary, &f).and_then(|code| {
+        let decoded = Code_::decode(&code, f.address)?;
+        let exits = exits(&decoded, &is_fragment)?;
+        if let Some(slow) = exits.iter().find(|e| !e.emulated) {
+            return Err(format!(
+                "it returns by {} at +{:#x}, which the kernel single-steps",
+                slow.instruction, slow.offset
+            ));
+        }
+        let entry = entry_site(&code, f.address, &[reg])?;
+        Ok((entry, exits))
+    });
+    match plan {
+        Ok((entry, exits)) => {
+            if verbose {
+                eprintln!(
+                    "racewatch: update: {} at {:#x}+{:#x} ({}), and its exits at {} (emulated)",
+                    escape(&f.display),
+                    f.address,
+                    entry.offset,
+                    entry.instruction,
+                    exits
+                        .iter()
+                        .map(|e| format!("+{:#x} {}", e.offset, e.instruction))
+                        .collect::<Vec<_>>()
+                        .join(", ")
+                );
+            }
+            RefillProbe::Exits {
+                exits: exits.iter().map(|e| e.offset).collect(),
+                entry: Placed {
+                    function: f,
+                    offset: entry.offset,
+                    emulated: true,
+                },
+            }
+        }
+        Err(why) => {
+            if verbose {
+                eprintln!(
+                    "racewatch: update: {} at its entry {:#x}, with its return probed: {why}",
+                    escape(&f.display),
+                    f.address
+                );
+            }
+            RefillProbe::Return(at_entry(binary, f))
+        }
+    }
 }
 
 /// pt_regs slot (in u64s) of a general-purpose register, as the kernel lays out `struct pt_regs`.
@@ -618,6 +755,24 @@ mod tests {
             "the definition: nothing emulated after it"
         );
         assert!(!found.sites[0].emulated);
+    }
+
+    #[test]
+    fn exits_are_the_rets_and_the_tail_calls() {
+        let decoded = Code_::decode(&fixed_lookup(), START).unwrap();
+        let found = exits(&decoded, &|_| false).unwrap();
+        assert_eq!(found.len(), 1);
+        assert_eq!(found[0].offset, 0x2c, "the ret");
+        assert!(!found[0].emulated);
+        // push %rbp; mov %rdi,%rbp; pop %rbp; jmp <elsewhere>: a tail call, emulated.
+        let tail = [0x55, 0x48, 0x89, 0xfd, 0x5d, 0xe9, 0x00, 0x10, 0x00, 0x00];
+        let decoded = Code_::decode(&tail, START).unwrap();
+        let found = exits(&decoded, &|_| false).unwrap();
+        assert_eq!(found.len(), 1);
+        assert_eq!(found[0].offset, 5);
+        assert!(found[0].emulated);
+        let err = exits(&decoded, &|_| true).map(|_| ()).unwrap_err();
+        assert!(err.contains("fragment"), "{err}");
     }
 
     #[test]

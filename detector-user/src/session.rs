@@ -157,6 +157,8 @@ pub async fn run(
         sink: sink.as_mut(),
         duration,
         interval,
+        verbose: args.verbose,
+        traps: plan.traps(),
     };
     run.run(&mut target)
         .await

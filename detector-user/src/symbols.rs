@@ -263,6 +263,12 @@ impl SymbolTable {
             .collect()
     }
 
+    /// The function whose code holds `address`.
+    pub fn containing(&self, address: u64) -> Option<&Function> {
+        let (_, e) = self.functions.range(..=address).next_back()?;
+        (address < e.function.address + e.function.size).then_some(&e.function)
+    }
+
     /// Every function's display name, sorted.
     pub fn names(&self) -> Vec<&str> {
         let mut v: Vec<&str> = self

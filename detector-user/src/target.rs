@@ -1,5 +1,6 @@
 //! The process racewatch watches: a command it launches, held until the probes are attached, or
 //! a running process given by pid.
+use std::time::Duration;
 use std::{
     ffi::OsString,
     fs,
@@ -148,6 +149,33 @@ pub fn held_exec(command: &[OsString]) -> i32 {
 /// Waits for a process racewatch did not start to exit.
 pub struct PidWatch {
     fd: AsyncFd<OwnedFd>,
+    pid: u32,
+    /// The process's CPU time when racewatch began watching it.
+    cpu_at_start: Option<Duration>,
+}
+
+/// CPU time (user + system, all threads) a live process has used, from /proc/PID/stat.
+fn proc_cpu(pid: u32) -> Option<Duration> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // Fields after the command name, which may hold spaces and parentheses: state is the first,
+    // utime and stime the 12th and 13th.
+    let rest = &stat[stat.rfind(')')? + 1..];
+    let mut fields = rest.split_whitespace().skip(11);
+    let ticks = fields.next()?.parse::<u64>().ok()? + fields.next()?.parse::<u64>().ok()?;
+    // SAFETY: sysconf has no preconditions.
+    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) };
+    (hz > 0).then(|| Duration::from_nanos(ticks * 1_000_000_000 / hz as u64))
+}
+
+/// CPU time of racewatch's reaped children: the launched command, once it has exited.
+fn children_cpu() -> Option<Duration> {
+    // SAFETY: getrusage fills the struct it is given.
+    let mut usage: libc::rusage = unsafe { std::mem::zeroed() };
+    if unsafe { libc::getrusage(libc::RUSAGE_CHILDREN, &mut usage) } != 0 {
+        return None;
+    }
+    let tv = |t: libc::timeval| Duration::new(t.tv_sec as u64, t.tv_usec as u32 * 1000);
+    Some(tv(usage.ru_utime) + tv(usage.ru_stime))
 }
 
 impl PidWatch {
@@ -166,7 +194,11 @@ impl PidWatch {
             pid,
             source: e.into_parts().1,
         })?;
-        Ok(PidWatch { fd })
+        Ok(PidWatch {
+            fd,
+            pid,
+            cpu_at_start: proc_cpu(pid),
+        })
     }
 
     pub async fn exited(&self) {
@@ -190,6 +222,18 @@ impl Target {
                 watch.exited().await;
                 None
             }
+        }
+    }
+
+    /// CPU time the target used while racewatch watched it, where it can still be known: a
+    /// launched command's once reaped, an attached process's while it lives.
+    pub fn cpu_used(&mut self) -> Option<Duration> {
+        match self {
+            Target::Launched(child) => match child.try_wait() {
+                Ok(Some(_)) => children_cpu(),
+                _ => child.id().and_then(proc_cpu),
+            },
+            Target::Attached(watch) => Some(proc_cpu(watch.pid)? - watch.cpu_at_start?),
         }
     }
 

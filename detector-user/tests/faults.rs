@@ -177,10 +177,10 @@ fn attach(args: &[&str], pid: Option<u32>, out: PathBuf) -> Running {
         ids.progs.len() >= 4 && ids.links.len() >= 4 && !ids.maps.is_empty(),
         "racewatch holds too few kernel objects: {ids:?}"
     );
-    // Which lookup programs load depends on how --miss-ret is placed; these always do (the
-    // kernel keeps 15 bytes of a name).
+    // The demo's probes: clear and the refill's entry past endbr64, the refill's tail-call exit,
+    // and the lookup's miss path (the kernel keeps 15 bytes of a name).
     let names = program_names(&ids);
-    for name in ["on_clear", "on_refill", "on_refill_retur"] {
+    for name in ["on_clear", "on_refill", "on_refill_exit", "on_lookup_miss"] {
         assert!(names.contains(name), "{name} not among {names:?}");
     }
     assert!(names.iter().all(|n| n.starts_with("on_")), "{names:?}");

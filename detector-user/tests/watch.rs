@@ -217,7 +217,9 @@ fn a_hostile_thread_name_is_escaped_for_people_and_kept_in_json() {
         if json {
             cmd.arg("--json");
         }
+        // A gap between clear and refill makes the miss certain within the second.
         cmd.args(["--", cache_demo().to_str().unwrap(), "--seconds", "1"])
+            .args(["--gap-us", "200"])
             .arg("--reader-name")
             .arg(name);
         let o = cmd.output().unwrap();
@@ -421,4 +423,71 @@ fn miss_path_mode_samples_lookup_rates_for_the_hazard() {
         "sampled {rate}/s, truly {truth}/s: {h}"
     );
     assert_eq!(summary["misses_in_window"], misses, "summary: {summary}");
+}
+
+#[test]
+#[ignore = "root"]
+fn probes_go_past_endbr64_onto_emulated_instructions_and_the_miss_path() {
+    let mut args = vec!["watch", "-v", "--dry-run", "--miss-ret", "-1"];
+    args.extend(DEMO_PROBES);
+    args.extend(["--", cache_demo().to_str().unwrap()]);
+    let o = racewatch(&args);
+    let err = stderr(&o);
+    assert_eq!(o.status.code(), Some(0), "{err}");
+    // The demo is built with CET: every function opens with endbr64, which the kernel
+    // single-steps; the push after it is emulated.
+    assert!(
+        err.contains("clear: Cache::clear() at 0x") && err.contains("+0x4 (push %rbp, emulated)"),
+        "{err}"
+    );
+    assert!(
+        err.lines().any(|l| l.contains("update: Cache::update(")
+            && l.contains("+0x4 (push %r15), and its exits at +0x")
+            && l.contains("jmp")),
+        "{err}"
+    );
+    assert!(
+        err.lines()
+            .any(|l| l.contains("lookup miss: Cache::lookup(long) at")
+                && l.contains("(jmp")
+                && l.contains("emulated), cache in RBP")),
+        "{err}"
+    );
+}
+
+#[test]
+#[ignore = "root"]
+fn the_summary_says_what_racewatch_added_to_the_target() {
+    let (_, _, _, summary) = watch_demo(&["--seconds", "1"], &["--miss-ret", "-1"]);
+    let cost = &summary["self_cost"];
+    let per_hit = &cost["per_hit_ns"];
+    let (emulated, stepped) = (
+        per_hit["emulated_ns"].as_f64().unwrap(),
+        per_hit["single_stepped_ns"].as_f64().unwrap(),
+    );
+    assert!(
+        emulated > 0.0 && stepped > emulated,
+        "a single-stepped hit costs more than an emulated one: {cost}"
+    );
+    let hits = &summary["probe_hits"];
+    let traps: u64 = [
+        "clear",
+        "refill_entry",
+        "refill_return",
+        "lookup_miss",
+        "lookup_sample",
+    ]
+    .iter()
+    .map(|k| hits[k].as_u64().unwrap())
+    .sum();
+    // Every probe of this plan is on an emulated instruction.
+    let expected = traps as f64 * emulated;
+    let added = cost["added_ns"].as_f64().unwrap();
+    assert!(
+        (added - expected).abs() <= 1.0 + expected * 1e-9,
+        "added_ns {added} != {traps} hits x {emulated} ns: {summary}"
+    );
+    let share = cost["added_share"].as_f64().unwrap();
+    let cpu = cost["target_cpu_ns"].as_f64().unwrap();
+    assert!(cpu > 0.0 && (share - added / cpu).abs() < 1e-9, "{cost}");
 }

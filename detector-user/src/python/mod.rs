@@ -14,6 +14,7 @@ use detector_common::DictSite;
 
 use crate::{
     loader::{GilHandover, LookupProbe, Plan},
+    placement::RefillProbe,
     symbols::{SymbolError, SymbolTable},
 };
 
@@ -215,7 +216,7 @@ pub fn plan(interp: &Interpreter, provoke: bool, verbose: bool) -> Result<Plan, 
     let clear = crate::placement::place_entry(image, "clear", resolve(CLEAR)?, 0, verbose);
     let refills = REFILLS
         .into_iter()
-        .map(resolve)
+        .map(|r| resolve(r).map(|f| RefillProbe::Return(crate::placement::at_entry(image, f))))
         .collect::<Result<Vec<_>, _>>()?;
     let keyerror = resolve(KEYERROR)?;
     let gil = if provoke {
@@ -258,7 +259,7 @@ pub fn plan(interp: &Interpreter, provoke: bool, verbose: bool) -> Result<Plan, 
         clear,
         refills,
         lookup: LookupProbe::KeyError {
-            function: keyerror,
+            function: crate::placement::at_entry(image, keyerror),
             sites,
         },
         sample: Some(sample),
