@@ -13,7 +13,7 @@ use aya::{
 use detector_common::{STATS_MAP, Stat, globals};
 use serde::Serialize;
 
-use crate::{loader, output::ProbeHits, symbols::SymbolTable};
+use crate::{loader, output::ProbeHits};
 
 // Functions to probe, one per kind of probed instruction. They take and return a value so the
 // calls cannot be folded away.
@@ -92,7 +92,7 @@ pub fn added_ns(costs: &Costs, traps: &Traps, hits: &ProbeHits) -> f64 {
 
 #[derive(Debug, thiserror::Error)]
 pub enum CalibrationError {
-    #[error("cannot find racewatch's own calibration functions: {0}")]
+    #[error("cannot locate racewatch's own calibration functions: {0}")]
     Symbols(String),
     #[error("cannot load the calibration probe: {0}")]
     Load(String),
@@ -130,19 +130,31 @@ fn median_per_call(f: unsafe extern "C" fn(u64) -> u64) -> (f64, u64) {
     (t[1], calls * 3 + 100)
 }
 
+/// Where the code at `addr` in this process lies in its file, from /proc/self/maps (cheaper than
+/// reading racewatch's own symbol table, which debug builds make large).
+fn file_offset(addr: u64) -> Result<u64, CalibrationError> {
+    let maps = std::fs::read_to_string("/proc/self/maps")
+        .map_err(|e| CalibrationError::Symbols(e.to_string()))?;
+    maps.lines()
+        .find_map(|line| {
+            let mut f = line.split_whitespace();
+            let (start, end) = f.next()?.split_once('-')?;
+            let (start, end) = (
+                u64::from_str_radix(start, 16).ok()?,
+                u64::from_str_radix(end, 16).ok()?,
+            );
+            let offset = u64::from_str_radix(f.nth(1)?, 16).ok()?;
+            (start <= addr && addr < end).then_some(addr - start + offset)
+        })
+        .ok_or_else(|| CalibrationError::Symbols(format!("{addr:#x} is in no mapping")))
+}
+
 /// Measures the three costs with racewatch's own programs attached to its own functions.
 pub fn calibrate() -> Result<Costs, CalibrationError> {
     let exe = std::env::current_exe().map_err(|e| CalibrationError::Symbols(e.to_string()))?;
-    let table = SymbolTable::load(&exe).map_err(|e| CalibrationError::Symbols(e.to_string()))?;
-    let offset = |name: &str| {
-        table
-            .resolve(name)
-            .map(|f| f.file_offset)
-            .map_err(|e| CalibrationError::Symbols(e.to_string()))
-    };
     let (push_at, mov_at) = (
-        offset("racewatch_calibrate_push")?,
-        offset("racewatch_calibrate_mov")?,
+        file_offset(racewatch_calibrate_push as *const () as u64)?,
+        file_offset(racewatch_calibrate_mov as *const () as u64)?,
     );
     let load = |e: &dyn std::fmt::Display| CalibrationError::Load(e.to_string());
     let me = std::process::id();
