@@ -149,12 +149,16 @@ fn start(pid: Option<u32>, tag: &str) -> Running {
         Some(_) => args.extend(["-p", &pid_s]),
         None => args.extend(["--", demo, "--fixed", "--seconds", "60"]),
     }
-    attach(&args, pid, out)
+    // The demo's probes: clear and the refill's entry past endbr64, the refill's tail-call exit,
+    // and the lookup's miss path.
+    let programs = ["on_clear", "on_refill", "on_refill_exit", "on_lookup_miss"];
+    attach(&args, pid, out, &programs)
 }
 
 /// Starts racewatch with `args` and waits until it has attached to `pid` (or the command it
-/// launches), checking what it holds in the kernel and that the target holds none of it.
-fn attach(args: &[&str], pid: Option<u32>, out: PathBuf) -> Running {
+/// launches), checking what it holds in the kernel (`programs` among it: the kernel keeps 15
+/// bytes of a name) and that the target holds none of it.
+fn attach(args: &[&str], pid: Option<u32>, out: PathBuf, programs: &[&str]) -> Running {
     let mut racewatch = Command::new(RACEWATCH)
         .args(args)
         .stderr(Stdio::piped())
@@ -177,10 +181,8 @@ fn attach(args: &[&str], pid: Option<u32>, out: PathBuf) -> Running {
         ids.progs.len() >= 4 && ids.links.len() >= 4 && !ids.maps.is_empty(),
         "racewatch holds too few kernel objects: {ids:?}"
     );
-    // The demo's probes: clear and the refill's entry past endbr64, the refill's tail-call exit,
-    // and the lookup's miss path (the kernel keeps 15 bytes of a name).
     let names = program_names(&ids);
-    for name in ["on_clear", "on_refill", "on_refill_exit", "on_lookup_miss"] {
+    for &name in programs {
         assert!(names.contains(name), "{name} not among {names:?}");
     }
     assert!(names.iter().all(|n| n.starts_with("on_")), "{names:?}");
@@ -417,7 +419,8 @@ fn a_python_run_frees_everything_too() {
             "--seconds",
             "60",
         ];
-        let mut run = attach(&args, None, out.clone());
+        let programs = ["on_clear", "on_refill", "on_refill_retur", "on_keyerror"];
+        let mut run = attach(&args, None, out.clone(), &programs);
         let target = run.target;
         std::thread::sleep(Duration::from_millis(500));
         run.record_more();
