@@ -33,13 +33,77 @@ std::arch::global_asm!(
     "mov %rdi,%rax",
     "ret",
     ".size racewatch_calibrate_mov, .-racewatch_calibrate_mov",
+    ".globl racewatch_calibrate_nop",
+    ".type racewatch_calibrate_nop,@function",
+    "racewatch_calibrate_nop:",
+    "nop",
+    "mov %rdi,%rax",
+    "ret",
+    ".size racewatch_calibrate_nop, .-racewatch_calibrate_nop",
+    ".globl racewatch_calibrate_nop5",
+    ".type racewatch_calibrate_nop5,@function",
+    "racewatch_calibrate_nop5:",
+    ".byte 0x0f, 0x1f, 0x44, 0x00, 0x00",
+    "mov %rdi,%rax",
+    "ret",
+    ".size racewatch_calibrate_nop5, .-racewatch_calibrate_nop5",
+    ".globl racewatch_calibrate_jmp",
+    ".type racewatch_calibrate_jmp,@function",
+    "racewatch_calibrate_jmp:",
+    "jmp 2f",
+    "2: mov %rdi,%rax",
+    "ret",
+    ".size racewatch_calibrate_jmp, .-racewatch_calibrate_jmp",
+    ".globl racewatch_calibrate_call",
+    ".type racewatch_calibrate_call,@function",
+    "racewatch_calibrate_call:",
+    "call 2f",
+    "2: add $8,%rsp",
+    "mov %rdi,%rax",
+    "ret",
+    ".size racewatch_calibrate_call, .-racewatch_calibrate_call",
+    ".globl racewatch_calibrate_endbr64",
+    ".type racewatch_calibrate_endbr64,@function",
+    "racewatch_calibrate_endbr64:",
+    "endbr64",
+    "mov %rdi,%rax",
+    "ret",
+    ".size racewatch_calibrate_endbr64, .-racewatch_calibrate_endbr64",
+    ".globl racewatch_calibrate_sub",
+    ".type racewatch_calibrate_sub,@function",
+    "racewatch_calibrate_sub:",
+    "sub $8,%rsp",
+    "add $8,%rsp",
+    "mov %rdi,%rax",
+    "ret",
+    ".size racewatch_calibrate_sub, .-racewatch_calibrate_sub",
     options(att_syntax)
 );
 
 unsafe extern "C" {
     fn racewatch_calibrate_push(x: u64) -> u64;
     fn racewatch_calibrate_mov(x: u64) -> u64;
+    fn racewatch_calibrate_nop(x: u64) -> u64;
+    fn racewatch_calibrate_nop5(x: u64) -> u64;
+    fn racewatch_calibrate_jmp(x: u64) -> u64;
+    fn racewatch_calibrate_call(x: u64) -> u64;
+    fn racewatch_calibrate_endbr64(x: u64) -> u64;
+    fn racewatch_calibrate_sub(x: u64) -> u64;
 }
+
+type Target = unsafe extern "C" fn(u64) -> u64;
+
+/// Every calibration function, each opening with a different instruction.
+const FUNCTIONS: [Target; 8] = [
+    racewatch_calibrate_push,
+    racewatch_calibrate_nop,
+    racewatch_calibrate_nop5,
+    racewatch_calibrate_jmp,
+    racewatch_calibrate_call,
+    racewatch_calibrate_endbr64,
+    racewatch_calibrate_sub,
+    racewatch_calibrate_mov,
+];
 
 /// Nanoseconds one probe hit adds, by kind.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Serialize)]
@@ -119,15 +183,15 @@ fn per_call(f: unsafe extern "C" fn(u64) -> u64, calls: u64) -> Duration {
     (thread_cpu() - start) / calls as u32
 }
 
-/// Median over three batches of the time a call takes, the batches sized to ~5 ms.
-fn median_per_call(f: unsafe extern "C" fn(u64) -> u64) -> (f64, u64) {
+/// Median over `batches` batches of the CPU time a call takes, each batch ~`batch_ns` long.
+fn median_per_call(f: Target, batches: usize, batch_ns: u64) -> (f64, u64) {
     let probe = per_call(f, 100).as_nanos().max(1) as u64;
-    let calls = (5_000_000 / probe).clamp(200, 1_000_000);
-    let mut t: Vec<f64> = (0..3)
+    let calls = (batch_ns / probe).clamp(200, 10_000_000);
+    let mut t: Vec<f64> = (0..batches)
         .map(|_| per_call(f, calls).as_nanos() as f64)
         .collect();
     t.sort_by(f64::total_cmp);
-    (t[1], calls * 3 + 100)
+    (t[batches / 2], calls * batches as u64 + 100)
 }
 
 /// Where the code at `addr` in this process lies in its file, from /proc/self/maps (cheaper than
@@ -149,66 +213,143 @@ fn file_offset(addr: u64) -> Result<u64, CalibrationError> {
         .ok_or_else(|| CalibrationError::Symbols(format!("{addr:#x} is in no mapping")))
 }
 
-/// Measures the three costs with racewatch's own programs attached to its own functions.
-pub fn calibrate() -> Result<Costs, CalibrationError> {
-    let exe = std::env::current_exe().map_err(|e| CalibrationError::Symbols(e.to_string()))?;
-    let (push_at, mov_at) = (
-        file_offset(racewatch_calibrate_push as *const () as u64)?,
-        file_offset(racewatch_calibrate_mov as *const () as u64)?,
-    );
-    let load = |e: &dyn std::fmt::Display| CalibrationError::Load(e.to_string());
-    let me = std::process::id();
-    let mut ebpf = EbpfLoader::new()
-        .override_global(globals::TARGET_TGID, &me, true)
-        .load(loader::OBJECT)
-        .map_err(|e| load(&e))?;
-    for name in ["on_lookup", "on_refill_return"] {
-        let prog: &mut UProbe = ebpf
-            .program_mut(name)
-            .and_then(|p| p.try_into().ok())
-            .ok_or_else(|| load(&name))?;
-        prog.load().map_err(|e| load(&e))?;
+/// racewatch's own programs loaded for this process, to time them on its own functions.
+struct Bench {
+    ebpf: aya::Ebpf,
+    /// Batches per measurement and each batch's length.
+    batches: usize,
+    batch_ns: u64,
+    exe: std::path::PathBuf,
+    scope: UProbeScope,
+    /// Time of an unprobed call.
+    base: f64,
+}
+
+/// Where the probe goes: entry probes trap at the function's first instruction, return probes
+/// at its entry and its return.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Kind {
+    Entry,
+    Return,
+}
+
+impl Bench {
+    fn new(batches: usize, batch_ns: u64) -> Result<Bench, CalibrationError> {
+        let load = |e: &dyn std::fmt::Display| CalibrationError::Load(e.to_string());
+        let exe = std::env::current_exe().map_err(|e| CalibrationError::Symbols(e.to_string()))?;
+        let me = std::process::id();
+        let mut ebpf = EbpfLoader::new()
+            .override_global(globals::TARGET_TGID, &me, true)
+            .load(loader::OBJECT)
+            .map_err(|e| load(&e))?;
+        for name in ["on_lookup", "on_refill_return"] {
+            let prog: &mut UProbe = ebpf
+                .program_mut(name)
+                .and_then(|p| p.try_into().ok())
+                .ok_or_else(|| load(&name))?;
+            prog.load().map_err(|e| load(&e))?;
+        }
+        let scope = UProbeScope::OneProcess(std::num::NonZeroU32::new(me).ok_or_else(|| load(&0))?);
+        let (base, _) = median_per_call(racewatch_calibrate_push, batches, batch_ns);
+        Ok(Bench {
+            ebpf,
+            batches,
+            batch_ns,
+            exe,
+            scope,
+            base,
+        })
     }
-    let scope = UProbeScope::OneProcess(std::num::NonZeroU32::new(me).ok_or_else(|| load(&0))?);
-    let (base, _) = median_per_call(racewatch_calibrate_push);
-    let mut timed = |program: &str, at: u64, f: unsafe extern "C" fn(u64) -> u64| {
-        let prog: &mut UProbe = ebpf
+
+    /// What one hit of a `kind` probe on `f` adds to a call, checked against the hit count.
+    fn cost(&mut self, kind: Kind, f: Target) -> Result<f64, CalibrationError> {
+        let load = |e: &dyn std::fmt::Display| CalibrationError::Load(e.to_string());
+        let (program, stat) = match kind {
+            Kind::Entry => ("on_lookup", Stat::HitsLookupEntry),
+            Kind::Return => ("on_refill_return", Stat::HitsRefillReturn),
+        };
+        let at = file_offset(f as *const () as u64)?;
+        let before = self.fired(stat)?;
+        let prog: &mut UProbe = self
+            .ebpf
             .program_mut(program)
             .and_then(|p| p.try_into().ok())
             .ok_or_else(|| load(&program))?;
-        let link = prog.attach(at, &exe, scope).map_err(|e| load(&e))?;
-        let (t, calls) = median_per_call(f);
+        let link = prog
+            .attach(at, &self.exe, self.scope)
+            .map_err(|e| load(&e))?;
+        let (t, calls) = median_per_call(f, self.batches, self.batch_ns);
         prog.detach(link).map_err(|e| load(&e))?;
-        Ok::<_, CalibrationError>((t - base, calls))
-    };
-    let (emulated, emulated_calls) = timed("on_lookup", push_at, racewatch_calibrate_push)?;
-    let (stepped, stepped_calls) = timed("on_lookup", mov_at, racewatch_calibrate_mov)?;
-    let (with_return, return_calls) = timed("on_refill_return", push_at, racewatch_calibrate_push)?;
-    let stats: PerCpuArray<_, u64> = ebpf
-        .map(STATS_MAP)
-        .ok_or_else(|| load(&STATS_MAP))?
-        .try_into()
-        .map_err(|e| load(&e))?;
-    let fired = |stat: Stat| {
-        stats
-            .get(&(stat as u32), 0)
-            .map(|per_cpu| per_cpu.iter().sum::<u64>())
-            .map_err(|e| load(&e))
-    };
-    for (stat, calls) in [
-        (Stat::HitsLookupEntry, emulated_calls + stepped_calls),
-        (Stat::HitsRefillReturn, return_calls),
-    ] {
-        let fired = fired(stat)?;
+        let fired = self.fired(stat)? - before;
         if fired != calls {
             return Err(CalibrationError::Miscount { fired, calls });
         }
+        Ok((t - self.base).max(0.0))
     }
+
+    fn fired(&self, stat: Stat) -> Result<u64, CalibrationError> {
+        let load = |e: &dyn std::fmt::Display| CalibrationError::Load(e.to_string());
+        let stats: PerCpuArray<_, u64> = self
+            .ebpf
+            .map(STATS_MAP)
+            .ok_or_else(|| load(&STATS_MAP))?
+            .try_into()
+            .map_err(|e| load(&e))?;
+        stats
+            .get(&(stat as u32), 0)
+            .map(|per_cpu| per_cpu.iter().sum())
+            .map_err(|e| load(&e))
+    }
+}
+
+/// Measures the three costs a run's estimate needs.
+pub fn calibrate() -> Result<Costs, CalibrationError> {
+    // ~50 ms in all: the run's end waits for it.
+    let mut bench = Bench::new(3, 4_000_000)?;
+    let emulated = bench.cost(Kind::Entry, racewatch_calibrate_push)?;
+    let stepped = bench.cost(Kind::Entry, racewatch_calibrate_mov)?;
+    let with_return = bench.cost(Kind::Return, racewatch_calibrate_push)?;
     Ok(Costs {
-        emulated_ns: emulated.max(0.0),
-        single_stepped_ns: stepped.max(0.0),
+        emulated_ns: emulated,
+        single_stepped_ns: stepped,
         return_ns: (with_return - emulated).max(0.0),
     })
+}
+
+/// One row of `racewatch calibrate`: what a hit costs by probed instruction and probe kind.
+#[derive(Clone, Debug, Serialize)]
+pub struct Row {
+    pub instruction: String,
+    pub probe: Kind,
+    /// Whether the kernel emulates the instruction (racewatch's placement rule).
+    pub emulated: bool,
+    pub ns_per_hit: f64,
+}
+
+/// The cost of a hit for every calibration function's first instruction, entry probes, then
+/// return probes on the push and mov functions. Medians of seven 20 ms batches each.
+pub fn table() -> Result<(f64, Vec<Row>), CalibrationError> {
+    let mut bench = Bench::new(7, 20_000_000)?;
+    let mut rows = Vec::new();
+    let returns = [racewatch_calibrate_push as Target, racewatch_calibrate_mov];
+    let probes = FUNCTIONS
+        .iter()
+        .map(|f| (Kind::Entry, *f))
+        .chain(returns.iter().map(|f| (Kind::Return, *f)));
+    for (kind, f) in probes {
+        // SAFETY: the calibration functions sit in racewatch's mapped .text, followed by more of
+        // it: their first 8 bytes are readable.
+        let code = unsafe { std::slice::from_raw_parts(f as *const u8, 8) };
+        let (instruction, emulated) = crate::placement::describe(code, f as *const () as u64);
+        rows.push(Row {
+            instruction,
+            probe: kind,
+            emulated,
+            ns_per_hit: bench.cost(kind, f)?,
+        });
+    }
+    Ok((bench.base, rows))
 }
 
 #[cfg(test)]

@@ -73,6 +73,13 @@ pub enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Measure what one probe hit costs on this machine, by probed instruction and probe kind
+    /// (the figures racewatch's placement and its end-of-run estimate rely on).
+    Calibrate {
+        /// Print one JSON object instead of a table.
+        #[arg(long)]
+        json: bool,
+    },
     #[command(name = crate::target::HELD_EXEC, hide = true)]
     HeldExec {
         #[arg(trailing_var_arg = true, allow_hyphen_values = true)]

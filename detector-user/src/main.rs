@@ -5,6 +5,7 @@ use std::process::ExitCode;
 use clap::Parser as _;
 
 use detector_user::{
+    calibrate,
     cli::{self, Cli, Command, EXIT_RACE, PythonArgs, WatchArgs},
     correlate::Correlator,
     info,
@@ -131,6 +132,50 @@ fn symbols(path: &std::path::Path, grep: Option<&str>) -> Result<ExitCode, Failu
     Ok(ExitCode::SUCCESS)
 }
 
+fn calibrate(json: bool) -> Result<ExitCode, Failure> {
+    preflight::check().map_err(Failure::usage)?;
+    let (base, rows) = calibrate::table().map_err(Failure::runtime)?;
+    let floor = rows
+        .iter()
+        .filter(|r| r.emulated && r.probe == calibrate::Kind::Entry)
+        .map(|r| r.ns_per_hit)
+        .fold(f64::INFINITY, f64::min);
+    if json {
+        let line = serde_json::json!({
+            "type": "probe_costs",
+            "unprobed_call_ns": base,
+            "emulated_floor_ns": floor,
+            "rows": rows,
+        });
+        println!("{line}");
+    } else {
+        println!("an unprobed call: {base:.1} ns; one probe hit adds:");
+        println!(
+            "{:<28} {:<7} {:>14} {:>10} {:>9}",
+            "first instruction", "probe", "kernel", "ns/hit", "x floor"
+        );
+        for r in &rows {
+            let kernel = if r.emulated {
+                "emulates"
+            } else {
+                "single-steps"
+            };
+            let probe = if r.probe == calibrate::Kind::Entry {
+                "entry"
+            } else {
+                "return"
+            };
+            println!(
+                "{:<28} {probe:<7} {kernel:>14} {:>10.0} {:>9.2}",
+                r.instruction,
+                r.ns_per_hit,
+                r.ns_per_hit / floor
+            );
+        }
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
 fn info(json: bool) -> ExitCode {
     let checks = info::run();
     if json {
@@ -174,6 +219,7 @@ fn main() -> ExitCode {
         Command::HeldExec { command } => return ExitCode::from(target::held_exec(&command) as u8),
         Command::Symbols { path, grep } => symbols(&path, grep.as_deref()),
         Command::Info { json } => Ok(info(json)),
+        Command::Calibrate { json } => calibrate(json),
         Command::Watch(args) => block_on(watch(args)),
         Command::Python(args) => block_on(python(args)),
     };

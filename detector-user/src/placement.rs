@@ -127,6 +127,14 @@ impl Code_ {
     }
 }
 
+/// The first instruction of `code`, in AT&T syntax, and whether the kernel emulates it.
+pub fn describe(code: &[u8], address: u64) -> (String, bool) {
+    let ins = Decoder::with_ip(64, code, address, DecoderOptions::NONE).decode();
+    let mut text = String::new();
+    GasFormatter::new().format(&ins, &mut text);
+    (text, is_emulated(&ins))
+}
+
 /// Does the x86-64 kernel emulate this instruction under a uprobe instead of single-stepping it?
 /// Mirrors arch/x86/kernel/uprobes.c, conservatively: only the unprefixed forms.
 fn is_emulated(ins: &Instruction) -> bool {
