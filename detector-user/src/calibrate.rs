@@ -341,7 +341,7 @@ pub fn table() -> Result<(f64, Vec<Row>), CalibrationError> {
         // SAFETY: the calibration functions sit in racewatch's mapped .text, followed by more of
         // it: their first 8 bytes are readable.
         let code = unsafe { std::slice::from_raw_parts(f as *const u8, 8) };
-        let (instruction, emulated) = crate::placement::describe(code, f as *const () as u64);
+        let (instruction, emulated) = crate::placement::describe(code);
         rows.push(Row {
             instruction,
             probe: kind,

@@ -56,7 +56,7 @@ async fn watch(args: WatchArgs) -> Result<ExitCode, Failure> {
     )];
     let lookup = match args.miss_ret {
         Some(_) if args.probe_returns => {
-            LookupProbe::EntryAndReturn(placement::at_entry(&binary, lookup))
+            LookupProbe::EntryAndReturn(placement::at_entry(&binary, "lookup", lookup, verbose))
         }
         Some(value) => {
             placement::place_miss(&binary, lookup, args.cache_arg, value, verbose)
@@ -66,7 +66,9 @@ async fn watch(args: WatchArgs) -> Result<ExitCode, Failure> {
                          cannot tell from {}'s code where it returns {value}: {why}",
                         output::escape(&lookup.display)
                     );
-                    LookupProbe::EntryAndReturn(placement::at_entry(&binary, lookup))
+                    LookupProbe::EntryAndReturn(placement::at_entry(
+                        &binary, "lookup", lookup, verbose,
+                    ))
                 })
         }
         None => LookupProbe::Entry(placement::place_entry(

@@ -128,10 +128,16 @@ impl Code_ {
 }
 
 /// The first instruction of `code`, in AT&T syntax, and whether the kernel emulates it.
-pub fn describe(code: &[u8], address: u64) -> (String, bool) {
-    let ins = Decoder::with_ip(64, code, address, DecoderOptions::NONE).decode();
-    let mut text = String::new();
-    GasFormatter::new().format(&ins, &mut text);
+pub fn describe(code: &[u8]) -> (String, bool) {
+    let ins = Decoder::new(64, code, DecoderOptions::NONE).decode();
+    let text = if ins.op0_kind() == OpKind::NearBranch64 {
+        // The target is wherever the code was loaded; the form is what matters.
+        format!("{:?} rel{}", ins.mnemonic(), 8 * (ins.len() - 1)).to_lowercase()
+    } else {
+        let mut text = String::new();
+        GasFormatter::new().format(&ins, &mut text);
+        text
+    };
     (text, is_emulated(&ins))
 }
 
@@ -463,9 +469,24 @@ fn entry_is_emulated(binary: &Path, f: &Function) -> bool {
 }
 
 /// A probe at `f`'s entry: where a return probe must go, and an entry probe that reads the stack.
-pub fn at_entry(binary: &Path, f: Function) -> Placed {
+/// `-v` says which instruction it traps on.
+pub fn at_entry(binary: &Path, role: &str, f: Function, verbose: bool) -> Placed {
+    let emulated = entry_is_emulated(binary, &f);
+    if verbose {
+        let first = code_of(binary, &f).map_or_else(|e| e, |code| describe(&code).0);
+        eprintln!(
+            "racewatch: {role}: {} at its entry {:#x} ({first}, {})",
+            escape(&f.display),
+            f.address,
+            if emulated {
+                "emulated"
+            } else {
+                "single-stepped"
+            }
+        );
+    }
     Placed {
-        emulated: entry_is_emulated(binary, &f),
+        emulated,
         function: f,
         offset: 0,
     }
@@ -626,7 +647,7 @@ pub fn place_refill(
                     f.address
                 );
             }
-            RefillProbe::Return(at_entry(binary, f))
+            RefillProbe::Return(at_entry(binary, "update", f, false))
         }
     }
 }

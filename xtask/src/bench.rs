@@ -1,6 +1,8 @@
 //! `cargo xtask bench`: racewatch's cost, as ratios to the same workload unobserved in the same
 //! run. Configurations are interleaved (A B C, A B C, ...) so drift on a noisy machine hits them
-//! alike; each figure is the median over repetitions of the per-repetition ratio.
+//! alike; each figure is the median over repetitions of the per-repetition ratio. Also: what one
+//! probe hit costs by probed instruction (`racewatch calibrate`), where racewatch places its
+//! probes on the demos, and how many events a second the collector drains.
 use std::{
     collections::HashMap,
     fmt::Write as _,
@@ -9,6 +11,7 @@ use std::{
 };
 
 use anyhow::{Context as _, Result, bail};
+use serde_json::Value;
 
 use crate::{
     build_racewatch,
@@ -16,22 +19,35 @@ use crate::{
     workspace_root,
 };
 
+/// Builds a configuration's command line around the workload's.
+type Wrap = Box<dyn Fn(&[String]) -> Vec<String>>;
+
 /// One way of running a workload.
 struct Config {
-    name: &'static str,
-    /// Program and arguments placed before the workload's command line.
-    prefix: Vec<String>,
+    name: String,
+    wrap: Wrap,
+    /// racewatch's NDJSON output, to read its own estimate of what it added.
+    report: Option<PathBuf>,
 }
 
 struct Workload {
     title: &'static str,
+    short: &'static str,
     /// The command, without any observer.
     command: Vec<String>,
     /// Name of the ground-truth line's prefix and its rate counters.
     truth_prefix: &'static str,
-    lookups: &'static str,
     misses: &'static str,
     configs: Vec<Config>,
+}
+
+/// One repetition of one configuration.
+#[derive(Clone, Copy)]
+struct Sample {
+    lookups_per_s: f64,
+    misses_per_s: f64,
+    /// racewatch's `added_share`, where it reported one.
+    added_share: Option<f64>,
 }
 
 /// Counters from the workload's own ground-truth line on stderr.
@@ -49,6 +65,7 @@ fn truth(stderr: &str, prefix: &str) -> Result<HashMap<String, f64>> {
 }
 
 fn median(mut v: Vec<f64>) -> f64 {
+    v.retain(|x| !x.is_nan());
     v.sort_by(f64::total_cmp);
     match v.len() {
         0 => f64::NAN,
@@ -57,14 +74,19 @@ fn median(mut v: Vec<f64>) -> f64 {
     }
 }
 
-/// Runs `w` under every configuration `runs` times, interleaved; returns per configuration the
-/// (lookups/s, misses/s) of each repetition.
-fn measure(w: &Workload, runs: usize, seconds: f64) -> Result<Vec<Vec<(f64, f64)>>> {
+/// The last line of an NDJSON report: racewatch's summary.
+fn summary_of(path: &Path) -> Option<Value> {
+    let text = std::fs::read_to_string(path).ok()?;
+    serde_json::from_str(text.lines().last()?).ok()
+}
+
+/// Runs `w` under every configuration `runs` times, interleaved.
+fn measure(w: &Workload, runs: usize, seconds: f64) -> Result<Vec<Vec<Sample>>> {
     let mut results = vec![Vec::new(); w.configs.len()];
     for rep in 0..runs {
         for (i, c) in w.configs.iter().enumerate() {
-            let argv: Vec<&String> = c.prefix.iter().chain(&w.command).collect();
-            let out = Command::new(argv[0])
+            let argv = (c.wrap)(&w.command);
+            let out = Command::new(&argv[0])
                 .args(&argv[1..])
                 .output()
                 .with_context(|| format!("cannot run {argv:?}"))?;
@@ -72,47 +94,153 @@ fn measure(w: &Workload, runs: usize, seconds: f64) -> Result<Vec<Vec<(f64, f64)
             let t = truth(&stderr, w.truth_prefix)
                 .with_context(|| format!("{} under {}", w.title, c.name))?;
             let rate = |k: &str| t.get(k).copied().unwrap_or(f64::NAN) / seconds;
-            results[i].push((rate(w.lookups), rate(w.misses)));
+            let added_share = c
+                .report
+                .as_deref()
+                .and_then(summary_of)
+                .and_then(|s| s["self_cost"]["added_share"].as_f64());
+            results[i].push(Sample {
+                lookups_per_s: rate("lookups"),
+                misses_per_s: rate(w.misses),
+                added_share,
+            });
             eprintln!(
                 "bench: {} [{}] rep {}: {:.0} lookups/s",
-                w.title,
+                w.short,
                 c.name,
                 rep + 1,
-                rate(w.lookups)
+                rate("lookups")
             );
         }
     }
     Ok(results)
 }
 
-fn table(w: &Workload, results: &[Vec<(f64, f64)>], out: &mut String) -> Result<()> {
+/// Per configuration: median lookup ratio to unobserved, median miss ratio.
+fn ratios(results: &[Vec<Sample>]) -> Vec<(f64, f64)> {
+    let base = &results[0];
+    results
+        .iter()
+        .map(|r| {
+            let per_rep = |f: fn(&Sample) -> f64| {
+                median(r.iter().zip(base).map(|(a, b)| f(a) / f(b)).collect())
+            };
+            (per_rep(|s| s.lookups_per_s), per_rep(|s| s.misses_per_s))
+        })
+        .collect()
+}
+
+fn table(w: &Workload, results: &[Vec<Sample>], out: &mut String) -> Result<()> {
     writeln!(out, "\n### {}\n", w.title)?;
     writeln!(
         out,
-        "| configuration | lookups/s (median) | ratio to unobserved | {}/s (median) |",
-        w.misses
+        "| configuration | lookups/s | ratio to unobserved | {m}/s | {m} ratio | racewatch's own estimate of its share of the target's CPU |",
+        m = w.misses
     )?;
-    writeln!(out, "|---|---|---|---|")?;
-    let base = &results[0];
-    for (c, r) in w.configs.iter().zip(results) {
-        let ratio = median(r.iter().zip(base).map(|(a, b)| a.0 / b.0).collect());
-        let lookups = median(r.iter().map(|x| x.0).collect());
-        let misses = median(r.iter().map(|x| x.1).collect());
+    writeln!(out, "|---|---|---|---|---|---|")?;
+    for ((c, r), (ratio, miss_ratio)) in w.configs.iter().zip(results).zip(ratios(results)) {
+        let lookups = median(r.iter().map(|x| x.lookups_per_s).collect());
+        let misses = median(r.iter().map(|x| x.misses_per_s).collect());
+        let share = median(r.iter().filter_map(|x| x.added_share).collect());
+        let share = if share.is_nan() {
+            "".to_string()
+        } else {
+            format!("{:.2}%", share * 100.0)
+        };
         writeln!(
             out,
-            "| {} | {:.0} | {:.3} | {:.1} |",
-            c.name, lookups, ratio, misses
+            "| {} | {:.0} | {:.3} | {:.1} | {:.2} | {share} |",
+            c.name, lookups, ratio, misses, miss_ratio
         )?;
     }
     Ok(())
 }
 
-fn tool(name: &str) -> Option<PathBuf> {
-    which::which(name).ok()
+fn tool(name: &str) -> Option<String> {
+    which::which(name)
+        .ok()
+        .map(|p| p.to_string_lossy().into_owned())
 }
 
-fn string_vec(v: &[&str]) -> Vec<String> {
+fn strings(v: &[&str]) -> Vec<String> {
     v.iter().map(|s| s.to_string()).collect()
+}
+
+fn unobserved() -> Config {
+    Config {
+        name: "unobserved".into(),
+        wrap: Box::new(|cmd| cmd.to_vec()),
+        report: None,
+    }
+}
+
+/// racewatch with `args`, its NDJSON report in a file of its own.
+fn racewatch_config(racewatch: &str, name: &str, args: &[&str]) -> Config {
+    let report = std::env::temp_dir().join(format!(
+        "racewatch-bench-{}.ndjson",
+        name.replace(|c: char| !c.is_ascii_alphanumeric(), "_")
+    ));
+    let mut prefix = vec![racewatch.to_string()];
+    prefix.extend(strings(args));
+    prefix.extend(strings(&["--json", "-o"]));
+    prefix.push(report.to_string_lossy().into_owned());
+    prefix.push("--".into());
+    Config {
+        name: name.into(),
+        wrap: Box::new(move |cmd| [prefix.clone(), cmd.to_vec()].concat()),
+        report: Some(report),
+    }
+}
+
+fn strace_config(strace: String) -> Config {
+    Config {
+        name: "strace -f".into(),
+        wrap: Box::new(move |cmd| {
+            [strings(&[&strace, "-f", "-o", "/dev/null"]), cmd.to_vec()].concat()
+        }),
+        report: None,
+    }
+}
+
+/// bpftrace running `script`, the workload launched by bpftrace once its probes are attached.
+fn bpftrace_config(bpftrace: String, name: &str, script: String) -> Config {
+    Config {
+        name: name.into(),
+        // -c splits its command on spaces and wants an executable's path: the workloads' are.
+        wrap: Box::new(move |cmd| strings(&[&bpftrace, "-q", "-e", &script, "-c", &cmd.join(" ")])),
+        report: None,
+    }
+}
+
+/// The same window logic as racewatch's, written the naive way: every lookup's entry and return
+/// probed.
+fn native_bpftrace_script(demo: &str) -> String {
+    format!(
+        "uprobe:{demo}:_ZN5Cache5clearEv {{ @open[arg0] = nsecs; }}
+uprobe:{demo}:_ZN5Cache6updateERKSt6vectorISt4pairIllESaIS2_EE {{ @refill[tid] = arg0; }}
+uretprobe:{demo}:_ZN5Cache6updateERKSt6vectorISt4pairIllESaIS2_EE {{ delete(@open[@refill[tid]]); }}
+uprobe:{demo}:_ZN5Cache6lookupEl {{ @cache[tid] = arg0; }}
+uretprobe:{demo}:_ZN5Cache6lookupEl /@open[@cache[tid]] && (int64)retval == -1/ {{ @misses_in_window = count(); }}"
+    )
+}
+
+/// Every dict lookup probed, the windows kept as racewatch keeps them.
+fn python_bpftrace_script(libpython: &str) -> String {
+    format!(
+        "uprobe:{libpython}:dict_clear {{ @open[arg0] = nsecs; }}
+uprobe:{libpython}:dict_update {{ @refill[tid] = arg0; }}
+uretprobe:{libpython}:dict_update {{ delete(@open[@refill[tid]]); }}
+uprobe:{libpython}:PyDict_GetItemWithError /@open[arg0]/ {{ @lookups_in_window = count(); }}"
+    )
+}
+
+/// Asks python3 a question (version managers put scripts, not interpreters, on PATH).
+fn ask_python(code: &str) -> Result<String> {
+    let out = Command::new("python3")
+        .args(["-c", code])
+        .output()
+        .context("cannot run python3")?;
+    Ok(String::from_utf8_lossy(&out.stdout).trim().to_string())
 }
 
 pub fn run(runs: usize, seconds: f64) -> Result<()> {
@@ -126,81 +254,208 @@ pub fn run(runs: usize, seconds: f64) -> Result<()> {
         .join("demo/worker.py")
         .to_string_lossy()
         .into_owned();
-    let rw = |args: &[&str]| Config {
-        name: "",
-        prefix: [
-            &[racewatch.as_str()][..],
-            args,
-            &["-o", "/dev/null", "--json", "--"],
-        ]
-        .concat()
-        .iter()
-        .map(|s| s.to_string())
-        .collect(),
-    };
-    let named = |name, c: Config| Config { name, ..c };
+    let interpreter = ask_python("import sys; print(sys.executable)")?;
     let probes = DEMO_PROBES;
+    let watch = |name: &str, extra: &[&str]| {
+        racewatch_config(&racewatch, name, &[&["watch"][..], &probes, extra].concat())
+    };
     let mut native = vec![
-        Config {
-            name: "unobserved",
-            prefix: vec![],
-        },
-        named(
-            "racewatch watch (lookup entry)",
-            rw(&[&["watch"][..], &probes].concat()),
+        unobserved(),
+        watch(
+            "racewatch watch --miss-ret -1 (miss path only)",
+            &["--miss-ret", "-1"],
         ),
-        named(
-            "racewatch watch --miss-ret -1 (entry + return)",
-            rw(&[&["watch"][..], &probes, &["--miss-ret", "-1"]].concat()),
+        watch("racewatch watch (every lookup's entry)", &[]),
+        watch(
+            "racewatch watch --miss-ret -1 --probe-returns (every lookup's entry and return)",
+            &["--miss-ret", "-1", "--probe-returns"],
         ),
     ];
     let mut python = vec![
-        Config {
-            name: "unobserved",
-            prefix: vec![],
-        },
-        named("racewatch python", rw(&["python"])),
+        unobserved(),
+        racewatch_config(&racewatch, "racewatch python", &["python"]),
     ];
+    if let Some(bpftrace) = tool("bpftrace") {
+        native.push(bpftrace_config(
+            bpftrace.clone(),
+            "bpftrace, every lookup's entry and return",
+            native_bpftrace_script(&demo),
+        ));
+        python.push(bpftrace_config(
+            bpftrace,
+            "bpftrace, every dict lookup",
+            python_bpftrace_script(&ask_python(
+                "import os,sysconfig as s; print(os.path.join(s.get_config_var('LIBDIR'), s.get_config_var('INSTSONAME')))",
+            )?),
+        ));
+    }
     if let Some(strace) = tool("strace") {
-        let s = strace.to_string_lossy().into_owned();
-        python.push(Config {
-            name: "strace -f",
-            prefix: vec![s.clone(), "-f".into(), "-o".into(), "/dev/null".into()],
-        });
-        native.push(Config {
-            name: "strace -f",
-            prefix: vec![s, "-f".into(), "-o".into(), "/dev/null".into()],
-        });
+        python.push(strace_config(strace.clone()));
+        native.push(strace_config(strace));
     }
     let workloads = [
         Workload {
             title: "Python worker (demo/worker.py, the seed's clear()+update() cache)",
-            command: string_vec(&["python3", &worker, "--seconds", &secs]),
+            short: "python worker",
+            command: strings(&[&interpreter, &worker, "--seconds", &secs]),
             truth_prefix: "worker: ",
-            lookups: "lookups",
             misses: "keyerrors",
             configs: python,
         },
         Workload {
-            title: "Native demo (demo/cache_demo.cpp, a locked C++ cache)",
-            command: string_vec(&[&demo, "--seconds", &secs]),
+            title: "Native demo (demo/cache_demo.cpp, a locked C++ cache built with CET)",
+            short: "native demo",
+            command: strings(&[&demo, "--seconds", &secs]),
             truth_prefix: "cache_demo: ",
-            lookups: "lookups",
             misses: "misses",
             configs: native,
         },
     ];
     let mut doc = header(runs, seconds)?;
+    let mut chart = Vec::new();
     for w in &workloads {
         let results = measure(w, runs, seconds)?;
         table(w, &results, &mut doc)?;
+        let bars = w
+            .configs
+            .iter()
+            .zip(ratios(&results))
+            .map(|(c, (r, _))| (c.name.clone(), r))
+            .collect();
+        chart.push((w.short, bars));
     }
+    probe_costs(&racewatch, &mut doc)?;
+    placements(&racewatch, &demo, &worker, &mut doc)?;
+    capacity(&racewatch, &demo, &mut doc)?;
     doc.push_str(FOOTER);
-    let path = workspace_root().join("docs/BENCHMARKS.md");
-    std::fs::create_dir_all(path.parent().unwrap_or(Path::new(".")))?;
+    let docs = workspace_root().join("docs");
+    std::fs::create_dir_all(&docs)?;
+    crate::chart::draw(&docs.join("benchmarks.png"), &chart)?;
+    let path = docs.join("BENCHMARKS.md");
     std::fs::write(&path, &doc)?;
-    eprintln!("bench: wrote {}", path.display());
+    eprintln!("bench: wrote {} and docs/benchmarks.png", path.display());
     print!("{doc}");
+    Ok(())
+}
+
+/// `racewatch calibrate --json`, as a table.
+fn probe_costs(racewatch: &str, doc: &mut String) -> Result<()> {
+    let out = Command::new(racewatch)
+        .args(["calibrate", "--json"])
+        .output()
+        .context("cannot run racewatch calibrate")?;
+    let v: Value = serde_json::from_slice(&out.stdout).with_context(|| {
+        format!(
+            "racewatch calibrate: {}",
+            String::from_utf8_lossy(&out.stderr)
+        )
+    })?;
+    let floor = v["emulated_floor_ns"].as_f64().unwrap_or(f64::NAN);
+    writeln!(
+        doc,
+        "\n### What one probe hit costs, by probed instruction\n"
+    )?;
+    writeln!(
+        doc,
+        "From `racewatch calibrate` (racewatch's own programs on functions of its own, each opening \
+         with the instruction shown; medians of 7 batches of ~20 ms; an unprobed call takes {:.1} ns). \
+         The floor is the cheapest instruction the kernel emulates.\n",
+        v["unprobed_call_ns"].as_f64().unwrap_or(f64::NAN)
+    )?;
+    writeln!(
+        doc,
+        "| first instruction | probe | the kernel | ns per hit | x emulated floor |"
+    )?;
+    writeln!(doc, "|---|---|---|---|---|")?;
+    for r in v["rows"].as_array().into_iter().flatten() {
+        let ns = r["ns_per_hit"].as_f64().unwrap_or(f64::NAN);
+        writeln!(
+            doc,
+            "| `{}` | {} | {} | {:.0} | {:.2} |",
+            r["instruction"].as_str().unwrap_or("?"),
+            r["probe"].as_str().unwrap_or("?"),
+            if r["emulated"] == true {
+                "emulates it"
+            } else {
+                "single-steps it"
+            },
+            ns,
+            ns / floor
+        )?;
+    }
+    Ok(())
+}
+
+/// Where racewatch places each probe on the two demos (`-v --dry-run`).
+fn placements(racewatch: &str, demo: &str, worker: &str, doc: &mut String) -> Result<()> {
+    writeln!(doc, "\n### Where racewatch places its probes\n")?;
+    writeln!(
+        doc,
+        "`racewatch ... -v --dry-run` on each demo: every probe sits on an instruction the kernel \
+         emulates, past the single-stepped `endbr64` (native) or `sub` (CPython's `dict_clear`).\n"
+    )?;
+    let mut watch = vec!["watch", "-v", "--dry-run", "--miss-ret", "-1"];
+    watch.extend(DEMO_PROBES);
+    watch.extend(["--", demo]);
+    let python = ["python", "-v", "--dry-run", "--", "python3", worker];
+    for args in [&watch[..], &python[..]] {
+        let out = Command::new(racewatch).args(args).output()?;
+        writeln!(doc, "```")?;
+        for line in String::from_utf8_lossy(&out.stderr)
+            .lines()
+            .filter(|l| l.contains(" at 0x") || l.contains(" at its entry"))
+        {
+            writeln!(doc, "{line}")?;
+        }
+        writeln!(doc, "```")?;
+    }
+    Ok(())
+}
+
+/// The collector's capacity: the native demo with a window open almost all the time, so every
+/// lookup (entry probed) is an event for userspace; more readers, more events a second.
+fn capacity(racewatch: &str, demo: &str, doc: &mut String) -> Result<()> {
+    writeln!(doc, "\n### The collector's capacity\n")?;
+    writeln!(
+        doc,
+        "`racewatch watch` (every lookup's entry) on `cache_demo --gap-us 20000 --refresh-us 0`: the \
+         cache is empty ~all the time, so nearly every lookup is an event the collector must drain \
+         (2 MiB ring, drained every 10 ms or when half full). 3 s runs.\n"
+    )?;
+    writeln!(
+        doc,
+        "| readers | events delivered/s | events lost | lost share |"
+    )?;
+    writeln!(doc, "|---|---|---|---|")?;
+    let report = std::env::temp_dir().join("racewatch-bench-capacity.ndjson");
+    for readers in ["1", "2", "4", "8"] {
+        let mut args = vec!["watch"];
+        args.extend(DEMO_PROBES);
+        let report_s = report.to_string_lossy().into_owned();
+        args.extend(["--json", "-o", &report_s, "--", demo]);
+        args.extend([
+            "--seconds",
+            "3",
+            "--gap-us",
+            "20000",
+            "--refresh-us",
+            "0",
+            "--readers",
+            readers,
+        ]);
+        Command::new(racewatch).args(&args).output()?;
+        let s = summary_of(&report).context("no racewatch summary")?;
+        let delivered = s["lookups_in_window"].as_f64().unwrap_or(f64::NAN);
+        let lost = s["lost_events"].as_f64().unwrap_or(f64::NAN);
+        let secs = s["duration_s"].as_f64().unwrap_or(f64::NAN);
+        eprintln!("bench: capacity with {readers} readers: {delivered} delivered, {lost} lost");
+        writeln!(
+            doc,
+            "| {readers} | {:.0} | {lost:.0} | {:.3}% |",
+            delivered / secs,
+            100.0 * lost / (delivered + lost)
+        )?;
+    }
     Ok(())
 }
 
@@ -213,33 +468,37 @@ fn header(runs: usize, seconds: f64) -> Result<String> {
     writeln!(s, "# Benchmarks\n")?;
     writeln!(
         s,
-        "Written by `cargo xtask bench --runs {runs} --seconds {seconds}` (kernel {}, {cpus} CPUs).",
+        "Written by `cargo xtask bench --runs {runs} --seconds {seconds}` (kernel {}, {cpus} CPUs), with \
+         the chart `docs/benchmarks.png`.",
         kernel.trim()
     )?;
     writeln!(
         s,
-        "Each figure is the median over {runs} interleaved repetitions of {seconds} s runs; the ratio is"
+        "Each figure is the median over {runs} interleaved repetitions of {seconds} s runs; a ratio is \
+         the median of per-repetition ratios to the unobserved run of the same repetition. Rates come \
+         from each workload's own ground-truth line.\n"
     )?;
-    writeln!(
-        s,
-        "the median of per-repetition ratios of the workload's own lookup rate to the unobserved run of"
-    )?;
-    writeln!(
-        s,
-        "the same repetition. Rates come from each workload's own ground-truth line."
-    )?;
+    writeln!(s, "![lookup rate as a ratio to unobserved](benchmarks.png)")?;
     Ok(s)
 }
 
 const FOOTER: &str = "
 ## Reading the numbers
 
-- `racewatch python` probes only `dict_clear`, the refill's entry and return (`dict_update`,
-  `dict_ior`) and `_PyErr_SetKeyError`: ordinary dict lookups never trap, which is why the
-  worker's lookup rate stays at the unobserved rate.
-- `racewatch watch` probes every lookup of the native cache (entry, and return with
-  `--miss-ret`), so each lookup pays one or two uprobe traps; in-window lookups alone cross
-  to userspace.
-- strace rows show what the seed's engineer saw: the observed program slows down enough that
-  the race stops happening (compare the miss rates).
+- `racewatch python` probes `dict_clear` (past its single-stepped `sub`), the refill's entry and
+  return (`dict_update`, `dict_ior`) and `_PyErr_SetKeyError`; the hazard report counts dict
+  lookups 20 ms of every second. Ordinary dict lookups otherwise never trap, which is why the
+  worker keeps its unobserved rate; bpftrace probing every dict lookup does not.
+- `racewatch watch --miss-ret` probes the lookup's miss path only (the jump after the miss value
+  is set, found by decoding the function), so lookups that find their key never trap. Without
+  `--miss-ret`, or with `--probe-returns`, every lookup traps once or twice: on this demo, built
+  with CET, racewatch places the entry probe on the `push` after `endbr64` (emulated) where
+  bpftrace probes the `endbr64` itself (single-stepped).
+- The miss columns show the heisenbug: the more an observer slows the reader, the fewer misses
+  it has to find. strace rows show what the seed's engineer saw.
+- The last column is racewatch's own report (`self_cost.added_share` in its summary): per-hit
+  costs measured on its own functions when the run ends, times each probe's hits, over the
+  target's CPU time.
+- `nopl` (5 bytes) is cheaper than any trap on kernels that optimize uprobes on it (6.16+ turn
+  such a probe into a call); racewatch does not rely on it, since older kernels single-step it.
 ";

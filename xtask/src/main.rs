@@ -1,6 +1,7 @@
 //! Orchestration that plain cargo cannot do: install the eBPF toolchain, build the demo targets,
 //! run the tests that need root, the demo and the benchmarks.
 mod bench;
+mod chart;
 mod demo;
 mod fuzz;
 mod setup;

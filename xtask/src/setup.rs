@@ -132,6 +132,16 @@ fn ensure_cxx() -> Result<()> {
     run_cmd(Command::new("apt-get").args(["install", "-y", "g++"]))
 }
 
+/// The font the benchmark's chart is lettered in (Debian's fonts-dejavu-core).
+pub fn ensure_font(path: &str) -> Result<()> {
+    if std::path::Path::new(path).exists() {
+        return Ok(());
+    }
+    eprintln!("setup: installing fonts-dejavu-core for the benchmark chart");
+    run_cmd(Command::new("apt-get").arg("update"))?;
+    run_cmd(Command::new("apt-get").args(["install", "-y", "fonts-dejavu-core"]))
+}
+
 /// cargo-fuzz, for the fuzz targets `cargo xtask test` runs.
 fn ensure_cargo_fuzz() -> Result<()> {
     if Command::new("cargo")

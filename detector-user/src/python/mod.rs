@@ -216,7 +216,12 @@ pub fn plan(interp: &Interpreter, provoke: bool, verbose: bool) -> Result<Plan, 
     let clear = crate::placement::place_entry(image, "clear", resolve(CLEAR)?, 0, verbose);
     let refills = REFILLS
         .into_iter()
-        .map(|r| resolve(r).map(|f| RefillProbe::Return(crate::placement::at_entry(image, f))))
+        .map(|r| {
+            resolve(r).map(|f| {
+                let at = crate::placement::at_entry(image, "refill (return probed)", f, verbose);
+                RefillProbe::Return(at)
+            })
+        })
         .collect::<Result<Vec<_>, _>>()?;
     let keyerror = resolve(KEYERROR)?;
     let gil = if provoke {
@@ -259,7 +264,7 @@ pub fn plan(interp: &Interpreter, provoke: bool, verbose: bool) -> Result<Plan, 
         clear,
         refills,
         lookup: LookupProbe::KeyError {
-            function: crate::placement::at_entry(image, keyerror),
+            function: crate::placement::at_entry(image, "KeyError", keyerror, verbose),
             sites,
         },
         sample: Some(sample),
