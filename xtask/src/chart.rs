@@ -13,9 +13,8 @@ const FONT: &str = "/usr/share/fonts/truetype/dejavu/DejaVuSans.ttf";
 
 /// One panel per workload: (title, [(configuration, ratio)]).
 pub fn draw(path: &Path, panels: &[(&str, Vec<(String, f64)>)]) -> Result<()> {
-    let font = std::fs::read(FONT).with_context(|| {
-        format!("cannot read {FONT} (cargo xtask setup installs fonts-dejavu-core)")
-    })?;
+    crate::setup::ensure_font(FONT)?;
+    let font = std::fs::read(FONT).with_context(|| format!("cannot read {FONT}"))?;
     // The font must outlive every drawing: leak it once for the process.
     register_font(
         "sans-serif",
