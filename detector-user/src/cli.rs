@@ -136,6 +136,10 @@ pub struct PythonArgs {
     /// switch).
     #[arg(long, value_name = "DURATION", value_parser = parse_provoke)]
     pub provoke: Option<std::time::Duration>,
+    /// Count every dict lookup for the hazard report (exact reader rates and distances to the
+    /// windows) instead of sampling them 20 ms of every second: each `d[k]` then pays a trap.
+    #[arg(long)]
+    pub every_lookup: bool,
     #[command(flatten)]
     pub run: RunArgs,
 }

@@ -145,7 +145,9 @@ impl Run<'_> {
             Some(t) => t.tick().await,
             None => std::future::pending().await,
         };
-        let mut sampler = loaded.samples().then(|| Sampler::new(Instant::now()));
+        let mut sampler = loaded
+            .samples()
+            .then(|| Sampler::new(Instant::now(), loaded.samples_always()));
         // SAFETY: the ring buffer owns its map fd and keeps it for as long as the AsyncFd lives.
         let mut ring = unsafe { AsyncFd::register(events) }.map_err(|e| e.into_parts().1)?;
         let ended = loop {

@@ -98,6 +98,8 @@ pub struct Plan {
     /// A lookup function's entry to count lookups in short bursts (see `sampling`), when
     /// `lookup` does not probe every lookup.
     pub sample: Option<Placed>,
+    /// Keep that probe attached the whole run: every lookup counted, at a trap each.
+    pub sample_always: bool,
 }
 
 pub struct Options {
@@ -154,6 +156,7 @@ pub struct Loaded {
     /// The sampling probe's site and process, once attached; and its link while a burst runs.
     sample: Option<(PathBuf, Placed, u32)>,
     sample_link: Option<UProbeLinkId>,
+    sample_always: bool,
 }
 
 pub(crate) static OBJECT: &[u8] =
@@ -189,6 +192,7 @@ impl Loaded {
             hold_at_refill: opts.provoke_ns != 0 && plan.gil.is_none(),
             sample: None,
             sample_link: None,
+            sample_always: false,
         })
     }
 
@@ -245,6 +249,11 @@ impl Loaded {
     /// Whether lookups are counted in bursts rather than all of them.
     pub fn samples(&self) -> bool {
         self.sample.is_some()
+    }
+
+    /// Whether the counting probe stays attached for the whole run.
+    pub fn samples_always(&self) -> bool {
+        self.sample_always
     }
 
     /// Starts a sampling burst: attaches the lookup-counting probe. No-op without one, or while
@@ -348,6 +357,7 @@ impl Loaded {
         }
         if let Some(sample) = &plan.sample {
             self.sample = Some((bin.clone(), sample.clone(), pid));
+            self.sample_always = plan.sample_always;
             // Attached once now, so a site the kernel refuses fails the run before it starts.
             self.start_sample()?;
             self.stop_sample()?;

@@ -84,6 +84,7 @@ async fn watch(args: WatchArgs) -> Result<ExitCode, Failure> {
         clear,
         refills,
         sample: sample.filter(|_| matches!(lookup, LookupProbe::Miss { .. })),
+        sample_always: false,
         gil: None,
         lookup,
     };
@@ -101,8 +102,13 @@ async fn python(args: PythonArgs) -> Result<ExitCode, Failure> {
         None => python::for_command(&args.run.command),
     }
     .map_err(Failure::usage)?;
-    let plan =
-        python::plan(&interp, args.provoke.is_some(), args.run.verbose).map_err(Failure::usage)?;
+    let plan = python::plan(
+        &interp,
+        args.provoke.is_some(),
+        args.every_lookup,
+        args.run.verbose,
+    )
+    .map_err(Failure::usage)?;
     preflight::check().map_err(Failure::usage)?;
     let correlator = Correlator::new(None, Some(python::key::render));
     let provoke_ns = args.provoke.map_or(0, |d| d.as_nanos() as u64);

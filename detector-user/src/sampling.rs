@@ -8,6 +8,11 @@ use std::time::{Duration, Instant};
 pub const BURST: Duration = Duration::from_millis(20);
 pub const PERIOD: Duration = Duration::from_secs(1);
 
+/// A time no run reaches.
+fn never() -> Instant {
+    Instant::now() + Duration::from_secs(365 * 24 * 3600)
+}
+
 /// When bursts start and stop, and how long lookups were counted.
 #[derive(Debug)]
 pub struct Sampler {
@@ -16,15 +21,18 @@ pub struct Sampler {
     /// When the next burst starts (or the running one stops).
     due: Instant,
     sampled: Duration,
+    /// The probe stays attached once started (every lookup counted).
+    always: bool,
 }
 
 impl Sampler {
-    /// The first burst is due at `now`.
-    pub fn new(now: Instant) -> Sampler {
+    /// The first burst is due at `now`; with `always`, it never ends.
+    pub fn new(now: Instant, always: bool) -> Sampler {
         Sampler {
             on_since: None,
             due: now,
             sampled: Duration::ZERO,
+            always,
         }
     }
 
@@ -40,7 +48,7 @@ impl Sampler {
     /// more than the probe was live).
     pub fn started(&mut self, now: Instant) {
         self.on_since = Some(now);
-        self.due = now + BURST;
+        self.due = if self.always { never() } else { now + BURST };
     }
 
     /// The probe is about to be detached at `now`.
@@ -54,7 +62,7 @@ impl Sampler {
     /// No more bursts (the probe could not be attached).
     pub fn halt(&mut self) {
         self.on_since = None;
-        self.due = Instant::now() + Duration::from_secs(365 * 24 * 3600);
+        self.due = never();
     }
 
     /// Time lookups were counted, the running burst included.
@@ -73,7 +81,7 @@ mod tests {
     #[test]
     fn bursts_repeat_each_period_and_their_time_adds_up() {
         let t0 = Instant::now();
-        let mut s = Sampler::new(t0);
+        let mut s = Sampler::new(t0, false);
         assert_eq!(s.due(), t0);
         assert!(!s.is_on());
         s.started(t0 + Duration::from_millis(1));
@@ -97,7 +105,7 @@ mod tests {
     #[test]
     fn halted_sampler_is_never_due_again() {
         let t0 = Instant::now();
-        let mut s = Sampler::new(t0);
+        let mut s = Sampler::new(t0, false);
         s.halt();
         assert!(!s.is_on());
         assert!(s.due() > t0 + Duration::from_secs(3600));
@@ -106,7 +114,7 @@ mod tests {
     #[test]
     fn stopping_without_a_burst_changes_nothing() {
         let t0 = Instant::now();
-        let mut s = Sampler::new(t0);
+        let mut s = Sampler::new(t0, false);
         s.stopped(t0 + Duration::from_secs(1));
         assert_eq!(s.sampled(t0 + Duration::from_secs(2)), Duration::ZERO);
         assert_eq!(s.due(), t0);

@@ -341,3 +341,28 @@ fn build_then_swap_shows_nothing_under_provoke() {
     assert_eq!(summary["provoke"]["added_ns"], 0);
     assert_eq!(code, 0);
 }
+
+#[test]
+#[ignore = "root"]
+fn every_lookup_counts_each_dict_lookup_of_the_reader() {
+    let (code, truth, text) =
+        watch_worker_with(&["--every-lookup"], &["--seconds", "2", "--gap-ms", "0.1"]);
+    let (_, summary) = parse_ndjson(&text);
+    let hazards = hazard_lines(&text);
+    let last = hazards
+        .last()
+        .unwrap_or_else(|| panic!("no hazard line:\n{text}"));
+    let readers = last["readers"].as_array().unwrap();
+    // The reader's `cache[k]` lookups, each counted once the interpreter has specialized the
+    // call site (3.11 runs a site's first few executions through the generic path, which
+    // reaches the dict another way).
+    let counted: u64 = readers.iter().map(|r| r["lookups"].as_u64().unwrap()).sum();
+    let lookups = truth["lookups"];
+    assert!(
+        counted <= lookups && counted + 16 >= lookups,
+        "counted {counted}, the worker did {lookups}: {last}"
+    );
+    assert_eq!(summary["misses_in_window"], truth["keyerrors"], "{summary}");
+    assert_eq!(summary["lost_events"], 0, "{summary}");
+    assert_eq!(code, 1);
+}

@@ -274,6 +274,11 @@ pub fn run(runs: usize, seconds: f64) -> Result<()> {
     let mut python = vec![
         unobserved(),
         racewatch_config(&racewatch, "racewatch python", &["python"]),
+        racewatch_config(
+            &racewatch,
+            "racewatch python --every-lookup (every dict lookup counted)",
+            &["python", "--every-lookup"],
+        ),
     ];
     if let Some(bpftrace) = tool("bpftrace") {
         native.push(bpftrace_config(

@@ -199,7 +199,12 @@ fn dict_site(site: &KeyErrorSite, keyerror_vaddr: u64) -> DictSite {
 
 /// The probes for `interp`; `verbose` says where each KeyError site reads the dict.
 /// What to probe in `interp`; with `provoke`, also how to make a writer hand the GIL over.
-pub fn plan(interp: &Interpreter, provoke: bool, verbose: bool) -> Result<Plan, PythonError> {
+pub fn plan(
+    interp: &Interpreter,
+    provoke: bool,
+    every_lookup: bool,
+    verbose: bool,
+) -> Result<Plan, PythonError> {
     let image = &interp.image;
     let table = SymbolTable::load(image).map_err(|e| PythonError::Symbol {
         image: image.clone(),
@@ -268,6 +273,7 @@ pub fn plan(interp: &Interpreter, provoke: bool, verbose: bool) -> Result<Plan, 
             sites,
         },
         sample: Some(sample),
+        sample_always: every_lookup,
         gil,
     })
 }
