@@ -46,8 +46,9 @@ struct Workload {
 struct Sample {
     lookups_per_s: f64,
     misses_per_s: f64,
-    /// racewatch's `added_share`, where it reported one.
+    /// racewatch's `added_share` and `lost_events`, where it reported them.
     added_share: Option<f64>,
+    lost: Option<f64>,
 }
 
 /// Counters from the workload's own ground-truth line on stderr.
@@ -94,15 +95,13 @@ fn measure(w: &Workload, runs: usize, seconds: f64) -> Result<Vec<Vec<Sample>>> 
             let t = truth(&stderr, w.truth_prefix)
                 .with_context(|| format!("{} under {}", w.title, c.name))?;
             let rate = |k: &str| t.get(k).copied().unwrap_or(f64::NAN) / seconds;
-            let added_share = c
-                .report
-                .as_deref()
-                .and_then(summary_of)
-                .and_then(|s| s["self_cost"]["added_share"].as_f64());
+            let summary = c.report.as_deref().and_then(summary_of);
+            let field = |f: &dyn Fn(&Value) -> Option<f64>| summary.as_ref().and_then(f);
             results[i].push(Sample {
                 lookups_per_s: rate("lookups"),
                 misses_per_s: rate(w.misses),
-                added_share,
+                added_share: field(&|s| s["self_cost"]["added_share"].as_f64()),
+                lost: field(&|s| s["lost_events"].as_f64()),
             });
             eprintln!(
                 "bench: {} [{}] rep {}: {:.0} lookups/s",
@@ -134,10 +133,10 @@ fn table(w: &Workload, results: &[Vec<Sample>], out: &mut String) -> Result<()> 
     writeln!(out, "\n### {}\n", w.title)?;
     writeln!(
         out,
-        "| configuration | lookups/s | ratio to unobserved | {m}/s | {m} ratio | racewatch's own estimate of its share of the target's CPU |",
+        "| configuration | lookups/s | ratio to unobserved | {m}/s | {m} ratio | racewatch's own estimate of its share of the target's CPU | events lost (most in a run) |",
         m = w.misses
     )?;
-    writeln!(out, "|---|---|---|---|---|---|")?;
+    writeln!(out, "|---|---|---|---|---|---|---|")?;
     for ((c, r), (ratio, miss_ratio)) in w.configs.iter().zip(results).zip(ratios(results)) {
         let lookups = median(r.iter().map(|x| x.lookups_per_s).collect());
         let misses = median(r.iter().map(|x| x.misses_per_s).collect());
@@ -147,9 +146,14 @@ fn table(w: &Workload, results: &[Vec<Sample>], out: &mut String) -> Result<()> 
         } else {
             format!("{:.2}%", share * 100.0)
         };
+        let lost = r
+            .iter()
+            .filter_map(|x| x.lost)
+            .reduce(f64::max)
+            .map_or_else(String::new, |l| format!("{l:.0}"));
         writeln!(
             out,
-            "| {} | {:.0} | {:.3} | {:.1} | {:.2} | {share} |",
+            "| {} | {:.0} | {:.3} | {:.1} | {:.2} | {share} | {lost} |",
             c.name, lookups, ratio, misses, miss_ratio
         )?;
     }
