@@ -228,6 +228,16 @@ uretprobe:{demo}:_ZN5Cache6lookupEl /@open[@cache[tid]] && (int64)retval == -1/ 
     )
 }
 
+/// racewatch's entry-only mode, the naive way: the probe on the lookup's first instruction.
+fn native_entry_bpftrace_script(demo: &str) -> String {
+    format!(
+        "uprobe:{demo}:_ZN5Cache5clearEv {{ @open[arg0] = nsecs; }}
+uprobe:{demo}:_ZN5Cache6updateERKSt6vectorISt4pairIllESaIS2_EE {{ @refill[tid] = arg0; }}
+uretprobe:{demo}:_ZN5Cache6updateERKSt6vectorISt4pairIllESaIS2_EE {{ delete(@open[@refill[tid]]); }}
+uprobe:{demo}:_ZN5Cache6lookupEl /@open[arg0]/ {{ @lookups_in_window = count(); }}"
+    )
+}
+
 /// Every dict lookup probed, the windows kept as racewatch keeps them.
 fn python_bpftrace_script(libpython: &str) -> String {
     format!(
@@ -285,6 +295,11 @@ pub fn run(runs: usize, seconds: f64) -> Result<()> {
         ),
     ];
     if let Some(bpftrace) = tool("bpftrace") {
+        native.push(bpftrace_config(
+            bpftrace.clone(),
+            "bpftrace, every lookup's entry",
+            native_entry_bpftrace_script(&demo),
+        ));
         native.push(bpftrace_config(
             bpftrace.clone(),
             "bpftrace, every lookup's entry and return",
