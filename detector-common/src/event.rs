@@ -7,6 +7,14 @@ pub const COMM_LEN: usize = 16;
 pub const KEY_OBJ_LEN: usize = 128;
 /// Bytes of the key's type name (`tp_name`) copied at a KeyError.
 pub const TYPE_NAME_LEN: usize = 16;
+/// Bytes of user stack copied from the stack pointer up, to be unwound in userspace with the
+/// binary's `.eh_frame` (the way `perf --call-graph dwarf` does).
+pub const STACK_BYTES: usize = 8192;
+/// The stack is copied in chunks, so a stack whose top is nearer than [`STACK_BYTES`] still
+/// yields every chunk below it.
+pub const STACK_CHUNK: usize = 512;
+/// Python frames copied per event, innermost first.
+pub const PY_FRAMES_MAX: usize = 32;
 
 #[repr(u32)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -21,17 +29,23 @@ pub enum EventKind {
     KeyError = 4,
     /// Whether the key of earlier KeyErrors is in the dict once refilled: [`KeyVerdict`].
     KeyVerdict = 5,
+    /// The user stack of the thread whose event follows: [`NativeStack`].
+    NativeStack = 6,
+    /// The Python frames of the thread whose event follows: [`PyFrames`].
+    PyFrames = 7,
     /// A reader's first lookup on a cache since a window opened there: [`NearEvent`].
     Near = 8,
 }
 
 impl EventKind {
-    pub const ALL: [EventKind; 6] = [
+    pub const ALL: [EventKind; 8] = [
         Self::WindowOpen,
         Self::WindowClose,
         Self::Lookup,
         Self::KeyError,
         Self::KeyVerdict,
+        Self::NativeStack,
+        Self::PyFrames,
         Self::Near,
     ];
 
@@ -146,6 +160,69 @@ pub struct KeyVerdict {
     pub hash: i64,
 }
 
+/// [`NativeStack::flags`]: the registers are those at a function's return, so `rip` is a return
+/// address in the caller and the probed function's own frame is gone.
+pub const STACK_AT_RETURN: u32 = 1;
+
+/// The registers and the top of the user stack of a thread, sent just before the event it belongs
+/// to (a window's opening, a flagged lookup): `tid` and `ns` name that event (its thread and its
+/// `open_ns` or `lookup_ns`).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct NativeStack {
+    pub kind: u32,
+    pub tid: u32,
+    pub ns: u64,
+    pub rip: u64,
+    pub rsp: u64,
+    pub rbp: u64,
+    /// Bytes of `stack` copied from `rsp` up (a multiple of [`STACK_CHUNK`]).
+    pub len: u32,
+    pub flags: u32,
+    pub stack: [u8; STACK_BYTES],
+}
+
+/// One CPython frame: its code object and the instruction it is executing.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct PyFrame {
+    pub code: u64,
+    pub prev_instr: u64,
+}
+
+/// The Python frames of a thread, innermost first, sent just before the event it belongs to
+/// (`tid` and `ns` as in [`NativeStack`]).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct PyFrames {
+    pub kind: u32,
+    pub tid: u32,
+    pub ns: u64,
+    /// Frames filled in `frames`.
+    pub depth: u32,
+    /// 1 when the thread had more frames than [`PY_FRAMES_MAX`].
+    pub truncated: u32,
+    pub frames: [PyFrame; PY_FRAMES_MAX],
+}
+
+/// Where CPython 3.11 keeps a thread's frames, read from libpython's DWARF and passed to the
+/// kernel at load time (global `PY_LAYOUT`).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct PyLayout {
+    /// `&_PyRuntime.gilstate.tstate_current` minus the address of the probe on the clear
+    /// function, and the same for the KeyError probe: the library's load address cancels out.
+    pub tstate_from_clear: i64,
+    pub tstate_from_keyerror: i64,
+    /// `PyThreadState.cframe`, `_PyCFrame.current_frame`.
+    pub cframe: u64,
+    pub current_frame: u64,
+    /// `_PyInterpreterFrame.f_code`, `.previous`, `.prev_instr`.
+    pub f_code: u64,
+    pub previous: u64,
+    pub prev_instr: u64,
+}
+
 /// A key that raised KeyError in a dict's open window, to be judged when the window closes (the
 /// kernel's `PENDING` set).
 #[repr(C)]
@@ -186,10 +263,12 @@ pub enum Stat {
     /// Lookups the kernel found overlapping a window, each then sent or counted in
     /// `LostLookup`: the ground truth that delivered plus lost lookups must add up to.
     WindowLookups = 16,
+    LostNativeStack = 17,
+    LostPyFrames = 18,
 }
 
 impl Stat {
-    pub const COUNT: u32 = 17;
+    pub const COUNT: u32 = 19;
 
     pub fn lost(kind: EventKind) -> Stat {
         match kind {
@@ -199,6 +278,8 @@ impl Stat {
             EventKind::KeyError => Stat::LostKeyError,
             EventKind::KeyVerdict => Stat::LostKeyVerdict,
             EventKind::Near => Stat::LostNear,
+            EventKind::NativeStack => Stat::LostNativeStack,
+            EventKind::PyFrames => Stat::LostPyFrames,
         }
     }
 }
@@ -222,6 +303,9 @@ mod user {
     unsafe impl aya::Pod for crate::GilHold {}
     unsafe impl aya::Pod for ReaderKey {}
     unsafe impl aya::Pod for ReaderState {}
+    unsafe impl aya::Pod for NativeStack {}
+    unsafe impl aya::Pod for PyFrames {}
+    unsafe impl aya::Pod for PyLayout {}
 }
 
 #[cfg(feature = "user")]
@@ -230,9 +314,10 @@ pub use decode::*;
 #[cfg(feature = "user")]
 mod decode {
     use super::*;
+    use alloc::boxed::Box;
 
-    /// An event read from the ring buffer.
-    #[derive(Clone, Copy, Debug, PartialEq, Eq)]
+    /// An event read from the ring buffer (the large ones boxed).
+    #[derive(Clone, Debug, PartialEq, Eq)]
     pub enum Event {
         WindowOpen(WindowEvent),
         WindowClose(WindowEvent),
@@ -240,6 +325,8 @@ mod decode {
         KeyError(KeyErrorEvent),
         KeyVerdict(KeyVerdict),
         Near(NearEvent),
+        NativeStack(Box<NativeStack>),
+        PyFrames(Box<PyFrames>),
     }
 
     #[derive(Debug, thiserror::Error, PartialEq, Eq)]
@@ -270,6 +357,27 @@ mod decode {
         Ok(unsafe { core::ptr::read_unaligned(bytes.as_ptr().cast::<T>()) })
     }
 
+    /// [`read`] for events too large to copy around by value.
+    fn read_boxed<T: Copy + aya::Pod>(
+        kind: EventKind,
+        bytes: &[u8],
+    ) -> Result<Box<T>, DecodeError> {
+        let want = core::mem::size_of::<T>();
+        if bytes.len() != want {
+            return Err(DecodeError::WrongSize {
+                kind,
+                got: bytes.len(),
+                want,
+            });
+        }
+        // SAFETY: as in `read`; the box is allocated for a T and filled before it is assumed init.
+        unsafe {
+            let mut b = Box::<T>::new_uninit();
+            core::ptr::copy_nonoverlapping(bytes.as_ptr(), b.as_mut_ptr().cast::<u8>(), want);
+            Ok(b.assume_init())
+        }
+    }
+
     impl Event {
         pub fn decode(bytes: &[u8]) -> Result<Event, DecodeError> {
             let head: [u8; 4] = bytes
@@ -285,6 +393,8 @@ mod decode {
                 EventKind::KeyError => Event::KeyError(read(kind, bytes)?),
                 EventKind::KeyVerdict => Event::KeyVerdict(read(kind, bytes)?),
                 EventKind::Near => Event::Near(read(kind, bytes)?),
+                EventKind::NativeStack => Event::NativeStack(read_boxed(kind, bytes)?),
+                EventKind::PyFrames => Event::PyFrames(read_boxed(kind, bytes)?),
             })
         }
     }
@@ -319,6 +429,15 @@ mod decode {
             assert_eq!(size_of::<ReaderKey>(), 8 + 4 + 4);
             assert_eq!(size_of::<ReaderState>(), 8 + 8 + COMM_LEN);
             assert_eq!(size_of::<crate::Window>(), 4 + 4 + 8 + 8);
+            assert_eq!(
+                size_of::<NativeStack>(),
+                4 + 4 + 8 * 4 + 4 + 4 + STACK_BYTES
+            );
+            assert_eq!(
+                size_of::<PyFrames>(),
+                4 + 4 + 8 + 4 + 4 + 16 * PY_FRAMES_MAX
+            );
+            assert_eq!(size_of::<PyLayout>(), 8 * 7);
         }
 
         #[test]
@@ -375,6 +494,38 @@ mod decode {
                 close_ns: 110,
             };
             assert_eq!(Event::decode(as_bytes(&n)), Ok(Event::Near(n)));
+            let mut n = NativeStack {
+                kind: EventKind::NativeStack as u32,
+                tid: 3,
+                ns: 4,
+                rip: 5,
+                rsp: 6,
+                rbp: 7,
+                len: STACK_CHUNK as u32,
+                flags: STACK_AT_RETURN,
+                stack: [0; STACK_BYTES],
+            };
+            n.stack[STACK_BYTES - 1] = 9;
+            assert_eq!(
+                Event::decode(as_bytes(&n)),
+                Ok(Event::NativeStack(Box::new(n)))
+            );
+            let mut p = PyFrames {
+                kind: EventKind::PyFrames as u32,
+                tid: 3,
+                ns: 4,
+                depth: 1,
+                truncated: 0,
+                frames: [PyFrame::default(); PY_FRAMES_MAX],
+            };
+            p.frames[0] = PyFrame {
+                code: 10,
+                prev_instr: 11,
+            };
+            assert_eq!(
+                Event::decode(as_bytes(&p)),
+                Ok(Event::PyFrames(Box::new(p)))
+            );
         }
 
         #[test]

@@ -2,6 +2,9 @@
 //! both the eBPF programs and the userspace collector apply.
 #![no_std]
 
+#[cfg(feature = "user")]
+extern crate alloc;
+
 pub mod event;
 pub mod provoke;
 pub mod pykey;
@@ -29,6 +32,8 @@ pub const PROVOKE_MAP: &str = "PROVOKE";
 
 /// Default ring buffer size: at 128 bytes an event, 16k events between two polls.
 pub const EVENTS_BYTES_DEFAULT: u32 = 1 << 21;
+/// Ring buffer size when stacks are taken: 2,048 native stack records between two polls.
+pub const EVENTS_BYTES_STACKS: u32 = 1 << 24;
 /// Caches tracked at once; least recently used ones are evicted first.
 pub const MAX_CACHES: u32 = 16_384;
 /// Threads inside a probed function at once (refill or lookup in flight).
@@ -59,4 +64,19 @@ pub mod globals {
     /// CPython `--provoke`: the main interpreter's `gil_drop_request` minus the clear probe's
     /// address (0: hold native writers at the refill instead).
     pub const DROP_REQUEST_DELTA: &str = "DROP_REQUEST_DELTA";
+    /// Which stacks the kernel copies with the events that reach userspace ([`super::StackMode`]).
+    pub const STACK_MODE: &str = "STACK_MODE";
+    /// Where CPython keeps a thread's frames ([`super::PyLayout`]).
+    pub const PY_LAYOUT: &str = "PY_LAYOUT";
+}
+
+/// What the kernel copies with a window's opening and a flagged lookup.
+#[repr(u32)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum StackMode {
+    None = 0,
+    /// Registers and the top of the user stack ([`NativeStack`]).
+    Native = 1,
+    /// CPython frames ([`PyFrames`]).
+    Python = 2,
 }

@@ -18,8 +18,10 @@ use aya_ebpf::{
 use detector_common::{
     COMM_LEN, DictSite, EVENTS_BYTES_DEFAULT, EventKind, GilHold, Inflight, KEY_ABSENT,
     KEY_PRESENT, KEY_UNKNOWN, KeyErrorEvent, KeyVerdict, LookupEvent, MAX_CACHES, MAX_INFLIGHT,
-    MAX_KEYERROR_SITES, MAX_PENDING, MAX_READERS, NearEvent, PendingKey, ProvokeState, ReaderKey,
-    ReaderState, Stat, UNKNOWN_HASH, Window, WindowEvent, key_hash, within_budget,
+    MAX_KEYERROR_SITES, MAX_PENDING, MAX_READERS, NativeStack, NearEvent, PY_FRAMES_MAX,
+    PendingKey, ProvokeState, PyFrame, PyFrames, PyLayout, ReaderKey, ReaderState, STACK_AT_RETURN,
+    STACK_BYTES, STACK_CHUNK, StackMode, Stat, UNKNOWN_HASH, Window, WindowEvent, key_hash,
+    within_budget,
 };
 
 /// Only this process is traced; 0 traces any (set at load time).
@@ -52,6 +54,21 @@ static PROVOKE_CPUS: u32 = 1;
 /// probe's address (0: native `--provoke`, which holds at the refill).
 #[unsafe(no_mangle)]
 static DROP_REQUEST_DELTA: i64 = 0;
+
+/// Which stacks go with the events that reach userspace ([`StackMode`], set at load time).
+#[unsafe(no_mangle)]
+static STACK_MODE: u32 = StackMode::None as u32;
+/// Where CPython keeps a thread's frames (set at load time for `racewatch python`).
+#[unsafe(no_mangle)]
+static PY_LAYOUT: PyLayout = PyLayout {
+    tstate_from_clear: 0,
+    tstate_from_keyerror: 0,
+    cframe: 0,
+    current_frame: 0,
+    f_code: 0,
+    previous: 0,
+    prev_instr: 0,
+};
 
 #[map(name = "EVENTS")]
 static EVENTS: RingBuf = RingBuf::with_byte_size(EVENTS_BYTES_DEFAULT, 0);
@@ -159,6 +176,103 @@ fn window_event(kind: EventKind, cache: u64, w: &Window, tid: u32) {
     );
 }
 
+/// Copies the registers and the top of the user stack into the ring, for userspace to unwind
+/// with `.eh_frame`. Straight into the reserved record: it is far larger than the BPF stack.
+fn native_stack(regs: &pt_regs, tid: u32, ns: u64, flags: u32) {
+    let Some(mut entry) = EVENTS.reserve::<NativeStack>(0) else {
+        bump(Stat::LostNativeStack);
+        return;
+    };
+    let e = entry.as_mut_ptr();
+    // SAFETY: `e` points at reserved ring memory of the record's size; every header field is set,
+    // and `len` says how much of `stack` was written.
+    unsafe {
+        (*e).kind = EventKind::NativeStack as u32;
+        (*e).tid = tid;
+        (*e).ns = ns;
+        (*e).rip = regs.rip;
+        (*e).rsp = regs.rsp;
+        (*e).rbp = regs.rbp;
+        (*e).flags = flags;
+        let stack = (*e).stack.as_mut_ptr();
+        let mut len = 0u32;
+        // One read when the whole copy is mapped (the common case); else chunk by chunk: a read
+        // that crosses the top of the stack fails whole, so stop at the first chunk that cannot
+        // be read and keep those below it.
+        let whole = core::slice::from_raw_parts_mut(stack, STACK_BYTES);
+        let chunks = if bpf_probe_read_user_buf(regs.rsp as *const u8, whole).is_ok() {
+            len = STACK_BYTES as u32;
+            0
+        } else {
+            STACK_BYTES / STACK_CHUNK
+        };
+        for i in 0..chunks {
+            let off = i * STACK_CHUNK;
+            let dst = core::slice::from_raw_parts_mut(stack.add(off), STACK_CHUNK);
+            if bpf_probe_read_user_buf(regs.rsp.wrapping_add(off as u64) as *const u8, dst).is_err()
+            {
+                break;
+            }
+            len += STACK_CHUNK as u32;
+        }
+        (*e).len = len;
+    }
+    entry.submit(wakeup_flags());
+}
+
+/// Copies the calling thread's CPython frames (code object and current instruction, innermost
+/// first). The thread runs dict code, so it holds the GIL and is the runtime's current thread
+/// state, found `tstate_from` bytes from the probe's address.
+fn py_frames(regs: &pt_regs, tid: u32, ns: u64, tstate_from: i64) {
+    let layout = global(&PY_LAYOUT);
+    let Some(mut entry) = EVENTS.reserve::<PyFrames>(0) else {
+        bump(Stat::LostPyFrames);
+        return;
+    };
+    let e = entry.as_mut_ptr();
+    // SAFETY: `e` points at reserved ring memory of the record's size; the header is set and
+    // `depth` says how many frames were written.
+    unsafe {
+        (*e).kind = EventKind::PyFrames as u32;
+        (*e).tid = tid;
+        (*e).ns = ns;
+        (*e).truncated = 0;
+        let mut depth = 0u32;
+        let mut frame = read_user::<u64>(regs.rip.wrapping_add(tstate_from as u64))
+            .and_then(|tstate| read_user::<u64>(tstate.wrapping_add(layout.cframe)))
+            .and_then(|cframe| read_user::<u64>(cframe.wrapping_add(layout.current_frame)))
+            .unwrap_or(0);
+        for i in 0..PY_FRAMES_MAX {
+            if frame == 0 {
+                break;
+            }
+            let (Some(code), Some(prev_instr)) = (
+                read_user::<u64>(frame.wrapping_add(layout.f_code)),
+                read_user::<u64>(frame.wrapping_add(layout.prev_instr)),
+            ) else {
+                break;
+            };
+            (*e).frames[i] = PyFrame { code, prev_instr };
+            depth += 1;
+            frame = read_user::<u64>(frame.wrapping_add(layout.previous)).unwrap_or(0);
+        }
+        (*e).depth = depth;
+        (*e).truncated = (frame != 0 && depth as usize == PY_FRAMES_MAX) as u32;
+    }
+    entry.submit(wakeup_flags());
+}
+
+/// Sends the stack the load-time mode asks for, just before the event (`tid`, `ns`) it belongs to.
+fn stack(regs: &pt_regs, tid: u32, ns: u64, flags: u32, tstate_from: impl Fn(&PyLayout) -> i64) {
+    match global(&STACK_MODE) {
+        m if m == StackMode::Native as u32 => native_stack(regs, tid, ns, flags),
+        m if m == StackMode::Python as u32 => {
+            py_frames(regs, tid, ns, tstate_from(&global(&PY_LAYOUT)))
+        }
+        _ => {}
+    }
+}
+
 /// The cache's clear function, `void clear(Cache *c)` (the cache is argument CACHE_ARG):
 /// opens a window.
 #[uprobe]
@@ -168,8 +282,13 @@ pub fn on_clear(ctx: ProbeContext) -> u32 {
         return 0;
     };
     if let Some(w) = Window::on_clear(window(cache).as_ref(), tid, unsafe { bpf_ktime_get_ns() }) {
-        // Event first: a lookup that sees the stored window then reserves its own event later in
-        // the ring, so userspace always reads a window's opening before its lookups.
+        // Stack and event first: a lookup that sees the stored window then reserves its own
+        // event later in the ring, so userspace always reads a window's opening (and the
+        // writer's stack just before it) before its lookups.
+        // SAFETY: the context's registers are valid for the whole program.
+        stack(unsafe { &*ctx.regs }, tid, w.open_ns, 0, |l| {
+            l.tstate_from_clear
+        });
         window_event(EventKind::WindowOpen, cache, &w, tid);
         store_window(cache, &w);
         if global(&DROP_REQUEST_DELTA) != 0 {
@@ -392,6 +511,25 @@ fn refill_done() -> u32 {
     0
 }
 
+/// A reader's stack goes with its first flagged lookup of each window only (userspace gives that
+/// stack to the thread's further lookups of the window): a thread reading in a loop through a
+/// wide window would otherwise send thousands of identical 8 KiB copies, and pay for each.
+/// Keyed by thread, the value is the window's opening time.
+#[map(name = "READER_STACKS")]
+static READER_STACKS: LruHashMap<u32, u64> = LruHashMap::with_max_entries(MAX_INFLIGHT, 0);
+
+fn reader_stack(regs: &pt_regs, tid: u32, w: &Window, ns: u64, flags: u32) {
+    if global(&STACK_MODE) == StackMode::None as u32 {
+        return;
+    }
+    // SAFETY: copied out at once.
+    if unsafe { READER_STACKS.get(&tid).copied() } == Some(w.open_ns) {
+        return;
+    }
+    let _ = READER_STACKS.insert(&tid, &w.open_ns, 0);
+    stack(regs, tid, ns, flags, |_| 0);
+}
+
 fn lookup_event(cache: u64, tid: u32, w: &Window, lookup_ns: u64, ret: Option<i64>) {
     bump(Stat::WindowLookups);
     send(
@@ -469,6 +607,8 @@ pub fn on_lookup(ctx: ProbeContext) -> u32 {
     let w = window(cache);
     note_lookup(cache, tid, now, w.as_ref());
     if let Some(w) = w.filter(|w| w.overlaps(tid, None)) {
+        // SAFETY: the context's registers are valid for the whole program.
+        reader_stack(unsafe { &*ctx.regs }, tid, &w, now, 0);
         lookup_event(cache, tid, &w, now, None);
     }
     0
@@ -523,6 +663,9 @@ pub fn on_lookup_return(ctx: RetProbeContext) -> u32 {
     };
     let _ = LOOKUPS.remove(&tid);
     if let Some(w) = window(inflight.cache).filter(|w| w.overlaps(tid, Some(inflight.entry_ns))) {
+        // SAFETY: the context's registers are valid for the whole program.
+        let regs = unsafe { &*ctx.regs };
+        reader_stack(regs, tid, &w, inflight.entry_ns, STACK_AT_RETURN);
         lookup_event(
             inflight.cache,
             tid,
@@ -551,6 +694,8 @@ pub fn on_lookup_miss(ctx: ProbeContext) -> u32 {
     };
     if let Some(w) = window(cache).filter(|w| w.overlaps(tid, None)) {
         let now = unsafe { bpf_ktime_get_ns() };
+        // SAFETY: the context's registers are valid for the whole program.
+        reader_stack(unsafe { &*ctx.regs }, tid, &w, now, 0);
         lookup_event(cache, tid, &w, now, Some(global(&MISS_VALUE)));
     }
     0
@@ -763,6 +908,8 @@ pub fn on_keyerror(ctx: ProbeContext) -> u32 {
     let Some(w) = window(dict).filter(|w| w.overlaps(tid, None)) else {
         return 0;
     };
+    let raised_ns = unsafe { bpf_ktime_get_ns() };
+    stack(regs, tid, raised_ns, 0, |l| l.tstate_from_keyerror);
     let Some(mut entry) = EVENTS.reserve::<KeyErrorEvent>(0) else {
         bump(Stat::LostKeyError);
         return 0;
@@ -776,7 +923,7 @@ pub fn on_keyerror(ctx: ProbeContext) -> u32 {
         (*e).kind = EventKind::KeyError as u32;
         (*e).reader_tid = tid;
         (*e).dict = dict;
-        (*e).raised_ns = bpf_ktime_get_ns();
+        (*e).raised_ns = raised_ns;
         (*e).window_open_ns = w.open_ns;
         (*e).writer_tid = w.writer_tid;
         (*e)._pad = 0;

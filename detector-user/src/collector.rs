@@ -1,10 +1,13 @@
 //! The run loop: drains the ring buffer into the correlator, the hazard tracker and the sink
 //! until the target exits, a signal arrives or the duration elapses, then reports the hazards
 //! and the summary.
-use std::time::{Duration, Instant};
+use std::{
+    collections::VecDeque,
+    time::{Duration, Instant},
+};
 
 use aya::maps::{MapData, RingBuf};
-use detector_common::{Event, Stat};
+use detector_common::{DecodeError, Event, Stat};
 use tokio::{
     io::unix::AsyncFd,
     signal::unix::{Signal, SignalKind, signal},
@@ -12,17 +15,22 @@ use tokio::{
 
 use crate::{
     calibrate::{self, Traps},
-    correlate::Correlator,
+    correlate::{Alert, Correlator},
+    dedup::Pairs,
     hazard::HazardTracker,
     loader::{Loaded, monotonic_ns},
     output::{LostByKind, ProbeHits, ProvokeJson, SelfCost, Sink, Summary},
     sampling::Sampler,
+    stack::Resolver,
     target::Target,
 };
 
 /// How often the ring buffer is drained when no write woke us: the kernel side writes without
 /// wakeups below half full, so this bounds the alert latency.
 const POLL: Duration = Duration::from_millis(10);
+
+/// Events read from the ring ahead of their handling, at most (8 KiB each at worst).
+const QUEUE_MAX: usize = 4096;
 
 /// The signals that end a run, caught from before the probes are loaded: one that arrives while
 /// racewatch loads or attaches still ends the run with a summary and a clean detach.
@@ -56,6 +64,7 @@ pub struct Run<'a> {
     pub loaded: &'a mut Loaded,
     pub events: RingBuf<MapData>,
     pub correlator: Correlator,
+    pub resolver: Resolver,
     pub sink: &'a mut dyn Sink,
     pub duration: Option<Duration>,
     /// Hazard reports between the start and the end, if asked for.
@@ -69,27 +78,53 @@ pub struct Run<'a> {
 struct Consumers<'a> {
     correlator: Correlator,
     hazard: HazardTracker,
+    resolver: Resolver,
+    pairs: Pairs,
     sink: &'a mut dyn Sink,
+    queue: VecDeque<Result<Event, DecodeError>>,
     decode_errors: u64,
 }
 
 impl Consumers<'_> {
-    /// Feeds every event waiting in the ring to the correlator and the hazard tracker, and the
-    /// alerts to the sink.
+    /// Counts each alert in its stack pair; only a pair's first reaches the sink.
+    fn alerts(&mut self, alerts: Vec<Alert>) -> anyhow::Result<()> {
+        for alert in alerts {
+            if let Some(pair) = self.pairs.observe(&alert) {
+                self.sink.alert(&alert, pair)?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Feeds every event waiting in the ring to the correlator (stacks resolved first) and the
+    /// hazard tracker, and the alerts to the sink. The ring is emptied into `queue` before each
+    /// event is handled, so a slow first symbolization (files parsed on first use) never leaves
+    /// the kernel a full ring.
     fn drain(&mut self, ring: &mut RingBuf<MapData>) -> anyhow::Result<()> {
-        while let Some(item) = ring.next() {
-            match Event::decode(&item) {
+        loop {
+            // Bounded: when resolving falls behind for good, the ring fills and the kernel
+            // counts what it cannot deliver, rather than racewatch's memory growing.
+            while self.queue.len() < QUEUE_MAX
+                && let Some(item) = ring.next()
+            {
+                self.queue.push_back(Event::decode(&item));
+            }
+            let Some(event) = self.queue.pop_front() else {
+                self.sink.flush()?;
+                return Ok(());
+            };
+            match event {
                 Ok(event) => {
-                    self.hazard.on_event(&event);
-                    for alert in self.correlator.on_event(&event) {
-                        self.sink.alert(&alert)?;
+                    if let Some((tid, ns, frames)) = self.resolver.resolve(&event) {
+                        self.correlator.on_stack(tid, ns, frames);
                     }
+                    self.hazard.on_event(&event);
+                    let alerts = self.correlator.on_event(&event);
+                    self.alerts(alerts)?;
                 }
                 Err(_) => self.decode_errors += 1,
             }
         }
-        self.sink.flush()?;
-        Ok(())
     }
 
     /// `sampled`: how long lookups were counted, when they are counted in bursts.
@@ -118,6 +153,7 @@ impl Run<'_> {
             loaded,
             events,
             correlator,
+            resolver,
             sink,
             duration,
             interval,
@@ -127,7 +163,10 @@ impl Run<'_> {
         let mut feed = Consumers {
             correlator,
             hazard: HazardTracker::default(),
+            resolver,
+            pairs: Pairs::default(),
             sink,
+            queue: VecDeque::new(),
             decode_errors: 0,
         };
         let started = Instant::now();
@@ -185,18 +224,11 @@ impl Run<'_> {
         target.finish().await;
         // Events written before the end are still in the ring.
         feed.drain(ring.get_mut())?;
-        for alert in feed.correlator.finish() {
-            feed.sink.alert(&alert)?;
-        }
+        let left = feed.correlator.finish();
+        feed.alerts(left)?;
         let sampled = sampler.as_ref().map(|s| s.sampled(Instant::now()));
         feed.report_hazards(loaded, started, sampled)?;
-        let mut summary = summary(
-            loaded,
-            &feed.correlator,
-            ended,
-            feed.decode_errors,
-            started.elapsed(),
-        )?;
+        let mut summary = summary(loaded, &feed, ended, started.elapsed())?;
         let cpu = target.cpu_used().map(|d| d.as_nanos() as u64);
         // Measured once the target no longer runs beside the measurement (or, attached to a
         // running process, after its run), so that measuring disturbs nothing.
@@ -268,9 +300,8 @@ fn process_gone(e: &(dyn std::error::Error + 'static)) -> bool {
 
 fn summary(
     loaded: &Loaded,
-    correlator: &Correlator,
+    feed: &Consumers,
     ended: String,
-    decode_errors: u64,
     elapsed: Duration,
 ) -> anyhow::Result<Summary> {
     let s = loaded.stats()?;
@@ -282,21 +313,25 @@ fn summary(
         keyerror: stat(Stat::LostKeyError),
         key_verdict: stat(Stat::LostKeyVerdict),
         near: stat(Stat::LostNear),
+        native_stack: stat(Stat::LostNativeStack),
+        py_frames: stat(Stat::LostPyFrames),
     };
     let p = loaded.provoke()?;
     Ok(Summary {
-        counts: correlator.counts().into(),
+        counts: feed.correlator.counts().into(),
         lost_events: lost_by_kind.window_open
             + lost_by_kind.window_close
             + lost_by_kind.lookup
             + lost_by_kind.keyerror
             + lost_by_kind.key_verdict
-            + lost_by_kind.near,
+            + lost_by_kind.near
+            + lost_by_kind.native_stack
+            + lost_by_kind.py_frames,
         lost_by_kind,
         kernel_lookups_in_window: stat(Stat::WindowLookups),
         map_full: stat(Stat::MapFull),
         pending_full: stat(Stat::PendingFull),
-        decode_errors,
+        decode_errors: feed.decode_errors,
         probe_hits: ProbeHits {
             clear: stat(Stat::HitsClear),
             refill_entry: stat(Stat::HitsRefillEntry),
@@ -313,6 +348,7 @@ fn summary(
             over_budget: p.refused,
         },
         self_cost: None,
+        pairs: feed.pairs.pairs().iter().map(Into::into).collect(),
         duration_s: elapsed.as_secs_f64(),
         ended,
     })

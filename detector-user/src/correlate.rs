@@ -1,10 +1,12 @@
 //! Turns kernel events into findings. Pure: no aya, no I/O, no clock, so every rule is unit- and
 //! property-tested on hand-written event sequences.
-use std::collections::{HashMap, HashSet};
+use std::collections::{HashMap, HashSet, VecDeque};
 
 use detector_common::{
     COMM_LEN, Event, KEY_ABSENT, KeyErrorEvent, KeyVerdict, LookupEvent, WindowEvent, key_hash,
 };
+
+use crate::stack::Stack;
 
 /// A lookup that fell inside another thread's empty-cache window.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -22,6 +24,10 @@ pub struct Alert {
     pub miss: Option<bool>,
     /// The missing key, rendered (Python).
     pub key: Option<String>,
+    /// Where the reader looked up, innermost frame first; `None` when no stack was captured.
+    pub reader_stack: Option<Stack>,
+    /// Where the writer opened the window, innermost frame first.
+    pub writer_stack: Option<Stack>,
 }
 
 impl Alert {
@@ -49,12 +55,29 @@ pub struct Counts {
 /// Renders a key object's bytes, for Python KeyErrors.
 pub type KeyRenderer = fn(&KeyErrorEvent) -> Option<String>;
 
+/// A window seen opening.
+struct Opened {
+    open_ns: u64,
+    writer_name: String,
+    writer_stack: Option<Stack>,
+}
+
+/// Windows remembered per cache.
+const OPENED_KEPT: usize = 8;
+
 pub struct Correlator {
     miss_ret: Option<i64>,
     render_key: Option<KeyRenderer>,
-    /// The last window seen opening, by cache: when it opened and the writer's name. Kept after
-    /// it closes: a lookup that overlapped it can arrive after its close.
-    last: HashMap<u64, (u64, String)>,
+    /// The last windows seen opening, by cache, newest last. Kept after they close: a lookup
+    /// that overlapped one can arrive after its close, even after the next one opened (the
+    /// kernel copies the reader's stack between reading the window and sending the lookup).
+    last: HashMap<u64, VecDeque<Opened>>,
+    /// The last stack of each thread, with the time of the event it belongs to: the kernel sends
+    /// a stack just before that event, so the thread's next event claims it.
+    stacks: HashMap<u32, (u64, Stack)>,
+    /// Each reader's stack in the last window it was flagged in, by the window's opening time:
+    /// the kernel sends a reader's stack with its first flagged lookup of a window only.
+    reader_stacks: HashMap<u32, (u64, Stack)>,
     caches: HashSet<u64>,
     /// KeyError alerts awaiting their key's verdict, by (dict, key address, key hash).
     held: HashMap<(u64, u64, i64), Vec<Alert>>,
@@ -73,6 +96,8 @@ impl Correlator {
             miss_ret,
             render_key,
             last: HashMap::new(),
+            stacks: HashMap::new(),
+            reader_stacks: HashMap::new(),
             caches: HashSet::new(),
             held: HashMap::new(),
             counts: Counts::default(),
@@ -81,6 +106,18 @@ impl Correlator {
 
     pub fn counts(&self) -> &Counts {
         &self.counts
+    }
+
+    /// The stack of thread `tid` for its event stamped `ns`, which follows.
+    pub fn on_stack(&mut self, tid: u32, ns: u64, stack: Stack) {
+        self.stacks.insert(tid, (ns, stack));
+    }
+
+    fn take_stack(&mut self, tid: u32, ns: u64) -> Option<Stack> {
+        match self.stacks.remove(&tid) {
+            Some((at, stack)) if at == ns => Some(stack),
+            _ => None,
+        }
     }
 
     /// Feeds one event; returns the alerts it raises.
@@ -93,6 +130,8 @@ impl Correlator {
             Event::KeyVerdict(v) => return self.on_verdict(v),
             // For the hazard report only.
             Event::Near(_) => {}
+            // Resolved by the collector and fed through `on_stack`.
+            Event::NativeStack(_) | Event::PyFrames(_) => {}
         }
         Vec::new()
     }
@@ -115,15 +154,20 @@ impl Correlator {
         self.counts.windows += 1;
         self.caches.insert(w.cache);
         self.counts.caches = self.caches.len() as u64;
-        self.last
-            .insert(w.cache, (w.open_ns, comm_str(&w.writer_comm)));
+        let writer_stack = self.take_stack(w.writer_tid, w.open_ns);
+        let opened = self.last.entry(w.cache).or_default();
+        if opened.len() == OPENED_KEPT {
+            opened.pop_front();
+        }
+        opened.push_back(Opened {
+            open_ns: w.open_ns,
+            writer_name: comm_str(&w.writer_comm),
+            writer_stack,
+        });
     }
 
     fn on_close(&mut self, w: &WindowEvent) {
-        let seen_open = self
-            .last
-            .get(&w.cache)
-            .is_some_and(|(open_ns, _)| *open_ns == w.open_ns);
+        let seen_open = self.opened(w.cache, w.open_ns).is_some();
         if !seen_open {
             // Opened before racewatch attached: it still was a window.
             self.counts.windows += 1;
@@ -136,15 +180,41 @@ impl Correlator {
             .max(w.close_ns.saturating_sub(w.open_ns));
     }
 
-    fn writer_name(&self, cache: u64, window_open_ns: u64) -> Option<String> {
+    fn opened(&self, cache: u64, open_ns: u64) -> Option<&Opened> {
         self.last
-            .get(&cache)
-            .filter(|(open_ns, _)| *open_ns == window_open_ns)
-            .map(|(_, name)| name.clone())
+            .get(&cache)?
+            .iter()
+            .rev()
+            .find(|o| o.open_ns == open_ns)
+    }
+
+    /// The lookup's own stack, or else the one its thread sent earlier in the same window.
+    fn reader_stack(&mut self, l: &LookupEvent) -> Option<Stack> {
+        match self.take_stack(l.reader_tid, l.lookup_ns) {
+            Some(stack) => {
+                self.reader_stacks
+                    .insert(l.reader_tid, (l.window_open_ns, stack.clone()));
+                Some(stack)
+            }
+            None => self
+                .reader_stacks
+                .get(&l.reader_tid)
+                .filter(|(open_ns, _)| *open_ns == l.window_open_ns)
+                .map(|(_, stack)| stack.clone()),
+        }
+    }
+
+    /// The writer's name and stack, if racewatch saw the window open.
+    fn writer(&self, cache: u64, window_open_ns: u64) -> (Option<String>, Option<Stack>) {
+        match self.opened(cache, window_open_ns) {
+            Some(o) => (Some(o.writer_name.clone()), o.writer_stack.clone()),
+            None => (None, None),
+        }
     }
 
     fn on_lookup(&mut self, l: &LookupEvent) -> Option<Alert> {
         if l.reader_tid == l.writer_tid {
+            self.stacks.remove(&l.reader_tid);
             return None;
         }
         let miss = match (l.has_ret != 0, self.miss_ret) {
@@ -155,34 +225,41 @@ impl Correlator {
         if miss == Some(true) {
             self.counts.misses_in_window += 1;
         }
+        let (writer_name, writer_stack) = self.writer(l.cache, l.window_open_ns);
         Some(Alert {
             cache: l.cache,
             reader_tid: l.reader_tid,
             reader_name: comm_str(&l.reader_comm),
             writer_tid: l.writer_tid,
-            writer_name: self.writer_name(l.cache, l.window_open_ns),
+            writer_name,
             window_open_ns: l.window_open_ns,
             lookup_ns: l.lookup_ns,
             miss,
             key: None,
+            reader_stack: self.reader_stack(l),
+            writer_stack,
         })
     }
 
     /// Holds the alert until the kernel says whether the key is in the refilled dict.
     fn on_keyerror(&mut self, k: &KeyErrorEvent) {
+        let reader_stack = self.take_stack(k.reader_tid, k.raised_ns);
         if k.reader_tid == k.writer_tid {
             return;
         }
+        let (writer_name, writer_stack) = self.writer(k.dict, k.window_open_ns);
         let alert = Alert {
             cache: k.dict,
             reader_tid: k.reader_tid,
             reader_name: comm_str(&k.reader_comm),
             writer_tid: k.writer_tid,
-            writer_name: self.writer_name(k.dict, k.window_open_ns),
+            writer_name,
             window_open_ns: k.window_open_ns,
             lookup_ns: k.raised_ns,
             miss: Some(true),
             key: self.render_key.and_then(|r| r(k)),
+            reader_stack,
+            writer_stack,
         };
         let hash = key_hash(&k.key_type, &k.key_obj);
         self.held
@@ -211,6 +288,8 @@ mod tests {
     use detector_common::{
         EventKind, KEY_OBJ_LEN, KEY_PRESENT, KEY_UNKNOWN, TYPE_NAME_LEN, UNKNOWN_HASH,
     };
+
+    use crate::stack::Frame;
 
     /// A str key object with refcount 1 and cached hash `hash`.
     fn str_key(hash: i64) -> ([u8; TYPE_NAME_LEN], [u8; KEY_OBJ_LEN]) {
@@ -327,6 +406,80 @@ mod tests {
         assert_eq!(left, [110, 130]);
         assert_eq!(c.counts().misses_in_window, 2);
         assert!(c.finish().is_empty(), "flushed once");
+    }
+
+    fn window(kind: EventKind, open_ns: u64) -> Event {
+        let w = WindowEvent {
+            kind: kind as u32,
+            writer_tid: 1,
+            cache: DICT,
+            open_ns,
+            close_ns: 0,
+            writer_comm: [0; COMM_LEN],
+        };
+        match kind {
+            EventKind::WindowOpen => Event::WindowOpen(w),
+            _ => Event::WindowClose(w),
+        }
+    }
+
+    fn lookup(lookup_ns: u64, window_open_ns: u64) -> Event {
+        Event::Lookup(LookupEvent {
+            kind: EventKind::Lookup as u32,
+            reader_tid: 2,
+            cache: DICT,
+            lookup_ns,
+            window_open_ns,
+            writer_tid: 1,
+            has_ret: 0,
+            ret: 0,
+            reader_comm: [0; COMM_LEN],
+        })
+    }
+
+    fn frames(name: &str) -> Stack {
+        vec![Frame {
+            function: name.into(),
+            file: None,
+            line: None,
+        }]
+        .into()
+    }
+
+    #[test]
+    fn stacks_go_to_the_event_that_follows_them() {
+        let mut c = Correlator::new(None, None);
+        c.on_stack(1, 100, frames("clear"));
+        c.on_event(&window(EventKind::WindowOpen, 100));
+        c.on_stack(2, 110, frames("lookup"));
+        let a = c.on_event(&lookup(110, 100));
+        assert_eq!(a[0].reader_stack.as_deref(), Some(&frames("lookup")[..]));
+        assert_eq!(a[0].writer_stack.as_deref(), Some(&frames("clear")[..]));
+        // The thread's further lookups in the window come without a stack: they get the first's.
+        let a = c.on_event(&lookup(115, 100));
+        assert_eq!(a[0].reader_stack.as_deref(), Some(&frames("lookup")[..]));
+        // In the next window, a stack stamped for another event (its own event lost) is not
+        // misattributed, nor is the last window's.
+        c.on_stack(1, 200, frames("clear"));
+        c.on_event(&window(EventKind::WindowOpen, 200));
+        c.on_stack(2, 219, frames("other"));
+        let a = c.on_event(&lookup(220, 200));
+        assert_eq!(a[0].reader_stack, None);
+        assert_eq!(a[0].writer_stack.as_deref(), Some(&frames("clear")[..]));
+    }
+
+    #[test]
+    fn a_lookup_of_an_older_window_still_gets_its_writer() {
+        let mut c = Correlator::new(None, None);
+        c.on_stack(1, 100, frames("clear-a"));
+        c.on_event(&window(EventKind::WindowOpen, 100));
+        c.on_event(&window(EventKind::WindowClose, 100));
+        c.on_stack(1, 200, frames("clear-b"));
+        c.on_event(&window(EventKind::WindowOpen, 200));
+        let a = c.on_event(&lookup(150, 100));
+        assert_eq!(a[0].writer_name.as_deref(), Some(""));
+        assert_eq!(a[0].writer_stack.as_deref(), Some(&frames("clear-a")[..]));
+        assert_eq!(c.counts().windows, 2);
     }
 
     #[test]

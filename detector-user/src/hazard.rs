@@ -108,7 +108,11 @@ impl HazardTracker {
                 .entry(n.cache)
                 .or_default()
                 .on_near(n, self.burst_start_ns),
-            Event::Lookup(_) | Event::KeyError(_) | Event::KeyVerdict(_) => {}
+            Event::Lookup(_)
+            | Event::KeyError(_)
+            | Event::KeyVerdict(_)
+            | Event::NativeStack(_)
+            | Event::PyFrames(_) => {}
         }
     }
 

@@ -10,8 +10,8 @@ use aya::{
     },
 };
 use detector_common::{
-    DictSite, EVENTS_MAP, KEYERROR_SITES_MAP, PROVOKE_MAP, ProvokeState, READERS_MAP, ReaderKey,
-    ReaderState, STATS_MAP, Stat, globals,
+    DictSite, EVENTS_MAP, KEYERROR_SITES_MAP, PROVOKE_MAP, ProvokeState, PyLayout, READERS_MAP,
+    ReaderKey, ReaderState, STATS_MAP, StackMode, Stat, globals,
 };
 
 use crate::{calibrate::Traps, placement::RefillProbe, symbols::Function};
@@ -109,6 +109,9 @@ pub struct Options {
     pub ring_bytes: u32,
     /// How long to hold a writer in each window (0: never).
     pub provoke_ns: u64,
+    pub stack_mode: StackMode,
+    /// Used with [`StackMode::Python`].
+    pub py_layout: PyLayout,
 }
 
 impl Plan {
@@ -183,6 +186,8 @@ impl Loaded {
             .override_global(globals::PROVOKE_START_NS, &start_ns, true)
             .override_global(globals::PROVOKE_CPUS, &cpus, true)
             .override_global(globals::DROP_REQUEST_DELTA, &drop_delta, true)
+            .override_global(globals::STACK_MODE, &(opts.stack_mode as u32), true)
+            .override_global(globals::PY_LAYOUT, &opts.py_layout, true)
             .map_max_entries(EVENTS_MAP, opts.ring_bytes)
             .load(OBJECT)
             .map_err(LoadError::Load)?;

@@ -12,6 +12,7 @@ use detector_user::{
     loader::{LookupProbe, Plan},
     output, placement, preflight, python,
     session::{self, Failure},
+    stack::{StackConfig, native::ReturnedFrom},
     symbols::SymbolTable,
     target,
 };
@@ -79,6 +80,14 @@ async fn watch(args: WatchArgs) -> Result<ExitCode, Failure> {
             verbose,
         )),
     };
+    // At a probed return the lookup's own frame is gone: the stack starts in its caller.
+    let returned_from = match &lookup {
+        LookupProbe::EntryAndReturn(f) => Some(ReturnedFrom {
+            binary: binary.clone(),
+            address: f.function.address,
+        }),
+        _ => None,
+    };
     let plan = Plan {
         binary,
         clear,
@@ -90,7 +99,16 @@ async fn watch(args: WatchArgs) -> Result<ExitCode, Failure> {
     };
     let correlator = Correlator::new(args.miss_ret, None);
     let provoke_ns = args.provoke.map_or(0, |d| d.as_nanos() as u64);
-    let summary = session::run(&plan, &args.run, args.cache_arg, provoke_ns, correlator).await?;
+    let stacks = StackConfig::Native { returned_from };
+    let summary = session::run(
+        &plan,
+        &args.run,
+        args.cache_arg,
+        provoke_ns,
+        correlator,
+        &stacks,
+    )
+    .await?;
     Ok(exit_for(summary.as_ref()))
 }
 
@@ -112,7 +130,15 @@ async fn python(args: PythonArgs) -> Result<ExitCode, Failure> {
     preflight::check().map_err(Failure::usage)?;
     let correlator = Correlator::new(None, Some(python::key::render));
     let provoke_ns = args.provoke.map_or(0, |d| d.as_nanos() as u64);
-    let summary = session::run(&plan, &args.run, 0, provoke_ns, correlator).await?;
+    let summary = session::run(
+        &plan,
+        &args.run,
+        0,
+        provoke_ns,
+        correlator,
+        &StackConfig::None,
+    )
+    .await?;
     Ok(exit_for(summary.as_ref()))
 }
 

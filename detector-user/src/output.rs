@@ -7,7 +7,9 @@ use serde_json::json;
 use crate::{
     calibrate::{Costs, Traps, added_ns},
     correlate::{Alert, Counts},
+    dedup::Pair,
     hazard::Hazard,
+    stack::Frame,
 };
 
 /// Everything the last line of a run reports.
@@ -33,6 +35,8 @@ pub struct Summary {
     pub provoke: ProvokeJson,
     /// racewatch's estimate of the time its probes added to the target.
     pub self_cost: Option<SelfCost>,
+    /// Each distinct (reader stack, writer stack) pair, with how often it raced.
+    pub pairs: Vec<PairJson>,
     pub duration_s: f64,
     /// How the run ended: "target exited", "interrupted", "duration elapsed".
     pub ended: String,
@@ -72,6 +76,29 @@ pub struct ProvokeJson {
 }
 
 #[derive(Clone, Debug, Default, Serialize)]
+pub struct PairJson {
+    pub reader_name: String,
+    pub writer_name: Option<String>,
+    pub lookups: u64,
+    pub misses: u64,
+    pub reader_stack: Option<Vec<Frame>>,
+    pub writer_stack: Option<Vec<Frame>>,
+}
+
+impl From<&Pair> for PairJson {
+    fn from(p: &Pair) -> Self {
+        PairJson {
+            reader_name: p.reader_name.clone(),
+            writer_name: p.writer_name.clone(),
+            lookups: p.lookups,
+            misses: p.misses,
+            reader_stack: p.reader_stack.as_deref().map(<[Frame]>::to_vec),
+            writer_stack: p.writer_stack.as_deref().map(<[Frame]>::to_vec),
+        }
+    }
+}
+
+#[derive(Clone, Debug, Default, Serialize)]
 pub struct LostByKind {
     pub window_open: u64,
     pub window_close: u64,
@@ -79,6 +106,8 @@ pub struct LostByKind {
     pub keyerror: u64,
     pub key_verdict: u64,
     pub near: u64,
+    pub native_stack: u64,
+    pub py_frames: u64,
 }
 
 #[derive(Clone, Debug, Default, Serialize)]
@@ -147,7 +176,9 @@ impl SelfCost {
 /// the kernel, what limits how many events a second racewatch takes. The summary is flushed
 /// at once.
 pub trait Sink {
-    fn alert(&mut self, alert: &Alert) -> io::Result<()>;
+    /// The first alert of stack pair number `pair` (from 1); the pair's others are counted in
+    /// the summary.
+    fn alert(&mut self, alert: &Alert, pair: usize) -> io::Result<()>;
     fn hazard(&mut self, hazard: &Hazard) -> io::Result<()>;
     fn flush(&mut self) -> io::Result<()>;
     fn summary(&mut self, summary: &Summary) -> io::Result<()>;
@@ -188,6 +219,38 @@ fn fmt_ns(ns: u64) -> String {
     }
 }
 
+/// `function file:line`, control characters escaped.
+fn frame_text(f: &Frame) -> String {
+    let at = match (&f.file, f.line) {
+        (Some(file), Some(line)) => format!(" {}:{line}", escape(file)),
+        (Some(file), None) => format!(" {}", escape(file)),
+        _ => String::new(),
+    };
+    format!("{}{at}", escape(&f.function))
+}
+
+/// A stack the way sanitizers print one: `#N function file:line`, innermost first.
+fn write_stack(out: &mut impl Write, stack: Option<&[Frame]>) -> io::Result<()> {
+    match stack {
+        Some([]) => writeln!(out, "    (no frame could be unwound)"),
+        Some(frames) => {
+            for (i, f) in frames.iter().enumerate() {
+                writeln!(out, "    #{i} {}", frame_text(f))?;
+            }
+            Ok(())
+        }
+        None => writeln!(out, "    (stack not captured)"),
+    }
+}
+
+/// The innermost frame of a stack, for the summary's one line per pair.
+fn top(stack: Option<&[Frame]>) -> String {
+    stack
+        .and_then(|s| s.first())
+        .map(frame_text)
+        .unwrap_or_else(|| "?".into())
+}
+
 pub struct HumanSink<W: Write> {
     out: W,
 }
@@ -199,7 +262,7 @@ impl<W: Write> HumanSink<W> {
 }
 
 impl<W: Write> Sink for HumanSink<W> {
-    fn alert(&mut self, a: &Alert) -> io::Result<()> {
+    fn alert(&mut self, a: &Alert, pair: usize) -> io::Result<()> {
         let writer = a
             .writer_name
             .as_deref()
@@ -226,7 +289,27 @@ impl<W: Write> Sink for HumanSink<W> {
             writer,
             fmt_ns(a.open_for_ns()),
             outcome
-        )
+        )?;
+        if a.reader_stack.is_some() || a.writer_stack.is_some() {
+            writeln!(
+                self.out,
+                "  reader {} ({}) looked up the cache here:",
+                a.reader_tid,
+                escape(&a.reader_name)
+            )?;
+            write_stack(&mut self.out, a.reader_stack.as_deref())?;
+            writeln!(
+                self.out,
+                "  writer {} ({writer}) had emptied it here:",
+                a.writer_tid
+            )?;
+            write_stack(&mut self.out, a.writer_stack.as_deref())?;
+            writeln!(
+                self.out,
+                "  (stack pair #{pair}: its further races are counted in the summary)"
+            )?;
+        }
+        Ok(())
     }
 
     fn flush(&mut self) -> io::Result<()> {
@@ -314,7 +397,7 @@ impl<W: Write> Sink for HumanSink<W> {
                 self.out,
                 "racewatch: warning: the ring buffer overflowed and {} events were lost (window \
                  opens {}, closes {}, lookups {} of {} in a window, KeyErrors {}, key verdicts {}, near \
-                 misses {}): the counts above are lower bounds",
+                 misses {}, native stacks {}, Python frames {}): the counts above are lower bounds",
                 s.lost_events,
                 l.window_open,
                 l.window_close,
@@ -322,7 +405,25 @@ impl<W: Write> Sink for HumanSink<W> {
                 s.kernel_lookups_in_window,
                 l.keyerror,
                 l.key_verdict,
-                l.near
+                l.near,
+                l.native_stack,
+                l.py_frames
+            )?;
+        }
+        for (i, p) in s.pairs.iter().enumerate() {
+            writeln!(
+                self.out,
+                "racewatch: pair #{}: {} lookups in a window, {} missed: reader {} at {}; writer {} at {}",
+                i + 1,
+                p.lookups,
+                p.misses,
+                escape(&p.reader_name),
+                top(p.reader_stack.as_deref()),
+                p.writer_name
+                    .as_deref()
+                    .map(escape)
+                    .unwrap_or_else(|| "?".into()),
+                top(p.writer_stack.as_deref()),
             )?;
         }
         if s.map_full > 0 || s.decode_errors > 0 {
@@ -347,7 +448,7 @@ impl<W: Write> JsonSink<W> {
 }
 
 impl<W: Write> Sink for JsonSink<W> {
-    fn alert(&mut self, a: &Alert) -> io::Result<()> {
+    fn alert(&mut self, a: &Alert, pair: usize) -> io::Result<()> {
         let line = json!({
             "type": "alert",
             "cache": format!("{:#x}", a.cache),
@@ -360,6 +461,9 @@ impl<W: Write> Sink for JsonSink<W> {
             "open_for_ns": a.open_for_ns(),
             "miss": a.miss,
             "key": a.key,
+            "pair": pair,
+            "reader_stack": a.reader_stack.as_deref(),
+            "writer_stack": a.writer_stack.as_deref(),
         });
         writeln!(self.out, "{line}")
     }
@@ -451,6 +555,8 @@ mod tests {
             lookup_ns: 9,
             miss: Some(true),
             key: Some(name.to_string()),
+            reader_stack: None,
+            writer_stack: None,
         }
     }
 
@@ -466,7 +572,7 @@ mod tests {
     fn human_lines_carry_no_raw_control_character() {
         for name in hostile() {
             let mut out = Vec::new();
-            HumanSink::new(&mut out).alert(&alert(&name)).unwrap();
+            HumanSink::new(&mut out).alert(&alert(&name), 1).unwrap();
             let text = String::from_utf8(out).unwrap();
             let line = text.strip_suffix('\n').expect("one line");
             assert_no_raw_control(line);
@@ -482,7 +588,7 @@ mod tests {
     fn json_lines_parse_and_keep_the_text() {
         for name in hostile() {
             let mut out = Vec::new();
-            JsonSink::new(&mut out).alert(&alert(&name)).unwrap();
+            JsonSink::new(&mut out).alert(&alert(&name), 1).unwrap();
             let text = String::from_utf8(out).unwrap();
             assert_eq!(text.matches('\n').count(), 1, "one line: {text:?}");
             let v: serde_json::Value = serde_json::from_str(&text).unwrap();

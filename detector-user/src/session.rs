@@ -10,15 +10,21 @@ use crate::{
     correlate::Correlator,
     loader::{Loaded, Options, Plan},
     output::{HumanSink, JsonSink, Sink, Summary},
+    stack::StackConfig,
     target::{Held, PidWatch, Target},
 };
 
-/// Ring buffer size: overridable for tests that prove lost events are counted.
-fn ring_bytes() -> u32 {
+/// Ring buffer size: overridable for tests that prove lost events are counted. Stack records
+/// are large (8 KiB native), so runs that take stacks get a larger ring.
+fn ring_bytes(stacks: &StackConfig) -> u32 {
+    let default = match stacks {
+        StackConfig::None => detector_common::EVENTS_BYTES_DEFAULT,
+        _ => detector_common::EVENTS_BYTES_STACKS,
+    };
     std::env::var("RACEWATCH_RING_BYTES")
         .ok()
         .and_then(|v| v.parse().ok())
-        .unwrap_or(detector_common::EVENTS_BYTES_DEFAULT)
+        .unwrap_or(default)
 }
 
 /// A failure, with the exit status it maps to.
@@ -92,6 +98,7 @@ pub async fn run(
     cache_arg: u32,
     provoke_ns: u64,
     correlator: Correlator,
+    stacks: &StackConfig,
 ) -> Result<Option<Summary>, Failure> {
     let signals = Signals::catch()
         .context("cannot catch SIGINT, SIGTERM and SIGHUP")
@@ -108,8 +115,10 @@ pub async fn run(
         &Options {
             tgid: pid,
             cache_arg,
-            ring_bytes: ring_bytes(),
+            ring_bytes: ring_bytes(stacks),
             provoke_ns,
+            stack_mode: stacks.mode(),
+            py_layout: stacks.py_layout(),
         },
         plan,
     )
@@ -154,6 +163,7 @@ pub async fn run(
         loaded: &mut loaded,
         events,
         correlator,
+        resolver: stacks.resolver(pid),
         sink: sink.as_mut(),
         duration,
         interval,

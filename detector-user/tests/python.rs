@@ -81,7 +81,11 @@ fn every_keyerror_of_the_window_is_reported_with_its_key() {
         summary["windows"], truth["refreshes"],
         "one window per refresh; summary: {summary}"
     );
-    assert_eq!(alerts.len() as u64, keyerrors);
+    // One alert per stack pair; the pairs' counts add up to every KeyError.
+    let pairs = summary["pairs"].as_array().expect("pairs in the summary");
+    assert_eq!(alerts.len(), pairs.len(), "one alert per pair: {summary}");
+    let summed: u64 = pairs.iter().map(|p| p["misses"].as_u64().unwrap()).sum();
+    assert_eq!(summed, keyerrors, "summary: {summary}");
     let cache = &alerts[0]["cache"];
     for a in &alerts {
         assert_eq!(a["miss"], true);
@@ -311,7 +315,10 @@ fn provoke_hands_the_gil_over_in_the_window_and_every_keyerror_is_flagged() {
         "--provoke raised no KeyError: {truth:?}; {summary}"
     );
     assert_eq!(summary["misses_in_window"], keyerrors, "summary: {summary}");
-    assert_eq!(alerts.len() as u64, keyerrors);
+    let pairs = summary["pairs"].as_array().expect("pairs in the summary");
+    let summed: u64 = pairs.iter().map(|p| p["misses"].as_u64().unwrap()).sum();
+    assert_eq!(summed, keyerrors, "summary: {summary}");
+    assert_eq!(alerts.len(), pairs.len(), "one alert per pair: {summary}");
     assert_eq!(summary["lost_events"], 0, "summary: {summary}");
     let p = &summary["provoke"];
     let provoked = p["windows"].as_u64().unwrap();

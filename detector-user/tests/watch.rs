@@ -54,11 +54,15 @@ fn every_miss_in_a_window_is_reported_exactly() {
         summary["windows"], refreshes,
         "one window per refresh; summary: {summary}"
     );
-    let missed = alerts.iter().filter(|a| a["miss"] == true).count() as u64;
-    assert_eq!(missed, misses);
-    assert_eq!(
-        alerts.len() as u64,
-        summary["lookups_in_window"].as_u64().unwrap()
+    // One alert per stack pair; the pairs' counts add up to every lookup and miss.
+    let pairs = summary["pairs"].as_array().expect("pairs in the summary");
+    assert_eq!(alerts.len(), pairs.len(), "one alert per pair: {summary}");
+    assert_eq!(sum(pairs, "misses"), misses, "summary: {summary}");
+    assert_eq!(sum(pairs, "lookups"), summary["lookups_in_window"]);
+    assert!(
+        pairs.len() <= 3,
+        "the demo has one reader and one writer call site, yet {} pairs: {summary}",
+        pairs.len()
     );
     for a in &alerts {
         assert_ne!(
@@ -77,6 +81,126 @@ fn every_miss_in_a_window_is_reported_exactly() {
     assert_eq!(code, 1, "a race found exits 1");
 }
 
+fn sum(pairs: &[serde_json::Value], field: &str) -> u64 {
+    pairs.iter().map(|p| p[field].as_u64().unwrap()).sum()
+}
+
+/// The demo's line that holds `text`, from its source.
+fn demo_line(text: &str) -> u64 {
+    let src = std::fs::read_to_string(workspace().join("demo/cache_demo.cpp")).unwrap();
+    let lines: Vec<usize> = src
+        .lines()
+        .enumerate()
+        .filter(|(_, l)| l.contains(text))
+        .map(|(i, _)| i + 1)
+        .collect();
+    assert_eq!(
+        lines.len(),
+        1,
+        "{text:?} must be on exactly one line of the demo"
+    );
+    lines[0] as u64
+}
+
+/// Frame `i` of `stack`: (function, file, line).
+fn frame(stack: &serde_json::Value, i: usize) -> (&str, &str, u64) {
+    let f = &stack[i];
+    (
+        f["function"]
+            .as_str()
+            .unwrap_or_else(|| panic!("no frame {i} in {stack}")),
+        f["file"].as_str().unwrap_or(""),
+        f["line"].as_u64().unwrap_or(0),
+    )
+}
+
+/// Checks that an alert names the lookup and its caller in the reader thread, and the clear and
+/// the refresher's call of it, with the demo's lines.
+fn assert_both_sides(a: &serde_json::Value) {
+    let (lookup_fn, lookup_body) = (
+        demo_line("long lookup(long key)"),
+        demo_line("return it == map_.end()"),
+    );
+    let (clear_fn, clear_body) = (demo_line("void clear()"), demo_line("map_.clear();"));
+    let (f, file, line) = frame(&a["reader_stack"], 0);
+    assert_eq!(f, "Cache::lookup(long)", "{a}");
+    assert!(file.ends_with("demo/cache_demo.cpp"), "{a}");
+    assert!(
+        (lookup_fn..=lookup_body).contains(&line),
+        "lookup at line {line}: {a}"
+    );
+    let (f, file, line) = frame(&a["reader_stack"], 1);
+    assert!(
+        f.starts_with("main::{lambda()#") && f.ends_with("::operator()() const"),
+        "reader thread function {f}: {a}"
+    );
+    assert!(file.ends_with("demo/cache_demo.cpp"), "{a}");
+    assert_eq!(line, demo_line("get_current()->lookup(k)"), "{a}");
+    let (f, file, line) = frame(&a["writer_stack"], 0);
+    assert_eq!(f, "Cache::clear()", "{a}");
+    assert!(file.ends_with("demo/cache_demo.cpp"), "{a}");
+    assert!(
+        (clear_fn..=clear_body).contains(&line),
+        "clear at line {line}: {a}"
+    );
+    // The refresher's lambda is inlined into std::thread's runner at -O2: its frame carries the
+    // line of the call whatever name DWARF gives it.
+    let (_, file, line) = frame(&a["writer_stack"], 1);
+    assert!(file.ends_with("demo/cache_demo.cpp"), "{a}");
+    assert_eq!(line, demo_line("c->clear();"), "{a}");
+    let writer = a["writer_stack"].as_array().unwrap();
+    assert!(
+        writer.iter().any(|f| f["function"]
+            .as_str()
+            .is_some_and(|n| n.contains("main::{lambda()#"))),
+        "the refresher thread's function: {a}"
+    );
+}
+
+#[test]
+#[ignore = "root"]
+fn alerts_name_both_sides_with_their_lines() {
+    // Entry probe (placed past the prologue's first instruction), miss-path probe (deep inside
+    // the lookup) and return probe (stack taken in the caller, the lookup's frame put back): all
+    // give the same two sides. The gap makes misses certain.
+    let modes: [&[&str]; 3] = [
+        &[],
+        &["--miss-ret", "-1"],
+        &["--miss-ret", "-1", "--probe-returns"],
+    ];
+    for mode in modes {
+        let (_, _, alerts, summary) = watch_demo(&["--seconds", "1", "--gap-us", "100"], mode);
+        assert!(!alerts.is_empty(), "no alert; summary: {summary}");
+        assert_eq!(summary["lost_events"], 0, "summary: {summary}");
+        assert_both_sides(&alerts[0]);
+        let pairs = summary["pairs"].as_array().unwrap();
+        assert_eq!(pairs[0]["reader_stack"], alerts[0]["reader_stack"]);
+        assert_eq!(pairs[0]["writer_stack"], alerts[0]["writer_stack"]);
+    }
+}
+
+#[test]
+#[ignore = "root"]
+fn human_output_prints_both_stacks() {
+    let mut args = vec!["watch"];
+    args.extend(DEMO_PROBES);
+    args.extend(["--", cache_demo().to_str().unwrap(), "--seconds", "1"]);
+    let o = racewatch(&args);
+    let out = String::from_utf8_lossy(&o.stdout);
+    let first = out
+        .find("RACE cache")
+        .unwrap_or_else(|| panic!("no alert:\n{out}"));
+    let text = &out[first..];
+    let reader = text.find("looked up the cache here:\n    #0 Cache::lookup(long) ");
+    let writer = text.find("had emptied it here:\n    #0 Cache::clear() ");
+    assert!(
+        reader.is_some() && writer.is_some() && reader < writer,
+        "{out}"
+    );
+    assert!(text.contains("racewatch: pair #1: "), "{out}");
+    assert_eq!(o.status.code(), Some(1));
+}
+
 #[test]
 #[ignore = "root"]
 fn probe_returns_sees_every_lookup_and_still_counts_misses_exactly() {
@@ -91,11 +215,9 @@ fn probe_returns_sees_every_lookup_and_still_counts_misses_exactly() {
     assert_eq!(hits["lookup_entry"], lookups, "summary: {summary}");
     assert_eq!(hits["lookup_return"], lookups, "summary: {summary}");
     assert_eq!(hits["lookup_miss"], 0, "summary: {summary}");
-    assert!(
-        alerts.iter().filter(|a| a["miss"] == true).count() as u64 == misses,
-        "alerts: {}",
-        alerts.len()
-    );
+    let pairs = summary["pairs"].as_array().expect("pairs in the summary");
+    assert_eq!(sum(pairs, "misses"), misses, "summary: {summary}");
+    assert_eq!(alerts.len(), pairs.len(), "one alert per pair: {summary}");
     assert_eq!(code, 1);
 }
 
@@ -346,10 +468,9 @@ fn provoke_makes_the_rare_race_fire_and_every_miss_is_flagged() {
     let (alerts, summary) = parse_ndjson(&text);
     assert!(misses > 0, "--provoke made no miss; summary: {summary}");
     assert_eq!(summary["misses_in_window"], misses, "summary: {summary}");
-    assert_eq!(
-        alerts.iter().filter(|a| a["miss"] == true).count() as u64,
-        misses
-    );
+    let pairs = summary["pairs"].as_array().expect("pairs in the summary");
+    assert_eq!(sum(pairs, "misses"), misses, "summary: {summary}");
+    assert_eq!(alerts.len(), pairs.len(), "one alert per pair: {summary}");
     assert_eq!(summary["lost_events"], 0, "summary: {summary}");
     let p = &summary["provoke"];
     let provoked = p["windows"].as_u64().unwrap();

@@ -13,7 +13,7 @@ use libfuzzer_sys::fuzz_target;
 
 fn check(alert: &Alert) {
     let mut human = Vec::new();
-    HumanSink::new(&mut human).alert(alert).unwrap();
+    HumanSink::new(&mut human).alert(alert, 1).unwrap();
     let line = String::from_utf8(human).expect("human output is UTF-8");
     let line = line.strip_suffix('\n').expect("one line");
     assert!(
@@ -21,7 +21,7 @@ fn check(alert: &Alert) {
         "raw control character in {line:?}"
     );
     let mut json = Vec::new();
-    JsonSink::new(&mut json).alert(alert).unwrap();
+    JsonSink::new(&mut json).alert(alert, 1).unwrap();
     let text = String::from_utf8(json).expect("JSON is UTF-8");
     assert_eq!(text.matches('\n').count(), 1, "{text:?}");
     serde_json::from_str::<serde_json::Value>(&text).expect("JSON parses");

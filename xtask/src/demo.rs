@@ -43,7 +43,7 @@ pub const DEMO_PROBES: [&str; 6] = [
     "Cache::lookup",
 ];
 
-/// Alert lines shown per run; racewatch streams all of them, the demo keeps the screen readable.
+/// Alerts shown per run (racewatch prints one per stack pair); the demo keeps the screen readable.
 const SHOWN_ALERTS: usize = 5;
 
 /// Runs racewatch, showing its first alerts and its summary. racewatch exits 1 when it found a
