@@ -127,6 +127,18 @@ async fn python(args: PythonArgs) -> Result<ExitCode, Failure> {
         args.run.verbose,
     )
     .map_err(Failure::usage)?;
+    let LookupProbe::KeyError {
+        function: keyerror, ..
+    } = &plan.lookup
+    else {
+        unreachable!("python::plan probes the KeyError function")
+    };
+    let frames = python::frames::layout(
+        &plan.binary,
+        plan.clear.function.address + plan.clear.offset,
+        keyerror.function.address + keyerror.offset,
+    )
+    .map_err(|e| Failure::usage(python::PythonError::from(e)))?;
     preflight::check().map_err(Failure::usage)?;
     let correlator = Correlator::new(None, Some(python::key::render));
     let provoke_ns = args.provoke.map_or(0, |d| d.as_nanos() as u64);
@@ -136,7 +148,7 @@ async fn python(args: PythonArgs) -> Result<ExitCode, Failure> {
         0,
         provoke_ns,
         correlator,
-        &StackConfig::None,
+        &StackConfig::Python(frames),
     )
     .await?;
     Ok(exit_for(summary.as_ref()))

@@ -103,6 +103,82 @@ fn every_keyerror_of_the_window_is_reported_with_its_key() {
     assert_eq!(code, 1);
 }
 
+/// The worker's line that holds `text`, from its source.
+fn worker_line(text: &str) -> u64 {
+    let src = std::fs::read_to_string(worker()).unwrap();
+    let lines: Vec<usize> = src
+        .lines()
+        .enumerate()
+        .filter(|(_, l)| l.contains(text))
+        .map(|(i, _)| i + 1)
+        .collect();
+    assert_eq!(lines.len(), 1, "{text:?} must be on one line of the worker");
+    lines[0] as u64
+}
+
+/// Frame `i` of `stack` as (function, line), after checking it is in the worker's file.
+fn worker_frame(stack: &serde_json::Value, i: usize) -> (&str, u64) {
+    let f = &stack[i];
+    assert!(
+        f["file"]
+            .as_str()
+            .is_some_and(|p| p.ends_with("demo/worker.py")),
+        "frame {i} not in the worker: {stack}"
+    );
+    (
+        f["function"].as_str().unwrap_or_default(),
+        f["line"].as_u64().unwrap_or(0),
+    )
+}
+
+#[test]
+#[ignore = "root"]
+fn alerts_name_get_and_refresh_with_their_lines() {
+    let (_, truth, alerts, summary) = watch_worker(&["--seconds", "2", "--gap-ms", "0.1"]);
+    assert!(truth["keyerrors"] > 0, "no KeyError: {summary}");
+    assert_eq!(summary["lost_events"], 0, "summary: {summary}");
+    let pairs = summary["pairs"].as_array().unwrap();
+    assert_eq!(
+        pairs.len(),
+        1,
+        "one reader line, one writer line: {summary}"
+    );
+    assert_eq!(pairs[0]["misses"], truth["keyerrors"], "summary: {summary}");
+    let a = &alerts[0];
+    let (reader, writer) = (&a["reader_stack"], &a["writer_stack"]);
+    assert_eq!(
+        worker_frame(reader, 0),
+        ("Cache.get", worker_line("return self._cache[key]")),
+        "{a}"
+    );
+    assert_eq!(
+        worker_frame(reader, 1),
+        (
+            "main.<locals>.reader",
+            worker_line("cache.get(keys[i % n])")
+        ),
+        "{a}"
+    );
+    assert_eq!(
+        worker_frame(writer, 0),
+        ("Cache.refresh", worker_line("self._cache.clear()")),
+        "{a}"
+    );
+    assert_eq!(
+        worker_frame(writer, 1),
+        (
+            "main.<locals>.refresher",
+            worker_line("cache.refresh(data, racy.is_set()")
+        ),
+        "{a}"
+    );
+    // The thread's entry is the outermost frame.
+    let outer = reader.as_array().unwrap().last().unwrap();
+    assert_eq!(outer["function"], "Thread._bootstrap", "{a}");
+    assert_eq!(pairs[0]["reader_stack"], *reader);
+    assert_eq!(pairs[0]["writer_stack"], *writer);
+}
+
 #[test]
 #[ignore = "root"]
 fn build_then_swap_has_no_window() {

@@ -12,7 +12,7 @@ use object::{Object, ObjectSection, ObjectSymbol};
 
 use super::keyerror_site::{SiteError, has_dwarf, load_debug_file, parse, read};
 
-type R<'a> = EndianSlice<'a, LittleEndian>;
+pub(super) type R<'a> = EndianSlice<'a, LittleEndian>;
 
 /// (struct, member) pairs whose offsets lead from `_PyRuntime` to the flag.
 const PATH: [(&str, &str); 3] = [
@@ -23,16 +23,44 @@ const PATH: [(&str, &str); 3] = [
 
 /// The link-time address (ELF vaddr) of the main interpreter's `gil_drop_request` in `image`.
 pub fn find_gil_drop_request(image: &Path) -> Result<u64, SiteError> {
+    let runtime = symbol(image, "_PyRuntime")?.ok_or_else(|| SiteError::NoGilState {
+        path: image.into(),
+        missing: "the symbol _PyRuntime".into(),
+    })?;
+    with_dwarf(image, |dpath, dwarf| {
+        let offsets = member_offsets(dwarf, &PATH).map_err(|source| SiteError::Dwarf {
+            path: dpath.into(),
+            source,
+        })?;
+        let mut found = [0u64; PATH.len()];
+        for (i, (strukt, member)) in PATH.iter().enumerate() {
+            found[i] = offsets[i].ok_or_else(|| SiteError::NoGilState {
+                path: dpath.into(),
+                missing: format!("struct {strukt}'s member {member}"),
+            })?;
+        }
+        Ok(runtime + found.iter().sum::<u64>())
+    })
+}
+
+/// The ELF address of symbol `name` in `image`.
+pub(super) fn symbol(image: &Path, name: &str) -> Result<Option<u64>, SiteError> {
     let data = read(image)?;
     let obj = parse(image, &data)?;
-    let runtime = obj
+    Ok(obj
         .symbols()
-        .find(|s| s.name() == Ok("_PyRuntime"))
-        .map(|s| s.address())
-        .ok_or_else(|| SiteError::NoGilState {
-            path: image.into(),
-            missing: "the symbol _PyRuntime".into(),
-        })?;
+        .find(|s| s.name() == Ok(name))
+        .map(|s| s.address()))
+}
+
+/// Runs `f` on the DWARF that describes `image` (its own, or its debug file's, whose path `f`
+/// gets for error messages).
+pub(super) fn with_dwarf<T>(
+    image: &Path,
+    f: impl FnOnce(&Path, &gimli::Dwarf<R>) -> Result<T, SiteError>,
+) -> Result<T, SiteError> {
+    let data = read(image)?;
+    let obj = parse(image, &data)?;
     let debug = if has_dwarf(&obj) {
         None
     } else {
@@ -51,23 +79,15 @@ pub fn find_gil_drop_request(image: &Path) -> Result<u64, SiteError> {
         source,
     })?;
     let dwarf = sections.borrow(|s| EndianSlice::new(s, LittleEndian));
-    let offsets = member_offsets(&dwarf).map_err(|source| SiteError::Dwarf {
-        path: dpath.into(),
-        source,
-    })?;
-    let mut found = [0u64; PATH.len()];
-    for (i, (strukt, member)) in PATH.iter().enumerate() {
-        found[i] = offsets[i].ok_or_else(|| SiteError::NoGilState {
-            path: dpath.into(),
-            missing: format!("struct {strukt}'s member {member}"),
-        })?;
-    }
-    Ok(runtime + found.iter().sum::<u64>())
+    f(dpath, &dwarf)
 }
 
-/// The offset of each member of [`PATH`], from the first unit that defines its struct.
-fn member_offsets(dwarf: &gimli::Dwarf<R>) -> gimli::Result<[Option<u64>; PATH.len()]> {
-    let mut found = [None; PATH.len()];
+/// The offset of each (struct, member) of `path`, from the first unit that defines the struct.
+pub(super) fn member_offsets<const N: usize>(
+    dwarf: &gimli::Dwarf<R>,
+    path: &[(&str, &str); N],
+) -> gimli::Result<[Option<u64>; N]> {
+    let mut found = [None; N];
     let mut units = dwarf.units();
     while let Some(header) = units.next()? {
         let unit = dwarf.unit(header)?;
@@ -85,7 +105,7 @@ fn member_offsets(dwarf: &gimli::Dwarf<R>) -> gimli::Result<[Option<u64>; PATH.l
             };
             match entry.tag() {
                 dw::DW_TAG_structure_type if entry.attr(dw::DW_AT_declaration).is_none() => {
-                    current = PATH
+                    current = path
                         .iter()
                         .map(|(s, _)| *s)
                         .find(|s| name.as_deref() == Some(*s))
@@ -93,7 +113,7 @@ fn member_offsets(dwarf: &gimli::Dwarf<R>) -> gimli::Result<[Option<u64>; PATH.l
                 }
                 dw::DW_TAG_member => {
                     let Some((strukt, _)) = current else { continue };
-                    for (i, (s, m)) in PATH.iter().enumerate() {
+                    for (i, (s, m)) in path.iter().enumerate() {
                         if *s == strukt
                             && name.as_deref() == Some(*m)
                             && found[i].is_none()

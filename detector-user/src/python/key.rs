@@ -6,10 +6,10 @@ use crate::correlate::comm_str;
 
 // PyASCIIObject: length at 16, state at 32, data after the 48-byte header for compact ASCII
 // strings and after the 72-byte PyCompactUnicodeObject header for other compact strings.
-const STR_LENGTH: usize = 16;
-const STR_STATE: usize = 32;
-const ASCII_DATA: usize = 48;
-const COMPACT_DATA: usize = 72;
+pub(super) const STR_LENGTH: usize = 16;
+pub(super) const STR_STATE: usize = 32;
+pub(super) const ASCII_DATA: usize = 48;
+pub(super) const COMPACT_DATA: usize = 72;
 // PyLongObject: ob_size (signed digit count) at 16, 30-bit digits in u32s from 24.
 const LONG_SIZE: usize = 16;
 const LONG_DIGITS: usize = 24;

@@ -138,6 +138,11 @@ pub enum SiteError {
          hand the GIL over"
     )]
     NoGilState { path: PathBuf, missing: String },
+    #[error(
+        "{path} does not describe {missing} in its DWARF, which racewatch needs to name the Python \
+         frames of a race"
+    )]
+    NoFrameLayout { path: PathBuf, missing: String },
 }
 
 /// Every call of `_PyErr_SetKeyError` in `image` (python or libpython) after which the missing dict

@@ -1,8 +1,10 @@
 //! `racewatch python`: finds the CPython interpreter a process runs and the probe points for a
 //! dict's clear, its refill and the KeyError of a failed `d[k]`.
+pub mod frames;
 pub mod gil;
 pub mod key;
 pub mod keyerror_site;
+pub mod linetable;
 
 use std::{
     ffi::OsString,

@@ -37,6 +37,7 @@ pub enum StackConfig {
     Native {
         returned_from: Option<native::ReturnedFrom>,
     },
+    Python(crate::python::frames::FrameLayout),
 }
 
 impl StackConfig {
@@ -44,12 +45,16 @@ impl StackConfig {
         match self {
             StackConfig::None => detector_common::StackMode::None,
             StackConfig::Native { .. } => detector_common::StackMode::Native,
+            StackConfig::Python(_) => detector_common::StackMode::Python,
         }
     }
 
     /// The CPython layout the kernel needs (zeros when not used).
     pub fn py_layout(&self) -> detector_common::PyLayout {
-        detector_common::PyLayout::default()
+        match self {
+            StackConfig::Python(l) => l.kernel,
+            _ => detector_common::PyLayout::default(),
+        }
     }
 
     pub fn resolver(&self, pid: u32) -> Resolver {
@@ -58,6 +63,9 @@ impl StackConfig {
             StackConfig::Native { returned_from } => Resolver::Native(Box::new(
                 native::NativeStacks::new(pid, returned_from.clone()),
             )),
+            StackConfig::Python(l) => {
+                Resolver::Python(crate::python::frames::PyStacks::new(pid, l.code))
+            }
         }
     }
 }
@@ -66,6 +74,7 @@ impl StackConfig {
 pub enum Resolver {
     None,
     Native(Box<native::NativeStacks>),
+    Python(crate::python::frames::PyStacks),
 }
 
 impl Resolver {
@@ -74,6 +83,9 @@ impl Resolver {
         match (self, event) {
             (Resolver::Native(n), detector_common::Event::NativeStack(s)) => {
                 Some((s.tid, s.ns, n.resolve(s)))
+            }
+            (Resolver::Python(p), detector_common::Event::PyFrames(f)) => {
+                Some((f.tid, f.ns, p.resolve(f)))
             }
             _ => None,
         }
