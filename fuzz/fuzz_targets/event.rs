@@ -14,12 +14,15 @@ use libfuzzer_sys::fuzz_target;
 fn check(alert: &Alert) {
     let mut human = Vec::new();
     HumanSink::new(&mut human).alert(alert, 1).unwrap();
-    let line = String::from_utf8(human).expect("human output is UTF-8");
-    let line = line.strip_suffix('\n').expect("one line");
-    assert!(
-        !line.chars().any(char::is_control),
-        "raw control character in {line:?}"
-    );
+    let text = String::from_utf8(human).expect("human output is UTF-8");
+    assert!(text.ends_with('\n'), "{text:?}");
+    // Stack lines may follow the alert line: each is checked.
+    for line in text.lines() {
+        assert!(
+            !line.chars().any(char::is_control),
+            "raw control character in {line:?}"
+        );
+    }
     let mut json = Vec::new();
     JsonSink::new(&mut json).alert(alert, 1).unwrap();
     let text = String::from_utf8(json).expect("JSON is UTF-8");
