@@ -130,7 +130,12 @@ fn reg_slot(regs: *const pt_regs, slot: usize) -> Option<u64> {
 const ARG_SLOTS: [usize; 6] = [14, 13, 12, 11, 9, 8];
 
 fn cache_arg(ctx: &ProbeContext) -> Option<u64> {
-    reg_slot(ctx.regs, *ARG_SLOTS.get(global(&CACHE_ARG) as usize)?)
+    match global(&CACHE_ARG) {
+        // The common case (`this`, or CPython's dict) as a plain context load: no helper call on
+        // the hot path.
+        0 => ctx.arg(0),
+        n => reg_slot(ctx.regs, *ARG_SLOTS.get(n as usize)?),
+    }
 }
 
 fn comm() -> [u8; COMM_LEN] {

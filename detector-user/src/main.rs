@@ -18,6 +18,7 @@ use detector_user::{
 };
 
 async fn watch(args: WatchArgs) -> Result<ExitCode, Failure> {
+    let signals = session::catch_signals()?;
     session::duration(&args.run)?;
     session::interval(&args.run)?;
     let binary = match &args.binary {
@@ -107,12 +108,14 @@ async fn watch(args: WatchArgs) -> Result<ExitCode, Failure> {
         provoke_ns,
         correlator,
         &stacks,
+        signals,
     )
     .await?;
     Ok(exit_for(summary.as_ref()))
 }
 
 async fn python(args: PythonArgs) -> Result<ExitCode, Failure> {
+    let signals = session::catch_signals()?;
     session::duration(&args.run)?;
     session::interval(&args.run)?;
     let interp = match args.run.pid {
@@ -149,6 +152,7 @@ async fn python(args: PythonArgs) -> Result<ExitCode, Failure> {
         provoke_ns,
         correlator,
         &StackConfig::Python(frames),
+        signals,
     )
     .await?;
     Ok(exit_for(summary.as_ref()))

@@ -91,6 +91,14 @@ pub fn interval(args: &RunArgs) -> Result<Option<Duration>, Failure> {
     seconds("--interval", args.interval)
 }
 
+/// Catches SIGINT, SIGTERM and SIGHUP from the start of a run, so that one arriving while
+/// racewatch still reads symbols and DWARF also ends the run with a summary.
+pub fn catch_signals() -> Result<Signals, Failure> {
+    Signals::catch()
+        .context("cannot catch SIGINT, SIGTERM and SIGHUP")
+        .map_err(Failure::runtime)
+}
+
 /// Runs `plan` against the target of `args`; returns the summary (None for a dry run).
 pub async fn run(
     plan: &Plan,
@@ -99,10 +107,8 @@ pub async fn run(
     provoke_ns: u64,
     correlator: Correlator,
     stacks: &StackConfig,
+    signals: Signals,
 ) -> Result<Option<Summary>, Failure> {
-    let signals = Signals::catch()
-        .context("cannot catch SIGINT, SIGTERM and SIGHUP")
-        .map_err(Failure::runtime)?;
     let duration = duration(args)?;
     let interval = interval(args)?;
     let mut sink = sink(args)?;

@@ -438,3 +438,34 @@ fn a_python_run_frees_everything_too() {
         assert_released(&ids);
     }
 }
+
+#[test]
+#[ignore = "root"]
+fn a_signal_while_reading_dwarf_still_ends_with_the_summary() {
+    // racewatch python spends its first second or so reading libpython's DWARF, before it loads
+    // anything or starts the command: a signal then still ends the run with a summary.
+    let out = temp_file("dwarf.ndjson");
+    let out_s = out.to_string_lossy().into_owned();
+    let worker = worker();
+    let mut racewatch = Command::new(RACEWATCH)
+        .args(["python", "--json", "-o", &out_s, "--", "python3", &worker])
+        .args(["--seconds", "30", "--fixed"])
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    std::thread::sleep(Duration::from_millis(200));
+    assert!(
+        !has_child(racewatch.id()),
+        "racewatch started the command within 200 ms: the signal would not land while it reads DWARF"
+    );
+    signal(racewatch.id(), libc::SIGINT);
+    let status = racewatch.wait().unwrap();
+    let mut err = String::new();
+    std::io::Read::read_to_string(&mut racewatch.stderr.take().unwrap(), &mut err).unwrap();
+    assert!(!err.contains("panicked"), "{err}");
+    let text = std::fs::read_to_string(&out).unwrap_or_else(|e| panic!("no report ({e}): {err}"));
+    let (_, summary) = parse_ndjson(&text);
+    assert_eq!(summary["ended"], "interrupted (SIGINT)", "{summary}");
+    assert_eq!(summary["windows"], 0, "{summary}");
+    assert_eq!(status.code(), Some(0), "{err}");
+}
