@@ -356,6 +356,14 @@ pub fn run(runs: usize, seconds: f64) -> Result<()> {
     std::fs::create_dir_all(&docs)?;
     crate::chart::draw(&docs.join("benchmarks.png"), &chart)?;
     let path = docs.join("BENCHMARKS.md");
+    // The hand-kept history of before/after figures outlives each run.
+    if let Some(history) = std::fs::read_to_string(&path)
+        .ok()
+        .and_then(|old| old.find(HISTORY).map(|i| old[i..].to_string()))
+    {
+        doc.push('\n');
+        doc.push_str(&history);
+    }
     std::fs::write(&path, &doc)?;
     eprintln!("bench: wrote {} and docs/benchmarks.png", path.display());
     print!("{doc}");
@@ -505,6 +513,9 @@ fn header(runs: usize, seconds: f64) -> Result<String> {
     writeln!(s, "![lookup rate as a ratio to unobserved](benchmarks.png)")?;
     Ok(s)
 }
+
+/// Where the hand-kept part of docs/BENCHMARKS.md begins.
+const HISTORY: &str = "## History";
 
 const FOOTER: &str = "
 ## Reading the numbers
