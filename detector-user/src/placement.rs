@@ -127,6 +127,15 @@ impl Code_ {
     }
 }
 
+/// How the kernel runs a probed instruction, for `-v`.
+fn how(emulated: bool) -> &'static str {
+    if emulated {
+        "emulated"
+    } else {
+        "single-stepped"
+    }
+}
+
 /// The first instruction of `code`, in AT&T syntax, and whether the kernel emulates it.
 pub fn describe(code: &[u8]) -> (String, bool) {
     let ins = Decoder::new(64, code, DecoderOptions::NONE).decode();
@@ -431,11 +440,7 @@ pub fn place_entry(binary: &Path, role: &str, f: Function, arg: u32, verbose: bo
                     f.address,
                     site.offset,
                     site.instruction,
-                    if site.emulated {
-                        "emulated"
-                    } else {
-                        "single-stepped"
-                    },
+                    how(site.emulated),
                 );
             }
             (site.offset, site.emulated)
@@ -478,11 +483,7 @@ pub fn at_entry(binary: &Path, role: &str, f: Function, verbose: bool) -> Placed
             "racewatch: {role}: {} at its entry {:#x} ({first}, {})",
             escape(&f.display),
             f.address,
-            if emulated {
-                "emulated"
-            } else {
-                "single-stepped"
-            }
+            how(emulated)
         );
     }
     Placed {
@@ -518,11 +519,7 @@ pub fn place_miss(
                 f.address,
                 site.offset,
                 site.instruction,
-                if site.emulated {
-                    "emulated"
-                } else {
-                    "single-stepped"
-                },
+                how(site.emulated),
                 found.cache_reg,
             );
         }
