@@ -56,7 +56,7 @@ pub fn layout(image: &Path, clear_at: u64, keyerror_at: u64) -> Result<FrameLayo
         path: image.into(),
         missing: "the symbol _PyRuntime".into(),
     })?;
-    with_dwarf(image, |dpath, dwarf| {
+    with_dwarf(image, |_, dpath, dwarf| {
         let missing = |what: String| SiteError::NoFrameLayout {
             path: dpath.into(),
             missing: what,

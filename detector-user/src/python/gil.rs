@@ -27,7 +27,7 @@ pub fn find_gil_drop_request(image: &Path) -> Result<u64, SiteError> {
         path: image.into(),
         missing: "the symbol _PyRuntime".into(),
     })?;
-    with_dwarf(image, |dpath, dwarf| {
+    with_dwarf(image, |_, dpath, dwarf| {
         let offsets = member_offsets(dwarf, &PATH).map_err(|source| SiteError::Dwarf {
             path: dpath.into(),
             source,
@@ -53,14 +53,20 @@ pub(super) fn symbol(image: &Path, name: &str) -> Result<Option<u64>, SiteError>
         .map(|s| s.address()))
 }
 
-/// Runs `f` on the DWARF that describes `image` (its own, or its debug file's, whose path `f`
-/// gets for error messages).
+/// Runs `f` on `image` (x86_64 only) and the DWARF that describes it (its own, or its debug
+/// file's, whose path `f` gets for error messages).
 pub(super) fn with_dwarf<T>(
     image: &Path,
-    f: impl FnOnce(&Path, &gimli::Dwarf<R>) -> Result<T, SiteError>,
+    f: impl FnOnce(&object::File, &Path, &gimli::Dwarf<R>) -> Result<T, SiteError>,
 ) -> Result<T, SiteError> {
     let data = read(image)?;
     let obj = parse(image, &data)?;
+    if obj.architecture() != object::Architecture::X86_64 {
+        return Err(SiteError::UnsupportedArch {
+            path: image.into(),
+            arch: format!("{:?}", obj.architecture()),
+        });
+    }
     let debug = if has_dwarf(&obj) {
         None
     } else {
@@ -68,7 +74,7 @@ pub(super) fn with_dwarf<T>(
     };
     let (dpath, dobj) = match &debug {
         Some((path, data)) => (path.as_path(), parse(path, data)?),
-        None => (image, obj),
+        None => (image, parse(image, &data)?),
     };
     let sections = gimli::DwarfSections::load(|id| {
         dobj.section_by_name(id.name())
@@ -79,7 +85,7 @@ pub(super) fn with_dwarf<T>(
         source,
     })?;
     let dwarf = sections.borrow(|s| EndianSlice::new(s, LittleEndian));
-    f(dpath, &dwarf)
+    f(&obj, dpath, &dwarf)
 }
 
 /// The offset of each (struct, member) of `path`, from the first unit that defines the struct.

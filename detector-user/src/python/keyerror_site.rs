@@ -148,43 +148,27 @@ pub enum SiteError {
 /// Every call of `_PyErr_SetKeyError` in `image` (python or libpython) after which the missing dict
 /// can be read at the callee's entry, sorted by return address.
 pub fn find_keyerror_sites(image: &Path) -> Result<Vec<KeyErrorSite>, SiteError> {
-    let data = read(image)?;
-    let obj = parse(image, &data)?;
-    if obj.architecture() != object::Architecture::X86_64 {
-        let arch = format!("{:?}", obj.architecture());
-        return Err(SiteError::UnsupportedArch {
-            path: image.into(),
-            arch,
-        });
-    }
-    let cfi = Cfi::new(&obj).map_err(|source| SiteError::Object {
+    super::gil::with_dwarf(image, |obj, dpath, dwarf| {
+        sites_in(image, obj, dpath, dwarf)
+    })
+}
+
+fn sites_in(
+    image: &Path,
+    obj: &object::File,
+    dpath: &Path,
+    dwarf: &gimli::Dwarf<super::gil::R>,
+) -> Result<Vec<KeyErrorSite>, SiteError> {
+    let cfi = Cfi::new(obj).map_err(|source| SiteError::Object {
         path: image.into(),
         source,
     })?;
-    let debug = if has_dwarf(&obj) {
-        None
-    } else {
-        Some(load_debug_file(image, &obj)?)
-    };
-    let (dpath, dobj) = match &debug {
-        Some((path, data)) => (path.as_path(), parse(path, data)?),
-        None => (image, obj),
-    };
-    let sections = gimli::DwarfSections::load(|id| {
-        dobj.section_by_name(id.name())
-            .map_or(Ok(Default::default()), |s| s.uncompressed_data())
-    })
-    .map_err(|source| SiteError::Object {
-        path: dpath.into(),
-        source,
-    })?;
-    let dwarf = sections.borrow(|s| EndianSlice::new(s, LittleEndian));
     let Scan {
         mut sites,
         calls,
         tail_called,
         outer_calls,
-    } = scan(&dwarf).map_err(|source| SiteError::Dwarf {
+    } = scan(dwarf).map_err(|source| SiteError::Dwarf {
         path: dpath.into(),
         source,
     })?;
