@@ -8,7 +8,7 @@ use detector_common::{PyFrames, PyLayout};
 
 use super::{
     gil::{member_offsets, symbol, with_dwarf},
-    key::{ASCII_DATA, COMPACT_DATA, STR_LENGTH, STR_STATE},
+    key::{COMPACT_DATA, STR_LENGTH, STR_STATE, chars, str_data},
     keyerror_site::SiteError,
     linetable,
 };
@@ -162,35 +162,9 @@ impl PyStacks {
             .ok()?
             .min(MAX_STR);
         let state = u32::from_ne_bytes(head.get(STR_STATE..STR_STATE + 4)?.try_into().ok()?);
-        let (kind, compact, ascii) = (
-            (state >> 2) & 7,
-            state & (1 << 5) != 0,
-            state & (1 << 6) != 0,
-        );
-        if !compact {
-            return None;
-        }
-        let (start, width) = if ascii {
-            (ASCII_DATA, 1)
-        } else {
-            (COMPACT_DATA, kind as usize)
-        };
-        if !matches!(width, 1 | 2 | 4) {
-            return None;
-        }
+        let (start, width) = str_data(state)?;
         let data = read_mem(self.pid, obj + start as u64, len * width)?;
-        Some(
-            data.chunks_exact(width)
-                .map(|c| {
-                    let code = match width {
-                        1 => u32::from(c[0]),
-                        2 => u32::from(u16::from_ne_bytes([c[0], c[1]])),
-                        _ => u32::from_ne_bytes([c[0], c[1], c[2], c[3]]),
-                    };
-                    char::from_u32(code).unwrap_or(char::REPLACEMENT_CHARACTER)
-                })
-                .collect(),
-        )
+        Some(chars(&data, width).collect())
     }
 
     fn read_code(&self, code: u64) -> Option<Code> {

@@ -22,9 +22,9 @@ fn u32_at(b: &[u8], at: usize) -> u32 {
     u32::from_ne_bytes(b[at..at + 4].try_into().unwrap_or([0; 4]))
 }
 
-fn render_str(b: &[u8; KEY_OBJ_LEN]) -> Option<String> {
-    let len = usize::try_from(i64_at(b, STR_LENGTH)).ok()?;
-    let state = u32_at(b, STR_STATE);
+/// Where a compact str's characters start and how many bytes each takes, from its `state` word;
+/// `None` for a legacy (non-compact) string or an unknown kind.
+pub(super) fn str_data(state: u32) -> Option<(usize, usize)> {
     let (kind, compact, ascii) = (
         (state >> 2) & 7,
         state & (1 << 5) != 0,
@@ -38,19 +38,26 @@ fn render_str(b: &[u8; KEY_OBJ_LEN]) -> Option<String> {
     } else {
         (COMPACT_DATA, kind as usize)
     };
-    if !matches!(width, 1 | 2 | 4) {
-        return None;
-    }
-    let avail = (KEY_OBJ_LEN - start) / width;
-    let chars = (0..len.min(avail)).map(|i| {
-        let at = start + i * width;
+    matches!(width, 1 | 2 | 4).then_some((start, width))
+}
+
+/// The characters of a str's data, `width` bytes each.
+pub(super) fn chars(data: &[u8], width: usize) -> impl Iterator<Item = char> + '_ {
+    data.chunks_exact(width).map(move |c| {
         let code = match width {
-            1 => u32::from(b[at]),
-            2 => u32::from(u16::from_ne_bytes([b[at], b[at + 1]])),
-            _ => u32_at(b, at),
+            1 => u32::from(c[0]),
+            2 => u32::from(u16::from_ne_bytes([c[0], c[1]])),
+            _ => u32::from_ne_bytes([c[0], c[1], c[2], c[3]]),
         };
         char::from_u32(code).unwrap_or(char::REPLACEMENT_CHARACTER)
-    });
+    })
+}
+
+fn render_str(b: &[u8; KEY_OBJ_LEN]) -> Option<String> {
+    let len = usize::try_from(i64_at(b, STR_LENGTH)).ok()?;
+    let (start, width) = str_data(u32_at(b, STR_STATE))?;
+    let avail = (KEY_OBJ_LEN - start) / width;
+    let chars = chars(&b[start..start + len.min(avail) * width], width);
     let mut out = String::from("'");
     for c in chars {
         match c {
