@@ -381,18 +381,18 @@ impl Loaded {
         })
     }
 
+    /// Map `name` of the loaded object, through the type the caller reads it with.
+    fn map<'a, T>(&'a self, name: &'static str) -> Result<T, LoadError>
+    where
+        T: TryFrom<&'a aya::maps::Map, Error = aya::maps::MapError>,
+    {
+        let map = self.ebpf.map(name).ok_or(LoadError::MissingMap(name))?;
+        T::try_from(map).map_err(|source| LoadError::Map { map: name, source })
+    }
+
     /// Every reader the kernel counted, by (cache, thread).
     pub fn readers(&self) -> Result<Vec<(ReaderKey, ReaderState)>, LoadError> {
-        let map_err = |source| LoadError::Map {
-            map: READERS_MAP,
-            source,
-        };
-        let map = self
-            .ebpf
-            .map(READERS_MAP)
-            .ok_or(LoadError::MissingMap(READERS_MAP))?;
-        let readers: HashMap<_, ReaderKey, ReaderState> =
-            HashMap::try_from(map).map_err(map_err)?;
+        let readers: HashMap<_, ReaderKey, ReaderState> = self.map(READERS_MAP)?;
         // A key evicted between its listing and its read yields an error for that key alone:
         // that reader is skipped.
         Ok(readers.iter().filter_map(Result::ok).collect())
@@ -400,18 +400,13 @@ impl Loaded {
 
     /// The provocation counters, summed over CPUs.
     pub fn provoke(&self) -> Result<ProvokeState, LoadError> {
-        let map_err = |source| LoadError::Map {
-            map: PROVOKE_MAP,
-            source,
-        };
-        let map = self
-            .ebpf
-            .map(PROVOKE_MAP)
-            .ok_or(LoadError::MissingMap(PROVOKE_MAP))?;
-        let array: PerCpuArray<_, ProvokeState> = PerCpuArray::try_from(map).map_err(map_err)?;
+        let array: PerCpuArray<_, ProvokeState> = self.map(PROVOKE_MAP)?;
         Ok(array
             .get(&0, 0)
-            .map_err(map_err)?
+            .map_err(|source| LoadError::Map {
+                map: PROVOKE_MAP,
+                source,
+            })?
             .iter()
             .fold(ProvokeState::default(), |sum, cpu| ProvokeState {
                 held_ns: sum.held_ns + cpu.held_ns,
@@ -422,15 +417,7 @@ impl Loaded {
 
     /// Each [`Stat`] summed over CPUs.
     pub fn stats(&self) -> Result<Vec<u64>, LoadError> {
-        let map = self
-            .ebpf
-            .map(STATS_MAP)
-            .ok_or(LoadError::MissingMap(STATS_MAP))?;
-        let stats: PerCpuArray<_, u64> =
-            PerCpuArray::try_from(map).map_err(|source| LoadError::Map {
-                map: STATS_MAP,
-                source,
-            })?;
+        let stats: PerCpuArray<_, u64> = self.map(STATS_MAP)?;
         (0..Stat::COUNT)
             .map(|i| {
                 stats
