@@ -80,7 +80,7 @@ pub enum Command {
         #[arg(long)]
         json: bool,
     },
-    #[command(name = crate::target::HELD_EXEC, hide = true)]
+    #[command(name = crate::process::launch::HELD_EXEC, hide = true)]
     HeldExec {
         #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
         command: Vec<OsString>,

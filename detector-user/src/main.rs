@@ -5,16 +5,13 @@ use std::process::ExitCode;
 use clap::Parser as _;
 
 use detector_user::{
-    calibrate,
     cli::{self, Cli, Command, EXIT_RACE, PythonArgs, WatchArgs},
-    correlate::Correlator,
-    info,
-    loader::{LookupProbe, Plan},
-    output, placement, preflight, python,
-    session::{self, Failure},
-    stack::{StackConfig, native::ReturnedFrom},
-    symbols::SymbolTable,
-    target,
+    engine::{correlate::Correlator, summary::Summary},
+    probe::{calibrate, info, plan::LookupProbe, preflight, symbols::SymbolTable},
+    process,
+    run::{self as session, Failure},
+    targets::{StackConfig, native, python},
+    text,
 };
 
 async fn watch(args: WatchArgs) -> Result<ExitCode, Failure> {
@@ -26,81 +23,12 @@ async fn watch(args: WatchArgs) -> Result<ExitCode, Failure> {
         None => session::default_binary(&args.run)?,
     };
     if let Some(pid) = args.run.pid {
-        target::running_exe(pid).map_err(Failure::usage)?;
+        process::running_exe(pid).map_err(Failure::usage)?;
     }
-    let table = SymbolTable::load(&binary).map_err(Failure::usage)?;
-    let resolve = |name: &str| table.resolve(name).map_err(Failure::usage);
-    let (clear, refill, lookup) = (
-        resolve(&args.clear)?,
-        resolve(&args.update)?,
-        resolve(&args.lookup)?,
-    );
+    let (plan, stacks) = native::plan(&args, binary).map_err(Failure::usage)?;
     preflight::check().map_err(Failure::usage)?;
-    let verbose = args.run.verbose;
-    let clear = placement::place_entry(&binary, "clear", clear, args.cache_arg, verbose);
-    // On the miss path alone, ordinary lookups are not seen: the hazard report counts them in
-    // bursts at the lookup's entry.
-    let sample = (args.miss_ret.is_some() && !args.probe_returns).then(|| {
-        placement::place_entry(
-            &binary,
-            "lookup sample",
-            lookup.clone(),
-            args.cache_arg,
-            verbose,
-        )
-    });
-    let refills = vec![placement::place_refill(
-        &binary,
-        &table,
-        refill,
-        args.cache_arg,
-        verbose,
-    )];
-    let lookup = match args.miss_ret {
-        Some(_) if args.probe_returns => {
-            LookupProbe::EntryAndReturn(placement::at_entry(&binary, "lookup", lookup, verbose))
-        }
-        Some(value) => {
-            placement::place_miss(&binary, lookup, args.cache_arg, value, verbose)
-                .unwrap_or_else(|(lookup, why)| {
-                    eprintln!(
-                        "racewatch: warning: probing every lookup's entry and return, not just its misses: \
-                         cannot tell from {}'s code where it returns {value}: {why}",
-                        output::escape(&lookup.display)
-                    );
-                    LookupProbe::EntryAndReturn(placement::at_entry(
-                        &binary, "lookup", lookup, verbose,
-                    ))
-                })
-        }
-        None => LookupProbe::Entry(placement::place_entry(
-            &binary,
-            "lookup",
-            lookup,
-            args.cache_arg,
-            verbose,
-        )),
-    };
-    // At a probed return the lookup's own frame is gone: the stack starts in its caller.
-    let returned_from = match &lookup {
-        LookupProbe::EntryAndReturn(f) => Some(ReturnedFrom {
-            binary: binary.clone(),
-            address: f.function.address,
-        }),
-        _ => None,
-    };
-    let plan = Plan {
-        binary,
-        clear,
-        refills,
-        sample: sample.filter(|_| matches!(lookup, LookupProbe::Miss { .. })),
-        sample_always: false,
-        gil: None,
-        lookup,
-    };
     let correlator = Correlator::new(args.miss_ret, None);
     let provoke_ns = args.provoke.map_or(0, |d| d.as_nanos() as u64);
-    let stacks = StackConfig::Native { returned_from };
     let summary = session::run(
         &plan,
         &args.run,
@@ -158,7 +86,7 @@ async fn python(args: PythonArgs) -> Result<ExitCode, Failure> {
     Ok(exit_for(summary.as_ref()))
 }
 
-fn exit_for(summary: Option<&output::Summary>) -> ExitCode {
+fn exit_for(summary: Option<&Summary>) -> ExitCode {
     match summary {
         Some(s) if s.counts.lookups_in_window > 0 => ExitCode::from(EXIT_RACE),
         _ => ExitCode::SUCCESS,
@@ -177,7 +105,7 @@ fn symbols(path: &std::path::Path, grep: Option<&str>) -> Result<ExitCode, Failu
         .into_iter()
         .filter(|n| pattern.as_ref().is_none_or(|p| p.is_match(n)))
     {
-        println!("{}", output::escape(name));
+        println!("{}", text::escape(name));
     }
     Ok(ExitCode::SUCCESS)
 }
@@ -260,13 +188,15 @@ fn error_message(error: &anyhow::Error) -> String {
             text = format!("{text}: {cause}");
         }
     }
-    output::escape_lines(&text)
+    text::escape_lines(&text)
 }
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
     let result = match cli.command {
-        Command::HeldExec { command } => return ExitCode::from(target::held_exec(&command) as u8),
+        Command::HeldExec { command } => {
+            return ExitCode::from(process::launch::held_exec(&command) as u8);
+        }
         Command::Symbols { path, grep } => symbols(&path, grep.as_deref()),
         Command::Info { json } => Ok(info(json)),
         Command::Calibrate { json } => calibrate(json),
@@ -289,7 +219,7 @@ mod tests {
     #[test]
     fn error_message_names_each_cause_once_and_escapes() {
         let io = std::io::Error::new(std::io::ErrorKind::NotFound, "gone");
-        let quoted = anyhow::Error::new(detector_user::symbols::SymbolError::Read {
+        let quoted = anyhow::Error::new(detector_user::probe::symbols::SymbolError::Read {
             path: "/x\x1b[2J".into(),
             source: io,
         });

@@ -5,9 +5,9 @@
 
 use detector_common::Event;
 use detector_user::{
-    correlate::{Alert, Correlator},
-    output::{HumanSink, JsonSink, Sink},
-    python,
+    engine::correlate::{Alert, Correlator},
+    report::{HumanSink, JsonSink, Sink},
+    targets::python,
 };
 use libfuzzer_sys::fuzz_target;
 

@@ -4,7 +4,7 @@
 
 use std::path::Path;
 
-use detector_user::symbols::SymbolTable;
+use detector_user::probe::symbols::SymbolTable;
 use libfuzzer_sys::fuzz_target;
 
 fuzz_target!(|data: &[u8]| {
@@ -16,7 +16,7 @@ fuzz_target!(|data: &[u8]| {
         // A listed name resolves, or is ambiguous among overloads: never "not found".
         if let Err(e) = table.resolve(name) {
             assert!(
-                matches!(e, detector_user::symbols::SymbolError::Ambiguous { .. }),
+                matches!(e, detector_user::probe::symbols::SymbolError::Ambiguous { .. }),
                 "listed name {name:?} does not resolve: {e}"
             );
         }

@@ -1,5 +1,6 @@
 //! `racewatch python`: finds the CPython interpreter a process runs and the probe points for a
 //! dict's clear, its refill and the KeyError of a failed `d[k]`.
+pub mod dwarf;
 pub mod frames;
 pub mod gil;
 pub mod key;
@@ -14,13 +15,13 @@ use std::{
 
 use detector_common::DictSite;
 
-use crate::{
-    loader::{GilHandover, LookupProbe, Plan},
-    placement::RefillProbe,
+use crate::probe::{
+    plan::{GilHandover, LookupProbe, Plan, RefillProbe},
     symbols::{SymbolError, SymbolTable},
 };
 
-use keyerror_site::{DictLocation, KeyErrorSite, SiteError};
+use dwarf::SiteError;
+use keyerror_site::{DictLocation, KeyErrorSite};
 
 /// The CPython versions whose object layouts racewatch knows.
 const SUPPORTED: (u32, u32) = (3, 11);
@@ -42,7 +43,7 @@ pub enum PythonError {
     #[error("cannot ask {python} where its interpreter is: {reason}")]
     Probe { python: String, reason: String },
     #[error("{0}")]
-    Target(#[from] crate::target::TargetError),
+    Target(#[from] crate::process::TargetError),
     #[error("script not found: {0}")]
     NoScript(String),
     #[error(
@@ -114,7 +115,7 @@ pub fn for_command(command: &[OsString]) -> Result<Interpreter, PythonError> {
         .first()
         .map(|p| p.to_string_lossy().into_owned())
         .unwrap_or_default();
-    crate::target::resolve_command(&OsString::from(&python))?;
+    crate::process::resolve_command(&OsString::from(&python))?;
     if let Some(script) = command
         .get(1)
         .filter(|a| !a.to_string_lossy().starts_with('-'))
@@ -165,7 +166,7 @@ pub fn for_command(command: &[OsString]) -> Result<Interpreter, PythonError> {
 
 /// For `-p PID`: the libpython the process maps, else its executable if that is python.
 pub fn for_pid(pid: u32) -> Result<Interpreter, PythonError> {
-    let exe = crate::target::running_exe(pid)?;
+    let exe = crate::process::running_exe(pid)?;
     let maps = std::fs::read_to_string(format!("/proc/{pid}/maps")).unwrap_or_default();
     let lib = maps
         .lines()
@@ -220,12 +221,13 @@ pub fn plan(
             source: Box::new(e),
         })
     };
-    let clear = crate::placement::place_entry(image, "clear", resolve(CLEAR)?, 0, verbose);
+    let clear = crate::probe::placement::place_entry(image, "clear", resolve(CLEAR)?, 0, verbose);
     let refills = REFILLS
         .into_iter()
         .map(|r| {
             resolve(r).map(|f| {
-                let at = crate::placement::at_entry(image, "refill (return probed)", f, verbose);
+                let at =
+                    crate::probe::placement::at_entry(image, "refill (return probed)", f, verbose);
                 RefillProbe::Return(at)
             })
         })
@@ -237,20 +239,20 @@ pub fn plan(
         let take_gil = resolve(TAKE_GIL)?;
         Some(GilHandover {
             clear: clear.function.clone(),
-            take_gil: crate::placement::place_entry(image, TAKE_GIL, take_gil, 0, verbose),
+            take_gil: crate::probe::placement::place_entry(image, TAKE_GIL, take_gil, 0, verbose),
             drop_request_delta: drop_request.wrapping_sub(at) as i64,
         })
     } else {
         None
     };
     let sample =
-        crate::placement::place_entry(image, "lookup sample", resolve(LOOKUP)?, 0, verbose);
+        crate::probe::placement::place_entry(image, "lookup sample", resolve(LOOKUP)?, 0, verbose);
     let sites = keyerror_site::find_keyerror_sites(image)?;
     if verbose {
         for s in &sites {
             eprintln!(
                 "racewatch: KeyError site in {} returning to {:#x}: dict at {:?}, outer frame {:?}",
-                crate::output::escape(&s.caller),
+                crate::text::escape(&s.caller),
                 s.return_vaddr,
                 s.dict,
                 s.outer
@@ -271,7 +273,7 @@ pub fn plan(
         clear,
         refills,
         lookup: LookupProbe::KeyError {
-            function: crate::placement::at_entry(image, "KeyError", keyerror, verbose),
+            function: crate::probe::placement::at_entry(image, "KeyError", keyerror, verbose),
             sites,
         },
         sample: Some(sample),

@@ -3,10 +3,10 @@
 use std::collections::{HashMap, HashSet, VecDeque};
 
 use detector_common::{
-    COMM_LEN, Event, KEY_ABSENT, KeyErrorEvent, KeyVerdict, LookupEvent, WindowEvent, key_hash,
+    Event, KEY_ABSENT, KeyErrorEvent, KeyVerdict, LookupEvent, WindowEvent, key_hash,
 };
 
-use crate::stack::Stack;
+use crate::{engine::stack::Stack, text::comm_str};
 
 /// A lookup that fell inside another thread's empty-cache window.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -82,11 +82,6 @@ pub struct Correlator {
     /// KeyError alerts awaiting their key's verdict, by (dict, key address, key hash).
     held: HashMap<(u64, u64, i64), Vec<Alert>>,
     counts: Counts,
-}
-
-pub fn comm_str(comm: &[u8; COMM_LEN]) -> String {
-    let end = comm.iter().position(|&b| b == 0).unwrap_or(COMM_LEN);
-    String::from_utf8_lossy(&comm[..end]).into_owned()
 }
 
 impl Correlator {
@@ -286,10 +281,10 @@ impl Correlator {
 mod tests {
     use super::*;
     use detector_common::{
-        EventKind, KEY_OBJ_LEN, KEY_PRESENT, KEY_UNKNOWN, TYPE_NAME_LEN, UNKNOWN_HASH,
+        COMM_LEN, EventKind, KEY_OBJ_LEN, KEY_PRESENT, KEY_UNKNOWN, TYPE_NAME_LEN, UNKNOWN_HASH,
     };
 
-    use crate::stack::Frame;
+    use crate::engine::stack::Frame;
 
     /// A str key object with refcount 1 and cached hash `hash`.
     fn str_key(hash: i64) -> ([u8; TYPE_NAME_LEN], [u8; KEY_OBJ_LEN]) {

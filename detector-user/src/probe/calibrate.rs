@@ -13,7 +13,10 @@ use aya::{
 use detector_common::{STATS_MAP, Stat, globals};
 use serde::Serialize;
 
-use crate::{loader, output::ProbeHits};
+use crate::{
+    engine::cost::Costs,
+    probe::{loader, placement},
+};
 
 // Functions to probe, one per kind of probed instruction. They take and return a value so the
 // calls cannot be folded away.
@@ -104,55 +107,6 @@ const FUNCTIONS: [Target; 8] = [
     racewatch_calibrate_sub,
     racewatch_calibrate_mov,
 ];
-
-/// Nanoseconds one probe hit adds, by kind.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Serialize)]
-pub struct Costs {
-    /// An entry probe on an instruction the kernel emulates (push, nop, direct branch).
-    pub emulated_ns: f64,
-    /// An entry probe on an instruction the kernel single-steps.
-    pub single_stepped_ns: f64,
-    /// What probing the return adds to the entry's trap.
-    pub return_ns: f64,
-}
-
-/// How each probe of a run traps: true where the probed instruction is emulated.
-#[derive(Clone, Copy, Debug, Default)]
-pub struct Traps {
-    pub clear: bool,
-    pub refill: bool,
-    /// The refill's end is probed at its exits (emulated), not through a return probe.
-    pub refill_exits: bool,
-    pub lookup_entry: bool,
-    pub lookup_miss: bool,
-    pub lookup_sample: bool,
-    pub keyerror: bool,
-}
-
-/// The time racewatch's probes added to the target: each probe's hits times its cost.
-pub fn added_ns(costs: &Costs, traps: &Traps, hits: &ProbeHits) -> f64 {
-    let trap = |emulated: bool| {
-        if emulated {
-            costs.emulated_ns
-        } else {
-            costs.single_stepped_ns
-        }
-    };
-    // A refill's entry probe and its return probe share one breakpoint at the entry.
-    let refill_end = if traps.refill_exits {
-        costs.emulated_ns
-    } else {
-        costs.return_ns
-    };
-    hits.clear as f64 * trap(traps.clear)
-        + hits.refill_entry as f64 * trap(traps.refill)
-        + hits.refill_return as f64 * refill_end
-        + hits.lookup_entry as f64 * trap(traps.lookup_entry)
-        + hits.lookup_return as f64 * costs.return_ns
-        + hits.lookup_miss as f64 * trap(traps.lookup_miss)
-        + hits.lookup_sample as f64 * trap(traps.lookup_sample)
-        + hits.keyerror as f64 * trap(traps.keyerror)
-}
 
 #[derive(Debug, thiserror::Error)]
 pub enum CalibrationError {
@@ -341,7 +295,7 @@ pub fn table() -> Result<(f64, Vec<Row>), CalibrationError> {
         // SAFETY: the calibration functions sit in racewatch's mapped .text, followed by more of
         // it: their first 8 bytes are readable.
         let code = unsafe { std::slice::from_raw_parts(f as *const u8, 8) };
-        let (instruction, emulated) = crate::placement::describe(code);
+        let (instruction, emulated) = placement::describe(code);
         rows.push(Row {
             instruction,
             probe: kind,
@@ -355,36 +309,6 @@ pub fn table() -> Result<(f64, Vec<Row>), CalibrationError> {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn added_time_is_hits_times_cost_by_kind() {
-        let costs = Costs {
-            emulated_ns: 1000.0,
-            single_stepped_ns: 10_000.0,
-            return_ns: 2000.0,
-        };
-        let traps = Traps {
-            clear: true,
-            refill: false,
-            refill_exits: false,
-            lookup_entry: true,
-            lookup_miss: true,
-            lookup_sample: true,
-            keyerror: true,
-        };
-        let hits = ProbeHits {
-            clear: 10,
-            refill_entry: 10,
-            refill_return: 10,
-            lookup_miss: 5,
-            ..ProbeHits::default()
-        };
-        // 10 emulated clears, 10 single-stepped refill entries, 10 returns, 5 emulated misses.
-        assert_eq!(
-            added_ns(&costs, &traps, &hits),
-            10_000.0 + 100_000.0 + 20_000.0 + 5_000.0
-        );
-    }
 
     #[test]
     fn calibration_functions_compute() {

@@ -5,7 +5,7 @@ use std::{
     path::{Path, PathBuf},
 };
 
-use crate::output::escape;
+use crate::text::escape;
 use object::{Object, ObjectSection, ObjectSymbol, SymbolKind};
 
 #[derive(Debug, thiserror::Error)]
@@ -289,7 +289,7 @@ mod tests {
     /// at an address below its section's (parsing used to underflow computing its offset).
     #[test]
     fn a_symbol_outside_its_section_is_skipped() {
-        let data = include_bytes!("../tests/data/symbol-outside-its-section.elf");
+        let data = include_bytes!("../../tests/data/symbol-outside-its-section.elf");
         let table = SymbolTable::parse(Path::new("crafted.elf"), data).expect("other symbols");
         for f in table.functions.values() {
             assert!(

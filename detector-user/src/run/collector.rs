@@ -14,15 +14,21 @@ use tokio::{
 };
 
 use crate::{
-    calibrate::{self, Traps},
-    correlate::{Alert, Correlator},
-    dedup::Pairs,
-    hazard::HazardTracker,
-    loader::{Loaded, monotonic_ns},
-    output::{LostByKind, ProbeHits, ProvokeJson, SelfCost, Sink, Summary},
-    sampling::Sampler,
-    stack::Resolver,
-    target::Target,
+    engine::{
+        correlate::{Alert, Correlator},
+        cost::{ProbeHits, SelfCost, Traps},
+        dedup::Pairs,
+        hazard::HazardTracker,
+        sampling::Sampler,
+        summary::{LostByKind, ProvokeJson, Summary},
+    },
+    probe::{
+        calibrate,
+        loader::{Loaded, monotonic_ns},
+    },
+    process::target::Target,
+    report::Sink,
+    targets::Resolver,
 };
 
 /// How often the ring buffer is drained when no write woke us: the kernel side writes without
@@ -190,7 +196,7 @@ impl Run<'_> {
         // SAFETY: the ring buffer owns its map fd and keeps it for as long as the AsyncFd lives.
         let mut ring = unsafe { AsyncFd::register(events) }.map_err(|e| e.into_parts().1)?;
         let ended = loop {
-            let sample_due = sampler.as_ref().map(Sampler::due);
+            let sample_due = sampler.as_ref().and_then(Sampler::due);
             tokio::select! {
                 how = signals.recv() => break how.to_string(),
                 _ = &mut deadline => break "duration elapsed".to_string(),
@@ -276,7 +282,7 @@ fn toggle_sample(
             if !process_gone(&e) {
                 eprintln!(
                     "racewatch: warning: lookup sampling stopped: {}",
-                    crate::output::escape(&format!("{:#}", anyhow::Error::from(e)))
+                    crate::text::escape(&format!("{:#}", anyhow::Error::from(e)))
                 );
             }
         }

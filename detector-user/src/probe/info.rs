@@ -10,7 +10,7 @@ use aya::{
 };
 use serde::Serialize;
 
-use crate::{output::escape, preflight};
+use crate::{probe::preflight, text::escape};
 
 /// Which racewatch commands cannot run without a check.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]

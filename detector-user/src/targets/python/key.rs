@@ -2,7 +2,7 @@
 //! (CPython 3.11 layouts), the way Python's repr() would for str and int keys.
 use detector_common::{KEY_OBJ_LEN, KeyErrorEvent};
 
-use crate::correlate::comm_str;
+use crate::text::comm_str;
 
 // PyASCIIObject: length at 16, state at 32, data after the 48-byte header for compact ASCII
 // strings and after the 72-byte PyCompactUnicodeObject header for other compact strings.

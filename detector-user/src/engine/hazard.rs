@@ -6,7 +6,7 @@ use std::collections::{HashMap, HashSet, VecDeque};
 
 use detector_common::{Event, NearEvent, ReaderKey, ReaderState, WindowEvent};
 
-use crate::{correlate::comm_str, histogram::Histogram};
+use crate::{engine::histogram::Histogram, text::comm_str};
 
 /// Window openings kept per cache to find the first one after a reader's lookup: a reader with
 /// more windows than this between two of its lookups gets its "before" distance from the oldest

@@ -10,16 +10,16 @@
 //! Where the caller itself has lost the dict, a frame further out may still have it: see [`TAIL_CHAIN`].
 
 use std::collections::HashMap;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
 use gimli::{
-    AttributeValue, CfaRule, EndianSlice, LittleEndian, Operation, Register, RegisterRule,
-    UnitOffset, UnwindSection, constants as dw,
+    AttributeValue, CfaRule, LittleEndian, Operation, Register, RegisterRule, UnitOffset,
+    UnwindSection, constants as dw,
 };
 use object::{Object, ObjectSection};
 
 /// x86-64 only (checked), hence little-endian.
-type R<'a> = EndianSlice<'a, LittleEndian>;
+use super::dwarf::{R, SiteError, with_dwarf};
 
 const KEY_ERROR_FN: &str = "_PyErr_SetKeyError";
 
@@ -99,56 +99,10 @@ pub enum DictLocation {
     Reg { dwarf_reg: u16 },
 }
 
-#[derive(Debug, thiserror::Error)]
-pub enum SiteError {
-    #[error("cannot read {path}: {source}")]
-    Io {
-        path: PathBuf,
-        source: std::io::Error,
-    },
-    #[error("{path} is not a readable ELF file: {source}")]
-    Object {
-        path: PathBuf,
-        source: object::Error,
-    },
-    #[error("{path} is built for {arch}: only x86-64 is supported")]
-    UnsupportedArch { path: PathBuf, arch: String },
-    #[error(
-        "{path} has no DWARF debug info: install the python debug symbols or use a python built with -g"
-    )]
-    NoDebugInfo { path: PathBuf },
-    #[error(
-        "{debug} is not the debug file of {path} (build ids differ): reinstall the matching python debug symbols"
-    )]
-    DebugMismatch { path: PathBuf, debug: PathBuf },
-    #[error("malformed DWARF in {path}: {source}")]
-    Dwarf { path: PathBuf, source: gimli::Error },
-    #[error(
-        "{path} has no call site of {KEY_ERROR_FN} in its DWARF: pass the image that holds the \
-         interpreter (libpython3.11.so when python links it), built with -O2 -g"
-    )]
-    NoCallSites { path: PathBuf },
-    #[error(
-        "in {path}, none of the {calls} calls of {KEY_ERROR_FN} keeps the dict in a callee-saved \
-         register, so this python build cannot tell which dict missed"
-    )]
-    NoUsableSites { path: PathBuf, calls: usize },
-    #[error(
-        "{path} does not describe {missing} in its DWARF, which --provoke needs to make a writer \
-         hand the GIL over"
-    )]
-    NoGilState { path: PathBuf, missing: String },
-    #[error(
-        "{path} does not describe {missing} in its DWARF, which racewatch needs to name the Python \
-         frames of a race"
-    )]
-    NoFrameLayout { path: PathBuf, missing: String },
-}
-
 /// Every call of `_PyErr_SetKeyError` in `image` (python or libpython) after which the missing dict
 /// can be read at the callee's entry, sorted by return address.
 pub fn find_keyerror_sites(image: &Path) -> Result<Vec<KeyErrorSite>, SiteError> {
-    super::gil::with_dwarf(image, |obj, dpath, dwarf| {
+    with_dwarf(image, |obj, dpath, dwarf| {
         sites_in(image, obj, dpath, dwarf)
     })
 }
@@ -157,7 +111,7 @@ fn sites_in(
     image: &Path,
     obj: &object::File,
     dpath: &Path,
-    dwarf: &gimli::Dwarf<super::gil::R>,
+    dwarf: &gimli::Dwarf<R>,
 ) -> Result<Vec<KeyErrorSite>, SiteError> {
     let cfi = Cfi::new(obj).map_err(|source| SiteError::Object {
         path: image.into(),
@@ -203,75 +157,6 @@ fn sites_in(
             calls,
         }),
         _ => Ok(sites),
-    }
-}
-
-pub(super) fn read(path: &Path) -> Result<Vec<u8>, SiteError> {
-    std::fs::read(path).map_err(|source| SiteError::Io {
-        path: path.into(),
-        source,
-    })
-}
-
-pub(super) fn parse<'d>(path: &Path, data: &'d [u8]) -> Result<object::File<'d>, SiteError> {
-    object::File::parse(data).map_err(|source| SiteError::Object {
-        path: path.into(),
-        source,
-    })
-}
-
-pub(super) fn has_dwarf(obj: &object::File) -> bool {
-    obj.section_by_name(".debug_info")
-        .is_some_and(|s| s.size() > 0)
-}
-
-/// The separate debug file GDB would use: by build id, else by `.gnu_debuglink`.
-fn debug_file_path(image: &Path, obj: &object::File) -> Option<PathBuf> {
-    use std::os::unix::ffi::OsStrExt;
-    let root = Path::new("/usr/lib/debug");
-    let mut candidates = Vec::new();
-    if let Ok(Some(id)) = obj.build_id() {
-        let hex: String = id.iter().map(|b| format!("{b:02x}")).collect();
-        if hex.len() > 2 {
-            candidates.push(
-                root.join(".build-id")
-                    .join(&hex[..2])
-                    .join(format!("{}.debug", &hex[2..])),
-            );
-        }
-    }
-    if let (Ok(Some((name, _crc))), Ok(real)) = (obj.gnu_debuglink(), std::fs::canonicalize(image))
-    {
-        let name = std::ffi::OsStr::from_bytes(name);
-        let dir = real.parent().unwrap_or(Path::new("/"));
-        let under_root = root.join(dir.strip_prefix("/").unwrap_or(dir));
-        candidates.extend([
-            dir.join(name),
-            dir.join(".debug").join(name),
-            under_root.join(name),
-        ]);
-    }
-    candidates.into_iter().find(|p| p.is_file())
-}
-
-/// Reads the separate debug file, checking that it was split from this very build.
-pub(super) fn load_debug_file(
-    image: &Path,
-    obj: &object::File,
-) -> Result<(PathBuf, Vec<u8>), SiteError> {
-    let path =
-        debug_file_path(image, obj).ok_or_else(|| SiteError::NoDebugInfo { path: image.into() })?;
-    let data = read(&path)?;
-    let debug = parse(&path, &data)?;
-    if !has_dwarf(&debug) {
-        return Err(SiteError::NoDebugInfo { path: image.into() });
-    }
-    match (obj.build_id(), debug.build_id()) {
-        (Ok(Some(a)), Ok(Some(b))) if a != b => Err(SiteError::DebugMismatch {
-            path: image.into(),
-            debug: path,
-        }),
-        _ => Ok((path, data)),
     }
 }
 
@@ -613,6 +498,8 @@ fn callee_saved_reg<'a>(
 mod tests {
     use super::*;
     use object::ObjectSymbol;
+
+    use crate::targets::python::dwarf::{has_dwarf, parse, read};
 
     const LIBPYTHON: &str = "/root/.pyenv/versions/3.11.7/lib/libpython3.11.so.1.0";
     const PYENV_PYTHON: &str = "/root/.pyenv/versions/3.11.7/bin/python3.11";

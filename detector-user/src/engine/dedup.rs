@@ -2,7 +2,7 @@
 //! printed, the others only counted. Pure: no I/O.
 use std::collections::HashMap;
 
-use crate::{correlate::Alert, stack::Stack};
+use crate::engine::{correlate::Alert, stack::Stack};
 
 /// A distinct (reader stack, writer stack) pair and how often it raced.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -87,7 +87,7 @@ impl Pairs {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::stack::Frame;
+    use crate::engine::stack::Frame;
     use proptest::prelude::*;
 
     fn stack(names: &[&str]) -> Stack {

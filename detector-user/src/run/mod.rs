@@ -6,13 +6,22 @@ use anyhow::Context as _;
 
 use crate::{
     cli::RunArgs,
-    collector::{Run, Signals},
-    correlate::Correlator,
-    loader::{Loaded, Options, Plan},
-    output::{HumanSink, JsonSink, Sink, Summary},
-    stack::StackConfig,
-    target::{Held, PidWatch, Target},
+    engine::{correlate::Correlator, summary::Summary},
+    probe::{
+        loader::{Loaded, Options},
+        plan::Plan,
+    },
+    process::{
+        launch::Held,
+        target::{PidWatch, Target},
+    },
+    report::{HumanSink, JsonSink, Sink},
+    targets::StackConfig,
 };
+
+pub mod collector;
+
+use collector::{Run, Signals};
 
 /// Ring buffer size: overridable for tests that prove lost events are counted. Stack records
 /// are large (8 KiB native), so runs that take stacks get a larger ring.
@@ -55,7 +64,7 @@ fn sink(args: &RunArgs) -> Result<Box<dyn Sink>, Failure> {
                 .with_context(|| {
                     format!(
                         "cannot write {}",
-                        crate::output::escape(&path.to_string_lossy())
+                        crate::text::escape(&path.to_string_lossy())
                     )
                 })
                 .map_err(Failure::usage)?,
@@ -151,7 +160,7 @@ pub async fn run(
     eprintln!(
         "racewatch: {what}: {} probes attached to {}",
         loaded.probes,
-        crate::output::escape(&plan.binary.to_string_lossy())
+        crate::text::escape(&plan.binary.to_string_lossy())
     );
     if args.dry_run {
         return Ok(None);
@@ -185,8 +194,8 @@ pub async fn run(
 /// The ELF file to probe when the user named none: the command's or the process's executable.
 pub fn default_binary(args: &RunArgs) -> Result<PathBuf, Failure> {
     match (args.pid, args.command.first()) {
-        (Some(pid), _) => crate::target::running_exe(pid).map_err(Failure::usage),
-        (None, Some(cmd)) => crate::target::resolve_command(cmd).map_err(Failure::usage),
+        (Some(pid), _) => crate::process::running_exe(pid).map_err(Failure::usage),
+        (None, Some(cmd)) => crate::process::resolve_command(cmd).map_err(Failure::usage),
         (None, None) => Err(Failure::usage(anyhow::anyhow!("give -p PID or -- COMMAND"))),
     }
 }

@@ -1,33 +1,10 @@
-//! Stacks of the two sides of a race: the frame type they share, and where they come from
-//! (native stacks unwound from the kernel's copy, CPython frames read from the target).
-use std::sync::Arc;
+//! The target kinds racewatch watches, each a front end over the same engine: `native` (any
+//! ELF program's functions, `racewatch watch`) and `python` (CPython's dicts, `racewatch python`).
+//! What they share here: how each turns the kernel's stack records into frames.
+use crate::engine::stack::Stack;
 
-use serde::Serialize;
-
-pub mod maps;
 pub mod native;
-
-/// One frame of a stack, innermost first in a [`Stack`].
-#[derive(Clone, Debug, PartialEq, Eq, Hash, Serialize)]
-pub struct Frame {
-    /// Demangled function name (native) or qualified name (Python); `??` when unknown.
-    pub function: String,
-    pub file: Option<String>,
-    pub line: Option<u32>,
-}
-
-impl Frame {
-    pub fn unknown() -> Frame {
-        Frame {
-            function: "??".into(),
-            file: None,
-            line: None,
-        }
-    }
-}
-
-/// A resolved stack, shared by every alert of its window or pair.
-pub type Stack = Arc<[Frame]>;
+pub mod python;
 
 /// What racewatch asks the kernel for with each event that reaches userspace, and how it turns
 /// that into frames.
@@ -35,9 +12,9 @@ pub type Stack = Arc<[Frame]>;
 pub enum StackConfig {
     None,
     Native {
-        returned_from: Option<native::ReturnedFrom>,
+        returned_from: Option<native::stacks::ReturnedFrom>,
     },
-    Python(crate::python::frames::FrameLayout),
+    Python(python::frames::FrameLayout),
 }
 
 impl StackConfig {
@@ -61,11 +38,9 @@ impl StackConfig {
         match self {
             StackConfig::None => Resolver::None,
             StackConfig::Native { returned_from } => Resolver::Native(Box::new(
-                native::NativeStacks::new(pid, returned_from.clone()),
+                native::stacks::NativeStacks::new(pid, returned_from.clone()),
             )),
-            StackConfig::Python(l) => {
-                Resolver::Python(crate::python::frames::PyStacks::new(pid, l.code))
-            }
+            StackConfig::Python(l) => Resolver::Python(python::frames::PyStacks::new(pid, l.code)),
         }
     }
 }
@@ -73,8 +48,8 @@ impl StackConfig {
 /// Turns the kernel's stack records into frames.
 pub enum Resolver {
     None,
-    Native(Box<native::NativeStacks>),
-    Python(crate::python::frames::PyStacks),
+    Native(Box<native::stacks::NativeStacks>),
+    Python(python::frames::PyStacks),
 }
 
 impl Resolver {

@@ -8,18 +8,13 @@ use std::time::{Duration, Instant};
 pub const BURST: Duration = Duration::from_millis(20);
 pub const PERIOD: Duration = Duration::from_secs(1);
 
-/// A time no run reaches.
-fn never() -> Instant {
-    Instant::now() + Duration::from_secs(365 * 24 * 3600)
-}
-
 /// When bursts start and stop, and how long lookups were counted.
 #[derive(Debug)]
 pub struct Sampler {
     /// When the running burst's probe was attached.
     on_since: Option<Instant>,
-    /// When the next burst starts (or the running one stops).
-    due: Instant,
+    /// When the next burst starts (or the running one stops); None: never.
+    due: Option<Instant>,
     sampled: Duration,
     /// The probe stays attached once started (every lookup counted).
     always: bool,
@@ -30,13 +25,13 @@ impl Sampler {
     pub fn new(now: Instant, always: bool) -> Sampler {
         Sampler {
             on_since: None,
-            due: now,
+            due: Some(now),
             sampled: Duration::ZERO,
             always,
         }
     }
 
-    pub fn due(&self) -> Instant {
+    pub fn due(&self) -> Option<Instant> {
         self.due
     }
 
@@ -48,21 +43,21 @@ impl Sampler {
     /// more than the probe was live).
     pub fn started(&mut self, now: Instant) {
         self.on_since = Some(now);
-        self.due = if self.always { never() } else { now + BURST };
+        self.due = (!self.always).then_some(now + BURST);
     }
 
     /// The probe is about to be detached at `now`.
     pub fn stopped(&mut self, now: Instant) {
         if let Some(since) = self.on_since.take() {
             self.sampled += now.saturating_duration_since(since);
-            self.due = since + PERIOD;
+            self.due = Some(since + PERIOD);
         }
     }
 
     /// No more bursts (the probe could not be attached).
     pub fn halt(&mut self) {
         self.on_since = None;
-        self.due = never();
+        self.due = None;
     }
 
     /// Time lookups were counted, the running burst included.
@@ -82,18 +77,18 @@ mod tests {
     fn bursts_repeat_each_period_and_their_time_adds_up() {
         let t0 = Instant::now();
         let mut s = Sampler::new(t0, false);
-        assert_eq!(s.due(), t0);
+        assert_eq!(s.due(), Some(t0));
         assert!(!s.is_on());
         s.started(t0 + Duration::from_millis(1));
         assert!(s.is_on());
-        assert_eq!(s.due(), t0 + Duration::from_millis(21));
+        assert_eq!(s.due(), Some(t0 + Duration::from_millis(21)));
         assert_eq!(
             s.sampled(t0 + Duration::from_millis(11)),
             Duration::from_millis(10)
         );
         s.stopped(t0 + Duration::from_millis(23));
         assert!(!s.is_on());
-        assert_eq!(s.due(), t0 + Duration::from_millis(1001));
+        assert_eq!(s.due(), Some(t0 + Duration::from_millis(1001)));
         s.started(t0 + Duration::from_millis(1002));
         s.stopped(t0 + Duration::from_millis(1022));
         assert_eq!(
@@ -108,7 +103,7 @@ mod tests {
         let mut s = Sampler::new(t0, false);
         s.halt();
         assert!(!s.is_on());
-        assert!(s.due() > t0 + Duration::from_secs(3600));
+        assert_eq!(s.due(), None);
     }
 
     #[test]
@@ -117,6 +112,6 @@ mod tests {
         let mut s = Sampler::new(t0, false);
         s.stopped(t0 + Duration::from_secs(1));
         assert_eq!(s.sampled(t0 + Duration::from_secs(2)), Duration::ZERO);
-        assert_eq!(s.due(), t0);
+        assert_eq!(s.due(), Some(t0));
     }
 }

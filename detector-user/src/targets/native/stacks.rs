@@ -19,9 +19,9 @@ use framehop::{
 };
 use object::{Object, ObjectSection, ObjectSegment};
 
-use super::{
-    Frame, Stack,
-    maps::{self, Mapping},
+use crate::{
+    engine::stack::{Frame, Stack},
+    process::maps::{self, Mapping},
 };
 
 /// Deeper stacks are cut here (innermost frames kept).

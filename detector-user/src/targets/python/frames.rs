@@ -7,12 +7,11 @@ use std::{collections::HashMap, path::Path, sync::Arc};
 use detector_common::{PyFrames, PyLayout};
 
 use super::{
-    gil::{member_offsets, symbol, with_dwarf},
+    dwarf::{SiteError, member_offsets, symbol, with_dwarf},
     key::{COMPACT_DATA, STR_LENGTH, STR_STATE, chars, str_data},
-    keyerror_site::SiteError,
     linetable,
 };
-use crate::stack::{Frame, Stack};
+use crate::engine::stack::{Frame, Stack};
 
 /// The CPython 3.11 members racewatch reads, by (struct, member).
 const MEMBERS: [(&str, &str); 11] = [

@@ -15,9 +15,11 @@ use iced_x86::{
 };
 
 use crate::{
-    loader::{LookupProbe, Placed},
-    output::escape,
-    symbols::{Function, SymbolTable},
+    probe::{
+        plan::{LookupProbe, Placed, RefillProbe},
+        symbols::{Function, SymbolTable},
+    },
+    text::escape,
 };
 
 /// Registers that hold the six integer arguments, in order.
@@ -572,15 +574,6 @@ fn exits(decoded: &Code_, is_fragment: &dyn Fn(u64) -> bool) -> Result<Vec<Site>
         return Err("the function never returns".into());
     }
     Ok(found)
-}
-
-/// How a refill is probed: at its entry (to learn which cache) and where it ends.
-pub enum RefillProbe {
-    /// The entry, and the return through a return probe (which needs the entry's breakpoint).
-    Return(Placed),
-    /// An emulated prologue instruction, and every exit, each one emulated (tail calls): two
-    /// cheap traps instead of the entry's and the return trampoline's.
-    Exits { entry: Placed, exits: Vec<u64> },
 }
 
 /// The cheapest sure way to probe refill `f`: its exits when they are all emulated instructions,

@@ -1,0 +1,108 @@
+//! What a run reports at its end: the counts, what was lost, what each probe cost. Plain data,
+//! serialized as the NDJSON summary and rendered by each sink.
+use serde::Serialize;
+
+use crate::engine::{
+    correlate::Counts,
+    cost::{ProbeHits, SelfCost},
+    dedup::Pair,
+    stack::Frame,
+};
+
+/// Everything the last line of a run reports.
+#[derive(Clone, Debug, Default, Serialize)]
+pub struct Summary {
+    #[serde(flatten)]
+    pub counts: CountsJson,
+    /// Events the kernel could not deliver (ring buffer full), all kinds.
+    pub lost_events: u64,
+    /// Lookups the kernel found in a window, delivered or lost: `lookups_in_window` plus
+    /// `lost_by_kind.lookup` (watch runs; Python's KeyErrors are counted apart).
+    pub kernel_lookups_in_window: u64,
+    pub lost_by_kind: LostByKind,
+    /// Window or in-flight state the kernel could not store (map full).
+    pub map_full: u64,
+    /// KeyErrors whose key the kernel could not keep for judging (counted as window misses).
+    pub pending_full: u64,
+    /// Ring-buffer records userspace could not decode (a racewatch bug if ever non-zero).
+    pub decode_errors: u64,
+    /// Times each probe fired in the target.
+    pub probe_hits: ProbeHits,
+    /// What `--provoke` did (all zero without it).
+    pub provoke: ProvokeJson,
+    /// racewatch's estimate of the time its probes added to the target.
+    pub self_cost: Option<SelfCost>,
+    /// Each distinct (reader stack, writer stack) pair, with how often it raced.
+    pub pairs: Vec<PairJson>,
+    pub duration_s: f64,
+    /// How the run ended: "target exited", "interrupted", "duration elapsed".
+    pub ended: String,
+}
+
+#[derive(Clone, Debug, Default, Serialize)]
+pub struct CountsJson {
+    pub windows: u64,
+    pub lookups_in_window: u64,
+    pub misses_in_window: u64,
+    pub absent_keys_in_window: u64,
+    pub caches: u64,
+    pub max_window_ns: u64,
+}
+
+impl From<&Counts> for CountsJson {
+    fn from(c: &Counts) -> Self {
+        CountsJson {
+            windows: c.windows,
+            lookups_in_window: c.lookups_in_window,
+            misses_in_window: c.misses_in_window,
+            absent_keys_in_window: c.absent_keys_in_window,
+            caches: c.caches,
+            max_window_ns: c.max_window_ns,
+        }
+    }
+}
+
+#[derive(Clone, Debug, Default, Serialize)]
+pub struct ProvokeJson {
+    /// Windows held open longer.
+    pub windows: u64,
+    /// Time added to them, in total.
+    pub added_ns: u64,
+    /// Windows left alone because the budget was spent.
+    pub over_budget: u64,
+}
+
+#[derive(Clone, Debug, Default, Serialize)]
+pub struct PairJson {
+    pub reader_name: String,
+    pub writer_name: Option<String>,
+    pub lookups: u64,
+    pub misses: u64,
+    pub reader_stack: Option<Vec<Frame>>,
+    pub writer_stack: Option<Vec<Frame>>,
+}
+
+impl From<&Pair> for PairJson {
+    fn from(p: &Pair) -> Self {
+        PairJson {
+            reader_name: p.reader_name.clone(),
+            writer_name: p.writer_name.clone(),
+            lookups: p.lookups,
+            misses: p.misses,
+            reader_stack: p.reader_stack.as_deref().map(<[Frame]>::to_vec),
+            writer_stack: p.writer_stack.as_deref().map(<[Frame]>::to_vec),
+        }
+    }
+}
+
+#[derive(Clone, Debug, Default, Serialize)]
+pub struct LostByKind {
+    pub window_open: u64,
+    pub window_close: u64,
+    pub lookup: u64,
+    pub keyerror: u64,
+    pub key_verdict: u64,
+    pub near: u64,
+    pub native_stack: u64,
+    pub py_frames: u64,
+}

@@ -1,0 +1,9 @@
+//! Probing: reading ELF files for functions and where to probe them, loading racewatch's eBPF
+//! object, attaching it, and asking the kernel what it supports and what a probe costs.
+pub mod calibrate;
+pub mod info;
+pub mod loader;
+pub mod placement;
+pub mod plan;
+pub mod preflight;
+pub mod symbols;

@@ -1,0 +1,72 @@
+//! The processes racewatch watches: finding them (/proc), launching a command held until the
+//! probes are attached, and waiting for either to end.
+use std::time::Duration;
+use std::{ffi::OsString, fs, path::PathBuf};
+
+#[derive(Debug, thiserror::Error)]
+pub enum TargetError {
+    #[error("command not found: {0} (is it on PATH?)")]
+    CommandNotFound(String),
+    #[error("pid 0 is not a process: give the pid of the running program (see `pgrep`)")]
+    PidZero,
+    #[error("no process with pid {0}: is it still running? (see `pgrep`)")]
+    NoSuchPid(u32),
+    #[error("process {0} has exited (zombie): nothing left to watch")]
+    Zombie(u32),
+    #[error("cannot read the executable of process {pid}: {source}")]
+    Exe { pid: u32, source: std::io::Error },
+    #[error("cannot start {cmd}: {source}")]
+    Spawn { cmd: String, source: std::io::Error },
+    #[error("cannot watch process {pid} for exit: {source}")]
+    Pidfd { pid: u32, source: std::io::Error },
+}
+
+/// Resolves a command name as the shell would (PATH lookup).
+pub fn resolve_command(cmd: &OsString) -> Result<PathBuf, TargetError> {
+    which::which(cmd).map_err(|_| TargetError::CommandNotFound(cmd.to_string_lossy().into_owned()))
+}
+
+/// Checks that `pid` is a live process and returns the path of its executable.
+pub fn running_exe(pid: u32) -> Result<PathBuf, TargetError> {
+    if pid == 0 {
+        return Err(TargetError::PidZero);
+    }
+    let stat =
+        fs::read_to_string(format!("/proc/{pid}/stat")).map_err(|_| TargetError::NoSuchPid(pid))?;
+    // The state follows the parenthesised command name, which may itself hold ") ".
+    if stat
+        .rsplit_once(") ")
+        .is_some_and(|(_, rest)| rest.starts_with('Z'))
+    {
+        return Err(TargetError::Zombie(pid));
+    }
+    fs::read_link(format!("/proc/{pid}/exe")).map_err(|source| TargetError::Exe { pid, source })
+}
+
+pub mod launch;
+pub mod maps;
+pub mod target;
+
+/// CPU time (user + system, all threads) a live process has used, from /proc/PID/stat.
+pub(crate) fn proc_cpu(pid: u32) -> Option<Duration> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // Fields after the command name, which may hold spaces and parentheses: state is the first,
+    // utime and stime the 12th and 13th.
+    let rest = &stat[stat.rfind(')')? + 1..];
+    let mut fields = rest.split_whitespace().skip(11);
+    let ticks = fields.next()?.parse::<u64>().ok()? + fields.next()?.parse::<u64>().ok()?;
+    // SAFETY: sysconf has no preconditions.
+    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) };
+    (hz > 0).then(|| Duration::from_nanos(ticks * 1_000_000_000 / hz as u64))
+}
+
+/// CPU time of racewatch's reaped children: the launched command, once it has exited.
+pub(crate) fn children_cpu() -> Option<Duration> {
+    // SAFETY: getrusage fills the struct it is given.
+    let mut usage: libc::rusage = unsafe { std::mem::zeroed() };
+    if unsafe { libc::getrusage(libc::RUSAGE_CHILDREN, &mut usage) } != 0 {
+        return None;
+    }
+    let tv = |t: libc::timeval| Duration::new(t.tv_sec as u64, t.tv_usec as u32 * 1000);
+    Some(tv(usage.ru_utime) + tv(usage.ru_stime))
+}

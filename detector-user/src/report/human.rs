@@ -1,0 +1,248 @@
+//! Human lines: one per race (with both stacks for a pair's first), hazards, the summary.
+use std::io::{self, Write};
+
+use crate::{
+    engine::{correlate::Alert, cost::SelfCost, hazard::Hazard, stack::Frame, summary::Summary},
+    report::Sink,
+    text::{escape, fmt_ns},
+};
+
+fn self_cost_line(cost: &SelfCost) -> String {
+    let share = match (cost.added_share, cost.target_cpu_ns) {
+        (Some(share), Some(cpu)) => {
+            format!(
+                " ({:.2}% of its {} of CPU time)",
+                share * 100.0,
+                fmt_ns(cpu)
+            )
+        }
+        _ => String::new(),
+    };
+    let c = &cost.per_hit_ns;
+    format!(
+        "racewatch: its probes added ~{} to the target{share}; one hit costs {} (emulated \
+         instruction), {} (single-stepped), {} more with the return probed",
+        fmt_ns(cost.added_ns),
+        fmt_ns(c.emulated_ns as u64),
+        fmt_ns(c.single_stepped_ns as u64),
+        fmt_ns(c.return_ns as u64),
+    )
+}
+
+/// `function file:line`, control characters escaped.
+fn frame_text(f: &Frame) -> String {
+    let at = match (&f.file, f.line) {
+        (Some(file), Some(line)) => format!(" {}:{line}", escape(file)),
+        (Some(file), None) => format!(" {}", escape(file)),
+        _ => String::new(),
+    };
+    format!("{}{at}", escape(&f.function))
+}
+
+/// A stack the way sanitizers print one: `#N function file:line`, innermost first.
+fn write_stack(out: &mut impl Write, stack: Option<&[Frame]>) -> io::Result<()> {
+    match stack {
+        Some([]) => writeln!(out, "    (no frame could be unwound)"),
+        Some(frames) => {
+            for (i, f) in frames.iter().enumerate() {
+                writeln!(out, "    #{i} {}", frame_text(f))?;
+            }
+            Ok(())
+        }
+        None => writeln!(out, "    (stack not captured)"),
+    }
+}
+
+/// The innermost frame of a stack, for the summary's one line per pair.
+fn top(stack: Option<&[Frame]>) -> String {
+    stack
+        .and_then(|s| s.first())
+        .map(frame_text)
+        .unwrap_or_else(|| "?".into())
+}
+
+pub struct HumanSink<W: Write> {
+    out: W,
+}
+
+impl<W: Write> HumanSink<W> {
+    pub fn new(out: W) -> Self {
+        HumanSink { out }
+    }
+}
+
+impl<W: Write> Sink for HumanSink<W> {
+    fn alert(&mut self, a: &Alert, pair: usize) -> io::Result<()> {
+        let writer = a
+            .writer_name
+            .as_deref()
+            .map(escape)
+            .unwrap_or_else(|| "?".into());
+        let outcome = match a.miss {
+            Some(true) => "MISSED",
+            Some(false) => "found",
+            None => "result not probed",
+        };
+        let key = a
+            .key
+            .as_deref()
+            .map(|k| format!(" key {}", escape(k)))
+            .unwrap_or_default();
+        writeln!(
+            self.out,
+            "RACE cache {:#x}: reader {} ({}) looked up{} while writer {} ({}) had emptied it {} earlier: {}",
+            a.cache,
+            a.reader_tid,
+            escape(&a.reader_name),
+            key,
+            a.writer_tid,
+            writer,
+            fmt_ns(a.open_for_ns()),
+            outcome
+        )?;
+        if a.reader_stack.is_some() || a.writer_stack.is_some() {
+            writeln!(
+                self.out,
+                "  reader {} ({}) looked up the cache here:",
+                a.reader_tid,
+                escape(&a.reader_name)
+            )?;
+            write_stack(&mut self.out, a.reader_stack.as_deref())?;
+            writeln!(
+                self.out,
+                "  writer {} ({writer}) had emptied it here:",
+                a.writer_tid
+            )?;
+            write_stack(&mut self.out, a.writer_stack.as_deref())?;
+            writeln!(
+                self.out,
+                "  (stack pair #{pair}: its further races are counted in the summary)"
+            )?;
+        }
+        Ok(())
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        self.out.flush()
+    }
+
+    fn hazard(&mut self, h: &Hazard) -> io::Result<()> {
+        let sampled = if h.sampled_fraction < 1.0 {
+            format!(
+                " (lookups sampled {:.1}% of the time)",
+                h.sampled_fraction * 100.0
+            )
+        } else {
+            String::new()
+        };
+        writeln!(
+            self.out,
+            "HAZARD cache {:#x}: {} windows ({:.1}/s), width p50 {} p99 {} max {}, empty {:.4}% of \
+             the time; expect {:.1} collisions/hour{sampled}",
+            h.cache,
+            h.windows,
+            h.windows_per_s,
+            fmt_ns(h.window_p50_ns),
+            fmt_ns(h.window_p99_ns),
+            fmt_ns(h.window_max_ns),
+            h.time_in_window * 100.0,
+            h.expected_collisions_per_hour,
+        )?;
+        if h.readers.is_empty() {
+            writeln!(self.out, "  no reader's lookups were counted")?;
+        }
+        let far = |d: Option<u64>| d.map_or_else(|| "never seen".to_string(), fmt_ns);
+        for r in &h.readers {
+            writeln!(
+                self.out,
+                "  reader {} ({}): {:.0} lookups/s, closest {} before a window and {} after one",
+                r.tid,
+                escape(&r.comm),
+                r.lookups_per_s,
+                far(r.closest_before_ns),
+                far(r.closest_after_ns),
+            )?;
+        }
+        self.out.flush()
+    }
+
+    fn summary(&mut self, s: &Summary) -> io::Result<()> {
+        // Before the summary line, which stays the last.
+        if let Some(cost) = &s.self_cost {
+            writeln!(self.out, "{}", self_cost_line(cost))?;
+        }
+        let c = &s.counts;
+        // Only Python runs judge keys; a watch run has nothing to say here.
+        let absent = match c.absent_keys_in_window {
+            0 => String::new(),
+            n => format!(" ({n} more KeyErrors in a window were for keys absent after it too)"),
+        };
+        let windows = match c.windows {
+            0 => "no cache was emptied (0 windows)".to_string(),
+            n => format!(
+                "{n} windows in {} caches (widest {})",
+                c.caches,
+                fmt_ns(c.max_window_ns)
+            ),
+        };
+        writeln!(
+            self.out,
+            "racewatch: {windows}, {} lookups in a window, {} of them missed{absent}; {} events lost; \
+             {:.1} s, {}",
+            c.lookups_in_window, c.misses_in_window, s.lost_events, s.duration_s, s.ended
+        )?;
+        let p = &s.provoke;
+        if p.windows > 0 || p.over_budget > 0 {
+            writeln!(
+                self.out,
+                "racewatch: provoked {} windows, adding {} in all ({} more left alone: budget spent)",
+                p.windows,
+                fmt_ns(p.added_ns),
+                p.over_budget
+            )?;
+        }
+        if s.lost_events > 0 {
+            let l = &s.lost_by_kind;
+            writeln!(
+                self.out,
+                "racewatch: warning: the ring buffer overflowed and {} events were lost (window \
+                 opens {}, closes {}, lookups {} of {} in a window, KeyErrors {}, key verdicts {}, near \
+                 misses {}, native stacks {}, Python frames {}): the counts above are lower bounds",
+                s.lost_events,
+                l.window_open,
+                l.window_close,
+                l.lookup,
+                s.kernel_lookups_in_window,
+                l.keyerror,
+                l.key_verdict,
+                l.near,
+                l.native_stack,
+                l.py_frames
+            )?;
+        }
+        for (i, p) in s.pairs.iter().enumerate() {
+            writeln!(
+                self.out,
+                "racewatch: pair #{}: {} lookups in a window, {} missed: reader {} at {}; writer {} at {}",
+                i + 1,
+                p.lookups,
+                p.misses,
+                escape(&p.reader_name),
+                top(p.reader_stack.as_deref()),
+                p.writer_name
+                    .as_deref()
+                    .map(escape)
+                    .unwrap_or_else(|| "?".into()),
+                top(p.writer_stack.as_deref()),
+            )?;
+        }
+        if s.map_full > 0 || s.decode_errors > 0 {
+            writeln!(
+                self.out,
+                "racewatch: warning: {} window states did not fit in the kernel's maps, {} events could not be decoded",
+                s.map_full, s.decode_errors
+            )?;
+        }
+        self.out.flush()
+    }
+}

@@ -1,0 +1,91 @@
+//! NDJSON: one object a line, for pipelines (jq, journald, Vector).
+use std::io::{self, Write};
+
+use serde_json::json;
+
+use crate::{
+    engine::{correlate::Alert, hazard::Hazard, summary::Summary},
+    report::Sink,
+};
+
+pub struct JsonSink<W: Write> {
+    out: W,
+}
+
+impl<W: Write> JsonSink<W> {
+    pub fn new(out: W) -> Self {
+        JsonSink { out }
+    }
+}
+
+impl<W: Write> Sink for JsonSink<W> {
+    fn alert(&mut self, a: &Alert, pair: usize) -> io::Result<()> {
+        let line = json!({
+            "type": "alert",
+            "cache": format!("{:#x}", a.cache),
+            "reader_tid": a.reader_tid,
+            "reader_name": a.reader_name,
+            "writer_tid": a.writer_tid,
+            "writer_name": a.writer_name,
+            "window_open_ns": a.window_open_ns,
+            "lookup_ns": a.lookup_ns,
+            "open_for_ns": a.open_for_ns(),
+            "miss": a.miss,
+            "key": a.key,
+            "pair": pair,
+            "reader_stack": a.reader_stack.as_deref(),
+            "writer_stack": a.writer_stack.as_deref(),
+        });
+        writeln!(self.out, "{line}")
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        self.out.flush()
+    }
+
+    fn hazard(&mut self, h: &Hazard) -> io::Result<()> {
+        let readers: Vec<_> = h
+            .readers
+            .iter()
+            .map(|r| {
+                json!({
+                    "tid": r.tid,
+                    "comm": r.comm,
+                    "lookups": r.lookups,
+                    "lookups_per_s": r.lookups_per_s,
+                    "closest_before_ns": r.closest_before_ns,
+                    "closest_after_ns": r.closest_after_ns,
+                    "expected_collisions_per_hour": r.expected_collisions_per_hour,
+                })
+            })
+            .collect();
+        let line = json!({
+            "type": "hazard",
+            "cache": format!("{:#x}", h.cache),
+            "windows": h.windows,
+            "windows_per_s": h.windows_per_s,
+            "window_p50_ns": h.window_p50_ns,
+            "window_p99_ns": h.window_p99_ns,
+            "window_max_ns": h.window_max_ns,
+            "time_in_window": h.time_in_window,
+            "readers": readers,
+            "expected_collisions_per_hour": h.expected_collisions_per_hour,
+            "sampled_fraction": h.sampled_fraction,
+            "elapsed_s": h.elapsed_s,
+        });
+        writeln!(self.out, "{line}")?;
+        self.out.flush()
+    }
+
+    fn summary(&mut self, s: &Summary) -> io::Result<()> {
+        let mut line = serde_json::Map::new();
+        line.insert("type".into(), "summary".into());
+        if let serde_json::Value::Object(fields) =
+            serde_json::to_value(s).map_err(io::Error::other)?
+        {
+            line.extend(fields);
+        }
+        writeln!(self.out, "{}", serde_json::Value::Object(line))?;
+        self.out.flush()
+    }
+}
