@@ -115,8 +115,9 @@ pub fn on_lookup(ctx: ProbeContext) -> u32 {
     0
 }
 
-/// The lookup function's entry when its return is probed too (`--miss-ret`): remembers the cache
-/// and the entry time so the return can tell whether a window opened meanwhile.
+/// The lookup function's entry, `V lookup(Cache *c, K key)`, when its return is probed too
+/// (`--miss-ret`): remembers the cache and the entry time so the return can tell whether a window
+/// opened meanwhile.
 #[uprobe]
 pub fn on_lookup_entry(ctx: ProbeContext) -> u32 {
     bump(Stat::HitsLookupEntry);
@@ -134,8 +135,8 @@ pub fn on_lookup_entry(ctx: ProbeContext) -> u32 {
     0
 }
 
-/// The lookup function's return: reports the lookup, with its return value, if a window was open
-/// at any time since its entry.
+/// The lookup function's return, `V lookup(Cache *c, K key)`: reports the lookup, with its return
+/// value, if a window was open at any time since its entry.
 #[uretprobe]
 pub fn on_lookup_return(ctx: RetProbeContext) -> u32 {
     bump(Stat::HitsLookupReturn);
@@ -160,9 +161,9 @@ pub fn on_lookup_return(ctx: RetProbeContext) -> u32 {
     0
 }
 
-/// An instruction on the path by which the lookup function returns its miss value (`--miss-ret`):
-/// only misses pass here, so lookups that find their key never trap. The cache is read from the
-/// register the function keeps it in at that point.
+/// An instruction on the path by which the lookup function, `V lookup(Cache *c, K key)`, returns
+/// its miss value (`--miss-ret`): only misses pass here, so lookups that find their key never
+/// trap. The cache is read from the register the function keeps it in at that point.
 #[uprobe]
 pub fn on_lookup_miss(ctx: ProbeContext) -> u32 {
     bump(Stat::HitsLookupMiss);

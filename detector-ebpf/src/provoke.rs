@@ -40,11 +40,12 @@ pub(crate) fn arm_gil_handover(ctx: &ProbeContext, cache: u64, tid: u32, now: u6
     }
 }
 
-/// `dict_clear`'s return, attached with `python --provoke`: the window is open and the writer
-/// holds the GIL. It is kept here until a thread waiting for the GIL asks for it (sets the
-/// interpreter's `gil_drop_request`, as CPython does after the switch interval) or the
-/// deadline passes. Asked, the writer drops the GIL at the eval-breaker check that follows the
-/// call, inside the window; racewatch never writes to the target's memory.
+/// CPython's `static PyObject *dict_clear(PyDictObject *mp, PyObject *ignored)`, its return,
+/// attached with `python --provoke`: the window is open and the writer holds the GIL. It is kept
+/// here until a thread waiting for the GIL asks for it (sets the interpreter's
+/// `gil_drop_request`, as CPython does after the switch interval) or the deadline passes. Asked,
+/// the writer drops the GIL at the eval-breaker check that follows the call, inside the window;
+/// racewatch never writes to the target's memory.
 #[uretprobe]
 pub fn on_clear_return(_ctx: RetProbeContext) -> u32 {
     let Some(tid) = traced_tid() else { return 0 };

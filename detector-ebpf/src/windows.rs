@@ -49,8 +49,9 @@ pub fn on_refill(ctx: ProbeContext) -> u32 {
     0
 }
 
-/// `on_refill` for native `--provoke`: also holds the writer inside the window. A program of its
-/// own because `bpf_loop` needs kernel 5.17+, which runs without `--provoke` need not.
+/// The refill function's entry, `void update(Cache *c, ...)`, for native `--provoke`: `on_refill`
+/// that also holds the writer inside the window. A program of its own because `bpf_loop` needs
+/// kernel 5.17+, which runs without `--provoke` need not.
 #[uprobe]
 pub fn on_refill_provoke(ctx: ProbeContext) -> u32 {
     refill_entry(&ctx, true);
@@ -72,14 +73,15 @@ fn refill_entry(ctx: &ProbeContext, hold: bool) {
     }
 }
 
-/// The refill function's return: closes the window.
+/// The refill function's return, `void update(Cache *c, ...)`: closes the window.
 #[uretprobe]
 pub fn on_refill_return(_ctx: RetProbeContext) -> u32 {
     refill_done()
 }
 
-/// An instruction by which the refill function leaves (a tail call the kernel emulates): closes
-/// the window like the return does, at a fraction of a return probe's cost.
+/// An instruction by which the refill function, `void update(Cache *c, ...)`, leaves (a tail call
+/// the kernel emulates): closes the window like the return does, at a fraction of a return
+/// probe's cost.
 #[uprobe]
 pub fn on_refill_exit(_ctx: ProbeContext) -> u32 {
     refill_done()
