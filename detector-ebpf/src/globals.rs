@@ -1,0 +1,54 @@
+//! The load-time statics the loader rewrites before load, and the one way to read them.
+
+use detector_common::{EVENTS_BYTES_DEFAULT, PyLayout, StackMode};
+
+/// Only this process is traced; 0 traces any (set at load time).
+#[unsafe(no_mangle)]
+pub(crate) static TARGET_TGID: u32 = 0;
+/// Which argument is the cache object (set at load time).
+#[unsafe(no_mangle)]
+pub(crate) static CACHE_ARG: u32 = 0;
+/// `pt_regs` slot of the register that holds the cache on the lookup's miss path (set at load
+/// time from the decoded function).
+#[unsafe(no_mangle)]
+pub(crate) static MISS_CACHE_SLOT: u32 = 0;
+/// The lookup's miss value, reported as the return value of each miss-path hit.
+#[unsafe(no_mangle)]
+pub(crate) static MISS_VALUE: i64 = 0;
+/// Ring fill above which a write wakes the collector; below it the collector polls, which spares
+/// the target the wakeup's cost (~6 µs an event on this kind of machine).
+#[unsafe(no_mangle)]
+pub(crate) static WAKEUP_BYTES: u64 = (EVENTS_BYTES_DEFAULT / 2) as u64;
+/// How long to hold a writer inside each window (0: never; set at load time).
+#[unsafe(no_mangle)]
+pub(crate) static PROVOKE_NS: u64 = 0;
+/// When the provocation budget starts accruing (set at load time).
+#[unsafe(no_mangle)]
+pub(crate) static PROVOKE_START_NS: u64 = 0;
+/// CPUs that share the provocation budget (set at load time).
+#[unsafe(no_mangle)]
+pub(crate) static PROVOKE_CPUS: u32 = 1;
+/// CPython `--provoke`: where the interpreter's `gil_drop_request` is, relative to the clear
+/// probe's address (0: native `--provoke`, which holds at the refill).
+#[unsafe(no_mangle)]
+pub(crate) static DROP_REQUEST_DELTA: i64 = 0;
+
+/// Which stacks go with the events that reach userspace ([`StackMode`], set at load time).
+#[unsafe(no_mangle)]
+pub(crate) static STACK_MODE: u32 = StackMode::None as u32;
+/// Where CPython keeps a thread's frames (set at load time for `racewatch python`).
+#[unsafe(no_mangle)]
+pub(crate) static PY_LAYOUT: PyLayout = PyLayout {
+    tstate_from_clear: 0,
+    tstate_from_keyerror: 0,
+    cframe: 0,
+    current_frame: 0,
+    f_code: 0,
+    previous: 0,
+    prev_instr: 0,
+};
+
+pub(crate) fn global<T: Copy>(v: &'static T) -> T {
+    // SAFETY: the loader rewrites these before load; volatile keeps the compiler from folding them.
+    unsafe { core::ptr::read_volatile(v) }
+}

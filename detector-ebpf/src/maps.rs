@@ -1,0 +1,59 @@
+//! Every map the programs keep state in or share with userspace, each under the name userspace
+//! finds it by.
+
+use aya_ebpf::{
+    macros::map,
+    maps::{HashMap, LruHashMap, PerCpuArray, RingBuf},
+};
+use detector_common::{
+    DictSite, EVENTS_BYTES_DEFAULT, GilHold, Inflight, MAX_CACHES, MAX_INFLIGHT,
+    MAX_KEYERROR_SITES, MAX_PENDING, MAX_READERS, PendingKey, ProvokeState, ReaderKey, ReaderState,
+    Stat, Window,
+};
+
+/// What crosses to userspace: window boundaries, flagged lookups, KeyErrors and their verdicts,
+/// and the stacks that go with them.
+#[map(name = "EVENTS")]
+pub(crate) static EVENTS: RingBuf = RingBuf::with_byte_size(EVENTS_BYTES_DEFAULT, 0);
+/// Each cache's window, keyed by the cache's address.
+#[map(name = "WINDOWS")]
+pub(crate) static WINDOWS: LruHashMap<u64, Window> = LruHashMap::with_max_entries(MAX_CACHES, 0);
+/// Cache being refilled, per thread, between the refill's entry and return.
+#[map(name = "REFILLS")]
+pub(crate) static REFILLS: HashMap<u32, u64> = HashMap::with_max_entries(MAX_INFLIGHT, 0);
+/// Lookup in flight, per thread, when the lookup's return is probed.
+#[map(name = "LOOKUPS")]
+pub(crate) static LOOKUPS: LruHashMap<u32, Inflight> =
+    LruHashMap::with_max_entries(MAX_INFLIGHT, 0);
+/// Where each call site of `_PyErr_SetKeyError` keeps the failed dict, keyed by the call's return
+/// address less that function's address.
+#[map(name = "KEYERROR_SITES")]
+pub(crate) static KEYERROR_SITES: HashMap<u64, DictSite> =
+    HashMap::with_max_entries(MAX_KEYERROR_SITES, 0);
+/// The keys that raised KeyError in a dict's open window, judged when it closes (a set: the
+/// value is unused).
+#[map(name = "PENDING")]
+pub(crate) static PENDING: HashMap<PendingKey, u8> = HashMap::with_max_entries(MAX_PENDING, 0);
+/// Dicts with keys in `PENDING`, so a window's close walks that map only when it has to.
+#[map(name = "PENDING_DICTS")]
+pub(crate) static PENDING_DICTS: HashMap<u64, u8> = HashMap::with_max_entries(MAX_CACHES, 0);
+/// Lookups per (cache, reader thread), and the reader's last lookup, for the hazard report.
+#[map(name = "READERS")]
+pub(crate) static READERS: LruHashMap<ReaderKey, ReaderState> =
+    LruHashMap::with_max_entries(MAX_READERS, 0);
+/// `--provoke`'s accounting on each CPU: time held, windows held, windows refused.
+#[map(name = "PROVOKE")]
+pub(crate) static PROVOKE: PerCpuArray<ProvokeState> = PerCpuArray::with_max_entries(1, 0);
+/// CPython writers armed to hand the GIL over in their window, by thread.
+#[map(name = "GIL_HOLDS")]
+pub(crate) static GIL_HOLDS: HashMap<u32, GilHold> = HashMap::with_max_entries(MAX_INFLIGHT, 0);
+/// Counters on each CPU, indexed by [`Stat`].
+#[map(name = "STATS")]
+pub(crate) static STATS: PerCpuArray<u64> = PerCpuArray::with_max_entries(Stat::COUNT, 0);
+/// A reader's stack goes with its first flagged lookup of each window only (userspace gives that
+/// stack to the thread's further lookups of the window): a thread reading in a loop through a
+/// wide window would otherwise send thousands of identical 8 KiB copies, and pay for each.
+/// Keyed by thread, the value is the window's opening time.
+#[map(name = "READER_STACKS")]
+pub(crate) static READER_STACKS: LruHashMap<u32, u64> =
+    LruHashMap::with_max_entries(MAX_INFLIGHT, 0);

@@ -1,0 +1,163 @@
+//! `--provoke`: holding a writer inside its window, natively at the refill or, for CPython, by
+//! handing the GIL over, within the time budget.
+
+use aya_ebpf::{
+    cty::c_void,
+    helpers::{bpf_ktime_get_ns, generated::bpf_loop},
+    macros::{uprobe, uretprobe},
+    programs::{ProbeContext, RetProbeContext},
+};
+use detector_common::{GilHold, Stat, within_budget};
+
+use crate::{
+    globals::{DROP_REQUEST_DELTA, PROVOKE_CPUS, PROVOKE_NS, PROVOKE_START_NS, global},
+    maps::{GIL_HOLDS, PROVOKE},
+    util::{bump, read_user, traced_tid, window},
+};
+
+/// CPython `--provoke`, at `dict_clear`'s entry: arms the handover (see on_clear_return and
+/// on_take_gil) if the budget allows, with the deadline of the whole hold.
+pub(crate) fn arm_gil_handover(ctx: &ProbeContext, cache: u64, tid: u32, now: u64) {
+    let hold = global(&PROVOKE_NS);
+    let Some(state) = PROVOKE.get_ptr_mut(0) else {
+        return;
+    };
+    let (start_ns, cpus) = (global(&PROVOKE_START_NS), global(&PROVOKE_CPUS));
+    // SAFETY: this CPU's slot of the per-CPU array.
+    if !within_budget(start_ns, now, unsafe { (*state).held_ns }, hold, cpus) {
+        unsafe { (*state).refused += 1 };
+        return;
+    }
+    // SAFETY: the context's registers are valid for the whole program.
+    let rip = unsafe { (*ctx.regs).rip };
+    let armed = GilHold {
+        cache,
+        deadline_ns: now + hold,
+        drop_request: rip.wrapping_add(global(&DROP_REQUEST_DELTA) as u64),
+    };
+    if GIL_HOLDS.insert(&tid, &armed, 0).is_err() {
+        bump(Stat::MapFull);
+    }
+}
+
+/// CPython's `static PyObject *dict_clear(PyDictObject *mp, PyObject *ignored)`, its return,
+/// attached with `python --provoke`: the window is open and the writer holds the GIL. It is kept
+/// here until a thread waiting for the GIL asks for it (sets the interpreter's
+/// `gil_drop_request`, as CPython does after the switch interval) or the deadline passes. Asked,
+/// the writer drops the GIL at the eval-breaker check that follows the call, inside the window;
+/// racewatch never writes to the target's memory.
+#[uretprobe]
+pub fn on_clear_return(_ctx: RetProbeContext) -> u32 {
+    let Some(tid) = traced_tid() else { return 0 };
+    // SAFETY: copied out at once.
+    let Some(armed) = (unsafe { GIL_HOLDS.get(&tid).copied() }) else {
+        return 0;
+    };
+    let handed_over = hold_until(
+        unsafe { bpf_ktime_get_ns() },
+        armed.deadline_ns,
+        armed.drop_request,
+    );
+    count_provoked();
+    if !handed_over {
+        // Nobody asked for the GIL in time: the window was held that long, and goes on as it
+        // would.
+        let _ = GIL_HOLDS.remove(&tid);
+    }
+    0
+}
+
+/// CPython's `static void take_gil(PyThreadState *tstate)`, attached with `python --provoke`: a
+/// writer that handed the GIL over in its window is kept here, without the GIL, until the
+/// deadline, so the readers run while its dict is empty.
+#[uprobe]
+pub fn on_take_gil(_ctx: ProbeContext) -> u32 {
+    let Some(tid) = traced_tid() else { return 0 };
+    // SAFETY: copied out at once.
+    let Some(armed) = (unsafe { GIL_HOLDS.get(&tid).copied() }) else {
+        return 0;
+    };
+    let _ = GIL_HOLDS.remove(&tid);
+    if window(armed.cache).is_some_and(|w| w.closes_on_refill(tid)) {
+        hold_until(unsafe { bpf_ktime_get_ns() }, armed.deadline_ns, 0);
+    }
+    0
+}
+
+/// What a hold waits for: the deadline, or a non-zero 4-byte flag in the target at `flag`.
+struct Spin {
+    deadline: u64,
+    /// 0: the deadline only.
+    flag: u64,
+    /// Set when the flag ended the hold.
+    flagged: u64,
+}
+
+/// `bpf_loop` callback: 1 (stop) once the deadline has passed or the flag is set.
+extern "C" fn spin(_index: u64, s: *mut Spin) -> i64 {
+    // SAFETY: `s` is hold_until's stack variable, live for the whole loop.
+    let s = unsafe { &mut *s };
+    if s.flag != 0 && read_user::<i32>(s.flag).is_some_and(|v| v != 0) {
+        s.flagged = 1;
+        return 1;
+    }
+    (unsafe { bpf_ktime_get_ns() } >= s.deadline) as i64
+}
+
+/// `--provoke`: keeps the calling writer inside its window for up to PROVOKE_NS, within the
+/// budget, so readers on other CPUs run while the cache is empty. A busy-wait, since a BPF
+/// program cannot sleep; `bpf_loop` bounds it (2^23 clock reads, longer than PROVOKE_MAX_NS).
+pub(crate) fn hold_writer() {
+    let hold = global(&PROVOKE_NS);
+    if hold == 0 {
+        return;
+    }
+    let Some(state) = PROVOKE.get_ptr_mut(0) else {
+        return;
+    };
+    let start = unsafe { bpf_ktime_get_ns() };
+    let (start_ns, cpus) = (global(&PROVOKE_START_NS), global(&PROVOKE_CPUS));
+    // SAFETY: this CPU's slot of the per-CPU array.
+    if !within_budget(start_ns, start, unsafe { (*state).held_ns }, hold, cpus) {
+        unsafe { (*state).refused += 1 };
+        return;
+    }
+    hold_until(start, start + hold, 0);
+    count_provoked();
+}
+
+/// Busy-waits until `deadline`, or until the target's 4-byte flag at `flag` (if not 0) is set,
+/// and accounts the time held since `start`; true if the flag ended it. The program runs with
+/// migration disabled, so the hold is accounted on the CPU that ran it.
+fn hold_until(start: u64, deadline: u64, flag: u64) -> bool {
+    let Some(state) = PROVOKE.get_ptr_mut(0) else {
+        return false;
+    };
+    if start >= deadline {
+        return false;
+    }
+    let mut s = Spin {
+        deadline,
+        flag,
+        flagged: 0,
+    };
+    // SAFETY: `s` lives on this stack for the whole loop; the state is this CPU's slot.
+    unsafe {
+        bpf_loop(
+            1 << 23,
+            spin as *mut c_void,
+            &mut s as *mut Spin as *mut c_void,
+            0,
+        );
+        (*state).held_ns += bpf_ktime_get_ns() - start;
+    }
+    s.flagged != 0
+}
+
+/// One more window held open.
+fn count_provoked() {
+    if let Some(state) = PROVOKE.get_ptr_mut(0) {
+        // SAFETY: this CPU's slot of the per-CPU array.
+        unsafe { (*state).windows += 1 };
+    }
+}

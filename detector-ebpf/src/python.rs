@@ -1,0 +1,250 @@
+//! CPython's KeyError: the dict of a failed `d[k]`, its report, and the verdict at the window's
+//! close on whether the key was in the refilled dict.
+
+use aya_ebpf::{
+    bindings::pt_regs,
+    cty::c_void,
+    helpers::{
+        bpf_ktime_get_ns, bpf_probe_read_user, bpf_probe_read_user_buf,
+        bpf_probe_read_user_str_bytes, generated::bpf_for_each_map_elem,
+    },
+    macros::uprobe,
+    programs::ProbeContext,
+};
+use detector_common::{
+    EventKind, KEY_ABSENT, KEY_PRESENT, KEY_UNKNOWN, KeyErrorEvent, KeyVerdict, PendingKey, Stat,
+    UNKNOWN_HASH, key_hash,
+};
+
+use crate::{
+    maps::{EVENTS, KEYERROR_SITES, PENDING, PENDING_DICTS},
+    stacks::stack,
+    util::{bump, comm, read_user, register, send, traced_tid, wakeup_flags, window},
+};
+
+/// The dict of a failed `d[k]`, read where the calling site keeps it.
+fn failed_dict(regs: &pt_regs) -> Option<u64> {
+    let read = |addr: u64| unsafe { bpf_probe_read_user(addr as *const u64) }.ok();
+    let return_addr = read(regs.rsp)?;
+    // SAFETY: copied out at once.
+    let site = unsafe {
+        KEYERROR_SITES
+            .get(&return_addr.wrapping_sub(regs.rip))
+            .copied()
+    }?;
+    if site.outer_sp_offset != 0
+        && read(regs.rsp.wrapping_add(site.outer_sp_offset))?.wrapping_sub(regs.rip)
+            != site.outer_delta
+    {
+        return None;
+    }
+    let reg = register(regs, site.dwarf_reg)?;
+    if site.deref == 0 {
+        return Some(reg);
+    }
+    read(reg.wrapping_add(site.offset as u64))
+}
+
+/// Keeps `key` to be judged at the window's close; false when it cannot be.
+fn add_pending(dict: u64, key: u64, hash: i64) -> bool {
+    if hash == UNKNOWN_HASH {
+        return false;
+    }
+    if PENDING
+        .insert(&PendingKey { dict, key, hash }, &0, 0)
+        .is_err()
+    {
+        bump(Stat::PendingFull);
+        return false;
+    }
+    let _ = PENDING_DICTS.insert(&dict, &0, 0);
+    true
+}
+
+fn verdict(dict: u64, key: u64, hash: i64, present: u32) {
+    send(
+        EventKind::KeyVerdict,
+        KeyVerdict {
+            kind: EventKind::KeyVerdict as u32,
+            present,
+            dict,
+            key,
+            hash,
+        },
+    );
+}
+
+/// Probes per key before giving up (a refilled dict is at most 2/3 full, so most keys take 1-3).
+const MAX_PROBES: usize = 16;
+
+/// A CPython 3.11 `PyDictKeysObject`, enough of it to look a hash up.
+struct DictKeys {
+    log2_size: u8,
+    /// `dk_kind` 0: entries carry their hash; 1 and 2 (str keys): the key object caches it.
+    general: bool,
+    indices: u64,
+    entries: u64,
+}
+
+impl DictKeys {
+    /// For a dict whose keys cannot be read: every read fails, so every key is judged unknown.
+    const UNREADABLE: DictKeys = DictKeys {
+        log2_size: 0,
+        general: true,
+        indices: 0,
+        entries: 0,
+    };
+
+    /// `ma_keys` at +32 of the dict; `dk_log2_size`, `dk_log2_index_bytes`, `dk_kind` at +8.
+    fn of(dict: u64) -> Option<DictKeys> {
+        let keys = read_user::<u64>(dict + 32)?;
+        let [log2_size, log2_index_bytes, kind] = read_user::<[u8; 3]>(keys + 8)?;
+        // Tables of 2^32 slots and more (8-byte indices) are not judged.
+        if log2_size >= 32 || log2_index_bytes >= 64 {
+            return None;
+        }
+        let indices = keys + 32;
+        Some(DictKeys {
+            log2_size,
+            general: kind == 0,
+            indices,
+            entries: indices + (1u64 << log2_index_bytes),
+        })
+    }
+
+    /// Slot `i` of the index table: an entry number, -1 empty, -2 deleted.
+    fn index(&self, i: u64) -> Option<i64> {
+        match self.log2_size {
+            0..8 => read_user::<i8>(self.indices + i).map(i64::from),
+            8..16 => read_user::<i16>(self.indices + 2 * i).map(i64::from),
+            _ => read_user::<i32>(self.indices + 4 * i).map(i64::from),
+        }
+    }
+
+    fn entry_hash(&self, ix: u64) -> Option<i64> {
+        if self.general {
+            read_user(self.entries + 24 * ix)
+        } else {
+            read_user(read_user::<u64>(self.entries + 16 * ix)? + 24)
+        }
+    }
+
+    /// CPython's open-addressing probe sequence; an entry with an equal hash counts as the key.
+    fn lookup(&self, hash: i64) -> u32 {
+        let mask = (1u64 << self.log2_size) - 1;
+        let mut i = hash as u64 & mask;
+        let mut perturb = hash as u64;
+        for _ in 0..MAX_PROBES {
+            match self.index(i) {
+                None => return KEY_UNKNOWN,
+                Some(-1) => return KEY_ABSENT,
+                Some(ix) if ix >= 0 => match self.entry_hash(ix as u64) {
+                    Some(h) if h == hash => return KEY_PRESENT,
+                    None => return KEY_UNKNOWN,
+                    _ => {}
+                },
+                _ => {}
+            }
+            perturb >>= 5;
+            i = i.wrapping_mul(5).wrapping_add(perturb).wrapping_add(1) & mask;
+        }
+        KEY_UNKNOWN
+    }
+}
+
+/// The callback's context. No `Option` in it: the verifier refuses the uninitialised payload
+/// LLVM stores for `None`.
+struct Judge {
+    dict: u64,
+    keys: DictKeys,
+}
+
+/// `bpf_for_each_map_elem` callback over `PENDING`: judges and drops the keys of one dict.
+extern "C" fn judge_key(
+    _map: *mut c_void,
+    pending: *const PendingKey,
+    _value: *const u8,
+    judge: *const Judge,
+) -> i64 {
+    // SAFETY: the helper passes a live key, and `judge` from judge_pending's stack.
+    let (p, judge) = unsafe { (*pending, &*judge) };
+    if p.dict == judge.dict {
+        verdict(p.dict, p.key, p.hash, judge.keys.lookup(p.hash));
+        let _ = PENDING.remove(&p);
+    }
+    0
+}
+
+/// At a window's close, tells userspace whether each key that raised KeyError inside it is in the
+/// dict just refilled: a key absent even now was not the window's doing.
+pub(crate) fn judge_pending(dict: u64) {
+    let judge = Judge {
+        dict,
+        keys: DictKeys::of(dict).unwrap_or(DictKeys::UNREADABLE),
+    };
+    // SAFETY: PENDING is #[repr(transparent)] over its map definition, which is what the helper
+    // takes; the callback's signature is the one the helper calls.
+    unsafe {
+        bpf_for_each_map_elem(
+            &PENDING as *const _ as *mut c_void,
+            judge_key as *mut c_void,
+            &judge as *const Judge as *mut c_void,
+            0,
+        );
+    }
+}
+
+/// CPython's `void _PyErr_SetKeyError(PyObject *key)`, called when `d[k]` misses: reports the
+/// KeyError when another thread's window is open on that dict, with the key's bytes, and keeps
+/// the key to be judged at the window's close (or sends an unknown verdict at once).
+#[uprobe]
+pub fn on_keyerror(ctx: ProbeContext) -> u32 {
+    bump(Stat::HitsKeyError);
+    let Some(tid) = traced_tid() else { return 0 };
+    // SAFETY: the context's registers are valid for the whole program.
+    let regs = unsafe { &*ctx.regs };
+    let Some(dict) = failed_dict(regs) else {
+        return 0;
+    };
+    let Some(w) = window(dict).filter(|w| w.overlaps(tid, None)) else {
+        return 0;
+    };
+    let raised_ns = unsafe { bpf_ktime_get_ns() };
+    stack(regs, tid, raised_ns, 0, |l| l.tstate_from_keyerror);
+    let Some(mut entry) = EVENTS.reserve::<KeyErrorEvent>(0) else {
+        bump(Stat::LostKeyError);
+        return 0;
+    };
+    let key: u64 = ctx.arg(0).unwrap_or(0);
+    let e = entry.as_mut_ptr();
+    let hash;
+    // SAFETY: `e` points at reserved ring-buffer memory of the event's size; every field is set
+    // (failed reads leave zeros) before submit.
+    unsafe {
+        (*e).kind = EventKind::KeyError as u32;
+        (*e).reader_tid = tid;
+        (*e).dict = dict;
+        (*e).raised_ns = raised_ns;
+        (*e).window_open_ns = w.open_ns;
+        (*e).writer_tid = w.writer_tid;
+        (*e)._pad = 0;
+        (*e).key = key;
+        (*e).reader_comm = comm();
+        (*e).key_type = [0; detector_common::TYPE_NAME_LEN];
+        (*e).key_obj = [0; detector_common::KEY_OBJ_LEN];
+        // ob_type at +8, then tp_name at +24 in the type object.
+        if let Ok(ty) = bpf_probe_read_user((key + 8) as *const u64)
+            && let Ok(name) = bpf_probe_read_user((ty + 24) as *const u64)
+        {
+            let _ = bpf_probe_read_user_str_bytes(name as *const u8, &mut (*e).key_type);
+        }
+        let _ = bpf_probe_read_user_buf(key as *const u8, &mut (*e).key_obj);
+        hash = key_hash(&(*e).key_type, &(*e).key_obj);
+    }
+    entry.submit(wakeup_flags());
+    // Reserved after the KeyError, so userspace reads the verdict after it.
+    if !add_pending(dict, key, hash) {
+        verdict(dict, key, hash, KEY_UNKNOWN);
+    }
+    0
+}

@@ -1,0 +1,111 @@
+//! Window boundaries: the clear opens a cache's window, the refill's return or exit closes it.
+
+use aya_ebpf::{
+    helpers::bpf_ktime_get_ns,
+    macros::{uprobe, uretprobe},
+    programs::{ProbeContext, RetProbeContext},
+};
+use detector_common::{EventKind, Stat, Window};
+
+use crate::{
+    globals::{DROP_REQUEST_DELTA, global},
+    maps::{GIL_HOLDS, PENDING_DICTS, REFILLS},
+    provoke::{arm_gil_handover, hold_writer},
+    python::judge_pending,
+    stacks::stack,
+    util::{bump, cache_arg, store_window, traced_tid, window, window_event},
+};
+
+/// The cache's clear function, `void clear(Cache *c)` (the cache is argument CACHE_ARG):
+/// opens a window.
+#[uprobe]
+pub fn on_clear(ctx: ProbeContext) -> u32 {
+    bump(Stat::HitsClear);
+    let (Some(tid), Some(cache)) = (traced_tid(), cache_arg(&ctx)) else {
+        return 0;
+    };
+    if let Some(w) = Window::on_clear(window(cache).as_ref(), tid, unsafe { bpf_ktime_get_ns() }) {
+        // Stack and event first: a lookup that sees the stored window then reserves its own
+        // event later in the ring, so userspace always reads a window's opening (and the
+        // writer's stack just before it) before its lookups.
+        // SAFETY: the context's registers are valid for the whole program.
+        stack(unsafe { &*ctx.regs }, tid, w.open_ns, 0, |l| {
+            l.tstate_from_clear
+        });
+        window_event(EventKind::WindowOpen, cache, &w, tid);
+        store_window(cache, &w);
+        if global(&DROP_REQUEST_DELTA) != 0 {
+            arm_gil_handover(&ctx, cache, tid, w.open_ns);
+        }
+    }
+    0
+}
+
+/// The cache's refill function's entry, `void update(Cache *c, ...)`: remembers which cache this
+/// thread is refilling, when the refill is the one that closes its window.
+#[uprobe]
+pub fn on_refill(ctx: ProbeContext) -> u32 {
+    refill_entry(&ctx, false);
+    0
+}
+
+/// The refill function's entry, `void update(Cache *c, ...)`, for native `--provoke`: `on_refill`
+/// that also holds the writer inside the window. A program of its own because `bpf_loop` needs
+/// kernel 5.17+, which runs without `--provoke` need not.
+#[uprobe]
+pub fn on_refill_provoke(ctx: ProbeContext) -> u32 {
+    refill_entry(&ctx, true);
+    0
+}
+
+fn refill_entry(ctx: &ProbeContext, hold: bool) {
+    bump(Stat::HitsRefillEntry);
+    let (Some(tid), Some(cache)) = (traced_tid(), cache_arg(ctx)) else {
+        return;
+    };
+    if window(cache).is_some_and(|w| w.closes_on_refill(tid)) {
+        if REFILLS.insert(&tid, &cache, 0).is_err() {
+            bump(Stat::MapFull);
+        }
+        if hold {
+            hold_writer();
+        }
+    }
+}
+
+/// The refill function's return, `void update(Cache *c, ...)`: closes the window.
+#[uretprobe]
+pub fn on_refill_return(_ctx: RetProbeContext) -> u32 {
+    refill_done()
+}
+
+/// An instruction by which the refill function, `void update(Cache *c, ...)`, leaves (a tail call
+/// the kernel emulates): closes the window like the return does, at a fraction of a return
+/// probe's cost.
+#[uprobe]
+pub fn on_refill_exit(_ctx: ProbeContext) -> u32 {
+    refill_done()
+}
+
+fn refill_done() -> u32 {
+    bump(Stat::HitsRefillReturn);
+    let Some(tid) = traced_tid() else { return 0 };
+    // SAFETY: copied out at once.
+    let Some(cache) = (unsafe { REFILLS.get(&tid).copied() }) else {
+        return 0;
+    };
+    let _ = REFILLS.remove(&tid);
+    // A CPython writer armed to hand the GIL over that never did: the window ends here.
+    if global(&DROP_REQUEST_DELTA) != 0 {
+        let _ = GIL_HOLDS.remove(&tid);
+    }
+    if let Some(w) = window(cache).filter(|w| w.closes_on_refill(tid)) {
+        let closed = w.closed(unsafe { bpf_ktime_get_ns() });
+        store_window(cache, &closed);
+        window_event(EventKind::WindowClose, cache, &closed, tid);
+        if PENDING_DICTS.remove(&cache).is_ok() {
+            judge_pending(cache);
+        }
+    }
+    0
+}
