@@ -6,6 +6,7 @@ empty, and a lookup that lands there raises KeyError.
 
     worker.py [--fixed] [--seconds S] [--keys N] [--refresh-ms MS] [--switch-interval S]
               [--gap-ms MS] [--pause-ms MS] [--absent-every N] [--other-dict] [--bug-on-signal]
+              [--workers N [--spawn]]
 
 --fixed            refresh by build-then-swap: no empty window, no KeyError.
 --gap-ms MS        sleep between clear() and update(), as the seed's repro did: every refresh
@@ -17,9 +18,13 @@ empty, and a lookup that lands there raises KeyError.
 --other-dict       a second reader raises KeyErrors on another dict, all the time.
 --bug-on-signal    refresh build-then-swap until SIGUSR1, then clear-then-update for --seconds:
                    lets a tracer attach to a running worker before the bug starts.
+--workers N        a pre-fork pool, as gunicorn, uwsgi or celery run one: the process builds
+                   the cache, forks N workers that each run the worker above, and waits for them.
+--spawn            with --workers: each worker is a fresh interpreter (fork then exec, as
+                   multiprocessing's spawn does) instead of a fork.
 
-Ground truth, printed to stderr at exit:
-    worker: lookups=N keyerrors=M absent_keyerrors=A other_keyerrors=B refreshes=R
+Ground truth, printed to stderr at exit by each worker:
+    worker: pid=P lookups=N keyerrors=M absent_keyerrors=A other_keyerrors=B refreshes=R
 where keyerrors counts only misses of keys that always exist.
 """
 import argparse
@@ -48,7 +53,7 @@ class Cache:
             self._cache = new  # atomic rebind: no empty window
 
 
-def main():
+def parse():
     ap = argparse.ArgumentParser()
     ap.add_argument("--fixed", action="store_true")
     ap.add_argument("--seconds", type=float, default=3.0)
@@ -60,12 +65,52 @@ def main():
     ap.add_argument("--absent-every", type=int, default=0)
     ap.add_argument("--other-dict", action="store_true")
     ap.add_argument("--bug-on-signal", action="store_true")
-    args = ap.parse_args()
+    ap.add_argument("--workers", type=int, default=0)
+    ap.add_argument("--spawn", action="store_true")
+    return ap.parse_args()
+
+
+def pool(args):
+    """Runs --workers copies of the worker, forked (or spawned) from this process."""
+    # Built before the fork, as a pre-fork server loads its data: every forked worker's cache
+    # then sits at the same address, in its own copy of the memory.
+    data = {f"k{i}": i for i in range(args.keys)}
+    cache = Cache(data)
+    children = []
+    for _ in range(args.workers):
+        if args.spawn:
+            argv = [a for a in sys.argv[1:] if a != "--spawn"]
+            i = argv.index("--workers")
+            del argv[i : i + 2]
+            children.append(os.spawnv(os.P_NOWAIT, sys.executable, [sys.executable, __file__] + argv))
+            continue
+        pid = os.fork()
+        if pid == 0:
+            try:
+                run(args, data, cache)
+            finally:
+                sys.stderr.flush()
+                os._exit(0)
+        children.append(pid)
+    for pid in children:
+        os.waitpid(pid, 0)
+
+
+def main():
+    args = parse()
+    if args.workers:
+        pool(args)
+    else:
+        run(args)
+
+
+def run(args, data=None, cache=None):
     sys.setswitchinterval(args.switch_interval)
 
-    data = {f"k{i}": i for i in range(args.keys)}
+    if data is None:
+        data = {f"k{i}": i for i in range(args.keys)}
+        cache = Cache(data)
     keys = list(data)
-    cache = Cache(data)
     stop = threading.Event()
     racy = threading.Event()
     if not args.fixed and not args.bug_on_signal:
@@ -125,7 +170,7 @@ def main():
     stop.set()
     for t in threads:
         t.join()
-    print("worker: " + " ".join(f"{k}={v}" for k, v in counts.items()), file=sys.stderr)
+    print(f"worker: pid={os.getpid()} " + " ".join(f"{k}={v}" for k, v in counts.items()), file=sys.stderr)
 
 
 if __name__ == "__main__":

@@ -35,10 +35,14 @@ pub enum EventKind {
     PyFrames = 7,
     /// A reader's first lookup on a cache since a window opened there: [`NearEvent`].
     Near = 8,
+    /// A watched process forked a new process, now watched too: [`ProcessEvent`].
+    Fork = 9,
+    /// A watched process ended: [`ProcessEvent`].
+    Exit = 10,
 }
 
 impl EventKind {
-    pub const ALL: [EventKind; 8] = [
+    pub const ALL: [EventKind; 10] = [
         Self::WindowOpen,
         Self::WindowClose,
         Self::Lookup,
@@ -47,11 +51,23 @@ impl EventKind {
         Self::NativeStack,
         Self::PyFrames,
         Self::Near,
+        Self::Fork,
+        Self::Exit,
     ];
 
     pub fn from_u32(v: u32) -> Option<Self> {
         Self::ALL.into_iter().find(|k| *k as u32 == v)
     }
+}
+
+/// A watched object in one process, in one of the run's windows: the key of every per-object
+/// map. Forked workers share their parent's addresses, so the address alone names no object.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct ObjKey {
+    pub object: u64,
+    pub tgid: u32,
+    pub window: u32,
 }
 
 /// A window boundary.
@@ -60,6 +76,10 @@ impl EventKind {
 pub struct WindowEvent {
     pub kind: u32,
     pub writer_tid: u32,
+    /// The writer's process (host pid namespace).
+    pub tgid: u32,
+    /// Which of the run's windows ([`crate::ProbeConfig::window`]).
+    pub window: u32,
     pub cache: u64,
     pub open_ns: u64,
     /// 0 on [`EventKind::WindowOpen`].
@@ -73,6 +93,8 @@ pub struct WindowEvent {
 pub struct LookupEvent {
     pub kind: u32,
     pub reader_tid: u32,
+    pub tgid: u32,
+    pub window: u32,
     pub cache: u64,
     /// When the lookup was entered.
     pub lookup_ns: u64,
@@ -92,6 +114,8 @@ pub struct LookupEvent {
 pub struct NearEvent {
     pub kind: u32,
     pub reader_tid: u32,
+    pub tgid: u32,
+    pub window: u32,
     pub cache: u64,
     /// The reader's previous lookup on this cache.
     pub prev_lookup_ns: u64,
@@ -101,11 +125,26 @@ pub struct NearEvent {
     pub close_ns: u64,
 }
 
+/// A watched process forked another (now watched as well), or a watched process ended.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ProcessEvent {
+    pub kind: u32,
+    /// The new process on [`EventKind::Fork`], the ended one on [`EventKind::Exit`].
+    pub tgid: u32,
+    /// The process it was forked from (0 on exit).
+    pub parent: u32,
+    pub _pad: u32,
+    pub ns: u64,
+    /// The process's name (a forked child starts with its parent's).
+    pub comm: [u8; COMM_LEN],
+}
+
 /// A reader of one cache: the key of the kernel's `READERS` map.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub struct ReaderKey {
-    pub cache: u64,
+    pub obj: ObjKey,
     pub tid: u32,
     pub _pad: u32,
 }
@@ -127,6 +166,8 @@ pub struct ReaderState {
 pub struct KeyErrorEvent {
     pub kind: u32,
     pub reader_tid: u32,
+    pub tgid: u32,
+    pub window: u32,
     pub dict: u64,
     pub raised_ns: u64,
     pub window_open_ns: u64,
@@ -154,6 +195,8 @@ pub const KEY_UNKNOWN: u32 = 2;
 pub struct KeyVerdict {
     pub kind: u32,
     pub present: u32,
+    pub tgid: u32,
+    pub window: u32,
     pub dict: u64,
     pub key: u64,
     /// The key's hash ([`crate::key_hash`]), which tells apart keys that had one address.
@@ -172,6 +215,9 @@ pub const STACK_AT_RETURN: u32 = 1;
 pub struct NativeStack {
     pub kind: u32,
     pub tid: u32,
+    /// The thread's process, whose mappings the stack is unwound with.
+    pub tgid: u32,
+    pub _pad: u32,
     pub ns: u64,
     pub rip: u64,
     pub rsp: u64,
@@ -197,6 +243,9 @@ pub struct PyFrame {
 pub struct PyFrames {
     pub kind: u32,
     pub tid: u32,
+    /// The thread's process, whose memory holds the code objects.
+    pub tgid: u32,
+    pub _pad: u32,
     pub ns: u64,
     /// Frames filled in `frames`.
     pub depth: u32,
@@ -228,7 +277,7 @@ pub struct PyLayout {
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct PendingKey {
-    pub dict: u64,
+    pub dict: ObjKey,
     /// The key object's address: a freed key's address can be reused by another key, hence the
     /// hash too.
     pub key: u64,
@@ -265,10 +314,18 @@ pub enum Stat {
     WindowLookups = 16,
     LostNativeStack = 17,
     LostPyFrames = 18,
+    LostProcess = 19,
+    /// Processes forked by watched ones, now watched too.
+    Forks = 20,
+    /// Forked processes that could not be watched (`WATCHED` full).
+    ForksUnwatched = 21,
+    /// KeyErrors in a window whose key the kernel could not look up in the refilled dict: counted
+    /// as window misses, so that none is hidden.
+    UnjudgedKeys = 22,
 }
 
 impl Stat {
-    pub const COUNT: u32 = 19;
+    pub const COUNT: u32 = 23;
 
     pub fn lost(kind: EventKind) -> Stat {
         match kind {
@@ -280,6 +337,7 @@ impl Stat {
             EventKind::Near => Stat::LostNear,
             EventKind::NativeStack => Stat::LostNativeStack,
             EventKind::PyFrames => Stat::LostPyFrames,
+            EventKind::Fork | EventKind::Exit => Stat::LostProcess,
         }
     }
 }
@@ -306,6 +364,59 @@ mod user {
     unsafe impl aya::Pod for NativeStack {}
     unsafe impl aya::Pod for PyFrames {}
     unsafe impl aya::Pod for PyLayout {}
+    unsafe impl aya::Pod for ObjKey {}
+    unsafe impl aya::Pod for ProcessEvent {}
+    unsafe impl aya::Pod for crate::ProbeConfig {}
+
+    impl WindowEvent {
+        pub fn obj(&self) -> ObjKey {
+            ObjKey {
+                object: self.cache,
+                tgid: self.tgid,
+                window: self.window,
+            }
+        }
+    }
+
+    impl LookupEvent {
+        pub fn obj(&self) -> ObjKey {
+            ObjKey {
+                object: self.cache,
+                tgid: self.tgid,
+                window: self.window,
+            }
+        }
+    }
+
+    impl NearEvent {
+        pub fn obj(&self) -> ObjKey {
+            ObjKey {
+                object: self.cache,
+                tgid: self.tgid,
+                window: self.window,
+            }
+        }
+    }
+
+    impl KeyErrorEvent {
+        pub fn obj(&self) -> ObjKey {
+            ObjKey {
+                object: self.dict,
+                tgid: self.tgid,
+                window: self.window,
+            }
+        }
+    }
+
+    impl KeyVerdict {
+        pub fn obj(&self) -> ObjKey {
+            ObjKey {
+                object: self.dict,
+                tgid: self.tgid,
+                window: self.window,
+            }
+        }
+    }
 }
 
 #[cfg(feature = "user")]
@@ -325,6 +436,8 @@ mod decode {
         KeyError(KeyErrorEvent),
         KeyVerdict(KeyVerdict),
         Near(NearEvent),
+        Fork(ProcessEvent),
+        Exit(ProcessEvent),
         NativeStack(Box<NativeStack>),
         PyFrames(Box<PyFrames>),
     }
@@ -393,6 +506,8 @@ mod decode {
                 EventKind::KeyError => Event::KeyError(read(kind, bytes)?),
                 EventKind::KeyVerdict => Event::KeyVerdict(read(kind, bytes)?),
                 EventKind::Near => Event::Near(read(kind, bytes)?),
+                EventKind::Fork => Event::Fork(read(kind, bytes)?),
+                EventKind::Exit => Event::Exit(read(kind, bytes)?),
                 EventKind::NativeStack => Event::NativeStack(read_boxed(kind, bytes)?),
                 EventKind::PyFrames => Event::PyFrames(read_boxed(kind, bytes)?),
             })
@@ -414,28 +529,32 @@ mod decode {
 
         #[test]
         fn layouts_have_no_padding() {
-            assert_eq!(size_of::<WindowEvent>(), 4 + 4 + 8 + 8 + 8 + COMM_LEN);
+            assert_eq!(size_of::<WindowEvent>(), 4 * 4 + 8 + 8 + 8 + COMM_LEN);
             assert_eq!(
                 size_of::<LookupEvent>(),
-                4 + 4 + 8 + 8 + 8 + 4 + 4 + 8 + COMM_LEN
+                4 * 4 + 8 + 8 + 8 + 4 + 4 + 8 + COMM_LEN
             );
             assert_eq!(
                 size_of::<KeyErrorEvent>(),
-                4 + 4 + 8 + 8 + 8 + 4 + 4 + 8 + COMM_LEN + TYPE_NAME_LEN + KEY_OBJ_LEN
+                4 * 4 + 8 + 8 + 8 + 4 + 4 + 8 + COMM_LEN + TYPE_NAME_LEN + KEY_OBJ_LEN
             );
-            assert_eq!(size_of::<KeyVerdict>(), 4 + 4 + 8 + 8 + 8);
-            assert_eq!(size_of::<PendingKey>(), 8 + 8 + 8);
-            assert_eq!(size_of::<NearEvent>(), 4 + 4 + 8 + 8 + 8 + 8);
-            assert_eq!(size_of::<ReaderKey>(), 8 + 4 + 4);
+            assert_eq!(size_of::<KeyVerdict>(), 4 * 4 + 8 + 8 + 8);
+            assert_eq!(size_of::<PendingKey>(), 16 + 8 + 8);
+            assert_eq!(size_of::<NearEvent>(), 4 * 4 + 8 + 8 + 8 + 8);
+            assert_eq!(size_of::<ReaderKey>(), 16 + 4 + 4);
+            assert_eq!(size_of::<ObjKey>(), 8 + 4 + 4);
+            assert_eq!(size_of::<ProcessEvent>(), 4 * 4 + 8 + COMM_LEN);
+            assert_eq!(size_of::<crate::ProbeConfig>(), 4 + 4 + 8);
+            assert_eq!(size_of::<Inflight>(), 16 + 8);
             assert_eq!(size_of::<ReaderState>(), 8 + 8 + COMM_LEN);
             assert_eq!(size_of::<crate::Window>(), 4 + 4 + 8 + 8);
             assert_eq!(
                 size_of::<NativeStack>(),
-                4 + 4 + 8 * 4 + 4 + 4 + STACK_BYTES
+                4 * 4 + 8 * 4 + 4 + 4 + STACK_BYTES
             );
             assert_eq!(
                 size_of::<PyFrames>(),
-                4 + 4 + 8 + 4 + 4 + 16 * PY_FRAMES_MAX
+                4 * 4 + 8 + 4 + 4 + 16 * PY_FRAMES_MAX
             );
             assert_eq!(size_of::<PyLayout>(), 8 * 7);
         }
@@ -445,6 +564,8 @@ mod decode {
             let w = WindowEvent {
                 kind: EventKind::WindowClose as u32,
                 writer_tid: 7,
+                tgid: 6,
+                window: 1,
                 cache: 0xdead_beef,
                 open_ns: 10,
                 close_ns: 20,
@@ -454,6 +575,8 @@ mod decode {
             let l = LookupEvent {
                 kind: EventKind::Lookup as u32,
                 reader_tid: 8,
+                tgid: 6,
+                window: 1,
                 cache: 1,
                 lookup_ns: 15,
                 window_open_ns: 10,
@@ -466,6 +589,8 @@ mod decode {
             let k = KeyErrorEvent {
                 kind: EventKind::KeyError as u32,
                 reader_tid: 9,
+                tgid: 6,
+                window: 1,
                 dict: 2,
                 raised_ns: 3,
                 window_open_ns: 1,
@@ -480,6 +605,8 @@ mod decode {
             let v = KeyVerdict {
                 kind: EventKind::KeyVerdict as u32,
                 present: KEY_ABSENT,
+                tgid: 6,
+                window: 1,
                 dict: 2,
                 key: 5,
                 hash: -7,
@@ -488,15 +615,33 @@ mod decode {
             let n = NearEvent {
                 kind: EventKind::Near as u32,
                 reader_tid: 8,
+                tgid: 6,
+                window: 1,
                 cache: 1,
                 prev_lookup_ns: 90,
                 lookup_ns: 120,
                 close_ns: 110,
             };
             assert_eq!(Event::decode(as_bytes(&n)), Ok(Event::Near(n)));
+            let f = ProcessEvent {
+                kind: EventKind::Fork as u32,
+                tgid: 11,
+                parent: 10,
+                _pad: 0,
+                ns: 5,
+                comm: [b'w'; COMM_LEN],
+            };
+            assert_eq!(Event::decode(as_bytes(&f)), Ok(Event::Fork(f)));
+            let x = ProcessEvent {
+                kind: EventKind::Exit as u32,
+                ..f
+            };
+            assert_eq!(Event::decode(as_bytes(&x)), Ok(Event::Exit(x)));
             let mut n = NativeStack {
                 kind: EventKind::NativeStack as u32,
                 tid: 3,
+                tgid: 2,
+                _pad: 0,
                 ns: 4,
                 rip: 5,
                 rsp: 6,
@@ -513,6 +658,8 @@ mod decode {
             let mut p = PyFrames {
                 kind: EventKind::PyFrames as u32,
                 tid: 3,
+                tgid: 2,
+                _pad: 0,
                 ns: 4,
                 depth: 1,
                 truncated: 0,
@@ -570,6 +717,6 @@ pub struct DictSite {
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Inflight {
-    pub cache: u64,
+    pub obj: ObjKey,
     pub entry_ns: u64,
 }

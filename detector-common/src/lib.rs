@@ -6,11 +6,13 @@
 extern crate alloc;
 
 pub mod event;
+pub mod probe;
 pub mod provoke;
 pub mod pykey;
 pub mod window;
 
 pub use event::*;
+pub use probe::{ARG_SLOTS, ProbeConfig, REG_SLOTS};
 pub use provoke::{GilHold, PROVOKE_BUDGET_PCT, PROVOKE_MAX_NS, ProvokeState, within_budget};
 pub use pykey::{UNKNOWN_HASH, key_hash};
 pub use window::Window;
@@ -19,6 +21,10 @@ pub use window::Window;
 pub const EVENTS_MAP: &str = "EVENTS";
 /// Per-cache window state.
 pub const WINDOWS_MAP: &str = "WINDOWS";
+/// What each attachment does ([`ProbeConfig`]), indexed by its attach cookie.
+pub const PROBES_MAP: &str = "PROBES";
+/// The processes watched (tgid to 1), unless the run watches the whole host.
+pub const WATCHED_MAP: &str = "WATCHED";
 /// Per-CPU counters, indexed by [`Stat`].
 pub const STATS_MAP: &str = "STATS";
 /// Where the dict of a failed Python lookup can be read, keyed by the call site's return address
@@ -34,6 +40,10 @@ pub const PROVOKE_MAP: &str = "PROVOKE";
 pub const EVENTS_BYTES_DEFAULT: u32 = 1 << 21;
 /// Ring buffer size when stacks are taken: 2,048 native stack records between two polls.
 pub const EVENTS_BYTES_STACKS: u32 = 1 << 24;
+/// Attachments one loaded object can configure.
+pub const MAX_PROBES: u32 = 256;
+/// Processes watched at once.
+pub const MAX_WATCHED: u32 = 65_536;
 /// Caches tracked at once; least recently used ones are evicted first.
 pub const MAX_CACHES: u32 = 16_384;
 /// Threads inside a probed function at once (refill or lookup in flight).
@@ -47,14 +57,8 @@ pub const MAX_PENDING: u32 = 16_384;
 
 /// Globals set at load time (`EbpfLoader::set_global`).
 pub mod globals {
-    /// Only this process is traced (0: any).
-    pub const TARGET_TGID: &str = "TARGET_TGID";
-    /// Which argument (0-based) of clear, update and lookup is the cache object.
-    pub const CACHE_ARG: &str = "CACHE_ARG";
-    /// `pt_regs` slot of the register holding the cache object on the lookup's miss path.
-    pub const MISS_CACHE_SLOT: &str = "MISS_CACHE_SLOT";
-    /// The lookup's miss value, reported with each miss-path hit.
-    pub const MISS_VALUE: &str = "MISS_VALUE";
+    /// 1: every process that maps a probed file is watched; 0: only those in `WATCHED`.
+    pub const WATCH_ALL: &str = "WATCH_ALL";
     /// How long to hold a writer inside each window, in ns (0: never).
     pub const PROVOKE_NS: &str = "PROVOKE_NS";
     /// When the provocation budget starts accruing (CLOCK_MONOTONIC ns).
@@ -64,6 +68,9 @@ pub mod globals {
     /// CPython `--provoke`: the main interpreter's `gil_drop_request` minus the clear probe's
     /// address (0: hold native writers at the refill instead).
     pub const DROP_REQUEST_DELTA: &str = "DROP_REQUEST_DELTA";
+    /// Offset of `tgid` in the kernel's `struct task_struct` (from BTF), to tell a forked
+    /// process from a new thread and to name it (0: forks are not followed).
+    pub const TASK_TGID_OFFSET: &str = "TASK_TGID_OFFSET";
     /// Which stacks the kernel copies with the events that reach userspace ([`super::StackMode`]).
     pub const STACK_MODE: &str = "STACK_MODE";
     /// Where CPython keeps a thread's frames ([`super::PyLayout`]).

@@ -26,7 +26,7 @@ pub struct ProvokeState {
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct GilHold {
     /// The dict whose window is open.
-    pub cache: u64,
+    pub cache: crate::ObjKey,
     /// Until when the writer is kept from taking the GIL back.
     pub deadline_ns: u64,
     /// The interpreter's `gil_drop_request` in the target's memory.

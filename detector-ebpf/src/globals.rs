@@ -2,19 +2,13 @@
 
 use detector_common::{EVENTS_BYTES_DEFAULT, PyLayout, StackMode};
 
-/// Only this process is traced; 0 traces any (set at load time).
+/// 1: every process that hits a probe is watched (system-wide runs); 0: those in `WATCHED`.
 #[unsafe(no_mangle)]
-pub(crate) static TARGET_TGID: u32 = 0;
-/// Which argument is the cache object (set at load time).
+pub(crate) static WATCH_ALL: u32 = 0;
+/// Offset of `tgid` in `struct task_struct`, read from the kernel's BTF (0: forks are not
+/// followed).
 #[unsafe(no_mangle)]
-pub(crate) static CACHE_ARG: u32 = 0;
-/// `pt_regs` slot of the register that holds the cache on the lookup's miss path (set at load
-/// time from the decoded function).
-#[unsafe(no_mangle)]
-pub(crate) static MISS_CACHE_SLOT: u32 = 0;
-/// The lookup's miss value, reported as the return value of each miss-path hit.
-#[unsafe(no_mangle)]
-pub(crate) static MISS_VALUE: i64 = 0;
+pub(crate) static TASK_TGID_OFFSET: u64 = 0;
 /// Ring fill above which a write wakes the collector; below it the collector polls, which spares
 /// the target the wakeup's cost (~6 µs an event on this kind of machine).
 #[unsafe(no_mangle)]

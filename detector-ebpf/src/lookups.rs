@@ -8,15 +8,15 @@ use aya_ebpf::{
     programs::{ProbeContext, RetProbeContext},
 };
 use detector_common::{
-    EventKind, Inflight, LookupEvent, NearEvent, ReaderKey, ReaderState, STACK_AT_RETURN,
+    EventKind, Inflight, LookupEvent, NearEvent, ObjKey, ReaderKey, ReaderState, STACK_AT_RETURN,
     StackMode, Stat, Window,
 };
 
 use crate::{
-    globals::{MISS_CACHE_SLOT, MISS_VALUE, STACK_MODE, global},
+    globals::{STACK_MODE, global},
     maps::{LOOKUPS, READER_STACKS, READERS},
     stacks::stack,
-    util::{bump, cache_arg, comm, reg_slot, send, traced_tid, window},
+    util::{bump, caller, comm, send, watched_object, window},
 };
 
 fn reader_stack(regs: &pt_regs, tid: u32, w: &Window, ns: u64, flags: u32) {
@@ -31,14 +31,18 @@ fn reader_stack(regs: &pt_regs, tid: u32, w: &Window, ns: u64, flags: u32) {
     stack(regs, tid, ns, flags, |_| 0);
 }
 
-fn lookup_event(cache: u64, tid: u32, w: &Window, lookup_ns: u64, ret: Option<i64>) {
+// Inlined: with the reader and the window it takes more arguments than a BPF call may.
+#[inline(always)]
+fn lookup_event(cache: &ObjKey, tid: u32, w: &Window, lookup_ns: u64, ret: Option<i64>) {
     bump(Stat::WindowLookups);
     send(
         EventKind::Lookup,
         LookupEvent {
             kind: EventKind::Lookup as u32,
             reader_tid: tid,
-            cache,
+            tgid: cache.tgid,
+            window: cache.window,
+            cache: cache.object,
             lookup_ns,
             window_open_ns: w.open_ns,
             writer_tid: w.writer_tid,
@@ -51,9 +55,9 @@ fn lookup_event(cache: u64, tid: u32, w: &Window, lookup_ns: u64, ret: Option<i6
 
 /// Counts a lookup by `tid` on `cache` at `now`, and tells userspace when it is the reader's
 /// first since a window opened there (so it can tell how close the reader came to that window).
-pub(crate) fn note_lookup(cache: u64, tid: u32, now: u64, w: Option<&Window>) {
+pub(crate) fn note_lookup(cache: &ObjKey, tid: u32, now: u64, w: Option<&Window>) {
     let key = ReaderKey {
-        cache,
+        obj: *cache,
         tid,
         _pad: 0,
     };
@@ -88,7 +92,9 @@ pub(crate) fn note_lookup(cache: u64, tid: u32, now: u64, w: Option<&Window>) {
         NearEvent {
             kind: EventKind::Near as u32,
             reader_tid: tid,
-            cache,
+            tgid: cache.tgid,
+            window: cache.window,
+            cache: cache.object,
             prev_lookup_ns: prev,
             lookup_ns: now,
             close_ns,
@@ -101,16 +107,17 @@ pub(crate) fn note_lookup(cache: u64, tid: u32, now: u64, w: Option<&Window>) {
 #[uprobe]
 pub fn on_lookup(ctx: ProbeContext) -> u32 {
     bump(Stat::HitsLookupEntry);
-    let (Some(tid), Some(cache)) = (traced_tid(), cache_arg(&ctx)) else {
+    let Some((who, cache, _)) = watched_object(&ctx) else {
         return 0;
     };
+    let tid = who.tid;
     let now = unsafe { bpf_ktime_get_ns() };
-    let w = window(cache);
-    note_lookup(cache, tid, now, w.as_ref());
+    let w = window(&cache);
+    note_lookup(&cache, tid, now, w.as_ref());
     if let Some(w) = w.filter(|w| w.overlaps(tid, None)) {
         // SAFETY: the context's registers are valid for the whole program.
         reader_stack(unsafe { &*ctx.regs }, tid, &w, now, 0);
-        lookup_event(cache, tid, &w, now, None);
+        lookup_event(&cache, tid, &w, now, None);
     }
     0
 }
@@ -121,14 +128,15 @@ pub fn on_lookup(ctx: ProbeContext) -> u32 {
 #[uprobe]
 pub fn on_lookup_entry(ctx: ProbeContext) -> u32 {
     bump(Stat::HitsLookupEntry);
-    let (Some(tid), Some(cache)) = (traced_tid(), cache_arg(&ctx)) else {
+    let Some((who, cache, _)) = watched_object(&ctx) else {
         return 0;
     };
+    let tid = who.tid;
     let inflight = Inflight {
-        cache,
+        obj: cache,
         entry_ns: unsafe { bpf_ktime_get_ns() },
     };
-    note_lookup(cache, tid, inflight.entry_ns, window(cache).as_ref());
+    note_lookup(&cache, tid, inflight.entry_ns, window(&cache).as_ref());
     if LOOKUPS.insert(&tid, &inflight, 0).is_err() {
         bump(Stat::MapFull);
     }
@@ -140,18 +148,20 @@ pub fn on_lookup_entry(ctx: ProbeContext) -> u32 {
 #[uretprobe]
 pub fn on_lookup_return(ctx: RetProbeContext) -> u32 {
     bump(Stat::HitsLookupReturn);
-    let Some(tid) = traced_tid() else { return 0 };
+    let Some(tid) = caller().map(|c| c.tid) else {
+        return 0;
+    };
     // SAFETY: copied out at once.
     let Some(inflight) = (unsafe { LOOKUPS.get(&tid).copied() }) else {
         return 0;
     };
     let _ = LOOKUPS.remove(&tid);
-    if let Some(w) = window(inflight.cache).filter(|w| w.overlaps(tid, Some(inflight.entry_ns))) {
+    if let Some(w) = window(&inflight.obj).filter(|w| w.overlaps(tid, Some(inflight.entry_ns))) {
         // SAFETY: the context's registers are valid for the whole program.
         let regs = unsafe { &*ctx.regs };
         reader_stack(regs, tid, &w, inflight.entry_ns, STACK_AT_RETURN);
         lookup_event(
-            inflight.cache,
+            &inflight.obj,
             tid,
             &w,
             inflight.entry_ns,
@@ -167,20 +177,15 @@ pub fn on_lookup_return(ctx: RetProbeContext) -> u32 {
 #[uprobe]
 pub fn on_lookup_miss(ctx: ProbeContext) -> u32 {
     bump(Stat::HitsLookupMiss);
-    let Some(tid) = traced_tid() else { return 0 };
-    // pt_regs has 21 slots; the loader only sets general-purpose ones (< 15).
-    let slot = global(&MISS_CACHE_SLOT) as usize;
-    if slot >= 15 {
-        return 0;
-    }
-    let Some(cache) = reg_slot(ctx.regs, slot) else {
+    let Some((who, cache, cfg)) = watched_object(&ctx) else {
         return 0;
     };
-    if let Some(w) = window(cache).filter(|w| w.overlaps(tid, None)) {
+    let tid = who.tid;
+    if let Some(w) = window(&cache).filter(|w| w.overlaps(tid, None)) {
         let now = unsafe { bpf_ktime_get_ns() };
         // SAFETY: the context's registers are valid for the whole program.
         reader_stack(unsafe { &*ctx.regs }, tid, &w, now, 0);
-        lookup_event(cache, tid, &w, now, Some(global(&MISS_VALUE)));
+        lookup_event(&cache, tid, &w, now, Some(cfg.miss_value));
     }
     0
 }

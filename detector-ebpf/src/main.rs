@@ -6,6 +6,7 @@
 mod globals;
 mod lookups;
 mod maps;
+mod processes;
 mod provoke;
 mod python;
 mod sampling;

@@ -3,24 +3,32 @@
 
 use aya_ebpf::{
     macros::map,
-    maps::{HashMap, LruHashMap, PerCpuArray, RingBuf},
+    maps::{Array, HashMap, LruHashMap, PerCpuArray, RingBuf},
 };
 use detector_common::{
     DictSite, EVENTS_BYTES_DEFAULT, GilHold, Inflight, MAX_CACHES, MAX_INFLIGHT,
-    MAX_KEYERROR_SITES, MAX_PENDING, MAX_READERS, PendingKey, ProvokeState, ReaderKey, ReaderState,
-    Stat, Window,
+    MAX_KEYERROR_SITES, MAX_PENDING, MAX_PROBES, MAX_READERS, MAX_WATCHED, ObjKey, PendingKey,
+    ProbeConfig, ProvokeState, ReaderKey, ReaderState, Stat, Window,
 };
+
+/// What each attachment does, indexed by its attach cookie (filled before any attach).
+#[map(name = "PROBES")]
+pub(crate) static PROBES: Array<ProbeConfig> = Array::with_max_entries(MAX_PROBES, 0);
+/// The watched processes (tgid to 1): the launched command or the `-p` process, and every process
+/// forked from one.
+#[map(name = "WATCHED")]
+pub(crate) static WATCHED: HashMap<u32, u8> = HashMap::with_max_entries(MAX_WATCHED, 0);
 
 /// What crosses to userspace: window boundaries, flagged lookups, KeyErrors and their verdicts,
 /// and the stacks that go with them.
 #[map(name = "EVENTS")]
 pub(crate) static EVENTS: RingBuf = RingBuf::with_byte_size(EVENTS_BYTES_DEFAULT, 0);
-/// Each cache's window, keyed by the cache's address.
+/// Each cache's window, keyed by the cache in its process.
 #[map(name = "WINDOWS")]
-pub(crate) static WINDOWS: LruHashMap<u64, Window> = LruHashMap::with_max_entries(MAX_CACHES, 0);
+pub(crate) static WINDOWS: LruHashMap<ObjKey, Window> = LruHashMap::with_max_entries(MAX_CACHES, 0);
 /// Cache being refilled, per thread, between the refill's entry and return.
 #[map(name = "REFILLS")]
-pub(crate) static REFILLS: HashMap<u32, u64> = HashMap::with_max_entries(MAX_INFLIGHT, 0);
+pub(crate) static REFILLS: HashMap<u32, ObjKey> = HashMap::with_max_entries(MAX_INFLIGHT, 0);
 /// Lookup in flight, per thread, when the lookup's return is probed.
 #[map(name = "LOOKUPS")]
 pub(crate) static LOOKUPS: LruHashMap<u32, Inflight> =
@@ -36,7 +44,7 @@ pub(crate) static KEYERROR_SITES: HashMap<u64, DictSite> =
 pub(crate) static PENDING: HashMap<PendingKey, u8> = HashMap::with_max_entries(MAX_PENDING, 0);
 /// Dicts with keys in `PENDING`, so a window's close walks that map only when it has to.
 #[map(name = "PENDING_DICTS")]
-pub(crate) static PENDING_DICTS: HashMap<u64, u8> = HashMap::with_max_entries(MAX_CACHES, 0);
+pub(crate) static PENDING_DICTS: HashMap<ObjKey, u8> = HashMap::with_max_entries(MAX_CACHES, 0);
 /// Lookups per (cache, reader thread), and the reader's last lookup, for the hazard report.
 #[map(name = "READERS")]
 pub(crate) static READERS: LruHashMap<ReaderKey, ReaderState> =

@@ -7,17 +7,17 @@ use aya_ebpf::{
     macros::{uprobe, uretprobe},
     programs::{ProbeContext, RetProbeContext},
 };
-use detector_common::{GilHold, Stat, within_budget};
+use detector_common::{GilHold, ObjKey, Stat, within_budget};
 
 use crate::{
     globals::{DROP_REQUEST_DELTA, PROVOKE_CPUS, PROVOKE_NS, PROVOKE_START_NS, global},
     maps::{GIL_HOLDS, PROVOKE},
-    util::{bump, read_user, traced_tid, window},
+    util::{bump, caller, read_user, window},
 };
 
 /// CPython `--provoke`, at `dict_clear`'s entry: arms the handover (see on_clear_return and
 /// on_take_gil) if the budget allows, with the deadline of the whole hold.
-pub(crate) fn arm_gil_handover(ctx: &ProbeContext, cache: u64, tid: u32, now: u64) {
+pub(crate) fn arm_gil_handover(ctx: &ProbeContext, cache: ObjKey, tid: u32, now: u64) {
     let hold = global(&PROVOKE_NS);
     let Some(state) = PROVOKE.get_ptr_mut(0) else {
         return;
@@ -48,7 +48,9 @@ pub(crate) fn arm_gil_handover(ctx: &ProbeContext, cache: u64, tid: u32, now: u6
 /// racewatch never writes to the target's memory.
 #[uretprobe]
 pub fn on_clear_return(_ctx: RetProbeContext) -> u32 {
-    let Some(tid) = traced_tid() else { return 0 };
+    let Some(tid) = caller().map(|c| c.tid) else {
+        return 0;
+    };
     // SAFETY: copied out at once.
     let Some(armed) = (unsafe { GIL_HOLDS.get(&tid).copied() }) else {
         return 0;
@@ -72,13 +74,15 @@ pub fn on_clear_return(_ctx: RetProbeContext) -> u32 {
 /// deadline, so the readers run while its dict is empty.
 #[uprobe]
 pub fn on_take_gil(_ctx: ProbeContext) -> u32 {
-    let Some(tid) = traced_tid() else { return 0 };
+    let Some(tid) = caller().map(|c| c.tid) else {
+        return 0;
+    };
     // SAFETY: copied out at once.
     let Some(armed) = (unsafe { GIL_HOLDS.get(&tid).copied() }) else {
         return 0;
     };
     let _ = GIL_HOLDS.remove(&tid);
-    if window(armed.cache).is_some_and(|w| w.closes_on_refill(tid)) {
+    if window(&armed.cache).is_some_and(|w| w.closes_on_refill(tid)) {
         hold_until(unsafe { bpf_ktime_get_ns() }, armed.deadline_ns, 0);
     }
     0

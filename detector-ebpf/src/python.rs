@@ -12,14 +12,14 @@ use aya_ebpf::{
     programs::ProbeContext,
 };
 use detector_common::{
-    EventKind, KEY_ABSENT, KEY_PRESENT, KEY_UNKNOWN, KeyErrorEvent, KeyVerdict, PendingKey, Stat,
-    UNKNOWN_HASH, key_hash,
+    EventKind, KEY_ABSENT, KEY_PRESENT, KEY_UNKNOWN, KeyErrorEvent, KeyVerdict, ObjKey, PendingKey,
+    Stat, UNKNOWN_HASH, key_hash,
 };
 
 use crate::{
     maps::{EVENTS, KEYERROR_SITES, PENDING, PENDING_DICTS},
     stacks::stack,
-    util::{bump, comm, read_user, register, send, traced_tid, wakeup_flags, window},
+    util::{bump, caller, comm, config, read_user, register, send, wakeup_flags, window},
 };
 
 /// The dict of a failed `d[k]`, read where the calling site keeps it.
@@ -46,7 +46,7 @@ fn failed_dict(regs: &pt_regs) -> Option<u64> {
 }
 
 /// Keeps `key` to be judged at the window's close; false when it cannot be.
-fn add_pending(dict: u64, key: u64, hash: i64) -> bool {
+fn add_pending(dict: ObjKey, key: u64, hash: i64) -> bool {
     if hash == UNKNOWN_HASH {
         return false;
     }
@@ -61,21 +61,32 @@ fn add_pending(dict: u64, key: u64, hash: i64) -> bool {
     true
 }
 
-fn verdict(dict: u64, key: u64, hash: i64, present: u32) {
+fn verdict(dict: &ObjKey, key: u64, hash: i64, present: u32) {
+    if present == KEY_UNKNOWN {
+        bump(Stat::UnjudgedKeys);
+    }
     send(
         EventKind::KeyVerdict,
         KeyVerdict {
             kind: EventKind::KeyVerdict as u32,
             present,
-            dict,
+            tgid: dict.tgid,
+            window: dict.window,
+            dict: dict.object,
             key,
             hash,
         },
     );
 }
 
-/// Probes per key before giving up (a refilled dict is at most 2/3 full, so most keys take 1-3).
-const MAX_PROBES: usize = 16;
+/// Bytes of a str or small int object that hold its hash (a str's at +24, an int's digits from
+/// +24).
+const KEY_HEADER_LEN: usize = 32;
+
+/// Probes per key before giving up. A refilled dict is at most 2/3 full, so most keys take 1-3,
+/// but an absent key takes more than k with odds near (2/3)^k: at 16, one absent key in a few
+/// thousand went unjudged (and so counted as a miss); at 64, none does.
+const MAX_PROBES: usize = 64;
 
 /// A CPython 3.11 `PyDictKeysObject`, enough of it to look a hash up.
 struct DictKeys {
@@ -155,7 +166,7 @@ impl DictKeys {
 /// The callback's context. No `Option` in it: the verifier refuses the uninitialised payload
 /// LLVM stores for `None`.
 struct Judge {
-    dict: u64,
+    dict: ObjKey,
     keys: DictKeys,
 }
 
@@ -169,7 +180,7 @@ extern "C" fn judge_key(
     // SAFETY: the helper passes a live key, and `judge` from judge_pending's stack.
     let (p, judge) = unsafe { (*pending, &*judge) };
     if p.dict == judge.dict {
-        verdict(p.dict, p.key, p.hash, judge.keys.lookup(p.hash));
+        verdict(&p.dict, p.key, p.hash, judge.keys.lookup(p.hash));
         let _ = PENDING.remove(&p);
     }
     0
@@ -177,10 +188,10 @@ extern "C" fn judge_key(
 
 /// At a window's close, tells userspace whether each key that raised KeyError inside it is in the
 /// dict just refilled: a key absent even now was not the window's doing.
-pub(crate) fn judge_pending(dict: u64) {
+pub(crate) fn judge_pending(dict: ObjKey) {
     let judge = Judge {
         dict,
-        keys: DictKeys::of(dict).unwrap_or(DictKeys::UNREADABLE),
+        keys: DictKeys::of(dict.object).unwrap_or(DictKeys::UNREADABLE),
     };
     // SAFETY: PENDING is #[repr(transparent)] over its map definition, which is what the helper
     // takes; the callback's signature is the one the helper calls.
@@ -200,13 +211,21 @@ pub(crate) fn judge_pending(dict: u64) {
 #[uprobe]
 pub fn on_keyerror(ctx: ProbeContext) -> u32 {
     bump(Stat::HitsKeyError);
-    let Some(tid) = traced_tid() else { return 0 };
-    // SAFETY: the context's registers are valid for the whole program.
-    let regs = unsafe { &*ctx.regs };
-    let Some(dict) = failed_dict(regs) else {
+    let (Some(who), Some(cfg)) = (caller(), config(&ctx)) else {
         return 0;
     };
-    let Some(w) = window(dict).filter(|w| w.overlaps(tid, None)) else {
+    let tid = who.tid;
+    // SAFETY: the context's registers are valid for the whole program.
+    let regs = unsafe { &*ctx.regs };
+    let Some(object) = failed_dict(regs) else {
+        return 0;
+    };
+    let dict = ObjKey {
+        object,
+        tgid: who.tgid,
+        window: cfg.window,
+    };
+    let Some(w) = window(&dict).filter(|w| w.overlaps(tid, None)) else {
         return 0;
     };
     let raised_ns = unsafe { bpf_ktime_get_ns() };
@@ -223,7 +242,9 @@ pub fn on_keyerror(ctx: ProbeContext) -> u32 {
     unsafe {
         (*e).kind = EventKind::KeyError as u32;
         (*e).reader_tid = tid;
-        (*e).dict = dict;
+        (*e).tgid = who.tgid;
+        (*e).window = cfg.window;
+        (*e).dict = object;
         (*e).raised_ns = raised_ns;
         (*e).window_open_ns = w.open_ns;
         (*e).writer_tid = w.writer_tid;
@@ -238,13 +259,18 @@ pub fn on_keyerror(ctx: ProbeContext) -> u32 {
         {
             let _ = bpf_probe_read_user_str_bytes(name as *const u8, &mut (*e).key_type);
         }
-        let _ = bpf_probe_read_user_buf(key as *const u8, &mut (*e).key_obj);
+        // A key near the end of its mapping cannot be copied whole, and a failed read copies
+        // nothing: then its header alone, which holds what the hash needs.
+        if bpf_probe_read_user_buf(key as *const u8, &mut (*e).key_obj).is_err() {
+            let header = &mut (&mut (*e).key_obj)[..KEY_HEADER_LEN];
+            let _ = bpf_probe_read_user_buf(key as *const u8, header);
+        }
         hash = key_hash(&(*e).key_type, &(*e).key_obj);
     }
     entry.submit(wakeup_flags());
     // Reserved after the KeyError, so userspace reads the verdict after it.
     if !add_pending(dict, key, hash) {
-        verdict(dict, key, hash, KEY_UNKNOWN);
+        verdict(&dict, key, hash, KEY_UNKNOWN);
     }
     0
 }

@@ -5,7 +5,7 @@ use detector_common::Stat;
 
 use crate::{
     lookups::note_lookup,
-    util::{bump, cache_arg, traced_tid, window},
+    util::{bump, watched_object, window},
 };
 
 /// The lookup function's entry (`V lookup(Cache *c, K key)`; CPython's
@@ -14,14 +14,14 @@ use crate::{
 #[uprobe]
 pub fn on_lookup_sample(ctx: ProbeContext) -> u32 {
     bump(Stat::HitsLookupSample);
-    let (Some(tid), Some(cache)) = (traced_tid(), cache_arg(&ctx)) else {
+    let Some((who, cache, _)) = watched_object(&ctx) else {
         return 0;
     };
     note_lookup(
-        cache,
-        tid,
+        &cache,
+        who.tid,
         unsafe { bpf_ktime_get_ns() },
-        window(cache).as_ref(),
+        window(&cache).as_ref(),
     );
     0
 }

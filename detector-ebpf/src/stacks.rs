@@ -1,7 +1,10 @@
 //! The stacks that go with the events reaching userspace: native registers and stack top, or
 //! CPython frames.
 
-use aya_ebpf::{bindings::pt_regs, helpers::bpf_probe_read_user_buf};
+use aya_ebpf::{
+    bindings::pt_regs,
+    helpers::{bpf_get_current_pid_tgid, bpf_probe_read_user_buf},
+};
 use detector_common::{
     EventKind, NativeStack, PY_FRAMES_MAX, PyFrame, PyFrames, PyLayout, STACK_BYTES, STACK_CHUNK,
     StackMode, Stat,
@@ -26,6 +29,8 @@ fn native_stack(regs: &pt_regs, tid: u32, ns: u64, flags: u32) {
     unsafe {
         (*e).kind = EventKind::NativeStack as u32;
         (*e).tid = tid;
+        (*e).tgid = (bpf_get_current_pid_tgid() >> 32) as u32;
+        (*e)._pad = 0;
         (*e).ns = ns;
         (*e).rip = regs.rip;
         (*e).rsp = regs.rsp;
@@ -72,6 +77,8 @@ fn py_frames(regs: &pt_regs, tid: u32, ns: u64, tstate_from: i64) {
     unsafe {
         (*e).kind = EventKind::PyFrames as u32;
         (*e).tid = tid;
+        (*e).tgid = (bpf_get_current_pid_tgid() >> 32) as u32;
+        (*e)._pad = 0;
         (*e).ns = ns;
         (*e).truncated = 0;
         let mut depth = 0u32;

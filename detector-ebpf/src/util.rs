@@ -2,17 +2,21 @@
 //! reads, ring sends, and each cache's stored window.
 
 use aya_ebpf::{
+    EbpfContext,
     bindings::{BPF_RB_AVAIL_DATA, BPF_RB_FORCE_WAKEUP, BPF_RB_NO_WAKEUP, pt_regs},
     helpers::{
         bpf_get_current_comm, bpf_get_current_pid_tgid, bpf_probe_read_kernel, bpf_probe_read_user,
+        generated::bpf_get_attach_cookie,
     },
     programs::ProbeContext,
 };
-use detector_common::{COMM_LEN, EventKind, Stat, Window, WindowEvent};
+use detector_common::{
+    ARG_SLOTS, COMM_LEN, EventKind, ObjKey, ProbeConfig, REG_SLOTS, Stat, Window, WindowEvent,
+};
 
 use crate::{
-    globals::{CACHE_ARG, TARGET_TGID, WAKEUP_BYTES, global},
-    maps::{EVENTS, STATS, WINDOWS},
+    globals::{WAKEUP_BYTES, WATCH_ALL, global},
+    maps::{EVENTS, PROBES, STATS, WATCHED, WINDOWS},
 };
 
 pub(crate) fn bump(stat: Stat) {
@@ -22,30 +26,67 @@ pub(crate) fn bump(stat: Stat) {
     }
 }
 
-/// The calling thread's id if it belongs to the traced process.
-pub(crate) fn traced_tid() -> Option<u32> {
+/// The thread a probe fired in, when its process is watched.
+#[derive(Clone, Copy)]
+pub(crate) struct Caller {
+    pub tid: u32,
+    pub tgid: u32,
+}
+
+/// The calling thread, if its process is watched (in `WATCHED`, or every process when the run
+/// watches the whole host).
+pub(crate) fn caller() -> Option<Caller> {
     let pid_tgid = bpf_get_current_pid_tgid();
-    let target = global(&TARGET_TGID);
-    (target == 0 || (pid_tgid >> 32) as u32 == target).then_some(pid_tgid as u32)
+    let tgid = (pid_tgid >> 32) as u32;
+    // SAFETY: only presence is tested.
+    if global(&WATCH_ALL) == 0 && unsafe { WATCHED.get(&tgid) }.is_none() {
+        return None;
+    }
+    Some(Caller {
+        tid: pid_tgid as u32,
+        tgid,
+    })
 }
 
-/// Reads `pt_regs` slot `slot` (in u64s). The index is only known at load time, and the verifier
-/// refuses a context access at a computed offset, hence the helper read.
-pub(crate) fn reg_slot(regs: *const pt_regs, slot: usize) -> Option<u64> {
-    // SAFETY: slot < size_of::<pt_regs>() / 8 at every call site; the helper checks the read.
-    unsafe { bpf_probe_read_kernel((regs as *const u64).add(slot)) }.ok()
+/// This attachment's configuration: its attach cookie indexes `PROBES`.
+pub(crate) fn config(ctx: &impl EbpfContext) -> Option<ProbeConfig> {
+    // SAFETY: the helper reads the cookie of the perf link that ran this program.
+    let cookie = unsafe { bpf_get_attach_cookie(ctx.as_ptr()) };
+    PROBES.get(cookie as u32).copied()
 }
 
-/// pt_regs slots of the six integer arguments (rdi, rsi, rdx, rcx, r8, r9).
-const ARG_SLOTS: [usize; 6] = [14, 13, 12, 11, 9, 8];
+/// Reads `pt_regs` slot `slot` (in u64s). The index is only known at attach time, and the
+/// verifier refuses a context access at a computed offset, hence the helper read.
+pub(crate) fn reg_slot(regs: *const pt_regs, slot: u32) -> Option<u64> {
+    if slot >= REG_SLOTS {
+        return None;
+    }
+    // SAFETY: slot < REG_SLOTS, inside pt_regs; the helper checks the read.
+    unsafe { bpf_probe_read_kernel((regs as *const u64).add(slot as usize)) }.ok()
+}
 
-pub(crate) fn cache_arg(ctx: &ProbeContext) -> Option<u64> {
-    match global(&CACHE_ARG) {
+/// The object this probe watches, as its configuration says where it is, in the caller's
+/// process.
+pub(crate) fn probed_object(ctx: &ProbeContext, cfg: &ProbeConfig, tgid: u32) -> Option<ObjKey> {
+    let object = if cfg.object_slot == ARG_SLOTS[0] {
         // The common case (`this`, or CPython's dict) as a plain context load: no helper call on
         // the hot path.
-        0 => ctx.arg(0),
-        n => reg_slot(ctx.regs, *ARG_SLOTS.get(n as usize)?),
-    }
+        ctx.arg(0)?
+    } else {
+        reg_slot(ctx.regs, cfg.object_slot)?
+    };
+    Some(ObjKey {
+        object,
+        tgid,
+        window: cfg.window,
+    })
+}
+
+/// The watching caller and the object of a probe that reads one.
+pub(crate) fn watched_object(ctx: &ProbeContext) -> Option<(Caller, ObjKey, ProbeConfig)> {
+    let who = caller()?;
+    let cfg = config(ctx)?;
+    Some((who, probed_object(ctx, &cfg, who.tgid)?, cfg))
 }
 
 pub(crate) fn comm() -> [u8; COMM_LEN] {
@@ -66,24 +107,26 @@ pub(crate) fn send<T: 'static>(kind: EventKind, event: T) {
     }
 }
 
-pub(crate) fn window(cache: u64) -> Option<Window> {
+pub(crate) fn window(obj: &ObjKey) -> Option<Window> {
     // SAFETY: the value is copied out at once.
-    unsafe { WINDOWS.get(&cache).copied() }
+    unsafe { WINDOWS.get(obj).copied() }
 }
 
-pub(crate) fn store_window(cache: u64, w: &Window) {
-    if WINDOWS.insert(&cache, w, 0).is_err() {
+pub(crate) fn store_window(obj: &ObjKey, w: &Window) {
+    if WINDOWS.insert(obj, w, 0).is_err() {
         bump(Stat::MapFull);
     }
 }
 
-pub(crate) fn window_event(kind: EventKind, cache: u64, w: &Window, tid: u32) {
+pub(crate) fn window_event(kind: EventKind, obj: &ObjKey, w: &Window, tid: u32) {
     send(
         kind,
         WindowEvent {
             kind: kind as u32,
             writer_tid: tid,
-            cache,
+            tgid: obj.tgid,
+            window: obj.window,
+            cache: obj.object,
             open_ns: w.open_ns,
             close_ns: w.close_ns,
             writer_comm: comm(),

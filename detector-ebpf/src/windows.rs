@@ -13,18 +13,19 @@ use crate::{
     provoke::{arm_gil_handover, hold_writer},
     python::judge_pending,
     stacks::stack,
-    util::{bump, cache_arg, store_window, traced_tid, window, window_event},
+    util::{bump, caller, store_window, watched_object, window, window_event},
 };
 
-/// The cache's clear function, `void clear(Cache *c)` (the cache is argument CACHE_ARG):
-/// opens a window.
+/// The cache's clear function, `void clear(Cache *c)` (the cache where the probe's
+/// configuration says): opens a window.
 #[uprobe]
 pub fn on_clear(ctx: ProbeContext) -> u32 {
     bump(Stat::HitsClear);
-    let (Some(tid), Some(cache)) = (traced_tid(), cache_arg(&ctx)) else {
+    let Some((who, cache, _)) = watched_object(&ctx) else {
         return 0;
     };
-    if let Some(w) = Window::on_clear(window(cache).as_ref(), tid, unsafe { bpf_ktime_get_ns() }) {
+    let tid = who.tid;
+    if let Some(w) = Window::on_clear(window(&cache).as_ref(), tid, unsafe { bpf_ktime_get_ns() }) {
         // Stack and event first: a lookup that sees the stored window then reserves its own
         // event later in the ring, so userspace always reads a window's opening (and the
         // writer's stack just before it) before its lookups.
@@ -32,8 +33,8 @@ pub fn on_clear(ctx: ProbeContext) -> u32 {
         stack(unsafe { &*ctx.regs }, tid, w.open_ns, 0, |l| {
             l.tstate_from_clear
         });
-        window_event(EventKind::WindowOpen, cache, &w, tid);
-        store_window(cache, &w);
+        window_event(EventKind::WindowOpen, &cache, &w, tid);
+        store_window(&cache, &w);
         if global(&DROP_REQUEST_DELTA) != 0 {
             arm_gil_handover(&ctx, cache, tid, w.open_ns);
         }
@@ -60,10 +61,11 @@ pub fn on_refill_provoke(ctx: ProbeContext) -> u32 {
 
 fn refill_entry(ctx: &ProbeContext, hold: bool) {
     bump(Stat::HitsRefillEntry);
-    let (Some(tid), Some(cache)) = (traced_tid(), cache_arg(ctx)) else {
+    let Some((who, cache, _)) = watched_object(ctx) else {
         return;
     };
-    if window(cache).is_some_and(|w| w.closes_on_refill(tid)) {
+    let tid = who.tid;
+    if window(&cache).is_some_and(|w| w.closes_on_refill(tid)) {
         if REFILLS.insert(&tid, &cache, 0).is_err() {
             bump(Stat::MapFull);
         }
@@ -89,7 +91,9 @@ pub fn on_refill_exit(_ctx: ProbeContext) -> u32 {
 
 fn refill_done() -> u32 {
     bump(Stat::HitsRefillReturn);
-    let Some(tid) = traced_tid() else { return 0 };
+    let Some(tid) = caller().map(|c| c.tid) else {
+        return 0;
+    };
     // SAFETY: copied out at once.
     let Some(cache) = (unsafe { REFILLS.get(&tid).copied() }) else {
         return 0;
@@ -99,10 +103,10 @@ fn refill_done() -> u32 {
     if global(&DROP_REQUEST_DELTA) != 0 {
         let _ = GIL_HOLDS.remove(&tid);
     }
-    if let Some(w) = window(cache).filter(|w| w.closes_on_refill(tid)) {
+    if let Some(w) = window(&cache).filter(|w| w.closes_on_refill(tid)) {
         let closed = w.closed(unsafe { bpf_ktime_get_ns() });
-        store_window(cache, &closed);
-        window_event(EventKind::WindowClose, cache, &closed, tid);
+        store_window(&cache, &closed);
+        window_event(EventKind::WindowClose, &cache, &closed, tid);
         if PENDING_DICTS.remove(&cache).is_ok() {
             judge_pending(cache);
         }

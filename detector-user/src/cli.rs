@@ -9,6 +9,9 @@ pub const EXIT_RACE: u8 = 1;
 pub const EXIT_USAGE: u8 = 2;
 /// Exit status when the run failed after it started.
 pub const EXIT_FAILURE: u8 = 3;
+/// Exit status when no lookup fell in a window but part of the target went unwatched (the
+/// summary's `unwatched` says what): not an all-clear.
+pub const EXIT_INCOMPLETE: u8 = 4;
 
 #[derive(Parser, Debug)]
 #[command(
@@ -18,7 +21,8 @@ pub const EXIT_FAILURE: u8 = 3;
              empty window between clear() and its refill, seen through uprobes without slowing \
              the target.",
     after_help = "Exit status: 0 no lookup fell in a window, 1 at least one did, \
-                  2 bad input or environment, 3 the run failed."
+                  2 bad input or environment, 3 the run failed, 4 no lookup fell in a window \
+                  but part of the target went unwatched (the summary says what)."
 )]
 pub struct Cli {
     #[command(subcommand)]

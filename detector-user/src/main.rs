@@ -7,7 +7,7 @@ use clap::Parser as _;
 use detector_user::{
     cli::{self, Cli, Command, EXIT_RACE, PythonArgs, WatchArgs},
     engine::{correlate::Correlator, summary::Summary},
-    probe::{calibrate, info, plan::LookupProbe, preflight, symbols::SymbolTable},
+    probe::{calibrate, info, kernel, plan::LookupProbe, preflight, symbols::SymbolTable},
     process,
     run::{self as session, Failure},
     targets::{StackConfig, native, python},
@@ -16,8 +16,10 @@ use detector_user::{
 
 async fn watch(args: WatchArgs) -> Result<ExitCode, Failure> {
     let signals = session::catch_signals()?;
+    kernel::prefetch();
     session::duration(&args.run)?;
     session::interval(&args.run)?;
+    session::check_command(&args.run)?;
     let binary = match &args.binary {
         Some(b) => b.clone(),
         None => session::default_binary(&args.run)?,
@@ -29,21 +31,13 @@ async fn watch(args: WatchArgs) -> Result<ExitCode, Failure> {
     preflight::check().map_err(Failure::usage)?;
     let correlator = Correlator::new(args.miss_ret, None);
     let provoke_ns = args.provoke.map_or(0, |d| d.as_nanos() as u64);
-    let summary = session::run(
-        &plan,
-        &args.run,
-        args.cache_arg,
-        provoke_ns,
-        correlator,
-        &stacks,
-        signals,
-    )
-    .await?;
+    let summary = session::run(&plan, &args.run, provoke_ns, correlator, &stacks, signals).await?;
     Ok(exit_for(summary.as_ref()))
 }
 
 async fn python(args: PythonArgs) -> Result<ExitCode, Failure> {
     let signals = session::catch_signals()?;
+    kernel::prefetch();
     session::duration(&args.run)?;
     session::interval(&args.run)?;
     let interp = match args.run.pid {
@@ -76,7 +70,6 @@ async fn python(args: PythonArgs) -> Result<ExitCode, Failure> {
     let summary = session::run(
         &plan,
         &args.run,
-        0,
         provoke_ns,
         correlator,
         &StackConfig::Python(frames),
@@ -89,6 +82,7 @@ async fn python(args: PythonArgs) -> Result<ExitCode, Failure> {
 fn exit_for(summary: Option<&Summary>) -> ExitCode {
     match summary {
         Some(s) if s.counts.lookups_in_window > 0 => ExitCode::from(EXIT_RACE),
+        Some(s) if !s.unwatched.is_empty() => ExitCode::from(cli::EXIT_INCOMPLETE),
         _ => ExitCode::SUCCESS,
     }
 }

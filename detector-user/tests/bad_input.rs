@@ -123,6 +123,27 @@ fn command_not_found() {
 }
 
 #[test]
+fn a_command_that_cannot_start_is_bad_input_even_with_a_binary_given() {
+    let demo = cache_demo().to_str().unwrap();
+    let (code, err) = watch_err(Some(demo), SYMS, &["--", "/nonexistent/cmd"]);
+    assert_eq!(code, Some(2), "{err}");
+    assert!(err.contains("command not found: /nonexistent/cmd"), "{err}");
+    // There, but not executable: said as such, not as "not found".
+    let script = temp_file("not-executable.sh");
+    std::fs::write(&script, "#!/bin/sh\ntrue\n").unwrap();
+    let path = script.to_str().unwrap();
+    let (code, err) = watch_err(Some(demo), SYMS, &["--", path]);
+    assert_eq!(code, Some(2), "{err}");
+    assert!(
+        err.contains(&format!("{path} is not executable: make it so (chmod +x)")),
+        "{err}"
+    );
+    let (code, err) = watch_err(Some(demo), SYMS, &["--", "/tmp"]);
+    assert_eq!(code, Some(2), "{err}");
+    assert!(err.contains("/tmp is a directory, not a command"), "{err}");
+}
+
+#[test]
 fn neither_pid_nor_command_is_a_usage_error() {
     let (code, err) = watch_err(Some("/bin/true"), SYMS, &[]);
     assert_eq!(code, Some(2));

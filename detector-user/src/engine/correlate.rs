@@ -1,9 +1,9 @@
 //! Turns kernel events into findings. Pure: no aya, no I/O, no clock, so every rule is unit- and
 //! property-tested on hand-written event sequences.
-use std::collections::{HashMap, HashSet, VecDeque};
+use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
 
 use detector_common::{
-    Event, KEY_ABSENT, KeyErrorEvent, KeyVerdict, LookupEvent, WindowEvent, key_hash,
+    Event, KEY_ABSENT, KeyErrorEvent, KeyVerdict, LookupEvent, ObjKey, WindowEvent, key_hash,
 };
 
 use crate::{engine::stack::Stack, text::comm_str};
@@ -12,6 +12,8 @@ use crate::{engine::stack::Stack, text::comm_str};
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Alert {
     pub cache: u64,
+    /// The process the cache belongs to (host pid).
+    pub pid: u32,
     pub reader_tid: u32,
     pub reader_name: String,
     pub writer_tid: u32,
@@ -71,17 +73,19 @@ pub struct Correlator {
     /// The last windows seen opening, by cache, newest last. Kept after they close: a lookup
     /// that overlapped one can arrive after its close, even after the next one opened (the
     /// kernel copies the reader's stack between reading the window and sending the lookup).
-    last: HashMap<u64, VecDeque<Opened>>,
+    last: HashMap<ObjKey, VecDeque<Opened>>,
     /// The last stack of each thread, with the time of the event it belongs to: the kernel sends
     /// a stack just before that event, so the thread's next event claims it.
     stacks: HashMap<u32, (u64, Stack)>,
     /// Each reader's stack in the last window it was flagged in, by the window's opening time:
     /// the kernel sends a reader's stack with its first flagged lookup of a window only.
     reader_stacks: HashMap<u32, (u64, Stack)>,
-    caches: HashSet<u64>,
+    caches: HashSet<ObjKey>,
     /// KeyError alerts awaiting their key's verdict, by (dict, key address, key hash).
-    held: HashMap<(u64, u64, i64), Vec<Alert>>,
+    held: HashMap<(ObjKey, u64, i64), Vec<Alert>>,
     counts: Counts,
+    /// The same counts, per process that had a window.
+    per_process: BTreeMap<u32, Counts>,
 }
 
 impl Correlator {
@@ -96,11 +100,32 @@ impl Correlator {
             caches: HashSet::new(),
             held: HashMap::new(),
             counts: Counts::default(),
+            per_process: BTreeMap::new(),
         }
     }
 
     pub fn counts(&self) -> &Counts {
         &self.counts
+    }
+
+    /// The counts of each process that had a window, by pid.
+    pub fn per_process(&self) -> &BTreeMap<u32, Counts> {
+        &self.per_process
+    }
+
+    /// Applies `f` to the run's counts and to those of process `pid`.
+    fn count(&mut self, pid: u32, f: impl Fn(&mut Counts)) {
+        f(&mut self.counts);
+        f(self.per_process.entry(pid).or_default());
+    }
+
+    /// A window seen on `obj`, counted once per cache.
+    fn count_window(&mut self, obj: ObjKey) {
+        let new_cache = u64::from(self.caches.insert(obj));
+        self.count(obj.tgid, |c| {
+            c.windows += 1;
+            c.caches += new_cache;
+        });
     }
 
     /// The stack of thread `tid` for its event stamped `ns`, which follows.
@@ -125,6 +150,8 @@ impl Correlator {
             Event::KeyVerdict(v) => return self.on_verdict(v),
             // For the hazard report only.
             Event::Near(_) => {}
+            // For the process table.
+            Event::Fork(_) | Event::Exit(_) => {}
             // Resolved by the collector and fed through `on_stack`.
             Event::NativeStack(_) | Event::PyFrames(_) => {}
         }
@@ -136,21 +163,23 @@ impl Correlator {
     pub fn finish(&mut self) -> Vec<Alert> {
         let mut alerts: Vec<Alert> = self.held.drain().flat_map(|(_, a)| a).collect();
         alerts.sort_by_key(|a| a.lookup_ns);
-        self.count_misses(alerts.len());
+        for a in &alerts {
+            self.count_misses(a.pid, 1);
+        }
         alerts
     }
 
-    fn count_misses(&mut self, n: usize) {
-        self.counts.lookups_in_window += n as u64;
-        self.counts.misses_in_window += n as u64;
+    fn count_misses(&mut self, pid: u32, n: usize) {
+        self.count(pid, |c| {
+            c.lookups_in_window += n as u64;
+            c.misses_in_window += n as u64;
+        });
     }
 
     fn on_open(&mut self, w: &WindowEvent) {
-        self.counts.windows += 1;
-        self.caches.insert(w.cache);
-        self.counts.caches = self.caches.len() as u64;
+        self.count_window(w.obj());
         let writer_stack = self.take_stack(w.writer_tid, w.open_ns);
-        let opened = self.last.entry(w.cache).or_default();
+        let opened = self.last.entry(w.obj()).or_default();
         if opened.len() == OPENED_KEPT {
             opened.pop_front();
         }
@@ -162,22 +191,18 @@ impl Correlator {
     }
 
     fn on_close(&mut self, w: &WindowEvent) {
-        let seen_open = self.opened(w.cache, w.open_ns).is_some();
+        let seen_open = self.opened(&w.obj(), w.open_ns).is_some();
         if !seen_open {
             // Opened before racewatch attached: it still was a window.
-            self.counts.windows += 1;
-            self.caches.insert(w.cache);
-            self.counts.caches = self.caches.len() as u64;
+            self.count_window(w.obj());
         }
-        self.counts.max_window_ns = self
-            .counts
-            .max_window_ns
-            .max(w.close_ns.saturating_sub(w.open_ns));
+        let width = w.close_ns.saturating_sub(w.open_ns);
+        self.count(w.tgid, |c| c.max_window_ns = c.max_window_ns.max(width));
     }
 
-    fn opened(&self, cache: u64, open_ns: u64) -> Option<&Opened> {
+    fn opened(&self, cache: &ObjKey, open_ns: u64) -> Option<&Opened> {
         self.last
-            .get(&cache)?
+            .get(cache)?
             .iter()
             .rev()
             .find(|o| o.open_ns == open_ns)
@@ -200,7 +225,7 @@ impl Correlator {
     }
 
     /// The writer's name and stack, if racewatch saw the window open.
-    fn writer(&self, cache: u64, window_open_ns: u64) -> (Option<String>, Option<Stack>) {
+    fn writer(&self, cache: &ObjKey, window_open_ns: u64) -> (Option<String>, Option<Stack>) {
         match self.opened(cache, window_open_ns) {
             Some(o) => (Some(o.writer_name.clone()), o.writer_stack.clone()),
             None => (None, None),
@@ -216,13 +241,14 @@ impl Correlator {
             (true, Some(m)) => Some(l.ret == m),
             _ => None,
         };
-        self.counts.lookups_in_window += 1;
-        if miss == Some(true) {
-            self.counts.misses_in_window += 1;
-        }
-        let (writer_name, writer_stack) = self.writer(l.cache, l.window_open_ns);
+        self.count(l.tgid, |c| {
+            c.lookups_in_window += 1;
+            c.misses_in_window += u64::from(miss == Some(true));
+        });
+        let (writer_name, writer_stack) = self.writer(&l.obj(), l.window_open_ns);
         Some(Alert {
             cache: l.cache,
+            pid: l.tgid,
             reader_tid: l.reader_tid,
             reader_name: comm_str(&l.reader_comm),
             writer_tid: l.writer_tid,
@@ -242,9 +268,10 @@ impl Correlator {
         if k.reader_tid == k.writer_tid {
             return;
         }
-        let (writer_name, writer_stack) = self.writer(k.dict, k.window_open_ns);
+        let (writer_name, writer_stack) = self.writer(&k.obj(), k.window_open_ns);
         let alert = Alert {
             cache: k.dict,
+            pid: k.tgid,
             reader_tid: k.reader_tid,
             reader_name: comm_str(&k.reader_comm),
             writer_tid: k.writer_tid,
@@ -258,7 +285,7 @@ impl Correlator {
         };
         let hash = key_hash(&k.key_type, &k.key_obj);
         self.held
-            .entry((k.dict, k.key, hash))
+            .entry((k.obj(), k.key, hash))
             .or_default()
             .push(alert);
     }
@@ -266,13 +293,14 @@ impl Correlator {
     fn on_verdict(&mut self, v: &KeyVerdict) -> Vec<Alert> {
         let alerts = self
             .held
-            .remove(&(v.dict, v.key, v.hash))
+            .remove(&(v.obj(), v.key, v.hash))
             .unwrap_or_default();
         if v.present == KEY_ABSENT {
-            self.counts.absent_keys_in_window += alerts.len() as u64;
+            let n = alerts.len() as u64;
+            self.count(v.tgid, |c| c.absent_keys_in_window += n);
             return Vec::new();
         }
-        self.count_misses(alerts.len());
+        self.count_misses(v.tgid, alerts.len());
         alerts
     }
 }
@@ -296,6 +324,7 @@ mod tests {
         (t, o)
     }
 
+    const PID: u32 = 100;
     const DICT: u64 = 0xd1c7;
 
     fn keyerror(key: u64, hash: i64, raised_ns: u64) -> Event {
@@ -303,6 +332,8 @@ mod tests {
         Event::KeyError(KeyErrorEvent {
             kind: EventKind::KeyError as u32,
             reader_tid: 2,
+            tgid: PID,
+            window: 0,
             dict: DICT,
             raised_ns,
             window_open_ns: 100,
@@ -319,6 +350,8 @@ mod tests {
         Event::KeyVerdict(KeyVerdict {
             kind: EventKind::KeyVerdict as u32,
             present,
+            tgid: PID,
+            window: 0,
             dict: DICT,
             key,
             hash,
@@ -407,6 +440,8 @@ mod tests {
         let w = WindowEvent {
             kind: kind as u32,
             writer_tid: 1,
+            tgid: PID,
+            window: 0,
             cache: DICT,
             open_ns,
             close_ns: 0,
@@ -422,6 +457,8 @@ mod tests {
         Event::Lookup(LookupEvent {
             kind: EventKind::Lookup as u32,
             reader_tid: 2,
+            tgid: PID,
+            window: 0,
             cache: DICT,
             lookup_ns,
             window_open_ns,

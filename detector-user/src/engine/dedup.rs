@@ -104,6 +104,7 @@ mod tests {
     fn alert(reader: Option<Stack>, writer: Option<Stack>, miss: Option<bool>) -> Alert {
         Alert {
             cache: 1,
+            pid: 100,
             reader_tid: 2,
             reader_name: "reader".into(),
             writer_tid: 3,

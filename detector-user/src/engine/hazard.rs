@@ -4,7 +4,7 @@
 //! I/O, no clock. The estimate and its limits are in docs/HAZARD.md.
 use std::collections::{HashMap, HashSet, VecDeque};
 
-use detector_common::{Event, NearEvent, ReaderKey, ReaderState, WindowEvent};
+use detector_common::{Event, NearEvent, ObjKey, ReaderKey, ReaderState, WindowEvent};
 
 use crate::{engine::histogram::Histogram, text::comm_str};
 
@@ -32,6 +32,8 @@ pub struct ReaderHazard {
 #[derive(Clone, Debug, PartialEq)]
 pub struct Hazard {
     pub cache: u64,
+    /// The process the cache belongs to.
+    pub pid: u32,
     /// Windows that closed while racewatch watched.
     pub windows: u64,
     pub windows_per_s: f64,
@@ -89,7 +91,7 @@ impl CacheWindows {
 
 #[derive(Default)]
 pub struct HazardTracker {
-    caches: HashMap<u64, CacheWindows>,
+    caches: HashMap<ObjKey, CacheWindows>,
     /// When the running sampling burst began (0 when every lookup is counted).
     burst_start_ns: u64,
 }
@@ -99,20 +101,22 @@ impl HazardTracker {
         match event {
             Event::WindowOpen(w) => self.on_open(w),
             Event::WindowClose(w) => {
-                let c = self.caches.entry(w.cache).or_default();
+                let c = self.caches.entry(w.obj()).or_default();
                 c.writers.insert(w.writer_tid);
                 c.widths.record(w.close_ns.saturating_sub(w.open_ns));
             }
             Event::Near(n) => self
                 .caches
-                .entry(n.cache)
+                .entry(n.obj())
                 .or_default()
                 .on_near(n, self.burst_start_ns),
             Event::Lookup(_)
             | Event::KeyError(_)
             | Event::KeyVerdict(_)
             | Event::NativeStack(_)
-            | Event::PyFrames(_) => {}
+            | Event::PyFrames(_)
+            | Event::Fork(_)
+            | Event::Exit(_) => {}
         }
     }
 
@@ -123,7 +127,7 @@ impl HazardTracker {
     }
 
     fn on_open(&mut self, w: &WindowEvent) {
-        let c = self.caches.entry(w.cache).or_default();
+        let c = self.caches.entry(w.obj()).or_default();
         c.writers.insert(w.writer_tid);
         if c.recent_opens.len() == RECENT_OPENS {
             c.recent_opens.pop_front();
@@ -144,11 +148,12 @@ impl HazardTracker {
             .caches
             .iter()
             .filter(|(_, c)| c.widths.count() > 0)
-            .map(|(&cache, c)| cache_hazard(cache, c, readers, elapsed_s, sampled_s))
+            .map(|(&obj, c)| cache_hazard(obj, c, readers, elapsed_s, sampled_s))
             .collect();
         out.sort_by(|a, b| {
             b.expected_collisions_per_hour
                 .total_cmp(&a.expected_collisions_per_hour)
+                .then(a.pid.cmp(&b.pid))
                 .then(a.cache.cmp(&b.cache))
         });
         out
@@ -166,7 +171,7 @@ pub fn collisions_per_hour(lookups_per_s: f64, time_in_window: f64) -> f64 {
 }
 
 fn cache_hazard(
-    cache: u64,
+    obj: ObjKey,
     c: &CacheWindows,
     readers: &[(ReaderKey, ReaderState)],
     elapsed_s: f64,
@@ -175,7 +180,7 @@ fn cache_hazard(
     let time_in_window = rate(c.widths.sum() as f64 / 1e9, elapsed_s).min(1.0);
     let mut rs: Vec<ReaderHazard> = readers
         .iter()
-        .filter(|(k, _)| k.cache == cache && !c.writers.contains(&k.tid))
+        .filter(|(k, _)| k.obj == obj && !c.writers.contains(&k.tid))
         .map(|(k, s)| {
             let closest = c.closest.get(&k.tid).copied().unwrap_or_default();
             let lookups_per_s = rate(s.lookups as f64, sampled_s);
@@ -192,14 +197,19 @@ fn cache_hazard(
         .collect();
     rs.sort_by(|a, b| b.lookups.cmp(&a.lookups).then(a.tid.cmp(&b.tid)));
     Hazard {
-        cache,
+        cache: obj.object,
+        pid: obj.tgid,
         windows: c.widths.count(),
         windows_per_s: rate(c.widths.count() as f64, elapsed_s),
         window_p50_ns: c.widths.quantile(0.5),
         window_p99_ns: c.widths.quantile(0.99),
         window_max_ns: c.widths.max(),
         time_in_window,
-        expected_collisions_per_hour: rs.iter().map(|r| r.expected_collisions_per_hour).sum(),
+        // A fold from +0: `sum` of no reader would be -0, printed "-0.0".
+        expected_collisions_per_hour: rs
+            .iter()
+            .map(|r| r.expected_collisions_per_hour)
+            .fold(0.0, |a, b| a + b),
         readers: rs,
         sampled_fraction: rate(sampled_s, elapsed_s).min(1.0),
         elapsed_s,
@@ -212,12 +222,20 @@ mod tests {
     use detector_common::{COMM_LEN, EventKind};
 
     const CACHE: u64 = 0xcace;
+    const PID: u32 = 100;
+    const OBJ: ObjKey = ObjKey {
+        object: CACHE,
+        tgid: PID,
+        window: 0,
+    };
     const WRITER: u32 = 1;
 
     fn window(kind: EventKind, open_ns: u64, close_ns: u64) -> Event {
         let w = WindowEvent {
             kind: kind as u32,
             writer_tid: WRITER,
+            tgid: PID,
+            window: 0,
             cache: CACHE,
             open_ns,
             close_ns,
@@ -241,6 +259,8 @@ mod tests {
         Event::Near(NearEvent {
             kind: EventKind::Near as u32,
             reader_tid: tid,
+            tgid: PID,
+            window: 0,
             cache: CACHE,
             prev_lookup_ns: prev,
             lookup_ns: now,
@@ -253,7 +273,7 @@ mod tests {
         comm[..6].copy_from_slice(b"reader");
         (
             ReaderKey {
-                cache: CACHE,
+                obj: OBJ,
                 tid,
                 _pad: 0,
             },
@@ -382,7 +402,7 @@ mod tests {
             &(0..RECENT_OPENS as u64 + 10).collect::<Vec<_>>(),
             0,
         );
-        assert_eq!(t.caches[&CACHE].recent_opens.len(), RECENT_OPENS);
-        assert_eq!(t.caches[&CACHE].recent_opens[0], 10);
+        assert_eq!(t.caches[&OBJ].recent_opens.len(), RECENT_OPENS);
+        assert_eq!(t.caches[&OBJ].recent_opens[0], 10);
     }
 }

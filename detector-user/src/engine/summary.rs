@@ -24,6 +24,9 @@ pub struct Summary {
     pub map_full: u64,
     /// KeyErrors whose key the kernel could not keep for judging (counted as window misses).
     pub pending_full: u64,
+    /// KeyErrors whose key the kernel could not look up in the refilled dict (counted as window
+    /// misses too).
+    pub unjudged_keys: u64,
     /// Ring-buffer records userspace could not decode (a racewatch bug if ever non-zero).
     pub decode_errors: u64,
     /// Times each probe fired in the target.
@@ -34,9 +37,30 @@ pub struct Summary {
     pub self_cost: Option<SelfCost>,
     /// Each distinct (reader stack, writer stack) pair, with how often it raced.
     pub pairs: Vec<PairJson>,
+    /// Each process that had a window, with its share of the counts above.
+    pub processes: Vec<ProcessJson>,
+    /// Processes forked by watched ones after the start, and so watched too.
+    pub forks: u64,
+    /// What the run could not watch. A run with any entry here is no all-clear: racewatch exits 4
+    /// instead of 0 when it also found no race.
+    pub unwatched: Vec<String>,
     pub duration_s: f64,
     /// How the run ended: "target exited", "interrupted", "duration elapsed".
     pub ended: String,
+}
+
+/// One watched process's part of a run.
+#[derive(Clone, Debug, Default, Serialize)]
+pub struct ProcessJson {
+    pub pid: u32,
+    /// Its pid inside its own pid namespace (a container's view), where known.
+    pub ns_pid: Option<u32>,
+    pub comm: String,
+    /// The watched process it was forked from; None for the target itself.
+    pub parent: Option<u32>,
+    pub windows: u64,
+    pub lookups_in_window: u64,
+    pub misses_in_window: u64,
 }
 
 #[derive(Clone, Debug, Default, Serialize)]

@@ -10,7 +10,7 @@ use aya::{
     maps::PerCpuArray,
     programs::{UProbe, uprobe::UProbeScope},
 };
-use detector_common::{STATS_MAP, Stat, globals};
+use detector_common::{ARG_SLOTS, ProbeConfig, STATS_MAP, Stat};
 use serde::Serialize;
 
 use crate::{
@@ -194,9 +194,19 @@ impl Bench {
         let exe = std::env::current_exe().map_err(|e| CalibrationError::Symbols(e.to_string()))?;
         let me = std::process::id();
         let mut ebpf = EbpfLoader::new()
-            .override_global(globals::TARGET_TGID, &me, true)
             .load(loader::OBJECT)
             .map_err(|e| load(&e))?;
+        // Watched, with the cache in the first argument: each hit takes a real run's path.
+        loader::watch_in(&mut ebpf, me).map_err(|e| load(&e))?;
+        loader::configure_in(
+            &mut ebpf,
+            0,
+            &ProbeConfig {
+                object_slot: ARG_SLOTS[0],
+                ..ProbeConfig::default()
+            },
+        )
+        .map_err(|e| load(&e))?;
         for name in ["on_lookup", "on_refill_return"] {
             let prog: &mut UProbe = ebpf
                 .program_mut(name)

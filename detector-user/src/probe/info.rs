@@ -108,10 +108,11 @@ pub fn run() -> Vec<Check> {
         BpfHelper::BPF_FUNC_for_each_map_elem,
         Needed::Python,
     ));
+    // Each probe finds its configuration through its attach cookie (kernel 5.15+).
     checks.push(helper(
         "attach cookies",
         BpfHelper::BPF_FUNC_get_attach_cookie,
-        Needed::No,
+        Needed::Both,
     ));
     checks.push(helper(
         "bpf_loop",

@@ -1,17 +1,19 @@
-//! Loads racewatch's eBPF object with its load-time filters and attaches the probes.
-use std::{num::NonZeroU32, path::PathBuf};
+//! Loads racewatch's eBPF object and attaches the probes, each with its configuration (its
+//! attach cookie indexes `PROBES`), and keeps the set of watched processes.
+use std::path::PathBuf;
 
 use aya::{
     Ebpf, EbpfLoader,
-    maps::{HashMap, MapData, PerCpuArray, RingBuf},
+    maps::{Array, HashMap, MapData, PerCpuArray, RingBuf},
     programs::{
-        UProbe,
-        uprobe::{UProbeLinkId, UProbeScope},
+        RawTracePoint, UProbe,
+        uprobe::{UProbeAttachLocation, UProbeAttachPoint, UProbeLinkId, UProbeScope},
     },
 };
 use detector_common::{
-    DictSite, EVENTS_MAP, KEYERROR_SITES_MAP, PROVOKE_MAP, ProvokeState, PyLayout, READERS_MAP,
-    ReaderKey, ReaderState, STATS_MAP, StackMode, Stat, globals,
+    ARG_SLOTS, DictSite, EVENTS_MAP, KEYERROR_SITES_MAP, MAX_PROBES, PROBES_MAP, PROVOKE_MAP,
+    ProbeConfig, ProvokeState, PyLayout, READERS_MAP, ReaderKey, ReaderState, STATS_MAP, StackMode,
+    Stat, WATCHED_MAP, globals,
 };
 
 use crate::probe::{
@@ -39,6 +41,8 @@ pub enum LoadError {
     Cpus(#[source] std::io::Error),
     #[error("racewatch's eBPF object lacks map {0} (a build mismatch: rebuild racewatch)")]
     MissingMap(&'static str),
+    #[error("racewatch attaches at most {0} probes in one run")]
+    TooManyProbes(u32),
     #[error("cannot use the kernel map {map}: {source}")]
     Map {
         map: &'static str,
@@ -47,9 +51,12 @@ pub enum LoadError {
 }
 
 pub struct Options {
-    /// The traced process (0: any).
-    pub tgid: u32,
-    pub cache_arg: u32,
+    /// `tgid`'s offset in the kernel's `task_struct` (see `probe::kernel`): with it, processes
+    /// forked by watched ones are watched too.
+    pub task_tgid_offset: Option<u64>,
+    /// Watch every process that maps a probed file (system-wide), not only those added with
+    /// [`Loaded::watch`].
+    pub watch_all: bool,
     pub ring_bytes: u32,
     /// How long to hold a writer in each window (0: never).
     pub provoke_ns: u64,
@@ -62,10 +69,12 @@ pub struct Options {
 pub struct Loaded {
     ebpf: Ebpf,
     pub probes: usize,
+    /// Attach cookies handed out so far: each indexes its configuration in `PROBES`.
+    configs: u32,
     /// Native `--provoke`: the refill's entry probe holds the writer.
     hold_at_refill: bool,
-    /// The sampling probe's site and process, once attached; and its link while a burst runs.
-    sample: Option<(PathBuf, Placed, u32)>,
+    /// The sampling probe's site and its cookie, once attached; and its link while a burst runs.
+    sample: Option<(PathBuf, Placed, u64)>,
     sample_link: Option<UProbeLinkId>,
     sample_always: bool,
 }
@@ -73,10 +82,42 @@ pub struct Loaded {
 pub(crate) static OBJECT: &[u8] =
     aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/detector"));
 
+/// Map `name` of `ebpf`, through the type it is written with.
+fn map_mut<'a, T>(ebpf: &'a mut Ebpf, name: &'static str) -> Result<T, LoadError>
+where
+    T: TryFrom<&'a mut aya::maps::Map, Error = aya::maps::MapError>,
+{
+    let map = ebpf.map_mut(name).ok_or(LoadError::MissingMap(name))?;
+    T::try_from(map).map_err(|source| LoadError::Map { map: name, source })
+}
+
+/// Adds process `tgid` to those `ebpf`'s probes watch.
+pub(crate) fn watch_in(ebpf: &mut Ebpf, tgid: u32) -> Result<(), LoadError> {
+    let mut watched: HashMap<_, u32, u8> = map_mut(ebpf, WATCHED_MAP)?;
+    watched.insert(tgid, 1, 0).map_err(|source| LoadError::Map {
+        map: WATCHED_MAP,
+        source,
+    })
+}
+
+/// Stores the configuration of the attachment whose cookie is `cookie`.
+pub(crate) fn configure_in(
+    ebpf: &mut Ebpf,
+    cookie: u32,
+    config: &ProbeConfig,
+) -> Result<(), LoadError> {
+    let mut probes: Array<_, ProbeConfig> = map_mut(ebpf, PROBES_MAP)?;
+    probes
+        .set(cookie, config, 0)
+        .map_err(|source| LoadError::Map {
+            map: PROBES_MAP,
+            source,
+        })
+}
+
 impl Loaded {
     pub fn load(opts: &Options, plan: &Plan) -> Result<Loaded, LoadError> {
         let wakeup_bytes = u64::from(opts.ring_bytes / 2);
-        let (miss_slot, miss_value) = plan.miss_globals();
         let drop_delta = plan.gil.as_ref().map_or(0i64, |g| g.drop_request_delta);
         // The provocation budget accrues from now, on the clock bpf_ktime_get_ns reads.
         let start_ns = monotonic_ns();
@@ -85,10 +126,12 @@ impl Loaded {
             .try_into()
             .unwrap_or(u32::MAX);
         let ebpf = EbpfLoader::new()
-            .override_global(globals::TARGET_TGID, &opts.tgid, true)
-            .override_global(globals::CACHE_ARG, &opts.cache_arg, true)
-            .override_global(globals::MISS_CACHE_SLOT, &miss_slot, true)
-            .override_global(globals::MISS_VALUE, &miss_value, true)
+            .override_global(globals::WATCH_ALL, &u32::from(opts.watch_all), true)
+            .override_global(
+                globals::TASK_TGID_OFFSET,
+                &opts.task_tgid_offset.unwrap_or(0),
+                true,
+            )
             .override_global("WAKEUP_BYTES", &wakeup_bytes, true)
             .override_global(globals::PROVOKE_NS, &opts.provoke_ns, true)
             .override_global(globals::PROVOKE_START_NS, &start_ns, true)
@@ -102,11 +145,38 @@ impl Loaded {
         Ok(Loaded {
             ebpf,
             probes: 0,
+            configs: 0,
             hold_at_refill: opts.provoke_ns != 0 && plan.gil.is_none(),
             sample: None,
             sample_link: None,
             sample_always: false,
         })
+    }
+
+    /// Watches process `tgid` from now on (the probes fire in every process that maps their
+    /// file; the kernel keeps the events of watched ones).
+    pub fn watch(&mut self, tgid: u32) -> Result<(), LoadError> {
+        watch_in(&mut self.ebpf, tgid)
+    }
+
+    /// Watches the processes that watched ones fork (their pids join `WATCHED` in the kernel, at
+    /// the fork, before the child runs) and forgets those that end.
+    pub fn follow_forks(&mut self) -> Result<(), LoadError> {
+        for (program, tracepoint) in [
+            ("on_fork", "sched_process_fork"),
+            ("on_exit", "sched_process_exit"),
+        ] {
+            let prog: &mut RawTracePoint = self
+                .ebpf
+                .program_mut(program)
+                .and_then(|p| p.try_into().ok())
+                .ok_or(LoadError::MissingMap(program))?;
+            prog.load()
+                .map_err(|source| LoadError::Program { program, source })?;
+            prog.attach(tracepoint)
+                .map_err(|source| LoadError::Program { program, source })?;
+        }
+        Ok(())
     }
 
     /// The program, loaded into the kernel (verified) on first use.
@@ -123,6 +193,17 @@ impl Loaded {
         Ok(prog)
     }
 
+    /// A new attach cookie, its configuration stored.
+    fn configure(&mut self, config: &ProbeConfig) -> Result<u64, LoadError> {
+        let cookie = self.configs;
+        if cookie >= MAX_PROBES {
+            return Err(LoadError::TooManyProbes(MAX_PROBES));
+        }
+        configure_in(&mut self.ebpf, cookie, config)?;
+        self.configs += 1;
+        Ok(u64::from(cookie))
+    }
+
     fn attach_one(
         &mut self,
         program: &'static str,
@@ -130,13 +211,16 @@ impl Loaded {
         plan_binary: &PathBuf,
         function: &Function,
         offset: u64,
-        pid: u32,
+        config: &ProbeConfig,
     ) -> Result<(), LoadError> {
-        self.attach_site(program, role, plan_binary, function, offset, pid)?;
+        let cookie = self.configure(config)?;
+        self.attach_site(program, role, plan_binary, function, offset, cookie)?;
         self.probes += 1;
         Ok(())
     }
 
+    /// Attaches for every process that maps the file: forked workers and processes started
+    /// later fire it too, and the kernel keeps the events of the watched ones.
     fn attach_site(
         &mut self,
         program: &'static str,
@@ -144,12 +228,15 @@ impl Loaded {
         plan_binary: &PathBuf,
         function: &Function,
         offset: u64,
-        pid: u32,
+        cookie: u64,
     ) -> Result<UProbeLinkId, LoadError> {
         let prog = self.program(program)?;
-        let scope = NonZeroU32::new(pid).map_or(UProbeScope::AllProcesses, UProbeScope::OneProcess);
+        let point = UProbeAttachPoint {
+            location: UProbeAttachLocation::AbsoluteOffset(function.file_offset + offset),
+            cookie: Some(cookie),
+        };
         let link = prog
-            .attach(function.file_offset + offset, plan_binary, scope)
+            .attach(point, plan_binary, UProbeScope::AllProcesses)
             .map_err(|source| LoadError::Attach {
                 role,
                 function: function.display.clone(),
@@ -172,7 +259,7 @@ impl Loaded {
     /// Starts a sampling burst: attaches the lookup-counting probe. No-op without one, or while
     /// a burst runs.
     pub fn start_sample(&mut self) -> Result<(), LoadError> {
-        let Some((bin, placed, pid)) = self.sample.clone() else {
+        let Some((bin, placed, cookie)) = self.sample.clone() else {
             return Ok(());
         };
         if self.sample_link.is_none() {
@@ -182,7 +269,7 @@ impl Loaded {
                 &bin,
                 &placed.function,
                 placed.offset,
-                pid,
+                cookie,
             )?;
             self.sample_link = Some(link);
         }
@@ -203,10 +290,21 @@ impl Loaded {
     }
 
     /// Attaches every probe of `plan` to process `pid` (0: every process that maps the binary).
-    pub fn attach(&mut self, plan: &Plan, pid: u32) -> Result<(), LoadError> {
+    /// Attaches every probe of `plan`, each with its configuration.
+    pub fn attach(&mut self, plan: &Plan) -> Result<(), LoadError> {
         let bin = &plan.binary;
+        // Where the object is at an entry: the argument the plan names.
+        let at_entry = ProbeConfig {
+            object_slot: ARG_SLOTS
+                .get(plan.object_arg as usize)
+                .copied()
+                .unwrap_or(ARG_SLOTS[0]),
+            window: plan.window,
+            miss_value: 0,
+        };
+        let cfg = &at_entry;
         let clear = &plan.clear;
-        self.attach_one("on_clear", "clear", bin, &clear.function, clear.offset, pid)?;
+        self.attach_one("on_clear", "clear", bin, &clear.function, clear.offset, cfg)?;
         // The refill's entry probe shares the breakpoint its return probe needs at the entry.
         for refill in &plan.refills {
             let entry = if self.hold_at_refill {
@@ -217,59 +315,70 @@ impl Loaded {
             match refill {
                 RefillProbe::Return(p) => {
                     let f = &p.function;
-                    self.attach_one(entry, "refill", bin, f, 0, pid)?;
-                    self.attach_one("on_refill_return", "refill return", bin, f, 0, pid)?;
+                    self.attach_one(entry, "refill", bin, f, 0, cfg)?;
+                    self.attach_one("on_refill_return", "refill return", bin, f, 0, cfg)?;
                 }
                 RefillProbe::Exits { entry: at, exits } => {
                     let f = &at.function;
-                    self.attach_one(entry, "refill", bin, f, at.offset, pid)?;
+                    self.attach_one(entry, "refill", bin, f, at.offset, cfg)?;
                     for &exit in exits {
-                        self.attach_one("on_refill_exit", "refill exit", bin, f, exit, pid)?;
+                        self.attach_one("on_refill_exit", "refill exit", bin, f, exit, cfg)?;
                     }
                 }
             }
         }
         match &plan.lookup {
             LookupProbe::Entry(p) => {
-                self.attach_one("on_lookup", "lookup", bin, &p.function, p.offset, pid)?;
+                self.attach_one("on_lookup", "lookup", bin, &p.function, p.offset, cfg)?;
             }
             LookupProbe::EntryAndReturn(Placed { function: f, .. }) => {
-                self.attach_one("on_lookup_entry", "lookup", bin, f, 0, pid)?;
-                self.attach_one("on_lookup_return", "lookup return", bin, f, 0, pid)?;
+                self.attach_one("on_lookup_entry", "lookup", bin, f, 0, cfg)?;
+                self.attach_one("on_lookup_return", "lookup return", bin, f, 0, cfg)?;
             }
             LookupProbe::Miss {
-                function, offsets, ..
+                function,
+                offsets,
+                cache_slot,
+                value,
+                ..
             } => {
+                // On the miss path the cache is wherever the function keeps it there.
+                let miss = ProbeConfig {
+                    object_slot: *cache_slot,
+                    miss_value: *value,
+                    ..at_entry
+                };
                 for &offset in offsets {
-                    self.attach_one("on_lookup_miss", "lookup miss", bin, function, offset, pid)?;
+                    self.attach_one(
+                        "on_lookup_miss",
+                        "lookup miss",
+                        bin,
+                        function,
+                        offset,
+                        &miss,
+                    )?;
                 }
             }
             LookupProbe::KeyError { function, sites } => {
-                let mut map: HashMap<_, u64, DictSite> = self
-                    .ebpf
-                    .map_mut(KEYERROR_SITES_MAP)
-                    .ok_or(LoadError::MissingMap(KEYERROR_SITES_MAP))?
-                    .try_into()
-                    .map_err(|source| LoadError::Map {
-                        map: KEYERROR_SITES_MAP,
-                        source,
-                    })?;
+                let mut map: HashMap<_, u64, DictSite> =
+                    map_mut(&mut self.ebpf, KEYERROR_SITES_MAP)?;
                 for (delta, loc) in sites {
                     map.insert(delta, loc, 0).map_err(|source| LoadError::Map {
                         map: KEYERROR_SITES_MAP,
                         source,
                     })?;
                 }
-                self.attach_one("on_keyerror", "KeyError", bin, &function.function, 0, pid)?;
+                self.attach_one("on_keyerror", "KeyError", bin, &function.function, 0, cfg)?;
             }
         }
         if let Some(g) = &plan.gil {
             let t = &g.take_gil;
-            self.attach_one("on_clear_return", "clear return", bin, &g.clear, 0, pid)?;
-            self.attach_one("on_take_gil", "take_gil", bin, &t.function, t.offset, pid)?;
+            self.attach_one("on_clear_return", "clear return", bin, &g.clear, 0, cfg)?;
+            self.attach_one("on_take_gil", "take_gil", bin, &t.function, t.offset, cfg)?;
         }
         if let Some(sample) = &plan.sample {
-            self.sample = Some((bin.clone(), sample.clone(), pid));
+            let cookie = self.configure(cfg)?;
+            self.sample = Some((bin.clone(), sample.clone(), cookie));
             self.sample_always = plan.sample_always;
             // Attached once now, so a site the kernel refuses fails the run before it starts.
             self.start_sample()?;

@@ -2,6 +2,7 @@
 //! object, attaching it, and asking the kernel what it supports and what a probe costs.
 pub mod calibrate;
 pub mod info;
+pub mod kernel;
 pub mod loader;
 pub mod placement;
 pub mod plan;

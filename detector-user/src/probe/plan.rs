@@ -52,6 +52,10 @@ pub struct GilHandover {
 /// Everything to attach, in one binary (executable or shared library).
 pub struct Plan {
     pub binary: PathBuf,
+    /// Which argument (0-based) of the window's functions is the object at their entry.
+    pub object_arg: u32,
+    /// Which of the run's windows these probes belong to (events carry it).
+    pub window: u32,
     pub clear: Placed,
     /// Functions whose return closes the window (CPython has two ways to refill a dict).
     pub refills: Vec<RefillProbe>,
@@ -75,16 +79,6 @@ pub enum RefillProbe {
 }
 
 impl Plan {
-    /// The miss-path probe's globals: where it reads the cache, and the miss value.
-    pub(crate) fn miss_globals(&self) -> (u32, i64) {
-        match &self.lookup {
-            LookupProbe::Miss {
-                cache_slot, value, ..
-            } => (*cache_slot, *value),
-            _ => (0, 0),
-        }
-    }
-
     /// How each probe traps, for the estimate of the time racewatch adds.
     pub fn traps(&self) -> Traps {
         let (lookup_entry, lookup_miss, keyerror) = match &self.lookup {

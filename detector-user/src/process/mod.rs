@@ -1,12 +1,20 @@
 //! The processes racewatch watches: finding them (/proc), launching a command held until the
 //! probes are attached, and waiting for either to end.
 use std::time::Duration;
-use std::{ffi::OsString, fs, path::PathBuf};
+use std::{
+    ffi::OsString,
+    fs,
+    path::{Path, PathBuf},
+};
 
 #[derive(Debug, thiserror::Error)]
 pub enum TargetError {
     #[error("command not found: {0} (is it on PATH?)")]
     CommandNotFound(String),
+    #[error("{} is not executable: make it so (chmod +x) or run it through its interpreter", .0.display())]
+    NotExecutable(PathBuf),
+    #[error("{} is a directory, not a command", .0.display())]
+    IsADirectory(PathBuf),
     #[error("pid 0 is not a process: give the pid of the running program (see `pgrep`)")]
     PidZero,
     #[error("no process with pid {0}: is it still running? (see `pgrep`)")]
@@ -21,9 +29,26 @@ pub enum TargetError {
     Pidfd { pid: u32, source: std::io::Error },
 }
 
-/// Resolves a command name as the shell would (PATH lookup).
+/// Resolves a command name as the shell would (PATH lookup); a file that is there but that may
+/// not be executed is told apart from one that is not there.
 pub fn resolve_command(cmd: &OsString) -> Result<PathBuf, TargetError> {
-    which::which(cmd).map_err(|_| TargetError::CommandNotFound(cmd.to_string_lossy().into_owned()))
+    which::which(cmd).map_err(|_| {
+        let path = Path::new(cmd);
+        let candidate = if path.components().count() > 1 {
+            Some(path.to_path_buf())
+        } else {
+            std::env::var_os("PATH").and_then(|dirs| {
+                std::env::split_paths(&dirs)
+                    .map(|d| d.join(cmd))
+                    .find(|p| p.exists())
+            })
+        };
+        match candidate {
+            Some(p) if p.is_dir() => TargetError::IsADirectory(p),
+            Some(p) if p.exists() => TargetError::NotExecutable(p),
+            _ => TargetError::CommandNotFound(cmd.to_string_lossy().into_owned()),
+        }
+    })
 }
 
 /// Checks that `pid` is a live process and returns the path of its executable.
@@ -45,6 +70,7 @@ pub fn running_exe(pid: u32) -> Result<PathBuf, TargetError> {
 
 pub mod launch;
 pub mod maps;
+pub mod table;
 pub mod target;
 
 /// CPU time (user + system, all threads) a live process has used, from /proc/PID/stat.
@@ -69,4 +95,36 @@ pub(crate) fn children_cpu() -> Option<Duration> {
     }
     let tv = |t: libc::timeval| Duration::new(t.tv_sec as u64, t.tv_usec as u32 * 1000);
     Some(tv(usage.ru_utime) + tv(usage.ru_stime))
+}
+
+/// The parent of process `pid`, from `/proc/PID/stat` (the field after the state).
+fn parent_of(pid: u32) -> Option<u32> {
+    let stat = fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    stat.rsplit_once(") ")?
+        .1
+        .split_whitespace()
+        .nth(1)?
+        .parse()
+        .ok()
+}
+
+/// Every live process descended from `pid` (children, their children, ...), each with its
+/// parent, from /proc.
+pub fn descendants(pid: u32) -> Vec<(u32, u32)> {
+    let Ok(dir) = fs::read_dir("/proc") else {
+        return Vec::new();
+    };
+    let parents: Vec<(u32, u32)> = dir
+        .filter_map(|e| e.ok()?.file_name().to_str()?.parse::<u32>().ok())
+        .filter_map(|p| Some((p, parent_of(p)?)))
+        .collect();
+    let mut found = vec![(pid, 0)];
+    let mut i = 0;
+    while i < found.len() {
+        let of = found[i].0;
+        found.extend(parents.iter().filter(|(_, pp)| *pp == of));
+        i += 1;
+    }
+    found.remove(0);
+    found
 }

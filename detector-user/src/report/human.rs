@@ -90,8 +90,9 @@ impl<W: Write> Sink for HumanSink<W> {
             .unwrap_or_default();
         writeln!(
             self.out,
-            "RACE cache {:#x}: reader {} ({}) looked up{} while writer {} ({}) had emptied it {} earlier: {}",
+            "RACE cache {:#x} in pid {}: reader {} ({}) looked up{} while writer {} ({}) had emptied it {} earlier: {}",
             a.cache,
+            a.pid,
             a.reader_tid,
             escape(&a.reader_name),
             key,
@@ -137,9 +138,10 @@ impl<W: Write> Sink for HumanSink<W> {
         };
         writeln!(
             self.out,
-            "HAZARD cache {:#x}: {} windows ({:.1}/s), width p50 {} p99 {} max {}, empty {:.4}% of \
+            "HAZARD cache {:#x} in pid {}: {} windows ({:.1}/s), width p50 {} p99 {} max {}, empty {:.4}% of \
              the time; expect {:.1} collisions/hour{sampled}",
             h.cache,
+            h.pid,
             h.windows,
             h.windows_per_s,
             fmt_ns(h.window_p50_ns),
@@ -218,6 +220,35 @@ impl<W: Write> Sink for HumanSink<W> {
                 l.near,
                 l.native_stack,
                 l.py_frames
+            )?;
+        }
+        // One line per process when the run saw windows in more than the target.
+        if s.processes.len() > 1 || s.processes.iter().any(|p| p.parent.is_some()) {
+            for p in &s.processes {
+                let ns = match p.ns_pid {
+                    Some(ns) if ns != p.pid => format!(", pid {ns} in its namespace"),
+                    _ => String::new(),
+                };
+                let parent = p
+                    .parent
+                    .map(|pp| format!(", forked from {pp}"))
+                    .unwrap_or_default();
+                writeln!(
+                    self.out,
+                    "racewatch: pid {} ({}{ns}{parent}): {} windows, {} lookups in a window, {} of them missed",
+                    p.pid,
+                    escape(&p.comm),
+                    p.windows,
+                    p.lookups_in_window,
+                    p.misses_in_window
+                )?;
+            }
+        }
+        for what in &s.unwatched {
+            writeln!(
+                self.out,
+                "racewatch: warning: not watched: {}: no race found is not an all-clear for it",
+                escape(what)
             )?;
         }
         for (i, p) in s.pairs.iter().enumerate() {

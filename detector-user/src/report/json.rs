@@ -23,6 +23,7 @@ impl<W: Write> Sink for JsonSink<W> {
         let line = json!({
             "type": "alert",
             "cache": format!("{:#x}", a.cache),
+            "pid": a.pid,
             "reader_tid": a.reader_tid,
             "reader_name": a.reader_name,
             "writer_tid": a.writer_tid,
@@ -62,6 +63,7 @@ impl<W: Write> Sink for JsonSink<W> {
         let line = json!({
             "type": "hazard",
             "cache": format!("{:#x}", h.cache),
+            "pid": h.pid,
             "windows": h.windows,
             "windows_per_s": h.windows_per_s,
             "window_p50_ns": h.window_p50_ns,

@@ -53,6 +53,7 @@ mod tests {
     fn alert(name: &str) -> Alert {
         Alert {
             cache: 0x10,
+            pid: 100,
             reader_tid: 1,
             reader_name: name.to_string(),
             writer_tid: 2,

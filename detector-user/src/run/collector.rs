@@ -20,13 +20,13 @@ use crate::{
         dedup::Pairs,
         hazard::HazardTracker,
         sampling::Sampler,
-        summary::{LostByKind, ProvokeJson, Summary},
+        summary::{LostByKind, ProcessJson, ProvokeJson, Summary},
     },
     probe::{
         calibrate,
         loader::{Loaded, monotonic_ns},
     },
-    process::target::Target,
+    process::{table::Processes, target::Target},
     report::Sink,
     targets::Resolver,
 };
@@ -78,6 +78,10 @@ pub struct Run<'a> {
     pub verbose: bool,
     /// How each probe traps, for the estimate of what racewatch added to the target.
     pub traps: Traps,
+    /// The processes watched from the start, each with the watched process it was forked from.
+    pub watched_at_start: Vec<(u32, Option<u32>)>,
+    /// Why processes the target forks are not watched, if they are not.
+    pub forks_unfollowed: Option<String>,
 }
 
 /// Where decoded events go.
@@ -89,6 +93,7 @@ struct Consumers<'a> {
     sink: &'a mut dyn Sink,
     queue: VecDeque<Result<Event, DecodeError>>,
     decode_errors: u64,
+    processes: Processes,
 }
 
 impl Consumers<'_> {
@@ -120,6 +125,11 @@ impl Consumers<'_> {
                 return Ok(());
             };
             match event {
+                Ok(Event::Fork(f)) => self.processes.forked(&f),
+                Ok(Event::Exit(x)) => {
+                    let had_window = self.correlator.per_process().contains_key(&x.tgid);
+                    self.processes.exited(x.tgid, had_window);
+                }
                 Ok(event) => {
                     if let Some((tid, ns, frames)) = self.resolver.resolve(&event) {
                         self.correlator.on_stack(tid, ns, frames);
@@ -165,6 +175,8 @@ impl Run<'_> {
             interval,
             verbose,
             traps,
+            watched_at_start,
+            forks_unfollowed,
         } = self;
         let mut feed = Consumers {
             correlator,
@@ -174,7 +186,11 @@ impl Run<'_> {
             sink,
             queue: VecDeque::new(),
             decode_errors: 0,
+            processes: Processes::default(),
         };
+        for (pid, parent) in watched_at_start {
+            feed.processes.watched(pid, parent);
+        }
         let started = Instant::now();
         let deadline = async {
             match duration {
@@ -234,7 +250,13 @@ impl Run<'_> {
         feed.alerts(left)?;
         let sampled = sampler.as_ref().map(|s| s.sampled(Instant::now()));
         feed.report_hazards(loaded, started, sampled)?;
-        let mut summary = summary(loaded, &feed, ended, started.elapsed())?;
+        let mut summary = summary(
+            loaded,
+            &feed,
+            forks_unfollowed.as_deref(),
+            ended,
+            started.elapsed(),
+        )?;
         let cpu = target.cpu_used().map(|d| d.as_nanos() as u64);
         // Measured once the target no longer runs beside the measurement (or, attached to a
         // running process, after its run), so that measuring disturbs nothing.
@@ -307,6 +329,7 @@ fn process_gone(e: &(dyn std::error::Error + 'static)) -> bool {
 fn summary(
     loaded: &Loaded,
     feed: &Consumers,
+    forks_unfollowed: Option<&str>,
     ended: String,
     elapsed: Duration,
 ) -> anyhow::Result<Summary> {
@@ -337,6 +360,7 @@ fn summary(
         kernel_lookups_in_window: stat(Stat::WindowLookups),
         map_full: stat(Stat::MapFull),
         pending_full: stat(Stat::PendingFull),
+        unjudged_keys: stat(Stat::UnjudgedKeys),
         decode_errors: feed.decode_errors,
         probe_hits: ProbeHits {
             clear: stat(Stat::HitsClear),
@@ -355,7 +379,44 @@ fn summary(
         },
         self_cost: None,
         pairs: feed.pairs.pairs().iter().map(Into::into).collect(),
+        processes: processes(feed),
+        forks: stat(Stat::Forks),
+        unwatched: unwatched(forks_unfollowed, stat(Stat::ForksUnwatched)),
         duration_s: elapsed.as_secs_f64(),
         ended,
     })
+}
+
+/// Each process that had a window, named from the process table.
+fn processes(feed: &Consumers) -> Vec<ProcessJson> {
+    feed.correlator
+        .per_process()
+        .iter()
+        .map(|(&pid, c)| {
+            let p = feed.processes.get(pid);
+            ProcessJson {
+                pid,
+                ns_pid: p.and_then(|p| p.ns_pid),
+                comm: p.map(|p| p.comm.clone()).unwrap_or_default(),
+                parent: p.and_then(|p| p.parent),
+                windows: c.windows,
+                lookups_in_window: c.lookups_in_window,
+                misses_in_window: c.misses_in_window,
+            }
+        })
+        .collect()
+}
+
+/// What the run could not watch, for the summary.
+fn unwatched(forks_unfollowed: Option<&str>, forks_unwatched: u64) -> Vec<String> {
+    let mut out = Vec::new();
+    if let Some(why) = forks_unfollowed {
+        out.push(format!("processes the target forks: {why}"));
+    }
+    if forks_unwatched > 0 {
+        out.push(format!(
+            "{forks_unwatched} forked processes: the kernel's table of watched processes was full"
+        ));
+    }
+    out
 }

@@ -112,7 +112,6 @@ pub fn catch_signals() -> Result<Signals, Failure> {
 pub async fn run(
     plan: &Plan,
     args: &RunArgs,
-    cache_arg: u32,
     provoke_ns: u64,
     correlator: Correlator,
     stacks: &StackConfig,
@@ -126,10 +125,17 @@ pub async fn run(
         _ => None,
     };
     let pid = args.pid.or(held.as_ref().map(Held::pid)).unwrap_or(0);
+    // The processes the target forks are watched too, where the kernel tells a fork's child.
+    let tgid_offset = crate::probe::kernel::task_tgid_offset();
+    let already_forked = match args.pid {
+        Some(pid) => crate::process::descendants(pid),
+        None => Vec::new(),
+    };
+    let mut forks_unfollowed = tgid_offset.as_ref().err().cloned();
     let attached = Loaded::load(
         &Options {
-            tgid: pid,
-            cache_arg,
+            task_tgid_offset: tgid_offset.ok(),
+            watch_all: false,
             ring_bytes: ring_bytes(stacks),
             provoke_ns,
             stack_mode: stacks.mode(),
@@ -139,7 +145,19 @@ pub async fn run(
     )
     .map_err(anyhow::Error::from)
     .and_then(|mut loaded| {
-        loaded.attach(plan, pid)?;
+        if forks_unfollowed.is_none()
+            && let Err(e) = loaded.follow_forks()
+        {
+            forks_unfollowed = Some(format!("{:#}", anyhow::Error::from(e)));
+        }
+        if pid != 0 {
+            loaded.watch(pid)?;
+            // Its workers forked before racewatch started are part of it too.
+            for &(child, _) in &already_forked {
+                loaded.watch(child)?;
+            }
+        }
+        loaded.attach(plan)?;
         let events = loaded.take_events()?;
         Ok((loaded, events))
     });
@@ -178,17 +196,33 @@ pub async fn run(
         loaded: &mut loaded,
         events,
         correlator,
-        resolver: stacks.resolver(pid),
+        resolver: stacks.resolver(),
         sink: sink.as_mut(),
         duration,
         interval,
         verbose: args.verbose,
         traps: plan.traps(),
+        watched_at_start: std::iter::once((pid, None))
+            .filter(|_| pid != 0)
+            .chain(already_forked.iter().map(|&(c, p)| (c, Some(p))))
+            .collect(),
+        forks_unfollowed,
     };
     run.run(&mut target)
         .await
         .map(Some)
         .map_err(Failure::runtime)
+}
+
+/// Checks that the command to launch can be started: one that cannot is bad input, said before
+/// anything is loaded, not a run that ended at once.
+pub fn check_command(args: &RunArgs) -> Result<(), Failure> {
+    match (args.pid, args.command.first()) {
+        (None, Some(cmd)) => crate::process::resolve_command(cmd)
+            .map(drop)
+            .map_err(Failure::usage),
+        _ => Ok(()),
+    }
 }
 
 /// The ELF file to probe when the user named none: the command's or the process's executable.

@@ -1,6 +1,8 @@
 //! The target kinds racewatch watches, each a front end over the same engine: `native` (any
 //! ELF program's functions, `racewatch watch`) and `python` (CPython's dicts, `racewatch python`).
 //! What they share here: how each turns the kernel's stack records into frames.
+use std::collections::HashMap;
+
 use crate::engine::stack::Stack;
 
 pub mod native;
@@ -34,34 +36,70 @@ impl StackConfig {
         }
     }
 
-    pub fn resolver(&self, pid: u32) -> Resolver {
-        match self {
-            StackConfig::None => Resolver::None,
-            StackConfig::Native { returned_from } => Resolver::Native(Box::new(
-                native::stacks::NativeStacks::new(pid, returned_from.clone()),
-            )),
-            StackConfig::Python(l) => Resolver::Python(python::frames::PyStacks::new(pid, l.code)),
+    pub fn resolver(&self) -> Resolver {
+        Resolver {
+            config: self.clone(),
+            per_process: HashMap::new(),
         }
     }
 }
 
-/// Turns the kernel's stack records into frames.
-pub enum Resolver {
-    None,
+/// Processes whose stacks are resolved at once; the least recently used is dropped past it.
+const RESOLVED_PROCESSES: usize = 64;
+
+/// What resolves one process's stack records.
+enum Frames {
     Native(Box<native::stacks::NativeStacks>),
     Python(python::frames::PyStacks),
 }
 
+/// Turns the kernel's stack records into frames, each with its own process's mappings and memory
+/// (a forked worker runs code its parent never loaded).
+pub struct Resolver {
+    config: StackConfig,
+    /// By pid, with when each was last used.
+    per_process: HashMap<u32, (u64, Frames)>,
+}
+
 impl Resolver {
+    fn frames_of(&mut self, pid: u32, used: u64) -> Option<&mut Frames> {
+        if !self.per_process.contains_key(&pid) {
+            let frames = match &self.config {
+                StackConfig::None => return None,
+                StackConfig::Native { returned_from } => Frames::Native(Box::new(
+                    native::stacks::NativeStacks::new(pid, returned_from.clone()),
+                )),
+                StackConfig::Python(l) => {
+                    Frames::Python(python::frames::PyStacks::new(pid, l.code))
+                }
+            };
+            if self.per_process.len() >= RESOLVED_PROCESSES
+                && let Some(&oldest) = self
+                    .per_process
+                    .iter()
+                    .min_by_key(|(_, (at, _))| *at)
+                    .map(|(p, _)| p)
+            {
+                self.per_process.remove(&oldest);
+            }
+            self.per_process.insert(pid, (used, frames));
+        }
+        let (at, frames) = self.per_process.get_mut(&pid)?;
+        *at = used;
+        Some(frames)
+    }
+
     /// For a stack record: its thread, the time of the event it belongs to, and its frames.
     pub fn resolve(&mut self, event: &detector_common::Event) -> Option<(u32, u64, Stack)> {
-        match (self, event) {
-            (Resolver::Native(n), detector_common::Event::NativeStack(s)) => {
-                Some((s.tid, s.ns, n.resolve(s)))
-            }
-            (Resolver::Python(p), detector_common::Event::PyFrames(f)) => {
-                Some((f.tid, f.ns, p.resolve(f)))
-            }
+        match event {
+            detector_common::Event::NativeStack(s) => match self.frames_of(s.tgid, s.ns)? {
+                Frames::Native(n) => Some((s.tid, s.ns, n.resolve(s))),
+                Frames::Python(_) => None,
+            },
+            detector_common::Event::PyFrames(f) => match self.frames_of(f.tgid, f.ns)? {
+                Frames::Python(p) => Some((f.tid, f.ns, p.resolve(f))),
+                Frames::Native(_) => None,
+            },
             _ => None,
         }
     }

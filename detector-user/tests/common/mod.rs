@@ -145,3 +145,12 @@ pub fn worker_truth(stderr: &str) -> std::collections::HashMap<String, u64> {
         })
         .collect()
 }
+
+/// Every worker's ground truth line (a pool prints one per worker), as name -> count each.
+pub fn workers_truth(stderr: &str) -> Vec<std::collections::HashMap<String, u64>> {
+    stderr
+        .lines()
+        .filter(|l| l.starts_with("worker: "))
+        .map(worker_truth)
+        .collect()
+}

@@ -82,6 +82,8 @@ pub fn plan(args: &WatchArgs, binary: PathBuf) -> anyhow::Result<(Plan, StackCon
     };
     let plan = Plan {
         binary,
+        object_arg: args.cache_arg,
+        window: 0,
         clear,
         refills,
         sample: sample.filter(|_| matches!(lookup, LookupProbe::Miss { .. })),

@@ -116,6 +116,8 @@ mod tests {
         KeyErrorEvent {
             kind: EventKind::KeyError as u32,
             reader_tid: 1,
+            tgid: 100,
+            window: 0,
             dict: 2,
             raised_ns: 3,
             window_open_ns: 1,

@@ -270,6 +270,8 @@ pub fn plan(
         .collect();
     Ok(Plan {
         binary: image.clone(),
+        object_arg: 0,
+        window: 0,
         clear,
         refills,
         lookup: LookupProbe::KeyError {

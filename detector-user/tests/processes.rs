@@ -1,0 +1,191 @@
+//! Every process of a service: racewatch follows the workers a pool forks or spawns, counts each
+//! one's misses against its own ground truth, and never reports clean for a process it did not
+//! watch (root).
+mod common;
+
+use std::{
+    collections::HashMap,
+    io::{BufRead, BufReader},
+    process::{Command, Stdio},
+    time::Duration,
+};
+
+use common::*;
+use serde_json::Value;
+
+/// The pool's workers under racewatch python, launched: (exit code, each worker's truth, alerts,
+/// summary, the launched pid).
+fn watch_pool(pool_args: &[&str]) -> (i32, Vec<HashMap<String, u64>>, Vec<Value>, Value, u64) {
+    let out = temp_file("pool.ndjson");
+    let worker = worker();
+    let mut args = vec!["python", "--json", "-o", out.to_str().unwrap(), "--"];
+    args.extend(["python3", &worker]);
+    args.extend(pool_args);
+    let o = racewatch(&args);
+    let err = stderr(&o);
+    let text =
+        std::fs::read_to_string(&out).unwrap_or_else(|e| panic!("no output ({e}); stderr:\n{err}"));
+    let (alerts, summary) = parse_ndjson(&text);
+    let launched = err
+        .lines()
+        .find_map(|l| l.strip_prefix("racewatch: launched pid "))
+        .and_then(|l| l.split(':').next())
+        .and_then(|p| p.parse().ok())
+        .unwrap_or_else(|| panic!("no launched pid in:\n{err}"));
+    (
+        o.status.code().unwrap_or(-1),
+        workers_truth(&err),
+        alerts,
+        summary,
+        launched,
+    )
+}
+
+/// Checks the summary's per-process entries against each worker's own count, exactly;
+/// `racy_from_start`: every refresh of the workers opened a window.
+fn assert_per_process(
+    truths: &[HashMap<String, u64>],
+    summary: &Value,
+    parent: Option<u64>,
+    racy_from_start: bool,
+) {
+    let processes = summary["processes"].as_array().expect("processes");
+    let total: u64 = truths.iter().map(|t| t["keyerrors"]).sum();
+    assert!(total > 0, "the workers raised no KeyError: {summary}");
+    assert_eq!(summary["misses_in_window"], total, "{summary}");
+    assert_eq!(summary["lost_events"], 0, "{summary}");
+    assert_eq!(summary["unwatched"], serde_json::json!([]), "{summary}");
+    for t in truths {
+        let pid = t["pid"];
+        let entry = processes
+            .iter()
+            .find(|p| p["pid"] == pid)
+            .unwrap_or_else(|| panic!("worker {pid} is not in the summary: {summary}"));
+        assert_eq!(entry["misses_in_window"], t["keyerrors"], "{entry}");
+        // Every racy refresh is a window; the interpreter clears a few dicts of its own at a
+        // fork.
+        if racy_from_start {
+            assert!(
+                entry["windows"].as_u64().unwrap() >= t["refreshes"],
+                "{entry}"
+            );
+        }
+        assert_eq!(entry["comm"], "python3", "{entry}");
+        if let Some(parent) = parent {
+            assert_eq!(entry["parent"], parent, "{entry}");
+        }
+    }
+}
+
+#[test]
+#[ignore = "root"]
+fn every_forked_worker_of_a_pool_is_watched_and_counted_apart() {
+    // Two workers forked after the cache was built: their caches share one address, each in its
+    // own process.
+    let (code, truths, alerts, summary, launched) =
+        // Refreshes spaced so that two busy workers on two CPUs leave racewatch time to read.
+        watch_pool(&["--workers", "2", "--seconds", "2", "--gap-ms", "0.1", "--refresh-ms", "20"]);
+    assert_eq!(truths.len(), 2, "{summary}");
+    assert_per_process(&truths, &summary, Some(launched), true);
+    // Two workers, and whatever a launcher (a pyenv shim) forked before it exec'd python.
+    assert!(summary["forks"].as_u64().unwrap() >= 2, "{summary}");
+    let pids: Vec<u64> = truths.iter().map(|t| t["pid"]).collect();
+    for a in &alerts {
+        assert!(pids.contains(&a["pid"].as_u64().unwrap()), "{a}");
+    }
+    assert_eq!(code, 1);
+}
+
+#[test]
+#[ignore = "root"]
+fn every_spawned_worker_of_a_pool_is_watched() {
+    // Fork then exec of the same interpreter, as multiprocessing's spawn start method does.
+    let (code, truths, _, summary, launched) = watch_pool(&[
+        "--workers",
+        "2",
+        "--spawn",
+        "--refresh-ms",
+        "20",
+        "--seconds",
+        "2",
+        "--gap-ms",
+        "0.1",
+    ]);
+    assert_eq!(truths.len(), 2, "{summary}");
+    assert_per_process(&truths, &summary, Some(launched), true);
+    assert_eq!(code, 1);
+}
+
+#[test]
+#[ignore = "root"]
+fn a_fixed_pool_reports_nothing() {
+    let (code, truths, alerts, summary, _) =
+        watch_pool(&["--workers", "2", "--seconds", "1", "--fixed"]);
+    assert_eq!(truths.len(), 2);
+    // The interpreter clears a few dicts of its own at a fork (threading's bookkeeping): those
+    // windows are real, but no lookup falls in them.
+    assert!(alerts.is_empty(), "{alerts:?}");
+    assert_eq!(summary["lookups_in_window"], 0, "{summary}");
+    assert_eq!(summary["unwatched"], serde_json::json!([]), "{summary}");
+    assert_eq!(code, 0, "{summary}");
+}
+
+/// The children of `pid`, from /proc.
+fn children(pid: u32) -> Vec<u32> {
+    std::fs::read_to_string(format!("/proc/{pid}/task/{pid}/children"))
+        .unwrap_or_default()
+        .split_whitespace()
+        .filter_map(|p| p.parse().ok())
+        .collect()
+}
+
+#[test]
+#[ignore = "root"]
+fn attaching_to_a_pool_master_watches_the_workers_it_already_forked() {
+    // The workers exist before racewatch attaches to their master; each starts its race on
+    // SIGUSR1, sent once racewatch is attached, so every KeyError is one racewatch can see.
+    let master = Command::new("python3")
+        .args([&worker(), "--workers", "2", "--bug-on-signal"])
+        .args(["--seconds", "2", "--gap-ms", "0.1", "--refresh-ms", "20"])
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    let workers = loop {
+        let c = children(master.id());
+        if c.len() == 2 || std::time::Instant::now() > deadline {
+            break c;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    assert_eq!(workers.len(), 2, "the pool did not fork its workers");
+    std::thread::sleep(Duration::from_millis(300));
+    let out = temp_file("pool-pid.ndjson");
+    let pid = master.id().to_string();
+    let mut rw = Command::new(RACEWATCH)
+        .args(["python", "--json", "-o", out.to_str().unwrap(), "-p", &pid])
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut line = String::new();
+    BufReader::new(rw.stderr.take().unwrap())
+        .read_line(&mut line)
+        .unwrap();
+    assert!(
+        line.contains("probes attached"),
+        "racewatch did not attach: {line}"
+    );
+    for w in &workers {
+        // SAFETY: plain kill(2) of the test's own grandchildren.
+        unsafe { libc::kill(*w as i32, libc::SIGUSR1) };
+    }
+    let master_pid = u64::from(master.id());
+    let master_out = master.wait_with_output().unwrap();
+    let status = rw.wait().unwrap();
+    let truths = workers_truth(&String::from_utf8_lossy(&master_out.stderr));
+    let (_, summary) = parse_ndjson(&std::fs::read_to_string(&out).unwrap());
+    assert_eq!(truths.len(), 2, "{summary}");
+    assert_per_process(&truths, &summary, Some(master_pid), false);
+    assert_eq!(summary["forks"], 0, "forked before the attach: {summary}");
+    assert_eq!(status.code(), Some(1), "{summary}");
+}
