@@ -326,6 +326,18 @@ pub enum Stat {
 
 impl Stat {
     pub const COUNT: u32 = 23;
+    /// Every kind of event the kernel could not deliver.
+    pub const LOST: [Stat; 9] = [
+        Stat::LostWindowOpen,
+        Stat::LostWindowClose,
+        Stat::LostLookup,
+        Stat::LostKeyError,
+        Stat::LostKeyVerdict,
+        Stat::LostNear,
+        Stat::LostNativeStack,
+        Stat::LostPyFrames,
+        Stat::LostProcess,
+    ];
 
     pub fn lost(kind: EventKind) -> Stat {
         match kind {
@@ -492,6 +504,20 @@ mod decode {
     }
 
     impl Event {
+        /// The process the event happened in.
+        pub fn tgid(&self) -> u32 {
+            match self {
+                Event::WindowOpen(w) | Event::WindowClose(w) => w.tgid,
+                Event::Lookup(l) => l.tgid,
+                Event::KeyError(k) => k.tgid,
+                Event::KeyVerdict(v) => v.tgid,
+                Event::Near(n) => n.tgid,
+                Event::Fork(p) | Event::Exit(p) => p.tgid,
+                Event::NativeStack(s) => s.tgid,
+                Event::PyFrames(f) => f.tgid,
+            }
+        }
+
         pub fn decode(bytes: &[u8]) -> Result<Event, DecodeError> {
             let head: [u8; 4] = bytes
                 .get(..4)

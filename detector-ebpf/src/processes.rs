@@ -70,7 +70,7 @@ pub fn on_fork(ctx: RawTracePointContext) -> i32 {
 pub fn on_exit(_ctx: RawTracePointContext) -> i32 {
     let pid_tgid = bpf_get_current_pid_tgid();
     let tgid = (pid_tgid >> 32) as u32;
-    if pid_tgid as u32 != tgid || global(&WATCH_ALL) != 0 {
+    if pid_tgid as u32 != tgid {
         return 0;
     }
     if WATCHED.remove(&tgid).is_ok() {

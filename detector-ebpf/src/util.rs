@@ -39,8 +39,13 @@ pub(crate) fn caller() -> Option<Caller> {
     let pid_tgid = bpf_get_current_pid_tgid();
     let tgid = (pid_tgid >> 32) as u32;
     // SAFETY: only presence is tested.
-    if global(&WATCH_ALL) == 0 && unsafe { WATCHED.get(&tgid) }.is_none() {
-        return None;
+    if unsafe { WATCHED.get(&tgid) }.is_none() {
+        if global(&WATCH_ALL) == 0 {
+            return None;
+        }
+        // Watching the whole host: a process joins the set at its first hit, so that its end
+        // is seen (and a later process reusing its pid starts afresh).
+        let _ = WATCHED.insert(&tgid, &1, 0);
     }
     Some(Caller {
         tid: pid_tgid as u32,

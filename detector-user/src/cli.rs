@@ -156,6 +156,9 @@ pub struct RunArgs {
     /// Write alerts and the summary to FILE instead of stdout.
     #[arg(short, long, value_name = "FILE")]
     pub output: Option<PathBuf>,
+    /// Serve the counts as Prometheus metrics at http://ADDR/metrics (e.g. 127.0.0.1:9464).
+    #[arg(long, value_name = "ADDR")]
+    pub metrics: Option<std::net::SocketAddr>,
     /// Stop after SECS seconds.
     #[arg(short, long, value_name = "SECS")]
     pub duration: Option<f64>,
@@ -168,14 +171,9 @@ pub struct RunArgs {
     /// Resolve, load and attach, then exit without running.
     #[arg(long)]
     pub dry_run: bool,
-    /// Attach to this running process until Ctrl-C, SIGTERM or --duration.
-    #[arg(
-        short,
-        long,
-        value_name = "PID",
-        conflicts_with = "command",
-        required_unless_present = "command"
-    )]
+    /// Attach to this running process (and the workers it forked) until Ctrl-C, SIGTERM or
+    /// --duration. With neither --pid nor a command, racewatch watches the whole host.
+    #[arg(short, long, value_name = "PID", conflicts_with = "command")]
     pub pid: Option<u32>,
     /// Command to launch, held until every probe is attached; racewatch ends when it exits.
     #[arg(last = true, value_name = "COMMAND")]

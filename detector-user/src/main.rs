@@ -7,7 +7,12 @@ use clap::Parser as _;
 use detector_user::{
     cli::{self, Cli, Command, EXIT_RACE, PythonArgs, WatchArgs},
     engine::{correlate::Correlator, summary::Summary},
-    probe::{calibrate, info, kernel, plan::LookupProbe, preflight, symbols::SymbolTable},
+    probe::{
+        calibrate, info,
+        plan::{LookupProbe, Plan},
+        preflight,
+        symbols::SymbolTable,
+    },
     process,
     run::{self as session, Failure},
     targets::{StackConfig, native, python},
@@ -15,11 +20,7 @@ use detector_user::{
 };
 
 async fn watch(args: WatchArgs) -> Result<ExitCode, Failure> {
-    let signals = session::catch_signals()?;
-    kernel::prefetch();
-    session::duration(&args.run)?;
-    session::interval(&args.run)?;
-    session::check_command(&args.run)?;
+    let start = session::start(&args.run)?;
     let binary = match &args.binary {
         Some(b) => b.clone(),
         None => session::default_binary(&args.run)?,
@@ -31,22 +32,26 @@ async fn watch(args: WatchArgs) -> Result<ExitCode, Failure> {
     preflight::check().map_err(Failure::usage)?;
     let correlator = Correlator::new(args.miss_ret, None);
     let provoke_ns = args.provoke.map_or(0, |d| d.as_nanos() as u64);
-    let summary = session::run(&plan, &args.run, provoke_ns, correlator, &stacks, signals).await?;
+    let summary = session::run(
+        &plan,
+        &args.run,
+        provoke_ns,
+        correlator,
+        &stacks,
+        start,
+        Vec::new(),
+    )
+    .await?;
     Ok(exit_for(summary.as_ref()))
 }
 
-async fn python(args: PythonArgs) -> Result<ExitCode, Failure> {
-    let signals = session::catch_signals()?;
-    kernel::prefetch();
-    session::duration(&args.run)?;
-    session::interval(&args.run)?;
-    let interp = match args.run.pid {
-        Some(pid) => python::for_pid(pid),
-        None => python::for_command(&args.run.command),
-    }
-    .map_err(Failure::usage)?;
+/// What to probe in `interp`, and where its threads keep their frames.
+fn python_plan(
+    interp: &python::Interpreter,
+    args: &PythonArgs,
+) -> Result<(Plan, python::frames::FrameLayout), Failure> {
     let plan = python::plan(
-        &interp,
+        interp,
         args.provoke.is_some(),
         args.every_lookup,
         args.run.verbose,
@@ -64,6 +69,62 @@ async fn python(args: PythonArgs) -> Result<ExitCode, Failure> {
         keyerror.function.address + keyerror.offset,
     )
     .map_err(|e| Failure::usage(python::PythonError::from(e)))?;
+    Ok((plan, frames))
+}
+
+/// A system-wide run: the interpreter file most of the host's CPython processes map that
+/// racewatch can watch (every process mapping it, those started later included); the processes
+/// that run another interpreter are listed in `unwatched`. With no CPython running, the one
+/// `python3` on PATH names, for the processes still to come.
+fn python_on_host(
+    args: &PythonArgs,
+    unwatched: &mut Vec<String>,
+) -> Result<(Plan, python::frames::FrameLayout), Failure> {
+    let mut chosen = None;
+    for found in python::on_host() {
+        let pids = format!(
+            "process{} {}",
+            if found.pids.len() == 1 { "" } else { "es" },
+            found
+                .pids
+                .iter()
+                .map(u32::to_string)
+                .collect::<Vec<_>>()
+                .join(", ")
+        );
+        let planned = found
+            .found
+            .map_err(Failure::usage)
+            .and_then(|interp| python_plan(&interp, args).map(|p| (interp, p)));
+        match (planned, &chosen) {
+            (Ok((_, plan)), None) => chosen = Some(plan),
+            (Ok((interp, _)), Some(_)) => unwatched.push(format!(
+                "{pids}: they run {}, another interpreter build (racewatch python \
+                 watches one per run: give -p PID to watch them)",
+                interp.image.display()
+            )),
+            (Err(f), _) => unwatched.push(format!("{pids}: {:#}", f.error)),
+        }
+    }
+    match chosen {
+        Some(plan) => Ok(plan),
+        None => python::for_command(&["python3".into()])
+            .map_err(Failure::usage)
+            .and_then(|interp| python_plan(&interp, args)),
+    }
+}
+
+async fn python(args: PythonArgs) -> Result<ExitCode, Failure> {
+    let start = session::start(&args.run)?;
+    let mut unwatched = Vec::new();
+    let (plan, frames) = match args.run.pid {
+        Some(pid) => python_plan(&python::for_pid(pid).map_err(Failure::usage)?, &args)?,
+        None if args.run.command.is_empty() => python_on_host(&args, &mut unwatched)?,
+        None => python_plan(
+            &python::for_command(&args.run.command).map_err(Failure::usage)?,
+            &args,
+        )?,
+    };
     preflight::check().map_err(Failure::usage)?;
     let correlator = Correlator::new(None, Some(python::key::render));
     let provoke_ns = args.provoke.map_or(0, |d| d.as_nanos() as u64);
@@ -73,7 +134,8 @@ async fn python(args: PythonArgs) -> Result<ExitCode, Failure> {
         provoke_ns,
         correlator,
         &StackConfig::Python(frames),
-        signals,
+        start,
+        unwatched,
     )
     .await?;
     Ok(exit_for(summary.as_ref()))

@@ -144,11 +144,14 @@ fn a_command_that_cannot_start_is_bad_input_even_with_a_binary_given() {
 }
 
 #[test]
-fn neither_pid_nor_command_is_a_usage_error() {
-    let (code, err) = watch_err(Some("/bin/true"), SYMS, &[]);
+fn neither_binary_pid_nor_command_is_a_usage_error() {
+    // Without a target, `watch` watches every process that maps --binary: it needs one.
+    let (code, err) = watch_err(None, SYMS, &[]);
     assert_eq!(code, Some(2));
     assert!(
-        err.contains("--pid <PID>") || err.contains("COMMAND"),
+        err.contains(
+            "give --binary PATH to watch every process that maps it, -p PID, or -- COMMAND"
+        ),
         "{err}"
     );
 }

@@ -371,7 +371,7 @@ fn a_signal_while_loading_still_ends_with_the_summary() {
             .spawn()
             .unwrap();
         let deadline = Instant::now() + Duration::from_secs(10);
-        while !has_child(racewatch.id()) {
+        while !has_child(racewatch.id(), demo) {
             assert!(
                 Instant::now() < deadline,
                 "racewatch never started the command"
@@ -390,12 +390,19 @@ fn a_signal_while_loading_still_ends_with_the_summary() {
 }
 
 /// Whether `pid` has a child process (from /proc/PID/task/*/children).
-fn has_child(pid: u32) -> bool {
+/// Whether process `pid` has a child whose command line holds `needle` (racewatch python asks
+/// the interpreter where it lives through a child of its own, which is not the command).
+fn has_child(pid: u32, needle: &str) -> bool {
     std::fs::read_dir(format!("/proc/{pid}/task"))
         .map(|tasks| {
             tasks.filter_map(Result::ok).any(|t| {
                 std::fs::read_to_string(t.path().join("children"))
-                    .is_ok_and(|c| !c.trim().is_empty())
+                    .unwrap_or_default()
+                    .split_whitespace()
+                    .any(|child| {
+                        std::fs::read(format!("/proc/{child}/cmdline"))
+                            .is_ok_and(|c| String::from_utf8_lossy(&c).contains(needle))
+                    })
             })
         })
         .unwrap_or(false)
@@ -455,7 +462,7 @@ fn a_signal_while_reading_dwarf_still_ends_with_the_summary() {
         .unwrap();
     std::thread::sleep(Duration::from_millis(200));
     assert!(
-        !has_child(racewatch.id()),
+        !has_child(racewatch.id(), &worker),
         "racewatch started the command within 200 ms: the signal would not land while it reads DWARF"
     );
     signal(racewatch.id(), libc::SIGINT);

@@ -189,3 +189,122 @@ fn attaching_to_a_pool_master_watches_the_workers_it_already_forked() {
     assert_eq!(summary["forks"], 0, "forked before the attach: {summary}");
     assert_eq!(status.code(), Some(1), "{summary}");
 }
+
+/// racewatch with `args`, running until SIGINT, once its status line says it is attached.
+struct Running {
+    child: std::process::Child,
+    out: std::path::PathBuf,
+}
+
+impl Running {
+    fn start(args: &[&str], name: &str) -> Running {
+        let out = temp_file(name);
+        let mut child = Command::new(RACEWATCH)
+            .args(args)
+            .args(["--json", "-o", out.to_str().unwrap()])
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let mut line = String::new();
+        BufReader::new(child.stderr.take().unwrap())
+            .read_line(&mut line)
+            .unwrap();
+        assert!(
+            line.contains("watching every process that maps it"),
+            "racewatch did not attach: {line}"
+        );
+        Running { child, out }
+    }
+
+    /// Ends the run: (exit code, summary).
+    fn stop(mut self) -> (Option<i32>, Value) {
+        // SAFETY: plain kill(2) of the test's own child.
+        unsafe { libc::kill(self.child.id() as i32, libc::SIGINT) };
+        let status = self.child.wait().unwrap();
+        let (_, summary) = parse_ndjson(&std::fs::read_to_string(&self.out).unwrap());
+        (status.code(), summary)
+    }
+}
+
+#[test]
+#[ignore = "root"]
+fn system_wide_python_watches_processes_started_after_it() {
+    // Two unrelated workers started after racewatch, neither its child.
+    let run = Running::start(&["python"], "host-python.ndjson");
+    let workers: Vec<_> = (0..2)
+        .map(|_| {
+            Command::new("python3")
+                .args([
+                    &worker(),
+                    "--seconds",
+                    "2",
+                    "--gap-ms",
+                    "0.1",
+                    "--refresh-ms",
+                    "20",
+                ])
+                .stderr(Stdio::piped())
+                .spawn()
+                .unwrap()
+        })
+        .collect();
+    let truths: Vec<_> = workers
+        .into_iter()
+        .map(|w| {
+            worker_truth(&String::from_utf8_lossy(
+                &w.wait_with_output().unwrap().stderr,
+            ))
+        })
+        .collect();
+    let (code, summary) = run.stop();
+    assert_eq!(summary["ended"], "interrupted (SIGINT)", "{summary}");
+    assert_per_process(&truths, &summary, None, true);
+    assert_eq!(code, Some(1), "{summary}");
+}
+
+#[test]
+#[ignore = "root"]
+fn system_wide_watch_counts_each_process_that_maps_the_binary() {
+    let demo = cache_demo().to_str().unwrap();
+    let mut args = vec!["watch", "--binary", demo];
+    args.extend(DEMO_PROBES);
+    args.extend(["--miss-ret", "-1"]);
+    let run = Running::start(&args, "host-watch.ndjson");
+    let demos: Vec<_> = (0..2)
+        .map(|_| {
+            Command::new(demo)
+                .args(["--seconds", "1", "--gap-us", "100"])
+                .stderr(Stdio::piped())
+                .spawn()
+                .unwrap()
+        })
+        .collect();
+    let truths: Vec<(u32, (u64, u64, u64))> = demos
+        .into_iter()
+        .map(|d| {
+            let pid = d.id();
+            (
+                pid,
+                demo_truth(&String::from_utf8_lossy(
+                    &d.wait_with_output().unwrap().stderr,
+                )),
+            )
+        })
+        .collect();
+    let (code, summary) = run.stop();
+    let processes = summary["processes"].as_array().expect("processes");
+    let mut total = 0;
+    for (pid, (_, misses, refreshes)) in &truths {
+        let entry = processes
+            .iter()
+            .find(|p| p["pid"] == *pid)
+            .unwrap_or_else(|| panic!("demo {pid} is not in the summary: {summary}"));
+        assert_eq!(entry["misses_in_window"], *misses, "{entry}");
+        assert_eq!(entry["windows"], *refreshes, "{entry}");
+        total += misses;
+    }
+    assert!(total > 0, "{summary}");
+    assert_eq!(summary["misses_in_window"], total, "{summary}");
+    assert_eq!(summary["lost_events"], 0, "{summary}");
+    assert_eq!(code, Some(1), "{summary}");
+}

@@ -257,10 +257,13 @@ fn ask_python(code: &str) -> Result<String> {
     Ok(String::from_utf8_lossy(&out.stdout).trim().to_string())
 }
 
-pub fn run(runs: usize, seconds: f64) -> Result<()> {
+pub fn run(runs: usize, seconds: f64, baseline: Option<&Path>) -> Result<()> {
     if !crate::is_root() {
         bail!("the benchmark loads BPF programs: run it as root");
     }
+    // The observers racewatch is compared with.
+    crate::setup::ensure_apt("bpftrace", "bpftrace", "to compare with")?;
+    crate::setup::ensure_apt("strace", "strace", "to compare with")?;
     let racewatch = build_racewatch()?.to_string_lossy().into_owned();
     let demo = build_demos()?.to_string_lossy().into_owned();
     let secs = seconds.to_string();
@@ -294,6 +297,21 @@ pub fn run(runs: usize, seconds: f64) -> Result<()> {
             &["python", "--every-lookup"],
         ),
     ];
+    if let Some(base) = baseline {
+        let base = base.to_string_lossy().into_owned();
+        native.insert(
+            2,
+            racewatch_config(
+                &base,
+                "baseline build: racewatch watch --miss-ret -1",
+                &[&["watch"][..], &probes, &["--miss-ret", "-1"]].concat(),
+            ),
+        );
+        python.insert(
+            2,
+            racewatch_config(&base, "baseline build: racewatch python", &["python"]),
+        );
+    }
     if let Some(bpftrace) = tool("bpftrace") {
         native.push(bpftrace_config(
             bpftrace.clone(),

@@ -43,6 +43,10 @@ enum Task {
         /// Seconds per measured run.
         #[arg(long, default_value_t = 3.0)]
         seconds: f64,
+        /// Another racewatch binary (e.g. a build of an earlier commit) measured in the same
+        /// interleaved run, for a before/after comparison of a change to the hot path.
+        #[arg(long, value_name = "RACEWATCH")]
+        baseline: Option<PathBuf>,
     },
 }
 
@@ -111,6 +115,10 @@ fn main() -> Result<()> {
         Task::Setup => Ok(()),
         Task::Demo => demo::run(),
         Task::Test { args, fuzz_seconds } => test(&args, fuzz_seconds),
-        Task::Bench { runs, seconds } => bench::run(runs, seconds),
+        Task::Bench {
+            runs,
+            seconds,
+            baseline,
+        } => bench::run(runs, seconds, baseline.as_deref()),
     }
 }

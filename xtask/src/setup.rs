@@ -118,18 +118,23 @@ fn ensure_bpf_linker() -> Result<()> {
     Ok(())
 }
 
-/// The C++ compiler for the native demo.
-fn ensure_cxx() -> Result<()> {
-    if Command::new("g++")
+/// Debian's `package`, unless `command` already answers `--version`.
+pub fn ensure_apt(command: &str, package: &str, why: &str) -> Result<()> {
+    if Command::new(command)
         .arg("--version")
         .output()
         .is_ok_and(|o| o.status.success())
     {
         return Ok(());
     }
-    eprintln!("setup: installing g++ for the native demo");
+    eprintln!("setup: installing {package} {why}");
     run_cmd(Command::new("apt-get").arg("update"))?;
-    run_cmd(Command::new("apt-get").args(["install", "-y", "g++"]))
+    run_cmd(Command::new("apt-get").args(["install", "-y", package]))
+}
+
+/// The C++ compiler for the native demo.
+fn ensure_cxx() -> Result<()> {
+    ensure_apt("g++", "g++", "for the native demo")
 }
 
 /// The font the benchmark's chart is lettered in (Debian's fonts-dejavu-core).
@@ -159,5 +164,10 @@ pub fn ensure() -> Result<()> {
     ensure_toolchain()?;
     ensure_bpf_linker()?;
     ensure_cxx()?;
+    ensure_apt(
+        "prometheus",
+        "prometheus",
+        "to scrape racewatch's metrics in the tests",
+    )?;
     ensure_cargo_fuzz()
 }

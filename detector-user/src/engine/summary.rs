@@ -129,4 +129,6 @@ pub struct LostByKind {
     pub near: u64,
     pub native_stack: u64,
     pub py_frames: u64,
+    /// Forks and exits of watched processes.
+    pub process: u64,
 }

@@ -432,6 +432,12 @@ impl Loaded {
             }))
     }
 
+    /// How many processes the kernel watches now.
+    pub fn watched(&self) -> Result<usize, LoadError> {
+        let watched: HashMap<_, u32, u8> = self.map(WATCHED_MAP)?;
+        Ok(watched.keys().filter(Result::is_ok).count())
+    }
+
     /// Each [`Stat`] summed over CPUs.
     pub fn stats(&self) -> Result<Vec<u64>, LoadError> {
         let stats: PerCpuArray<_, u64> = self.map(STATS_MAP)?;

@@ -4,7 +4,11 @@ use std::path::PathBuf;
 
 use detector_common::DictSite;
 
-use crate::{engine::cost::Traps, probe::symbols::Function};
+use crate::{
+    engine::cost::Traps,
+    probe::symbols::{Function, SymbolTable},
+    text::escape,
+};
 
 /// A function and where in it its probe goes.
 #[derive(Clone, Debug)]
@@ -67,6 +71,9 @@ pub struct Plan {
     pub sample: Option<Placed>,
     /// Keep that probe attached the whole run: every lookup counted, at a trap each.
     pub sample_always: bool,
+    /// What of the named functions these probes do not see (copies the compiler made of them),
+    /// for the summary's `unwatched`.
+    pub unprobed: Vec<String>,
 }
 
 /// How a refill is probed: at its entry (to learn which cache) and where it ends.
@@ -102,4 +109,40 @@ impl Plan {
             keyerror,
         }
     }
+}
+
+/// The copies the compiler made of the probed functions that their probes do not see, said for
+/// the summary: a separate entry point (`.constprop`, `.isra`, `.part`) runs instead of the
+/// function for some callers; a `.cold` part belongs to the function (its entry and return
+/// probes cover it), but a miss returned from it escapes `miss_path`'s probes on the main part.
+pub fn copies_not_probed(
+    table: &SymbolTable,
+    probed: &[(&str, &Function)],
+    miss_path: Option<&Function>,
+) -> Vec<String> {
+    let mut out = Vec::new();
+    for (role, f) in probed {
+        for (copy, entry_point) in table.copies(f) {
+            if entry_point {
+                let name = if copy.display == copy.symbol {
+                    escape(&copy.symbol)
+                } else {
+                    format!("{} ({})", escape(&copy.display), escape(&copy.symbol))
+                };
+                out.push(format!(
+                    "{name}, a copy the compiler made of the {role} function {}: the calls that \
+                     run it are not seen",
+                    escape(&f.display)
+                ));
+            } else if miss_path.is_some_and(|m| m.symbol == f.symbol) {
+                out.push(format!(
+                    "{}, the cold part of the lookup {}: a miss returned there is not seen \
+                     (--probe-returns sees it)",
+                    escape(&copy.symbol),
+                    escape(&f.display)
+                ));
+            }
+        }
+    }
+    out
 }

@@ -264,6 +264,21 @@ impl SymbolTable {
     }
 
     /// The function whose code holds `address`.
+    /// The copies the compiler made of `f`, named after it (`f.constprop.0`, `f.isra.0`,
+    /// `f.part.0`, `f.cold`, ...): each with whether it is a separate entry point that callers
+    /// may call instead of `f` (a `.cold` part is only jumped to from `f`'s own body).
+    pub fn copies(&self, f: &Function) -> Vec<(&Function, bool)> {
+        let prefix = format!("{}.", f.symbol);
+        self.functions
+            .values()
+            .filter(|e| e.function.symbol.starts_with(&prefix))
+            .map(|e| {
+                let suffix = &e.function.symbol[prefix.len()..];
+                (&e.function, !suffix.starts_with("cold"))
+            })
+            .collect()
+    }
+
     pub fn containing(&self, address: u64) -> Option<&Function> {
         let (_, e) = self.functions.range(..=address).next_back()?;
         (address < e.function.address + e.function.size).then_some(&e.function)

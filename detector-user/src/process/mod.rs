@@ -51,6 +51,30 @@ pub fn resolve_command(cmd: &OsString) -> Result<PathBuf, TargetError> {
     })
 }
 
+/// A file process `pid` maps, as racewatch can open it: the process's own path where racewatch
+/// sees the very same file there, else through `/proc/PID/root` (a process in another mount
+/// namespace, as in a container, whose paths may not exist here or name other files).
+pub fn file_of(pid: u32, path: &Path) -> PathBuf {
+    use std::os::unix::fs::MetadataExt;
+    let inside =
+        PathBuf::from(format!("/proc/{pid}/root")).join(path.strip_prefix("/").unwrap_or(path));
+    match (fs::metadata(path), fs::metadata(&inside)) {
+        (Ok(a), Ok(b)) if (a.dev(), a.ino()) == (b.dev(), b.ino()) => path.to_path_buf(),
+        (_, Ok(_)) => inside,
+        _ => path.to_path_buf(),
+    }
+}
+
+/// The live processes, from /proc.
+pub fn all_pids() -> Vec<u32> {
+    fs::read_dir("/proc")
+        .map(|dir| {
+            dir.filter_map(|e| e.ok()?.file_name().to_str()?.parse().ok())
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
 /// Checks that `pid` is a live process and returns the path of its executable.
 pub fn running_exe(pid: u32) -> Result<PathBuf, TargetError> {
     if pid == 0 {
@@ -65,7 +89,9 @@ pub fn running_exe(pid: u32) -> Result<PathBuf, TargetError> {
     {
         return Err(TargetError::Zombie(pid));
     }
-    fs::read_link(format!("/proc/{pid}/exe")).map_err(|source| TargetError::Exe { pid, source })
+    let exe = fs::read_link(format!("/proc/{pid}/exe"))
+        .map_err(|source| TargetError::Exe { pid, source })?;
+    Ok(file_of(pid, &exe))
 }
 
 pub mod launch;
@@ -111,11 +137,8 @@ fn parent_of(pid: u32) -> Option<u32> {
 /// Every live process descended from `pid` (children, their children, ...), each with its
 /// parent, from /proc.
 pub fn descendants(pid: u32) -> Vec<(u32, u32)> {
-    let Ok(dir) = fs::read_dir("/proc") else {
-        return Vec::new();
-    };
-    let parents: Vec<(u32, u32)> = dir
-        .filter_map(|e| e.ok()?.file_name().to_str()?.parse::<u32>().ok())
+    let parents: Vec<(u32, u32)> = all_pids()
+        .into_iter()
         .filter_map(|p| Some((p, parent_of(p)?)))
         .collect();
     let mut found = vec![(pid, 0)];

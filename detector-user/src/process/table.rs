@@ -71,6 +71,14 @@ impl Processes {
         });
     }
 
+    /// A process seen in an event (a system-wide run learns its processes so): named at its
+    /// first event.
+    pub fn seen(&mut self, pid: u32) {
+        if !self.known.contains_key(&pid) {
+            self.watched(pid, None);
+        }
+    }
+
     /// A watched process ended; `had_window`: whether the run has counts for it (kept for the
     /// summary).
     pub fn exited(&mut self, pid: u32, had_window: bool) {

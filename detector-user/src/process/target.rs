@@ -50,6 +50,9 @@ impl PidWatch {
 pub enum Target {
     Launched(tokio::process::Child),
     Attached(PidWatch),
+    /// Every process on the host that maps the probed files: the run ends on a signal or
+    /// `--duration` only.
+    Host,
 }
 
 impl Target {
@@ -61,6 +64,7 @@ impl Target {
                 watch.exited().await;
                 None
             }
+            Target::Host => std::future::pending().await,
         }
     }
 
@@ -73,6 +77,7 @@ impl Target {
                 _ => child.id().and_then(proc_cpu),
             },
             Target::Attached(watch) => Some(proc_cpu(watch.pid)? - watch.cpu_at_start?),
+            Target::Host => None,
         }
     }
 

@@ -5,6 +5,7 @@ use crate::engine::{correlate::Alert, hazard::Hazard, summary::Summary};
 
 pub mod human;
 pub mod json;
+pub mod metrics;
 
 pub use human::HumanSink;
 pub use json::JsonSink;

@@ -28,6 +28,7 @@ use crate::{
     },
     process::{table::Processes, target::Target},
     report::Sink,
+    report::metrics::Metrics,
     targets::Resolver,
 };
 
@@ -67,6 +68,8 @@ impl Signals {
 
 pub struct Run<'a> {
     pub signals: Signals,
+    /// `--metrics`: where Prometheus scrapes the counts.
+    pub metrics: Option<tokio::net::TcpListener>,
     pub loaded: &'a mut Loaded,
     pub events: RingBuf<MapData>,
     pub correlator: Correlator,
@@ -82,6 +85,8 @@ pub struct Run<'a> {
     pub watched_at_start: Vec<(u32, Option<u32>)>,
     /// Why processes the target forks are not watched, if they are not.
     pub forks_unfollowed: Option<String>,
+    /// What the run knew from its start it could not watch.
+    pub unwatched: Vec<String>,
 }
 
 /// Where decoded events go.
@@ -94,6 +99,7 @@ struct Consumers<'a> {
     queue: VecDeque<Result<Event, DecodeError>>,
     decode_errors: u64,
     processes: Processes,
+    metrics: Metrics,
 }
 
 impl Consumers<'_> {
@@ -131,6 +137,7 @@ impl Consumers<'_> {
                     self.processes.exited(x.tgid, had_window);
                 }
                 Ok(event) => {
+                    self.processes.seen(event.tgid());
                     if let Some((tid, ns, frames)) = self.resolver.resolve(&event) {
                         self.correlator.on_stack(tid, ns, frames);
                     }
@@ -141,6 +148,27 @@ impl Consumers<'_> {
                 Err(_) => self.decode_errors += 1,
             }
         }
+    }
+
+    /// The counts so far, as Prometheus text.
+    fn metrics_text(&mut self, loaded: &Loaded) -> String {
+        let lost = loaded
+            .stats()
+            .map(|s| Stat::LOST.iter().map(|&k| s[k as usize]).sum())
+            .unwrap_or(0);
+        let processes = &self.processes;
+        self.metrics.update(
+            self.correlator.per_process(),
+            |pid| {
+                processes
+                    .get(pid)
+                    .map(|p| p.comm.clone())
+                    .unwrap_or_default()
+            },
+            lost,
+            loaded.watched().unwrap_or(0),
+        );
+        self.metrics.render()
     }
 
     /// `sampled`: how long lookups were counted, when they are counted in bursts.
@@ -166,6 +194,7 @@ impl Run<'_> {
     pub async fn run(self, target: &mut Target) -> anyhow::Result<Summary> {
         let Run {
             mut signals,
+            metrics,
             loaded,
             events,
             correlator,
@@ -177,6 +206,7 @@ impl Run<'_> {
             traps,
             watched_at_start,
             forks_unfollowed,
+            unwatched,
         } = self;
         let mut feed = Consumers {
             correlator,
@@ -187,6 +217,7 @@ impl Run<'_> {
             queue: VecDeque::new(),
             decode_errors: 0,
             processes: Processes::default(),
+            metrics: Metrics::default(),
         };
         for (pid, parent) in watched_at_start {
             feed.processes.watched(pid, parent);
@@ -226,6 +257,12 @@ impl Run<'_> {
                     guard.clear_ready();
                 }
                 _ = tick.tick() => feed.drain(ring.get_mut())?,
+                conn = accept(metrics.as_ref()) => {
+                    feed.drain(ring.get_mut())?;
+                    if let Ok((stream, _)) = conn {
+                        serve_metrics(stream, feed.metrics_text(loaded));
+                    }
+                }
                 _ = hazard_due(&mut hazard_tick) => {
                     feed.drain(ring.get_mut())?;
                     let sampled = sampler.as_ref().map(|s| s.sampled(Instant::now()));
@@ -257,6 +294,7 @@ impl Run<'_> {
             ended,
             started.elapsed(),
         )?;
+        summary.unwatched.splice(0..0, unwatched);
         let cpu = target.cpu_used().map(|d| d.as_nanos() as u64);
         // Measured once the target no longer runs beside the measurement (or, attached to a
         // running process, after its run), so that measuring disturbs nothing.
@@ -274,6 +312,44 @@ impl Run<'_> {
         feed.sink.summary(&summary)?;
         Ok(summary)
     }
+}
+
+/// The next scrape of `--metrics`, if it is served.
+async fn accept(
+    listener: Option<&tokio::net::TcpListener>,
+) -> std::io::Result<(tokio::net::TcpStream, std::net::SocketAddr)> {
+    match listener {
+        Some(l) => l.accept().await,
+        None => std::future::pending().await,
+    }
+}
+
+/// Answers one HTTP request with `body` at /metrics (404 elsewhere), in a task of its own so a
+/// slow client never holds the loop; a client that sends nothing in a second is dropped.
+fn serve_metrics(mut stream: tokio::net::TcpStream, body: String) {
+    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+    tokio::spawn(async move {
+        let mut request = [0u8; 1024];
+        let Ok(Ok(n)) =
+            tokio::time::timeout(Duration::from_secs(1), stream.read(&mut request)).await
+        else {
+            return;
+        };
+        let line = String::from_utf8_lossy(&request[..n]);
+        let (status, body) = if line.starts_with("GET /metrics ") {
+            ("200 OK", body)
+        } else {
+            ("404 Not Found", "racewatch serves /metrics\n".to_string())
+        };
+        let head = format!(
+            "HTTP/1.1 {status}\r\nContent-Type: text/plain; version=0.0.4; charset=utf-8\r\n\
+             Content-Length: {}\r\nConnection: close\r\n\r\n",
+            body.len()
+        );
+        let _ = stream.write_all(head.as_bytes()).await;
+        let _ = stream.write_all(body.as_bytes()).await;
+        let _ = stream.shutdown().await;
+    });
 }
 
 async fn sleep_until(at: Option<Instant>) {
@@ -344,18 +420,12 @@ fn summary(
         near: stat(Stat::LostNear),
         native_stack: stat(Stat::LostNativeStack),
         py_frames: stat(Stat::LostPyFrames),
+        process: stat(Stat::LostProcess),
     };
     let p = loaded.provoke()?;
     Ok(Summary {
         counts: feed.correlator.counts().into(),
-        lost_events: lost_by_kind.window_open
-            + lost_by_kind.window_close
-            + lost_by_kind.lookup
-            + lost_by_kind.keyerror
-            + lost_by_kind.key_verdict
-            + lost_by_kind.near
-            + lost_by_kind.native_stack
-            + lost_by_kind.py_frames,
+        lost_events: Stat::LOST.iter().map(|&k| stat(k)).sum(),
         lost_by_kind,
         kernel_lookups_in_window: stat(Stat::WindowLookups),
         map_full: stat(Stat::MapFull),

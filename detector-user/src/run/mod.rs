@@ -100,12 +100,40 @@ pub fn interval(args: &RunArgs) -> Result<Option<Duration>, Failure> {
     seconds("--interval", args.interval)
 }
 
-/// Catches SIGINT, SIGTERM and SIGHUP from the start of a run, so that one arriving while
-/// racewatch still reads symbols and DWARF also ends the run with a summary.
-pub fn catch_signals() -> Result<Signals, Failure> {
-    Signals::catch()
+/// What a run sets up before it reads any file.
+pub struct Start {
+    signals: Signals,
+    /// `--metrics`'s listening socket, bound at once so a port in use is bad input.
+    metrics: Option<std::net::TcpListener>,
+}
+
+/// Starts a run: catches SIGINT, SIGTERM and SIGHUP from now, so that one arriving while
+/// racewatch still reads symbols and DWARF also ends the run with a summary; starts reading the
+/// kernel's BTF; checks every argument that needs no file read (durations, the command,
+/// `--metrics`).
+pub fn start(args: &RunArgs) -> Result<Start, Failure> {
+    let signals = Signals::catch()
         .context("cannot catch SIGINT, SIGTERM and SIGHUP")
-        .map_err(Failure::runtime)
+        .map_err(Failure::runtime)?;
+    crate::probe::kernel::prefetch();
+    duration(args)?;
+    interval(args)?;
+    check_command(args)?;
+    let metrics = args
+        .metrics
+        .map(|addr| {
+            let listener = std::net::TcpListener::bind(addr)
+                .and_then(|l| l.set_nonblocking(true).map(|()| l))
+                .with_context(|| {
+                    format!(
+                        "cannot serve --metrics on {addr}: give a free port and a local address"
+                    )
+                })
+                .map_err(Failure::usage)?;
+            Ok(listener)
+        })
+        .transpose()?;
+    Ok(Start { signals, metrics })
 }
 
 /// Runs `plan` against the target of `args`; returns the summary (None for a dry run).
@@ -115,13 +143,16 @@ pub async fn run(
     provoke_ns: u64,
     correlator: Correlator,
     stacks: &StackConfig,
-    signals: Signals,
+    start: Start,
+    unwatched: Vec<String>,
 ) -> Result<Option<Summary>, Failure> {
     let duration = duration(args)?;
     let interval = interval(args)?;
     let mut sink = sink(args)?;
+    // Neither a pid nor a command: every process on the host that maps the probed file.
+    let host = args.pid.is_none() && args.command.is_empty();
     let held = match (&args.pid, args.dry_run) {
-        (None, false) => Some(Held::spawn(&args.command).map_err(Failure::usage)?),
+        (None, false) if !host => Some(Held::spawn(&args.command).map_err(Failure::usage)?),
         _ => None,
     };
     let pid = args.pid.or(held.as_ref().map(Held::pid)).unwrap_or(0);
@@ -135,7 +166,7 @@ pub async fn run(
     let attached = Loaded::load(
         &Options {
             task_tgid_offset: tgid_offset.ok(),
-            watch_all: false,
+            watch_all: host,
             ring_bytes: ring_bytes(stacks),
             provoke_ns,
             stack_mode: stacks.mode(),
@@ -173,6 +204,7 @@ pub async fn run(
     let what = match (args.pid, args.dry_run) {
         (_, true) => "dry run".to_string(),
         (Some(pid), _) => format!("watching pid {pid}"),
+        (None, _) if host => "watching every process that maps it".to_string(),
         (None, _) => format!("launched pid {pid}"),
     };
     eprintln!(
@@ -189,10 +221,18 @@ pub async fn run(
                 .context("cannot start the command")
                 .map_err(Failure::runtime)?,
         ),
+        None if host => Target::Host,
         None => Target::Attached(PidWatch::new(pid).map_err(Failure::usage)?),
     };
+    let metrics = start
+        .metrics
+        .map(tokio::net::TcpListener::from_std)
+        .transpose()
+        .context("cannot serve --metrics")
+        .map_err(Failure::runtime)?;
     let run = Run {
-        signals,
+        signals: start.signals,
+        metrics,
         loaded: &mut loaded,
         events,
         correlator,
@@ -207,6 +247,7 @@ pub async fn run(
             .chain(already_forked.iter().map(|&(c, p)| (c, Some(p))))
             .collect(),
         forks_unfollowed,
+        unwatched: plan.unprobed.iter().cloned().chain(unwatched).collect(),
     };
     run.run(&mut target)
         .await
@@ -230,6 +271,8 @@ pub fn default_binary(args: &RunArgs) -> Result<PathBuf, Failure> {
     match (args.pid, args.command.first()) {
         (Some(pid), _) => crate::process::running_exe(pid).map_err(Failure::usage),
         (None, Some(cmd)) => crate::process::resolve_command(cmd).map_err(Failure::usage),
-        (None, None) => Err(Failure::usage(anyhow::anyhow!("give -p PID or -- COMMAND"))),
+        (None, None) => Err(Failure::usage(anyhow::anyhow!(
+            "give --binary PATH to watch every process that maps it, -p PID, or -- COMMAND"
+        ))),
     }
 }

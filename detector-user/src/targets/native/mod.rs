@@ -6,7 +6,7 @@ use crate::{
     cli::WatchArgs,
     probe::{
         placement,
-        plan::{LookupProbe, Plan},
+        plan::{LookupProbe, Plan, copies_not_probed},
         symbols::SymbolTable,
     },
     targets::StackConfig,
@@ -26,6 +26,12 @@ pub fn plan(args: &WatchArgs, binary: PathBuf) -> anyhow::Result<(Plan, StackCon
         resolve(&args.clear)?,
         resolve(&args.update)?,
         resolve(&args.lookup)?,
+    );
+    let miss_path = args.miss_ret.is_some() && !args.probe_returns;
+    let unprobed = copies_not_probed(
+        &table,
+        &[("clear", &clear), ("refill", &refill), ("lookup", &lookup)],
+        miss_path.then_some(&lookup),
     );
     let verbose = args.run.verbose;
     let clear = placement::place_entry(&binary, "clear", clear, args.cache_arg, verbose);
@@ -88,6 +94,7 @@ pub fn plan(args: &WatchArgs, binary: PathBuf) -> anyhow::Result<(Plan, StackCon
         refills,
         sample: sample.filter(|_| matches!(lookup, LookupProbe::Miss { .. })),
         sample_always: false,
+        unprobed,
         gil: None,
         lookup,
     };

@@ -177,10 +177,53 @@ pub fn for_pid(pid: u32) -> Result<Interpreter, PythonError> {
                 .is_some_and(|n| n.to_string_lossy().starts_with("libpython"))
         });
     match lib {
-        Some(lib) => check_version(PathBuf::from(lib)),
+        Some(lib) => check_version(crate::process::file_of(pid, Path::new(lib))),
         None if is_python_name(&exe) => check_version(exe),
         None => Err(PythonError::NotPython { pid, exe }),
     }
+}
+
+/// An interpreter file the host's CPython processes map, with those processes.
+#[derive(Debug)]
+pub struct HostInterpreter {
+    pub found: Result<Interpreter, PythonError>,
+    pub pids: Vec<u32>,
+}
+
+/// For a system-wide run: each distinct interpreter file (by device and inode, so a container's
+/// copy at the same path is another file) that running CPython processes map, the most used
+/// first.
+pub fn on_host() -> Vec<HostInterpreter> {
+    use std::os::unix::fs::MetadataExt;
+    let me = std::process::id();
+    let mut files: Vec<((u64, u64), HostInterpreter)> = Vec::new();
+    for pid in crate::process::all_pids().into_iter().filter(|&p| p != me) {
+        let found = match for_pid(pid) {
+            Err(PythonError::NotPython { .. } | PythonError::Target(_)) => continue,
+            found => found,
+        };
+        let id = match &found {
+            Ok(i) => {
+                std::fs::metadata(&i.image).map_or((0, u64::from(pid)), |m| (m.dev(), m.ino()))
+            }
+            Err(PythonError::Version { image, .. }) => {
+                std::fs::metadata(image).map_or((0, u64::from(pid)), |m| (m.dev(), m.ino()))
+            }
+            Err(_) => (0, u64::from(pid)),
+        };
+        match files.iter_mut().find(|(f, _)| *f == id) {
+            Some((_, h)) => h.pids.push(pid),
+            None => files.push((
+                id,
+                HostInterpreter {
+                    found,
+                    pids: vec![pid],
+                },
+            )),
+        }
+    }
+    files.sort_by_key(|(_, h)| std::cmp::Reverse(h.pids.len()));
+    files.into_iter().map(|(_, h)| h).collect()
 }
 
 fn dict_site(site: &KeyErrorSite, keyerror_vaddr: u64) -> DictSite {
@@ -233,6 +276,18 @@ pub fn plan(
         })
         .collect::<Result<Vec<_>, _>>()?;
     let keyerror = resolve(KEYERROR)?;
+    let unprobed = crate::probe::plan::copies_not_probed(
+        &table,
+        &[("clear", &clear.function), ("KeyError", &keyerror)]
+            .into_iter()
+            .chain(refills.iter().map(|r| match r {
+                RefillProbe::Return(p) | RefillProbe::Exits { entry: p, .. } => {
+                    ("refill", &p.function)
+                }
+            }))
+            .collect::<Vec<_>>(),
+        None,
+    );
     let gil = if provoke {
         let drop_request = gil::find_gil_drop_request(image)?;
         let at = clear.function.address + clear.offset;
@@ -269,6 +324,7 @@ pub fn plan(
         })
         .collect();
     Ok(Plan {
+        unprobed,
         binary: image.clone(),
         object_arg: 0,
         window: 0,
