@@ -21,8 +21,8 @@ pub enum Needed {
     Python,
     /// `--provoke` (its bounded hold in the kernel).
     Provoke,
-    /// Reported for the record; nothing racewatch does depends on it.
-    No,
+    /// Watching the processes a target forks (`task_struct`'s layout from BTF).
+    Forks,
 }
 
 #[derive(Clone, Debug, Serialize)]
@@ -122,9 +122,10 @@ pub fn run() -> Vec<Check> {
     checks.push(path_check(
         "BTF",
         Path::new("/sys/kernel/btf/vmlinux"),
-        "the kernel was built without CONFIG_DEBUG_INFO_BTF; racewatch's probes read no kernel \
-         structure, so they run without it",
-        Needed::No,
+        "the kernel was built without CONFIG_DEBUG_INFO_BTF: racewatch then cannot tell a forked \
+         process from a new thread, so it watches no process the target forks and says so in \
+         each run's summary (exit status 4); use a kernel built with BTF",
+        Needed::Forks,
     ));
     checks
 }
@@ -220,7 +221,7 @@ fn memlock(maps_work: bool, privileged: bool) -> Check {
 
 /// Whether every check some command needs passed.
 pub fn all_needed_pass(checks: &[Check]) -> bool {
-    checks.iter().all(|c| c.ok || c.needed == Needed::No)
+    checks.iter().all(|c| c.ok)
 }
 
 /// The human report: one line per check, the fix under each failure, then the verdict.
@@ -231,7 +232,7 @@ pub fn render_human(checks: &[Check]) -> String {
             Needed::Both => "",
             Needed::Python => " (needed by `racewatch python`)",
             Needed::Provoke => " (needed by `--provoke`)",
-            Needed::No => " (not needed)",
+            Needed::Forks => " (needed to follow forked processes)",
         };
         let mark = if c.ok { "ok  " } else { "FAIL" };
         out += &format!("{mark} {}: {}{needed}\n", c.name, escape(&c.detail));
@@ -248,7 +249,7 @@ pub fn render_human(checks: &[Check]) -> String {
     };
     let (core, features) = (
         failed(&[Needed::Both]),
-        failed(&[Needed::Python, Needed::Provoke]),
+        failed(&[Needed::Python, Needed::Provoke, Needed::Forks]),
     );
     out += &match (core.is_empty(), features.is_empty()) {
         (true, true) => "racewatch can run here\n".to_string(),
@@ -289,11 +290,8 @@ mod tests {
     }
 
     #[test]
-    fn only_needed_failures_fail_the_verdict() {
-        let mut checks = vec![
-            check("a", true, Needed::Both),
-            check("b", false, Needed::No),
-        ];
+    fn the_verdict_says_what_cannot_run() {
+        let mut checks = vec![check("a", true, Needed::Both)];
         assert!(all_needed_pass(&checks));
         assert!(render_human(&checks).ends_with("racewatch can run here\n"));
         checks.push(check("c", false, Needed::Python));
@@ -316,12 +314,12 @@ mod tests {
     fn json_is_one_line_with_every_check() {
         let checks = vec![
             check("a", true, Needed::Both),
-            check("b", false, Needed::No),
+            check("b", false, Needed::Forks),
         ];
         let v: serde_json::Value = serde_json::from_str(&render_json(&checks)).unwrap();
-        assert_eq!(v["ok"], true);
+        assert_eq!(v["ok"], false);
         assert_eq!(v["checks"][1]["name"], "b");
-        assert_eq!(v["checks"][1]["needed"], "no");
+        assert_eq!(v["checks"][1]["needed"], "forks");
         assert_eq!(v["checks"][1]["fix"], "do this");
     }
 }
