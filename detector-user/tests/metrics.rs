@@ -39,7 +39,7 @@ fn scraped(prometheus: u16, query: &str, pid: u64) -> Option<u64> {
     v["data"]["result"]
         .as_array()?
         .iter()
-        .find(|r| r["metric"]["pid"] == pid.to_string())?["value"][1]
+        .find(|r| r["metric"]["pid"].as_str() == Some(&pid.to_string()))?["value"][1]
         .as_str()?
         .parse()
         .ok()

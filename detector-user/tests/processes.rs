@@ -308,3 +308,77 @@ fn system_wide_watch_counts_each_process_that_maps_the_binary() {
     assert_eq!(summary["lost_events"], 0, "{summary}");
     assert_eq!(code, Some(1), "{summary}");
 }
+
+/// racewatch's resident memory, from /proc.
+fn rss_kib(pid: u32) -> u64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .unwrap_or_default()
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.split_whitespace().next()?.parse().ok())
+        .unwrap_or(0)
+}
+
+#[test]
+#[ignore = "root"]
+fn churn_of_short_lived_processes_leaves_memory_flat_and_a_long_one_exact() {
+    // System-wide on the native demo: a long racy process beside hundreds of short ones, each
+    // with windows of its own, started and ended one after another.
+    let demo = cache_demo().to_str().unwrap();
+    let mut args = vec!["watch", "--binary", demo];
+    args.extend(DEMO_PROBES);
+    args.extend(["--miss-ret", "-1"]);
+    let run = Running::start(&args, "churn.ndjson");
+    let long = Command::new(demo)
+        // A reader that pauses between lookups: the debug build racewatch is tested as keeps up
+        // with its misses beside the churn.
+        .args(["--seconds", "12", "--gap-us", "100", "--pause-us", "20"])
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let spawn_batch = |n: usize| {
+        for _ in 0..n {
+            let status = Command::new(demo)
+                .args(["--seconds", "0.02", "--gap-us", "50"])
+                .stderr(Stdio::null())
+                .status()
+                .unwrap();
+            assert!(status.success());
+        }
+    };
+    spawn_batch(50);
+    let early = rss_kib(run.child.id());
+    spawn_batch(250);
+    let late = rss_kib(run.child.id());
+    let (_, long_misses, _) = demo_truth(&String::from_utf8_lossy(
+        &long.wait_with_output().unwrap().stderr,
+    ));
+    let long_pid = {
+        let (_, summary) = {
+            let (code, summary) = run.stop();
+            assert_eq!(code, Some(1), "{summary}");
+            (code, summary)
+        };
+        let processes = summary["processes"].as_array().unwrap();
+        assert!(
+            processes.len() >= 250,
+            "the short ones had windows too: {}",
+            processes.len()
+        );
+        assert_eq!(summary["lost_events"], 0, "{summary}");
+        processes
+            .iter()
+            .find(|p| p["misses_in_window"] == long_misses)
+            .map(|p| p["pid"].clone())
+    };
+    assert!(
+        long_pid.is_some(),
+        "no process has the long one's {long_misses} misses"
+    );
+    // Each ended process leaves only its counts: 250 more processes grow racewatch by far less
+    // than a mebibyte.
+    assert!(
+        late < early + 1024,
+        "racewatch grew from {early} KiB to {late} KiB over 250 processes"
+    );
+}

@@ -74,19 +74,28 @@ pub struct Correlator {
     /// that overlapped one can arrive after its close, even after the next one opened (the
     /// kernel copies the reader's stack between reading the window and sending the lookup).
     last: HashMap<ObjKey, VecDeque<Opened>>,
-    /// The last stack of each thread, with the time of the event it belongs to: the kernel sends
-    /// a stack just before that event, so the thread's next event claims it.
-    stacks: HashMap<u32, (u64, Stack)>,
-    /// Each reader's stack in the last window it was flagged in, by the window's opening time:
-    /// the kernel sends a reader's stack with its first flagged lookup of a window only.
-    reader_stacks: HashMap<u32, (u64, Stack)>,
+    /// The last stack of each thread (with its process), with the time of the event it belongs
+    /// to: the kernel sends a stack just before that event, so the thread's next event claims it.
+    stacks: HashMap<u32, (u32, u64, Stack)>,
+    /// Each reader's stack (with its process) in the last window it was flagged in, by the
+    /// window's opening time: the kernel sends a reader's stack with its first flagged lookup of a
+    /// window only.
+    reader_stacks: HashMap<u32, (u32, u64, Stack)>,
     caches: HashSet<ObjKey>,
     /// KeyError alerts awaiting their key's verdict, by (dict, key address, key hash).
     held: HashMap<(ObjKey, u64, i64), Vec<Alert>>,
     counts: Counts,
     /// The same counts, per process that had a window.
     per_process: BTreeMap<u32, Counts>,
+    /// Processes that ended with a window, oldest first: past [`PROCESSES_KEPT`], the oldest
+    /// leave `per_process` (their counts stay in the totals).
+    ended: VecDeque<u32>,
+    processes_dropped: u64,
 }
+
+/// Processes whose own counts are kept for the summary, at most (a run left on for days sees
+/// many come and go).
+const PROCESSES_KEPT: usize = 16_384;
 
 impl Correlator {
     /// `miss_ret`: the lookup return value that means "not found", when the return is probed.
@@ -101,7 +110,46 @@ impl Correlator {
             held: HashMap::new(),
             counts: Counts::default(),
             per_process: BTreeMap::new(),
+            ended: VecDeque::new(),
+            processes_dropped: 0,
         }
+    }
+
+    /// Processes that ended with a window and whose own counts were dropped to bound memory.
+    pub fn processes_dropped(&self) -> u64 {
+        self.processes_dropped
+    }
+
+    /// Process `tgid` ended: what was kept for its objects and threads goes (its counts stay);
+    /// its KeyErrors still awaiting a verdict are window misses, as at the end of a run.
+    pub fn on_exit(&mut self, tgid: u32) -> Vec<Alert> {
+        self.last.retain(|obj, _| obj.tgid != tgid);
+        self.caches.retain(|obj| obj.tgid != tgid);
+        self.stacks.retain(|_, (pid, _, _)| *pid != tgid);
+        self.reader_stacks.retain(|_, (pid, _, _)| *pid != tgid);
+        let keys: Vec<_> = self
+            .held
+            .keys()
+            .filter(|(obj, _, _)| obj.tgid == tgid)
+            .copied()
+            .collect();
+        let mut alerts: Vec<Alert> = keys
+            .iter()
+            .filter_map(|k| self.held.remove(k))
+            .flatten()
+            .collect();
+        alerts.sort_by_key(|a| a.lookup_ns);
+        self.count_misses(tgid, alerts.len());
+        if self.per_process.contains_key(&tgid) {
+            self.ended.push_back(tgid);
+        }
+        while self.ended.len() > PROCESSES_KEPT
+            && let Some(old) = self.ended.pop_front()
+        {
+            self.per_process.remove(&old);
+            self.processes_dropped += 1;
+        }
+        alerts
     }
 
     pub fn counts(&self) -> &Counts {
@@ -128,14 +176,14 @@ impl Correlator {
         });
     }
 
-    /// The stack of thread `tid` for its event stamped `ns`, which follows.
-    pub fn on_stack(&mut self, tid: u32, ns: u64, stack: Stack) {
-        self.stacks.insert(tid, (ns, stack));
+    /// The stack of thread `tid` of process `tgid` for its event stamped `ns`, which follows.
+    pub fn on_stack(&mut self, tgid: u32, tid: u32, ns: u64, stack: Stack) {
+        self.stacks.insert(tid, (tgid, ns, stack));
     }
 
     fn take_stack(&mut self, tid: u32, ns: u64) -> Option<Stack> {
         match self.stacks.remove(&tid) {
-            Some((at, stack)) if at == ns => Some(stack),
+            Some((_, at, stack)) if at == ns => Some(stack),
             _ => None,
         }
     }
@@ -213,14 +261,14 @@ impl Correlator {
         match self.take_stack(l.reader_tid, l.lookup_ns) {
             Some(stack) => {
                 self.reader_stacks
-                    .insert(l.reader_tid, (l.window_open_ns, stack.clone()));
+                    .insert(l.reader_tid, (l.tgid, l.window_open_ns, stack.clone()));
                 Some(stack)
             }
             None => self
                 .reader_stacks
                 .get(&l.reader_tid)
-                .filter(|(open_ns, _)| *open_ns == l.window_open_ns)
-                .map(|(_, stack)| stack.clone()),
+                .filter(|(_, open_ns, _)| *open_ns == l.window_open_ns)
+                .map(|(_, _, stack)| stack.clone()),
         }
     }
 
@@ -481,9 +529,9 @@ mod tests {
     #[test]
     fn stacks_go_to_the_event_that_follows_them() {
         let mut c = Correlator::new(None, None);
-        c.on_stack(1, 100, frames("clear"));
+        c.on_stack(PID, 1, 100, frames("clear"));
         c.on_event(&window(EventKind::WindowOpen, 100));
-        c.on_stack(2, 110, frames("lookup"));
+        c.on_stack(PID, 2, 110, frames("lookup"));
         let a = c.on_event(&lookup(110, 100));
         assert_eq!(a[0].reader_stack.as_deref(), Some(&frames("lookup")[..]));
         assert_eq!(a[0].writer_stack.as_deref(), Some(&frames("clear")[..]));
@@ -492,9 +540,9 @@ mod tests {
         assert_eq!(a[0].reader_stack.as_deref(), Some(&frames("lookup")[..]));
         // In the next window, a stack stamped for another event (its own event lost) is not
         // misattributed, nor is the last window's.
-        c.on_stack(1, 200, frames("clear"));
+        c.on_stack(PID, 1, 200, frames("clear"));
         c.on_event(&window(EventKind::WindowOpen, 200));
-        c.on_stack(2, 219, frames("other"));
+        c.on_stack(PID, 2, 219, frames("other"));
         let a = c.on_event(&lookup(220, 200));
         assert_eq!(a[0].reader_stack, None);
         assert_eq!(a[0].writer_stack.as_deref(), Some(&frames("clear")[..]));
@@ -503,10 +551,10 @@ mod tests {
     #[test]
     fn a_lookup_of_an_older_window_still_gets_its_writer() {
         let mut c = Correlator::new(None, None);
-        c.on_stack(1, 100, frames("clear-a"));
+        c.on_stack(PID, 1, 100, frames("clear-a"));
         c.on_event(&window(EventKind::WindowOpen, 100));
         c.on_event(&window(EventKind::WindowClose, 100));
-        c.on_stack(1, 200, frames("clear-b"));
+        c.on_stack(PID, 1, 200, frames("clear-b"));
         c.on_event(&window(EventKind::WindowOpen, 200));
         let a = c.on_event(&lookup(150, 100));
         assert_eq!(a[0].writer_name.as_deref(), Some(""));
@@ -524,5 +572,52 @@ mod tests {
         feed(&mut c, &[Event::KeyError(k), verdict(7, 70, KEY_PRESENT)]);
         assert!(c.finish().is_empty());
         assert_eq!(c.counts().misses_in_window, 0);
+    }
+
+    /// `e` moved to process `tgid`.
+    fn in_process(mut e: Event, tgid: u32) -> Event {
+        match &mut e {
+            Event::WindowOpen(w) | Event::WindowClose(w) => w.tgid = tgid,
+            Event::Lookup(l) => l.tgid = tgid,
+            Event::KeyError(k) => k.tgid = tgid,
+            Event::KeyVerdict(v) => v.tgid = tgid,
+            _ => {}
+        }
+        e
+    }
+
+    #[test]
+    fn forked_workers_sharing_an_address_are_counted_apart() {
+        let mut c = Correlator::new(Some(-1), None);
+        // Both workers' caches sit at DICT; only the second's window is open at its lookup.
+        c.on_event(&in_process(window(EventKind::WindowOpen, 100), 7));
+        c.on_event(&in_process(window(EventKind::WindowOpen, 100), 8));
+        let Event::Lookup(mut missed) = in_process(lookup(110, 100), 8) else {
+            unreachable!()
+        };
+        (missed.has_ret, missed.ret) = (1, -1);
+        assert_eq!(c.on_event(&Event::Lookup(missed)).len(), 1);
+        assert_eq!(c.per_process()[&7].lookups_in_window, 0);
+        assert_eq!(c.per_process()[&8].lookups_in_window, 1);
+        assert_eq!(c.per_process()[&8].misses_in_window, 1);
+        assert_eq!(c.counts().caches, 2, "one cache in each process");
+    }
+
+    #[test]
+    fn an_ended_process_leaves_its_counts_and_nothing_else() {
+        let mut c = Correlator::new(None, Some(|_: &KeyErrorEvent| None));
+        let (key, hash) = (0x5000, 77);
+        c.on_event(&in_process(window(EventKind::WindowOpen, 100), 9));
+        c.on_event(&in_process(keyerror(key, hash, 120), 9));
+        // The process dies inside its window: the KeyError awaits a verdict that never comes.
+        let left = c.on_exit(9);
+        assert_eq!(left.len(), 1, "its pending KeyError is a window miss");
+        assert_eq!(c.per_process()[&9].misses_in_window, 1);
+        assert!(c.last.is_empty() && c.held.is_empty() && c.caches.is_empty());
+        // A later process with the same pid and address starts afresh: no writer name from the
+        // dead one.
+        let alerts = c.on_event(&in_process(lookup(300, 100), 9));
+        assert_eq!(alerts[0].writer_name, None);
+        assert_eq!(c.counts().misses_in_window, 1);
     }
 }

@@ -120,6 +120,11 @@ impl HazardTracker {
         }
     }
 
+    /// Process `tgid` ended: its caches leave the report.
+    pub fn on_exit(&mut self, tgid: u32) {
+        self.caches.retain(|obj, _| obj.tgid != tgid);
+    }
+
     /// A sampling burst began at `now_ns` (kernel clock): a reader's distance to a window counts
     /// only between two lookups of the same burst.
     pub fn on_burst(&mut self, now_ns: u64) {

@@ -41,6 +41,9 @@ pub struct Summary {
     pub processes: Vec<ProcessJson>,
     /// Processes forked by watched ones after the start, and so watched too.
     pub forks: u64,
+    /// Processes that ended with a window and left `processes` to bound racewatch's memory
+    /// (their counts stay in the totals).
+    pub processes_dropped: u64,
     /// What the run could not watch. A run with any entry here is no all-clear: racewatch exits 4
     /// instead of 0 when it also found no race.
     pub unwatched: Vec<String>,

@@ -135,11 +135,15 @@ impl Consumers<'_> {
                 Ok(Event::Exit(x)) => {
                     let had_window = self.correlator.per_process().contains_key(&x.tgid);
                     self.processes.exited(x.tgid, had_window);
+                    self.hazard.on_exit(x.tgid);
+                    self.resolver.forget(x.tgid);
+                    let left = self.correlator.on_exit(x.tgid);
+                    self.alerts(left)?;
                 }
                 Ok(event) => {
                     self.processes.seen(event.tgid());
                     if let Some((tid, ns, frames)) = self.resolver.resolve(&event) {
-                        self.correlator.on_stack(tid, ns, frames);
+                        self.correlator.on_stack(event.tgid(), tid, ns, frames);
                     }
                     self.hazard.on_event(&event);
                     let alerts = self.correlator.on_event(&event);
@@ -451,6 +455,7 @@ fn summary(
         pairs: feed.pairs.pairs().iter().map(Into::into).collect(),
         processes: processes(feed),
         forks: stat(Stat::Forks),
+        processes_dropped: feed.correlator.processes_dropped(),
         unwatched: unwatched(forks_unfollowed, stat(Stat::ForksUnwatched)),
         duration_s: elapsed.as_secs_f64(),
         ended,

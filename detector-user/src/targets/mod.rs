@@ -39,6 +39,7 @@ impl StackConfig {
     pub fn resolver(&self) -> Resolver {
         Resolver {
             config: self.clone(),
+            native: Default::default(),
             per_process: HashMap::new(),
         }
     }
@@ -57,6 +58,8 @@ enum Frames {
 /// (a forked worker runs code its parent never loaded).
 pub struct Resolver {
     config: StackConfig,
+    /// What every process's native stacks share: each file's sections and symbols.
+    native: std::rc::Rc<native::stacks::Shared>,
     /// By pid, with when each was last used.
     per_process: HashMap<u32, (u64, Frames)>,
 }
@@ -66,9 +69,13 @@ impl Resolver {
         if !self.per_process.contains_key(&pid) {
             let frames = match &self.config {
                 StackConfig::None => return None,
-                StackConfig::Native { returned_from } => Frames::Native(Box::new(
-                    native::stacks::NativeStacks::new(pid, returned_from.clone()),
-                )),
+                StackConfig::Native { returned_from } => {
+                    Frames::Native(Box::new(native::stacks::NativeStacks::new(
+                        pid,
+                        returned_from.clone(),
+                        self.native.clone(),
+                    )))
+                }
                 StackConfig::Python(l) => {
                     Frames::Python(python::frames::PyStacks::new(pid, l.code))
                 }
@@ -87,6 +94,11 @@ impl Resolver {
         let (at, frames) = self.per_process.get_mut(&pid)?;
         *at = used;
         Some(frames)
+    }
+
+    /// Process `pid` ended: what resolved its stacks (its files' unwind tables and symbols) goes.
+    pub fn forget(&mut self, pid: u32) {
+        self.per_process.remove(&pid);
     }
 
     /// For a stack record: its thread, the time of the event it belongs to, and its frames.

@@ -4,8 +4,10 @@
 //! and from any instruction a probe sits on, then symbolizes each frame (blazesym: demangled
 //! names, inlined calls, file:line from DWARF).
 use std::{
+    cell::RefCell,
     collections::HashMap,
     path::{Path, PathBuf},
+    rc::Rc,
 };
 
 use blazesym::symbolize::{
@@ -41,9 +43,9 @@ pub struct NativeStacks {
     maps: Vec<Mapping>,
     /// Files given to the unwinder, with their load bias (runtime address minus ELF address).
     images: HashMap<PathBuf, u64>,
-    unwinder: UnwinderX86_64<Vec<u8>>,
+    unwinder: UnwinderX86_64<Bytes>,
     cache: CacheX86_64,
-    symbolizer: Symbolizer,
+    shared: Rc<Shared>,
     /// Frames of each code address seen, keyed by (address, is a return address).
     symbols: HashMap<(u64, bool), Vec<Frame>>,
     /// Each distinct unwound stack, symbolized once: a thread in a loop unwinds to the same
@@ -63,26 +65,16 @@ fn section(obj: &object::File, name: &str) -> (Option<std::ops::Range<u64>>, Opt
     }
 }
 
-/// Runtime address minus ELF address for `file`, from one of its mappings.
-fn load_bias(obj: &object::File, m: &Mapping) -> Option<u64> {
-    obj.segments().find_map(|seg| {
-        let (off, size) = seg.file_range();
-        (off..off + size)
-            .contains(&m.offset)
-            .then(|| m.start.wrapping_sub(seg.address() + (m.offset - off)))
-    })
-}
-
 impl NativeStacks {
     /// `returned_from`: the probed function whose return carries stacks ([`STACK_AT_RETURN`]).
-    pub fn new(pid: u32, returned_from: Option<ReturnedFrom>) -> NativeStacks {
+    pub fn new(pid: u32, returned_from: Option<ReturnedFrom>, shared: Rc<Shared>) -> NativeStacks {
         NativeStacks {
             pid,
             maps: Vec::new(),
             images: HashMap::new(),
             unwinder: UnwinderX86_64::new(),
             cache: CacheX86_64::new(),
-            symbolizer: Symbolizer::new(),
+            shared,
             symbols: HashMap::new(),
             stacks: HashMap::new(),
             returned_from: returned_from.map(|r| (r, None)),
@@ -115,7 +107,7 @@ impl NativeStacks {
                 .fold(m.start..m.end, |r, o| {
                     r.start.min(o.start)..r.end.max(o.end)
                 });
-            if let Some((bias, module)) = image_module(path, m, range) {
+            if let Some((bias, module)) = image_module(&self.shared, path, m, range) {
                 self.unwinder.add_module(module);
                 added.push((path.clone(), bias));
             }
@@ -226,6 +218,7 @@ impl NativeStacks {
     fn symbolize_in(&self, path: &Path, vaddr: u64) -> Vec<Frame> {
         let src = Source::Elf(Elf::new(path));
         match self
+            .shared
             .symbolizer
             .symbolize_single(&src, Input::VirtOffset(vaddr))
         {
@@ -267,6 +260,7 @@ impl NativeStacks {
         let mut elf = Elf::new(path);
         elf.debug_syms = false;
         match self
+            .shared
             .symbolizer
             .symbolize_single(&Source::Elf(elf), Input::VirtOffset(vaddr))
         {
@@ -276,29 +270,97 @@ impl NativeStacks {
     }
 }
 
+/// Section bytes shared by the unwinders of every process that maps the same file.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Bytes(Rc<[u8]>);
+
+impl std::ops::Deref for Bytes {
+    type Target = [u8];
+    fn deref(&self) -> &[u8] {
+        &self.0
+    }
+}
+
+/// What unwinding needs of one ELF file, read once however many processes map it.
+struct FileSections {
+    text: (Option<std::ops::Range<u64>>, Option<Bytes>),
+    eh_frame: (Option<std::ops::Range<u64>>, Option<Bytes>),
+    eh_frame_hdr: (Option<std::ops::Range<u64>>, Option<Bytes>),
+    got: Option<std::ops::Range<u64>>,
+    /// Each loadable segment: file offset, file size, ELF address (for the load bias).
+    segments: Vec<(u64, u64, u64)>,
+}
+
+/// A file by device and inode: the same file whatever path a process maps it by.
+type FileId = (u64, u64);
+
+/// What every process's stacks share: each file's sections (by device and inode) and the
+/// symbolizer, which keeps each file's symbols and DWARF once parsed. A pool of workers mapping
+/// the same files costs one parse, not one each.
+#[derive(Default)]
+pub struct Shared {
+    files: RefCell<HashMap<FileId, Option<Rc<FileSections>>>>,
+    symbolizer: Symbolizer,
+}
+
+impl Shared {
+    fn sections(&self, path: &Path) -> Option<Rc<FileSections>> {
+        use std::os::unix::fs::MetadataExt;
+        let meta = std::fs::metadata(path).ok()?;
+        let id = (meta.dev(), meta.ino());
+        if let Some(known) = self.files.borrow().get(&id) {
+            return known.clone();
+        }
+        let read = || -> Option<FileSections> {
+            let data = std::fs::read(path).ok()?;
+            let obj = object::File::parse(&*data).ok()?;
+            let bytes = |name: &str| {
+                let (range, data) = section(&obj, name);
+                (range, data.map(|d| Bytes(d.into())))
+            };
+            Some(FileSections {
+                text: bytes(".text"),
+                eh_frame: bytes(".eh_frame"),
+                eh_frame_hdr: bytes(".eh_frame_hdr"),
+                got: section(&obj, ".got").0,
+                segments: obj
+                    .segments()
+                    .map(|seg| {
+                        let (off, size) = seg.file_range();
+                        (off, size, seg.address())
+                    })
+                    .collect(),
+            })
+        };
+        let found = read().map(Rc::new);
+        self.files.borrow_mut().insert(id, found.clone());
+        found
+    }
+}
+
 /// The unwind module of the ELF file at `path`, mapped over `range` (`m` is one of its
 /// executable mappings), and its load bias; `None` if the file cannot be read as ELF.
 fn image_module(
+    shared: &Shared,
     path: &Path,
     m: &Mapping,
     range: std::ops::Range<u64>,
-) -> Option<(u64, Module<Vec<u8>>)> {
-    let data = std::fs::read(path).ok()?;
-    let obj = object::File::parse(&*data).ok()?;
-    let bias = load_bias(&obj, m)?;
-    let (text_svma, text) = section(&obj, ".text");
-    let (eh_frame_svma, eh_frame) = section(&obj, ".eh_frame");
-    let (eh_frame_hdr_svma, eh_frame_hdr) = section(&obj, ".eh_frame_hdr");
-    let (got_svma, _) = section(&obj, ".got");
+) -> Option<(u64, Module<Bytes>)> {
+    let file = shared.sections(path)?;
+    let bias = file.segments.iter().find_map(|&(off, size, vaddr)| {
+        (off..off + size)
+            .contains(&m.offset)
+            .then(|| m.start.wrapping_sub(vaddr + (m.offset - off)))
+    })?;
     let info = ExplicitModuleSectionInfo {
         base_svma: 0,
-        text_svma,
-        text,
-        got_svma,
-        eh_frame_svma,
-        eh_frame,
-        eh_frame_hdr_svma,
-        eh_frame_hdr,
+        text_svma: file.text.0.clone(),
+        text: file.text.1.clone(),
+        got_svma: file.got.clone(),
+        eh_frame_svma: file.eh_frame.0.clone(),
+        eh_frame: file.eh_frame.1.clone(),
+        eh_frame_hdr_svma: file.eh_frame_hdr.0.clone(),
+        eh_frame_hdr: file.eh_frame_hdr.1.clone(),
         ..Default::default()
     };
     let module = Module::new(path.display().to_string(), range, bias, info);
