@@ -3,7 +3,7 @@
 mod common;
 
 use std::{
-    io::{BufRead, BufReader, Read, Write},
+    io::{Read, Write},
     net::{TcpListener, TcpStream},
     process::{Command, Stdio},
     time::{Duration, Instant},
@@ -72,20 +72,7 @@ fn prometheus_scrapes_each_workers_misses() {
         .spawn()
         .expect("prometheus (cargo xtask setup installs it)");
     let addr = format!("127.0.0.1:{metrics}");
-    let mut rw = Command::new(RACEWATCH)
-        .args(["python", "--metrics", &addr, "-d", "30"])
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let mut line = String::new();
-    BufReader::new(rw.stderr.take().unwrap())
-        .read_line(&mut line)
-        .unwrap();
-    assert!(
-        line.contains("probes attached"),
-        "racewatch did not attach: {line}"
-    );
+    let (mut rw, _) = spawn_attached(&["python", "--metrics", &addr, "-d", "30"]);
     let worker = Command::new("python3")
         .args([
             &worker(),

@@ -5,7 +5,6 @@ mod common;
 
 use std::{
     collections::HashMap,
-    io::{BufRead, BufReader},
     process::{Command, Stdio},
     time::Duration,
 };
@@ -162,19 +161,8 @@ fn attaching_to_a_pool_master_watches_the_workers_it_already_forked() {
     std::thread::sleep(Duration::from_millis(300));
     let out = temp_file("pool-pid.ndjson");
     let pid = master.id().to_string();
-    let mut rw = Command::new(RACEWATCH)
-        .args(["python", "--json", "-o", out.to_str().unwrap(), "-p", &pid])
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let mut line = String::new();
-    BufReader::new(rw.stderr.take().unwrap())
-        .read_line(&mut line)
-        .unwrap();
-    assert!(
-        line.contains("probes attached"),
-        "racewatch did not attach: {line}"
-    );
+    let (mut rw, _) =
+        spawn_attached(&["python", "--json", "-o", out.to_str().unwrap(), "-p", &pid]);
     for w in &workers {
         // SAFETY: plain kill(2) of the test's own grandchildren.
         unsafe { libc::kill(*w as i32, libc::SIGUSR1) };
@@ -199,16 +187,8 @@ struct Running {
 impl Running {
     fn start(args: &[&str], name: &str) -> Running {
         let out = temp_file(name);
-        let mut child = Command::new(RACEWATCH)
-            .args(args)
-            .args(["--json", "-o", out.to_str().unwrap()])
-            .stderr(Stdio::piped())
-            .spawn()
-            .unwrap();
-        let mut line = String::new();
-        BufReader::new(child.stderr.take().unwrap())
-            .read_line(&mut line)
-            .unwrap();
+        let args = [args, &["--json", "-o", out.to_str().unwrap()]].concat();
+        let (child, line) = spawn_attached(&args);
         assert!(
             line.contains("watching every process that maps it"),
             "racewatch did not attach: {line}"

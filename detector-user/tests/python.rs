@@ -1,10 +1,7 @@
 //! `racewatch python` against the seed-like worker, in the kernel (root), and its bad input.
 mod common;
 
-use std::{
-    io::{BufRead, BufReader},
-    process::{Command, Stdio},
-};
+use std::process::{Command, Stdio};
 
 use common::*;
 
@@ -232,19 +229,8 @@ fn attaches_to_a_running_worker_by_pid() {
     // Let the interpreter map libpython and start its threads.
     std::thread::sleep(std::time::Duration::from_millis(500));
     let out = temp_file("python-pid.ndjson");
-    let mut rw = Command::new(RACEWATCH)
-        .args(["python", "--json", "-o", out.to_str().unwrap(), "-p", &pid])
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let mut line = String::new();
-    BufReader::new(rw.stderr.take().unwrap())
-        .read_line(&mut line)
-        .unwrap();
-    assert!(
-        line.contains("probes attached"),
-        "racewatch did not attach: {line}"
-    );
+    let (mut rw, _) =
+        spawn_attached(&["python", "--json", "-o", out.to_str().unwrap(), "-p", &pid]);
     // SAFETY: plain kill(2) of our own child.
     unsafe { libc::kill(worker.id() as i32, libc::SIGUSR1) };
     let worker_out = worker.wait_with_output().unwrap();

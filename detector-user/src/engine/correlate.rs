@@ -40,7 +40,7 @@ impl Alert {
 }
 
 /// What a run found, for the summary.
-#[derive(Clone, Debug, Default, PartialEq, Eq)]
+#[derive(Clone, Debug, Default, PartialEq, Eq, serde::Serialize)]
 pub struct Counts {
     /// Windows seen opening (plus those seen only closing: opened before attach).
     pub windows: u64,

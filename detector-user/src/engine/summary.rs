@@ -13,7 +13,7 @@ use crate::engine::{
 #[derive(Clone, Debug, Default, Serialize)]
 pub struct Summary {
     #[serde(flatten)]
-    pub counts: CountsJson,
+    pub counts: Counts,
     /// Events the kernel could not deliver (ring buffer full), all kinds.
     pub lost_events: u64,
     /// Lookups the kernel found in a window, delivered or lost: `lookups_in_window` plus
@@ -64,29 +64,6 @@ pub struct ProcessJson {
     pub windows: u64,
     pub lookups_in_window: u64,
     pub misses_in_window: u64,
-}
-
-#[derive(Clone, Debug, Default, Serialize)]
-pub struct CountsJson {
-    pub windows: u64,
-    pub lookups_in_window: u64,
-    pub misses_in_window: u64,
-    pub absent_keys_in_window: u64,
-    pub caches: u64,
-    pub max_window_ns: u64,
-}
-
-impl From<&Counts> for CountsJson {
-    fn from(c: &Counts) -> Self {
-        CountsJson {
-            windows: c.windows,
-            lookups_in_window: c.lookups_in_window,
-            misses_in_window: c.misses_in_window,
-            absent_keys_in_window: c.absent_keys_in_window,
-            caches: c.caches,
-            max_window_ns: c.max_window_ns,
-        }
-    }
 }
 
 #[derive(Clone, Debug, Default, Serialize)]

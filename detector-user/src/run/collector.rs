@@ -428,7 +428,7 @@ fn summary(
     };
     let p = loaded.provoke()?;
     Ok(Summary {
-        counts: feed.correlator.counts().into(),
+        counts: feed.correlator.counts().clone(),
         lost_events: Stat::LOST.iter().map(|&k| stat(k)).sum(),
         lost_by_kind,
         kernel_lookups_in_window: stat(Stat::WindowLookups),

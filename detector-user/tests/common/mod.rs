@@ -154,3 +154,24 @@ pub fn workers_truth(stderr: &str) -> Vec<std::collections::HashMap<String, u64>
         .map(worker_truth)
         .collect()
 }
+
+/// racewatch started with `args`, once its first status line says its probes are attached
+/// (that line is returned).
+pub fn spawn_attached(args: &[&str]) -> (std::process::Child, String) {
+    use std::io::BufRead as _;
+    let mut child = Command::new(RACEWATCH)
+        .args(args)
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("run racewatch");
+    let mut line = String::new();
+    std::io::BufReader::new(child.stderr.take().expect("piped stderr"))
+        .read_line(&mut line)
+        .expect("racewatch's first status line");
+    assert!(
+        line.contains("probes attached"),
+        "racewatch did not attach: {line}"
+    );
+    (child, line)
+}
