@@ -253,7 +253,9 @@ fn system_wide_watch_counts_each_process_that_maps_the_binary() {
     let demos: Vec<_> = (0..2)
         .map(|_| {
             Command::new(demo)
-                .args(["--seconds", "1", "--gap-us", "100"])
+                // Readers that pause between lookups: two demos racing flat out on two CPUs
+                // leave the debug build racewatch is tested as too little time to read.
+                .args(["--seconds", "1", "--gap-us", "100", "--pause-us", "20"])
                 .stderr(Stdio::piped())
                 .spawn()
                 .unwrap()
@@ -272,6 +274,7 @@ fn system_wide_watch_counts_each_process_that_maps_the_binary() {
         })
         .collect();
     let (code, summary) = run.stop();
+    assert_eq!(summary["lost_events"], 0, "{summary}");
     let processes = summary["processes"].as_array().expect("processes");
     let mut total = 0;
     for (pid, (_, misses, refreshes)) in &truths {
