@@ -365,3 +365,42 @@ fn churn_of_short_lived_processes_leaves_memory_flat_and_a_long_one_exact() {
         "racewatch grew from {early} KiB to {late} KiB over 250 processes"
     );
 }
+
+#[test]
+#[ignore = "root"]
+fn left_on_the_output_file_is_reopened_on_sighup_for_logrotate() {
+    // System-wide, as a service runs it: logrotate moves the file away and sends SIGHUP.
+    let run = Running::start(&["python"], "rotated.ndjson");
+    let moved = run.out.with_extension("1");
+    std::fs::rename(&run.out, &moved).unwrap();
+    // SAFETY: plain kill(2) of the test's own child.
+    unsafe { libc::kill(run.child.id() as i32, libc::SIGHUP) };
+    // The reopen happens at the next write: the worker's race makes some.
+    let worker = Command::new("python3")
+        .args([
+            &worker(),
+            "--seconds",
+            "1",
+            "--gap-ms",
+            "0.1",
+            "--refresh-ms",
+            "20",
+        ])
+        .stderr(Stdio::piped())
+        .output()
+        .unwrap();
+    std::thread::sleep(Duration::from_millis(100));
+    assert!(
+        run.out.exists(),
+        "SIGHUP did not reopen {}",
+        run.out.display()
+    );
+    let truth = worker_truth(&String::from_utf8_lossy(&worker.stderr));
+    let (code, summary) = run.stop();
+    assert_eq!(
+        summary["ended"], "interrupted (SIGINT)",
+        "SIGHUP did not end it: {summary}"
+    );
+    assert_eq!(summary["misses_in_window"], truth["keyerrors"], "{summary}");
+    assert_eq!(code, Some(1), "{summary}");
+}

@@ -8,6 +8,9 @@ use detector_common::{Event, NearEvent, ObjKey, ReaderKey, ReaderState, WindowEv
 
 use crate::{engine::histogram::Histogram, text::comm_str};
 
+/// Ended processes whose caches the report keeps.
+const ENDED_KEPT: usize = 1024;
+
 /// Window openings kept per cache to find the first one after a reader's lookup: a reader with
 /// more windows than this between two of its lookups gets its "before" distance from the oldest
 /// one kept (an overestimate, on a reader that far from the windows anyway).
@@ -92,6 +95,8 @@ impl CacheWindows {
 #[derive(Default)]
 pub struct HazardTracker {
     caches: HashMap<ObjKey, CacheWindows>,
+    /// Processes that ended, oldest first.
+    ended: VecDeque<u32>,
     /// When the running sampling burst began (0 when every lookup is counted).
     burst_start_ns: u64,
 }
@@ -120,9 +125,16 @@ impl HazardTracker {
         }
     }
 
-    /// Process `tgid` ended: its caches leave the report.
+    /// Process `tgid` ended. Its caches stay in the report (the run's last one included: a
+    /// launched command ends before it), but only those of the last [`ENDED_KEPT`] ended
+    /// processes, so that a run left on for days stays bounded.
     pub fn on_exit(&mut self, tgid: u32) {
-        self.caches.retain(|obj, _| obj.tgid != tgid);
+        self.ended.push_back(tgid);
+        while self.ended.len() > ENDED_KEPT
+            && let Some(old) = self.ended.pop_front()
+        {
+            self.caches.retain(|obj, _| obj.tgid != old);
+        }
     }
 
     /// A sampling burst began at `now_ns` (kernel clock): a reader's distance to a window counts

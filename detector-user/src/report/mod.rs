@@ -3,6 +3,7 @@ use std::io;
 
 use crate::engine::{correlate::Alert, hazard::Hazard, summary::Summary};
 
+pub mod file;
 pub mod human;
 pub mod json;
 pub mod metrics;

@@ -28,7 +28,7 @@ use crate::{
     },
     process::{table::Processes, target::Target},
     report::Sink,
-    report::metrics::Metrics,
+    report::{file::Reopen, metrics::Metrics},
     targets::Resolver,
 };
 
@@ -38,6 +38,9 @@ const POLL: Duration = Duration::from_millis(10);
 
 /// Events read from the ring ahead of their handling, at most (8 KiB each at worst).
 const QUEUE_MAX: usize = 4096;
+
+/// How a SIGHUP ends a run that does not reopen its output on it.
+const HANGUP: &str = "hung up (SIGHUP)";
 
 /// The signals that end a run, caught from before the probes are loaded: one that arrives while
 /// racewatch loads or attaches still ends the run with a summary and a clean detach.
@@ -61,13 +64,15 @@ impl Signals {
         tokio::select! {
             _ = self.int.recv() => "interrupted (SIGINT)",
             _ = self.term.recv() => "terminated (SIGTERM)",
-            _ = self.hup.recv() => "hung up (SIGHUP)",
+            _ = self.hup.recv() => HANGUP,
         }
     }
 }
 
 pub struct Run<'a> {
     pub signals: Signals,
+    /// Reopens `-o FILE` on SIGHUP instead of ending the run.
+    pub reopen: Option<Reopen>,
     /// `--metrics`: where Prometheus scrapes the counts.
     pub metrics: Option<tokio::net::TcpListener>,
     pub loaded: &'a mut Loaded,
@@ -198,6 +203,7 @@ impl Run<'_> {
     pub async fn run(self, target: &mut Target) -> anyhow::Result<Summary> {
         let Run {
             mut signals,
+            reopen,
             metrics,
             loaded,
             events,
@@ -249,7 +255,14 @@ impl Run<'_> {
         let ended = loop {
             let sample_due = sampler.as_ref().and_then(Sampler::due);
             tokio::select! {
-                how = signals.recv() => break how.to_string(),
+                how = signals.recv() => match (how, &reopen) {
+                    (HANGUP, Some(r)) => {
+                        eprintln!("racewatch: SIGHUP: reopening the output file");
+                        feed.sink.flush()?;
+                        r.request();
+                    }
+                    _ => break how.to_string(),
+                },
                 _ = &mut deadline => break "duration elapsed".to_string(),
                 status = target.exited() => break match status {
                     Some(s) => format!("target exited ({s})"),

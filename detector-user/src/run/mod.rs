@@ -1,6 +1,6 @@
 //! One racewatch run, the same for every front end: launch or find the target, load and attach
 //! the probes, collect until the end, report.
-use std::{fs::File, io, path::PathBuf, time::Duration};
+use std::{io, path::PathBuf, time::Duration};
 
 use anyhow::Context as _;
 
@@ -15,7 +15,10 @@ use crate::{
         launch::Held,
         target::{PidWatch, Target},
     },
-    report::{HumanSink, JsonSink, Sink},
+    report::{
+        HumanSink, JsonSink, Sink,
+        file::{LogFile, Reopen},
+    },
     targets::StackConfig,
 };
 
@@ -57,25 +60,28 @@ impl Failure {
     }
 }
 
-fn sink(args: &RunArgs) -> Result<Box<dyn Sink>, Failure> {
-    let out: Box<dyn io::Write> = match &args.output {
-        Some(path) => Box::new(io::BufWriter::new(
-            File::create(path)
+/// Where findings go, and with `-o FILE`, how to have the file reopened.
+fn sink(args: &RunArgs) -> Result<(Box<dyn Sink>, Option<Reopen>), Failure> {
+    let (out, reopen): (Box<dyn io::Write>, _) = match &args.output {
+        Some(path) => {
+            let (file, reopen) = LogFile::create(path.clone())
                 .with_context(|| {
                     format!(
                         "cannot write {}",
                         crate::text::escape(&path.to_string_lossy())
                     )
                 })
-                .map_err(Failure::usage)?,
-        )),
-        None => Box::new(io::BufWriter::new(io::stdout().lock())),
+                .map_err(Failure::usage)?;
+            (Box::new(io::BufWriter::new(file)), Some(reopen))
+        }
+        None => (Box::new(io::BufWriter::new(io::stdout().lock())), None),
     };
-    Ok(if args.json {
+    let sink: Box<dyn Sink> = if args.json {
         Box::new(JsonSink::new(out))
     } else {
         Box::new(HumanSink::new(out))
-    })
+    };
+    Ok((sink, reopen))
 }
 
 fn seconds(flag: &str, secs: Option<f64>) -> Result<Option<Duration>, Failure> {
@@ -148,7 +154,7 @@ pub async fn run(
 ) -> Result<Option<Summary>, Failure> {
     let duration = duration(args)?;
     let interval = interval(args)?;
-    let mut sink = sink(args)?;
+    let (mut sink, reopen) = sink(args)?;
     // Neither a pid nor a command: every process on the host that maps the probed file.
     let host = args.pid.is_none() && args.command.is_empty();
     let held = match (&args.pid, args.dry_run) {
@@ -232,6 +238,9 @@ pub async fn run(
         .map_err(Failure::runtime)?;
     let run = Run {
         signals: start.signals,
+        // Left on (system-wide), a run's SIGHUP is logrotate's: the file is reopened, the run
+        // goes on. Otherwise SIGHUP ends the run, as a terminal's hangup does.
+        reopen: reopen.filter(|_| host),
         metrics,
         loaded: &mut loaded,
         events,

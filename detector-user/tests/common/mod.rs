@@ -166,12 +166,14 @@ pub fn spawn_attached(args: &[&str]) -> (std::process::Child, String) {
         .spawn()
         .expect("run racewatch");
     let mut line = String::new();
-    std::io::BufReader::new(child.stderr.take().expect("piped stderr"))
-        .read_line(&mut line)
+    let mut err = std::io::BufReader::new(child.stderr.take().expect("piped stderr"));
+    err.read_line(&mut line)
         .expect("racewatch's first status line");
     assert!(
         line.contains("probes attached"),
         "racewatch did not attach: {line}"
     );
+    // The rest is drained, so racewatch's later status lines always have somewhere to go.
+    std::thread::spawn(move || std::io::copy(&mut err, &mut std::io::sink()));
     (child, line)
 }
