@@ -170,7 +170,9 @@ def run(args, data=None, cache=None):
     stop.set()
     for t in threads:
         t.join()
-    print(f"worker: pid={os.getpid()} " + " ".join(f"{k}={v}" for k, v in counts.items()), file=sys.stderr)
+    line = f"worker: pid={os.getpid()} " + " ".join(f"{k}={v}" for k, v in counts.items())
+    # One write: a pool's workers print at once, and print() may split a line in two writes.
+    os.write(2, (line + "\n").encode())
 
 
 if __name__ == "__main__":
