@@ -15,6 +15,10 @@ pub struct Pair {
     /// Lookups of this pair in a window, and those of them that missed.
     pub lookups: u64,
     pub misses: u64,
+    /// When its first and its latest lookup in a window were made (kernel clock, ns): a pair
+    /// seen for hours is one finding, with its span, not thousands of lines.
+    pub first_ns: u64,
+    pub last_ns: u64,
 }
 
 type Key = (Option<Stack>, Option<Stack>);
@@ -58,6 +62,8 @@ impl Pairs {
                     writer_name: alert.writer_name.clone(),
                     lookups: 0,
                     misses: 0,
+                    first_ns: alert.lookup_ns,
+                    last_ns: alert.lookup_ns,
                 });
                 self.index.insert(key, self.pairs.len() - 1);
                 (self.pairs.len() - 1, true)
@@ -76,6 +82,8 @@ impl Pairs {
         let pair = &mut self.pairs[i];
         pair.lookups += 1;
         pair.misses += u64::from(alert.miss == Some(true));
+        pair.first_ns = pair.first_ns.min(alert.lookup_ns);
+        pair.last_ns = pair.last_ns.max(alert.lookup_ns);
     }
 
     /// Every pair, in the order first seen.
@@ -145,6 +153,19 @@ mod tests {
         let counts: Vec<(u64, u64)> = p.pairs().iter().map(|q| (q.lookups, q.misses)).collect();
         assert_eq!(counts, [(3, 2), (1, 1), (1, 0)]);
         assert_eq!(p.pairs()[0].reader_stack, Some(r1));
+    }
+
+    #[test]
+    fn a_pair_spans_from_its_first_lookup_to_its_latest() {
+        let (r, w) = (stack(&["lookup"]), stack(&["clear"]));
+        let mut p = Pairs::default();
+        for at in [50, 20, 90] {
+            let mut a = alert(Some(r.clone()), Some(w.clone()), Some(true));
+            a.lookup_ns = at;
+            p.observe(&a);
+        }
+        let pair = &p.pairs()[0];
+        assert_eq!((pair.first_ns, pair.last_ns, pair.lookups), (20, 90, 3));
     }
 
     #[test]

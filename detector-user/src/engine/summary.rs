@@ -82,6 +82,11 @@ pub struct PairJson {
     pub writer_name: Option<String>,
     pub lookups: u64,
     pub misses: u64,
+    /// The pair's first and latest lookup in a window (kernel clock, ns).
+    pub first_seen_ns: u64,
+    pub last_seen_ns: u64,
+    /// Its alerts after the first, counted here instead of printed.
+    pub alerts_suppressed: u64,
     pub reader_stack: Option<Vec<Frame>>,
     pub writer_stack: Option<Vec<Frame>>,
 }
@@ -93,6 +98,9 @@ impl From<&Pair> for PairJson {
             writer_name: p.writer_name.clone(),
             lookups: p.lookups,
             misses: p.misses,
+            first_seen_ns: p.first_ns,
+            last_seen_ns: p.last_ns,
+            alerts_suppressed: p.lookups.saturating_sub(1),
             reader_stack: p.reader_stack.as_deref().map(<[Frame]>::to_vec),
             writer_stack: p.writer_stack.as_deref().map(<[Frame]>::to_vec),
         }
