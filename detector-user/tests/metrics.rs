@@ -74,15 +74,8 @@ fn prometheus_scrapes_each_workers_misses() {
     let addr = format!("127.0.0.1:{metrics}");
     let (mut rw, _) = spawn_attached(&["python", "--metrics", &addr, "-d", "30"]);
     let worker = Command::new("python3")
-        .args([
-            &worker(),
-            "--seconds",
-            "2",
-            "--gap-ms",
-            "0.1",
-            "--refresh-ms",
-            "20",
-        ])
+        .arg(worker())
+        .args(RACY_WORKER)
         .stderr(Stdio::piped())
         .output()
         .unwrap();

@@ -82,8 +82,7 @@ fn every_forked_worker_of_a_pool_is_watched_and_counted_apart() {
     // Two workers forked after the cache was built: their caches share one address, each in its
     // own process.
     let (code, truths, alerts, summary, launched) =
-        // Refreshes spaced so that two busy workers on two CPUs leave racewatch time to read.
-        watch_pool(&["--workers", "2", "--seconds", "2", "--gap-ms", "0.1", "--refresh-ms", "20"]);
+        watch_pool(&[&["--workers", "2"][..], &RACY_WORKER].concat());
     assert_eq!(truths.len(), 2, "{summary}");
     assert_per_process(&truths, &summary, Some(launched), true);
     // Two workers, and whatever a launcher (a pyenv shim) forked before it exec'd python.
@@ -99,17 +98,8 @@ fn every_forked_worker_of_a_pool_is_watched_and_counted_apart() {
 #[ignore = "root"]
 fn every_spawned_worker_of_a_pool_is_watched() {
     // Fork then exec of the same interpreter, as multiprocessing's spawn start method does.
-    let (code, truths, _, summary, launched) = watch_pool(&[
-        "--workers",
-        "2",
-        "--spawn",
-        "--refresh-ms",
-        "20",
-        "--seconds",
-        "2",
-        "--gap-ms",
-        "0.1",
-    ]);
+    let (code, truths, _, summary, launched) =
+        watch_pool(&[&["--workers", "2", "--spawn"][..], &RACY_WORKER].concat());
     assert_eq!(truths.len(), 2, "{summary}");
     assert_per_process(&truths, &summary, Some(launched), true);
     assert_eq!(code, 1);
@@ -145,7 +135,7 @@ fn attaching_to_a_pool_master_watches_the_workers_it_already_forked() {
     // SIGUSR1, sent once racewatch is attached, so every KeyError is one racewatch can see.
     let master = Command::new("python3")
         .args([&worker(), "--workers", "2", "--bug-on-signal"])
-        .args(["--seconds", "2", "--gap-ms", "0.1", "--refresh-ms", "20"])
+        .args(RACY_WORKER)
         .stderr(Stdio::piped())
         .spawn()
         .unwrap();
@@ -214,15 +204,8 @@ fn system_wide_python_watches_processes_started_after_it() {
     let workers: Vec<_> = (0..2)
         .map(|_| {
             Command::new("python3")
-                .args([
-                    &worker(),
-                    "--seconds",
-                    "2",
-                    "--gap-ms",
-                    "0.1",
-                    "--refresh-ms",
-                    "20",
-                ])
+                .arg(worker())
+                .args(RACY_WORKER)
                 .stderr(Stdio::piped())
                 .spawn()
                 .unwrap()

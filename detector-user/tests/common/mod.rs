@@ -119,6 +119,11 @@ pub fn temp_file(name: &str) -> PathBuf {
     PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join(format!("{}-{name}", std::process::id()))
 }
 
+/// The worker racing for 2 s with refreshes spaced so that busy workers on two CPUs leave the
+/// debug build racewatch is tested as time to read; a short sleep inside each window keeps the
+/// race firing on a loaded machine.
+pub const RACY_WORKER: [&str; 6] = ["--seconds", "2", "--gap-ms", "0.1", "--refresh-ms", "20"];
+
 /// The seed-like Python worker.
 pub fn worker() -> String {
     workspace()
