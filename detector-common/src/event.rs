@@ -380,55 +380,29 @@ mod user {
     unsafe impl aya::Pod for ProcessEvent {}
     unsafe impl aya::Pod for crate::ProbeConfig {}
 
-    impl WindowEvent {
-        pub fn obj(&self) -> ObjKey {
-            ObjKey {
-                object: self.cache,
-                tgid: self.tgid,
-                window: self.window,
+    /// `obj()`: the object an event is about, keyed by its process and window, as the kernel's
+    /// per-object maps key it.
+    macro_rules! obj_key {
+        ($($event:ty => $object:ident),* $(,)?) => {$(
+            impl $event {
+                pub fn obj(&self) -> ObjKey {
+                    ObjKey {
+                        object: self.$object,
+                        tgid: self.tgid,
+                        window: self.window,
+                    }
+                }
             }
-        }
+        )*};
     }
 
-    impl LookupEvent {
-        pub fn obj(&self) -> ObjKey {
-            ObjKey {
-                object: self.cache,
-                tgid: self.tgid,
-                window: self.window,
-            }
-        }
-    }
-
-    impl NearEvent {
-        pub fn obj(&self) -> ObjKey {
-            ObjKey {
-                object: self.cache,
-                tgid: self.tgid,
-                window: self.window,
-            }
-        }
-    }
-
-    impl KeyErrorEvent {
-        pub fn obj(&self) -> ObjKey {
-            ObjKey {
-                object: self.dict,
-                tgid: self.tgid,
-                window: self.window,
-            }
-        }
-    }
-
-    impl KeyVerdict {
-        pub fn obj(&self) -> ObjKey {
-            ObjKey {
-                object: self.dict,
-                tgid: self.tgid,
-                window: self.window,
-            }
-        }
-    }
+    obj_key!(
+        WindowEvent => cache,
+        LookupEvent => cache,
+        NearEvent => cache,
+        KeyErrorEvent => dict,
+        KeyVerdict => dict,
+    );
 }
 
 #[cfg(feature = "user")]
