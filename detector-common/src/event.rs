@@ -175,6 +175,8 @@ pub struct KeyErrorEvent {
     pub _pad: u32,
     /// The key's address, so userspace can tell a copy that failed from an empty one.
     pub key: u64,
+    /// The key's hash ([`crate::key_hash`]), as its verdict will name it.
+    pub hash: i64,
     pub reader_comm: [u8; COMM_LEN],
     pub key_type: [u8; TYPE_NAME_LEN],
     pub key_obj: [u8; KEY_OBJ_LEN],
@@ -245,7 +247,8 @@ pub struct PyFrames {
     pub tid: u32,
     /// The thread's process, whose memory holds the code objects.
     pub tgid: u32,
-    pub _pad: u32,
+    /// The window of the probe that sent them: its interpreter's layout reads the code objects.
+    pub window: u32,
     pub ns: u64,
     /// Frames filled in `frames`.
     pub depth: u32,
@@ -254,22 +257,46 @@ pub struct PyFrames {
     pub frames: [PyFrame; PY_FRAMES_MAX],
 }
 
-/// Where CPython 3.11 keeps a thread's frames, read from libpython's DWARF and passed to the
-/// kernel at load time (global `PY_LAYOUT`).
+/// Hops from `_PyRuntime` to the current thread state, at most.
+pub const TSTATE_HOPS: usize = 3;
+/// Value stack slots the kernel searches for the failed dict, at most.
+pub const STACK_SLOTS: usize = 64;
+
+/// Where a CPython interpreter keeps what the kernel reads (the current thread state, its
+/// frames, a frame's value stack), from the binary's `_Py_DebugOffsets` (3.13+), its DWARF or a
+/// per-version table checked against the binary; stored for each window's interpreter in the
+/// `PY_LAYOUTS` map before its probes are attached.
+/// Offsets are in bytes.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct PyLayout {
-    /// `&_PyRuntime.gilstate.tstate_current` minus the address of the probe on the clear
-    /// function, and the same for the KeyError probe: the library's load address cancels out.
-    pub tstate_from_clear: i64,
-    pub tstate_from_keyerror: i64,
-    /// `PyThreadState.cframe`, `_PyCFrame.current_frame`.
-    pub cframe: u64,
-    pub current_frame: u64,
-    /// `_PyInterpreterFrame.f_code`, `.previous`, `.prev_instr`.
+    /// `_PyRuntime`'s, `PyDict_Type`'s and `PyTuple_Type`'s addresses in the file (each probe
+    /// adds where the file is loaded).
+    pub runtime: u64,
+    pub dict_type: u64,
+    pub tuple_type: u64,
+    /// The thread holding the GIL (the one in dict code): a pointer read at `_PyRuntime +
+    /// tstate[0]`, then at that pointer plus `tstate[i]` for each of `tstate_hops` reads.
+    pub tstate: [u64; TSTATE_HOPS],
+    pub tstate_hops: u64,
+    /// From the thread state to its innermost frame the same way: one read, or two through
+    /// 3.11's and 3.12's `cframe`.
+    pub frame: [u64; 2],
+    pub frame_hops: u64,
+    /// `_PyInterpreterFrame`'s code object (`f_code`, `f_executable`), previous frame, current
+    /// instruction (`prev_instr`, `instr_ptr`) and `localsplus`.
     pub f_code: u64,
     pub previous: u64,
-    pub prev_instr: u64,
+    pub instr: u64,
+    pub localsplus: u64,
+    /// `PyCodeObject.co_nlocalsplus` and `.co_stacksize` (`int`s).
+    pub co_nlocalsplus: u64,
+    pub co_stacksize: u64,
+    /// Low bits of a frame's code reference and of value stack slots that are tags (3.14's
+    /// stack references), cleared before use.
+    pub tag_bits: u64,
+    /// 1 when an int keeps its digit count in `lv_tag` (3.12+), 0 in `ob_size`.
+    pub long_tagged: u64,
 }
 
 /// A key that raised KeyError in a dict's open window, to be judged when the window closes (the
@@ -322,10 +349,13 @@ pub enum Stat {
     /// KeyErrors in a window whose key the kernel could not look up in the refilled dict: counted
     /// as window misses, so that none is hidden.
     UnjudgedKeys = 22,
+    /// KeyErrors whose dict the kernel could not find while a window of their process was open:
+    /// each may be a window's miss, so a run that has any cannot report clean.
+    UnplacedKeyErrors = 23,
 }
 
 impl Stat {
-    pub const COUNT: u32 = 23;
+    pub const COUNT: u32 = 24;
     /// Every kind of event the kernel could not deliver.
     pub const LOST: [Stat; 9] = [
         Stat::LostWindowOpen,
@@ -366,7 +396,6 @@ mod user {
     unsafe impl aya::Pod for KeyErrorEvent {}
     unsafe impl aya::Pod for KeyVerdict {}
     unsafe impl aya::Pod for PendingKey {}
-    unsafe impl aya::Pod for DictSite {}
     unsafe impl aya::Pod for Inflight {}
     unsafe impl aya::Pod for NearEvent {}
     unsafe impl aya::Pod for crate::ProvokeState {}
@@ -536,7 +565,7 @@ mod decode {
             );
             assert_eq!(
                 size_of::<KeyErrorEvent>(),
-                4 * 4 + 8 + 8 + 8 + 4 + 4 + 8 + COMM_LEN + TYPE_NAME_LEN + KEY_OBJ_LEN
+                4 * 4 + 8 + 8 + 8 + 4 + 4 + 8 + 8 + COMM_LEN + TYPE_NAME_LEN + KEY_OBJ_LEN
             );
             assert_eq!(size_of::<KeyVerdict>(), 4 * 4 + 8 + 8 + 8);
             assert_eq!(size_of::<PendingKey>(), 16 + 8 + 8);
@@ -544,7 +573,10 @@ mod decode {
             assert_eq!(size_of::<ReaderKey>(), 16 + 4 + 4);
             assert_eq!(size_of::<ObjKey>(), 8 + 4 + 4);
             assert_eq!(size_of::<ProcessEvent>(), 4 * 4 + 8 + COMM_LEN);
-            assert_eq!(size_of::<crate::ProbeConfig>(), 4 + 4 + 8);
+            assert_eq!(
+                size_of::<crate::ProbeConfig>(),
+                4 + 4 + 8 + 8 + 4 + 4 + 8 + 4 + 4 + 8
+            );
             assert_eq!(size_of::<Inflight>(), 16 + 8);
             assert_eq!(size_of::<ReaderState>(), 8 + 8 + COMM_LEN);
             assert_eq!(size_of::<crate::Window>(), 4 + 4 + 8 + 8);
@@ -556,7 +588,7 @@ mod decode {
                 size_of::<PyFrames>(),
                 4 * 4 + 8 + 4 + 4 + 16 * PY_FRAMES_MAX
             );
-            assert_eq!(size_of::<PyLayout>(), 8 * 7);
+            assert_eq!(size_of::<PyLayout>(), 8 * 18);
         }
 
         #[test]
@@ -597,6 +629,7 @@ mod decode {
                 writer_tid: 4,
                 _pad: 0,
                 key: 5,
+                hash: -7,
                 reader_comm: [0; COMM_LEN],
                 key_type: *b"str\0\0\0\0\0\0\0\0\0\0\0\0\0",
                 key_obj: [7; KEY_OBJ_LEN],
@@ -659,7 +692,7 @@ mod decode {
                 kind: EventKind::PyFrames as u32,
                 tid: 3,
                 tgid: 2,
-                _pad: 0,
+                window: 1,
                 ns: 4,
                 depth: 1,
                 truncated: 0,
@@ -694,23 +727,6 @@ mod decode {
             );
         }
     }
-}
-
-/// Where the kernel finds the dict of a failed `d[k]` at `_PyErr_SetKeyError`'s entry, for one
-/// call site (found in DWARF by userspace).
-#[repr(C)]
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct DictSite {
-    /// DWARF register number (x86_64: 3 rbx, 6 rbp, 12-15 r12-r15).
-    pub dwarf_reg: u32,
-    /// 1: the dict is at `reg + offset`; 0: the dict is the register itself.
-    pub deref: u32,
-    pub offset: i64,
-    /// When non-zero, the register belongs to an outer frame (the site's function was
-    /// tail-called): the site only counts if `[rsp + outer_sp_offset]` minus the probed
-    /// function's address equals `outer_delta`.
-    pub outer_sp_offset: u64,
-    pub outer_delta: u64,
 }
 
 /// In-flight state kept between a lookup's entry and its return.

@@ -12,7 +12,9 @@ pub mod pykey;
 pub mod window;
 
 pub use event::*;
-pub use probe::{ARG_SLOTS, ProbeConfig, REG_SLOTS};
+pub use probe::{
+    ARG_SLOTS, OBJECT_IN_MEMORY, OBJECT_IN_REGISTER, OBJECT_STATIC, ProbeConfig, REG_SLOTS,
+};
 pub use provoke::{GilHold, PROVOKE_BUDGET_PCT, PROVOKE_MAX_NS, ProvokeState, within_budget};
 pub use pykey::{UNKNOWN_HASH, key_hash};
 pub use window::Window;
@@ -27,14 +29,13 @@ pub const PROBES_MAP: &str = "PROBES";
 pub const WATCHED_MAP: &str = "WATCHED";
 /// Per-CPU counters, indexed by [`Stat`].
 pub const STATS_MAP: &str = "STATS";
-/// Where the dict of a failed Python lookup can be read, keyed by the call site's return address
-/// minus `_PyErr_SetKeyError`'s address (both move together when the library is relocated).
-pub const KEYERROR_SITES_MAP: &str = "KEYERROR_SITES";
 
 /// Per-(cache, thread) lookup counts, for the hazard report.
 pub const READERS_MAP: &str = "READERS";
 /// Provocation counters ([`ProvokeState`]), per CPU, one entry.
 pub const PROVOKE_MAP: &str = "PROVOKE";
+/// Where each window's CPython interpreter keeps a thread's frames ([`PyLayout`]), by window.
+pub const PY_LAYOUTS_MAP: &str = "PY_LAYOUTS";
 
 /// Default ring buffer size: at 128 bytes an event, 16k events between two polls.
 pub const EVENTS_BYTES_DEFAULT: u32 = 1 << 21;
@@ -42,13 +43,15 @@ pub const EVENTS_BYTES_DEFAULT: u32 = 1 << 21;
 pub const EVENTS_BYTES_STACKS: u32 = 1 << 24;
 /// Attachments one loaded object can configure.
 pub const MAX_PROBES: u32 = 256;
+/// Windows one run watches at once (`ProbeConfig::window`): a `racewatch python` run on the host
+/// has one per distinct interpreter file, each with its CPython layout in `PY_LAYOUTS`.
+pub const MAX_WINDOWS: u32 = 64;
 /// Processes watched at once.
 pub const MAX_WATCHED: u32 = 65_536;
 /// Caches tracked at once; least recently used ones are evicted first.
 pub const MAX_CACHES: u32 = 16_384;
 /// Threads inside a probed function at once (refill or lookup in flight).
 pub const MAX_INFLIGHT: u32 = 16_384;
-pub const MAX_KEYERROR_SITES: u32 = 16;
 /// (cache, reader thread) pairs counted at once; least recently used ones are evicted first.
 pub const MAX_READERS: u32 = 16_384;
 /// KeyError keys awaiting their window's close at once, over all dicts (one window can see
@@ -68,13 +71,16 @@ pub mod globals {
     /// CPython `--provoke`: the main interpreter's `gil_drop_request` minus the clear probe's
     /// address (0: hold native writers at the refill instead).
     pub const DROP_REQUEST_DELTA: &str = "DROP_REQUEST_DELTA";
+    /// CPython 3.13+ `--provoke`: the offset of `eval_breaker` in the writer's thread state, where
+    /// a waiter asks for the GIL (0: the static flag of DROP_REQUEST_DELTA).
+    pub const DROP_REQUEST_IN_THREAD: &str = "DROP_REQUEST_IN_THREAD";
+    /// The bits of the drop request's word that ask for the GIL.
+    pub const DROP_REQUEST_MASK: &str = "DROP_REQUEST_MASK";
     /// Offset of `tgid` in the kernel's `struct task_struct` (from BTF), to tell a forked
     /// process from a new thread and to name it (0: forks are not followed).
     pub const TASK_TGID_OFFSET: &str = "TASK_TGID_OFFSET";
     /// Which stacks the kernel copies with the events that reach userspace ([`super::StackMode`]).
     pub const STACK_MODE: &str = "STACK_MODE";
-    /// Where CPython keeps a thread's frames ([`super::PyLayout`]).
-    pub const PY_LAYOUT: &str = "PY_LAYOUT";
 }
 
 /// What the kernel copies with a window's opening and a flagged lookup.

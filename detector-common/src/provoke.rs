@@ -29,8 +29,9 @@ pub struct GilHold {
     pub cache: crate::ObjKey,
     /// Until when the writer is kept from taking the GIL back.
     pub deadline_ns: u64,
-    /// The interpreter's `gil_drop_request` in the target's memory.
+    /// The word in the target's memory where a waiter asks for the GIL, and its bits that ask.
     pub drop_request: u64,
+    pub drop_mask: u64,
 }
 
 /// Whether one CPU, having held writers `held_ns` in all, may hold one `hold_ns` more at

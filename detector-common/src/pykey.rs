@@ -1,4 +1,4 @@
-//! The hash CPython 3.11's dict lookup used for a KeyError's key, computed from the bytes the
+//! The hash CPython's dict lookup used for a KeyError's key, computed from the bytes the
 //! kernel copied into the [`KeyErrorEvent`](crate::KeyErrorEvent): the kernel and userspace apply
 //! the same function to the same bytes, so they name a pending key alike.
 use crate::{KEY_OBJ_LEN, TYPE_NAME_LEN};
@@ -16,9 +16,15 @@ fn digit(obj: &[u8; KEY_OBJ_LEN], at: usize) -> Option<i64> {
     )))
 }
 
-/// A str's cached hash (`PyASCIIObject.hash` at +24) or a small int's value (`ob_size` at +16,
-/// 30-bit digits from +24), which is its hash; [`UNKNOWN_HASH`] for other keys.
-pub fn key_hash(type_name: &[u8; TYPE_NAME_LEN], obj: &[u8; KEY_OBJ_LEN]) -> i64 {
+/// A str's cached hash (`PyASCIIObject.hash` at +24) or a small int's value, which is its hash
+/// (30-bit digits from +24; their count at +16: `ob_size` with the sign until 3.11, `lv_tag`'s
+/// bits from 3 up with the sign in its low two bits, 2 for negative, from 3.12 when
+/// `long_tagged`); [`UNKNOWN_HASH`] for other keys.
+pub fn key_hash(
+    type_name: &[u8; TYPE_NAME_LEN],
+    obj: &[u8; KEY_OBJ_LEN],
+    long_tagged: bool,
+) -> i64 {
     let hash = || -> Option<i64> {
         // A live object has references: zero means its copy failed.
         if word(obj, 0)? == 0 {
@@ -28,13 +34,18 @@ pub fn key_hash(type_name: &[u8; TYPE_NAME_LEN], obj: &[u8; KEY_OBJ_LEN]) -> i64
             b"str\0" => word(obj, 24),
             b"int\0" => {
                 let size = word(obj, 16)?;
-                let v = match size.unsigned_abs() {
+                let (digits, negative) = if long_tagged {
+                    ((size as u64) >> 3, size & 3 == 2)
+                } else {
+                    (size.unsigned_abs(), size < 0)
+                };
+                let v = match digits {
                     0 => 0,
                     1 => digit(obj, 24)?,
                     2 => digit(obj, 24)? | digit(obj, 28)? << 30,
                     _ => return None,
                 };
-                let v = if size < 0 { -v } else { v };
+                let v = if negative { -v } else { v };
                 // hash(-1) is -2: -1 is the error return.
                 Some(if v == -1 { -2 } else { v })
             }
@@ -65,15 +76,28 @@ mod tests {
             chunk.copy_from_slice(&digit.to_ne_bytes());
         }
         let (t, o) = obj("int", &[(16, &size.to_ne_bytes()), (24, &d)]);
-        key_hash(&t, &o)
+        let tagged = (size.unsigned_abs() << 3) as i64
+            | match size {
+                0 => 1,
+                s if s < 0 => 2,
+                _ => 0,
+            };
+        let (_, tagged_obj) = obj("int", &[(16, &tagged.to_ne_bytes()), (24, &d)]);
+        let hash = key_hash(&t, &o, false);
+        assert_eq!(
+            key_hash(&t, &tagged_obj, true),
+            hash,
+            "3.12's lv_tag for {size}"
+        );
+        hash
     }
 
     #[test]
     fn str_uses_its_cached_hash() {
         let (t, o) = obj("str", &[(24, &1234i64.to_ne_bytes())]);
-        assert_eq!(key_hash(&t, &o), 1234);
+        assert_eq!(key_hash(&t, &o, false), 1234);
         let (t, o) = obj("str", &[(24, &(-1i64).to_ne_bytes())]);
-        assert_eq!(key_hash(&t, &o), UNKNOWN_HASH, "not computed yet");
+        assert_eq!(key_hash(&t, &o, false), UNKNOWN_HASH, "not computed yet");
     }
 
     #[test]
@@ -90,8 +114,8 @@ mod tests {
     #[test]
     fn other_keys_and_failed_copies_are_unknown() {
         let (t, o) = obj("tuple", &[(24, &5i64.to_ne_bytes())]);
-        assert_eq!(key_hash(&t, &o), UNKNOWN_HASH);
+        assert_eq!(key_hash(&t, &o, false), UNKNOWN_HASH);
         let (t, _) = obj("str", &[]);
-        assert_eq!(key_hash(&t, &[0; KEY_OBJ_LEN]), UNKNOWN_HASH);
+        assert_eq!(key_hash(&t, &[0; KEY_OBJ_LEN], false), UNKNOWN_HASH);
     }
 }

@@ -52,10 +52,8 @@ proptest! {
                         intervals.push((c, tid, now, None));
                     }
                 }
-                (Op::Refresh(c), 2) => {
-                    if state.get(&c).is_some_and(|w| w.closes_on_refill(tid)) {
-                        refilling.insert(tid, c);
-                    }
+                (Op::Refresh(c), 2) if state.get(&c).is_some_and(|w| w.closes_on_refill(tid)) => {
+                    refilling.insert(tid, c);
                 }
                 (Op::Refresh(_), 3) => {
                     if let Some(c) = refilling.remove(&tid)

@@ -1,6 +1,6 @@
 //! The load-time statics the loader rewrites before load, and the one way to read them.
 
-use detector_common::{EVENTS_BYTES_DEFAULT, PyLayout, StackMode};
+use detector_common::{EVENTS_BYTES_DEFAULT, StackMode};
 
 /// 1: every process that hits a probe is watched (system-wide runs); 0: those in `WATCHED`.
 #[unsafe(no_mangle)]
@@ -26,22 +26,17 @@ pub(crate) static PROVOKE_CPUS: u32 = 1;
 /// probe's address (0: native `--provoke`, which holds at the refill).
 #[unsafe(no_mangle)]
 pub(crate) static DROP_REQUEST_DELTA: i64 = 0;
+/// CPython 3.13+ `--provoke`: the offset of `eval_breaker` in the writer's thread state, where a
+/// waiter asks for the GIL (0: the static flag above).
+#[unsafe(no_mangle)]
+pub(crate) static DROP_REQUEST_IN_THREAD: u64 = 0;
+/// The bits of the drop request's word that ask for the GIL (3.13+: bit 0 of eval_breaker).
+#[unsafe(no_mangle)]
+pub(crate) static DROP_REQUEST_MASK: u32 = u32::MAX;
 
 /// Which stacks go with the events that reach userspace ([`StackMode`], set at load time).
 #[unsafe(no_mangle)]
 pub(crate) static STACK_MODE: u32 = StackMode::None as u32;
-/// Where CPython keeps a thread's frames (set at load time for `racewatch python`).
-#[unsafe(no_mangle)]
-pub(crate) static PY_LAYOUT: PyLayout = PyLayout {
-    tstate_from_clear: 0,
-    tstate_from_keyerror: 0,
-    cframe: 0,
-    current_frame: 0,
-    f_code: 0,
-    previous: 0,
-    prev_instr: 0,
-};
-
 pub(crate) fn global<T: Copy>(v: &'static T) -> T {
     // SAFETY: the loader rewrites these before load; volatile keeps the compiler from folding them.
     unsafe { core::ptr::read_volatile(v) }

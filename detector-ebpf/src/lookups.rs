@@ -15,12 +15,13 @@ use detector_common::{
 use crate::{
     globals::{STACK_MODE, global},
     maps::{LOOKUPS, READER_STACKS, READERS},
-    stacks::stack,
-    util::{bump, caller, comm, send, watched_object, window},
+    stacks::native_stack,
+    util::{bump, caller, comm, result_is_miss, send, watched_object, window},
 };
 
+/// The lookup probes belong to `racewatch watch`, whose stacks are native.
 fn reader_stack(regs: &pt_regs, tid: u32, w: &Window, ns: u64, flags: u32) {
-    if global(&STACK_MODE) == StackMode::None as u32 {
+    if global(&STACK_MODE) != StackMode::Native as u32 {
         return;
     }
     // SAFETY: copied out at once.
@@ -28,7 +29,7 @@ fn reader_stack(regs: &pt_regs, tid: u32, w: &Window, ns: u64, flags: u32) {
         return;
     }
     let _ = READER_STACKS.insert(&tid, &w.open_ns, 0);
-    stack(regs, tid, ns, flags, |_| 0);
+    native_stack(regs, tid, ns, flags);
 }
 
 // Inlined: with the reader and the window it takes more arguments than a BPF call may.
@@ -173,13 +174,18 @@ pub fn on_lookup_return(ctx: RetProbeContext) -> u32 {
 
 /// An instruction on the path by which the lookup function, `V lookup(Cache *c, K key)`, returns
 /// its miss value (`--miss-ret`): only misses pass here, so lookups that find their key never
-/// trap. The cache is read from the register the function keeps it in at that point.
+/// trap. The cache is read from the register the function keeps it in at that point. Where the
+/// code has no such path, an instruction every lookup passes once its result is known, which
+/// the configuration says where to read.
 #[uprobe]
 pub fn on_lookup_miss(ctx: ProbeContext) -> u32 {
     bump(Stat::HitsLookupMiss);
     let Some((who, cache, cfg)) = watched_object(&ctx) else {
         return 0;
     };
+    if !result_is_miss(&ctx, &cfg) {
+        return 0;
+    }
     let tid = who.tid;
     if let Some(w) = window(&cache).filter(|w| w.overlaps(tid, None)) {
         let now = unsafe { bpf_ktime_get_ns() };

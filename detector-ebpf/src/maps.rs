@@ -6,14 +6,18 @@ use aya_ebpf::{
     maps::{Array, HashMap, LruHashMap, PerCpuArray, RingBuf},
 };
 use detector_common::{
-    DictSite, EVENTS_BYTES_DEFAULT, GilHold, Inflight, MAX_CACHES, MAX_INFLIGHT,
-    MAX_KEYERROR_SITES, MAX_PENDING, MAX_PROBES, MAX_READERS, MAX_WATCHED, ObjKey, PendingKey,
-    ProbeConfig, ProvokeState, ReaderKey, ReaderState, Stat, Window,
+    EVENTS_BYTES_DEFAULT, GilHold, Inflight, MAX_CACHES, MAX_INFLIGHT, MAX_PENDING, MAX_PROBES,
+    MAX_READERS, MAX_WATCHED, MAX_WINDOWS, ObjKey, PendingKey, ProbeConfig, ProvokeState, PyLayout,
+    ReaderKey, ReaderState, STACK_SLOTS, Stat, Window,
 };
 
 /// What each attachment does, indexed by its attach cookie (filled before any attach).
 #[map(name = "PROBES")]
 pub(crate) static PROBES: Array<ProbeConfig> = Array::with_max_entries(MAX_PROBES, 0);
+/// Where each window's CPython interpreter keeps a thread's frames, by window (filled before
+/// the window's probes are attached; `racewatch python` only).
+#[map(name = "PY_LAYOUTS")]
+pub(crate) static PY_LAYOUTS: Array<PyLayout> = Array::with_max_entries(MAX_WINDOWS, 0);
 /// The watched processes (tgid to 1): the launched command or the `-p` process, and every process
 /// forked from one.
 #[map(name = "WATCHED")]
@@ -33,11 +37,11 @@ pub(crate) static REFILLS: HashMap<u32, ObjKey> = HashMap::with_max_entries(MAX_
 #[map(name = "LOOKUPS")]
 pub(crate) static LOOKUPS: LruHashMap<u32, Inflight> =
     LruHashMap::with_max_entries(MAX_INFLIGHT, 0);
-/// Where each call site of `_PyErr_SetKeyError` keeps the failed dict, keyed by the call's return
-/// address less that function's address.
-#[map(name = "KEYERROR_SITES")]
-pub(crate) static KEYERROR_SITES: HashMap<u64, DictSite> =
-    HashMap::with_max_entries(MAX_KEYERROR_SITES, 0);
+/// Room for a Python frame's value stack, searched for the failed dict (too big for the BPF
+/// stack).
+#[map(name = "VALUE_STACK")]
+pub(crate) static VALUE_STACK: PerCpuArray<[u64; STACK_SLOTS]> =
+    PerCpuArray::with_max_entries(1, 0);
 /// The keys that raised KeyError in a dict's open window, judged when it closes (a set: the
 /// value is unused).
 #[map(name = "PENDING")]
@@ -64,4 +68,11 @@ pub(crate) static STATS: PerCpuArray<u64> = PerCpuArray::with_max_entries(Stat::
 /// Keyed by thread, the value is the window's opening time.
 #[map(name = "READER_STACKS")]
 pub(crate) static READER_STACKS: LruHashMap<u32, u64> =
+    LruHashMap::with_max_entries(MAX_INFLIGHT, 0);
+/// A reader's CPython frames go with its first KeyError of each window, and again only when they
+/// change (userspace gives the last frames a thread sent in a window to its further KeyErrors
+/// there): a reader missing in a loop would otherwise send the same frames with every KeyError.
+/// Keyed by thread; the value is the window's opening time and a hash of the frames sent.
+#[map(name = "READER_FRAMES")]
+pub(crate) static READER_FRAMES: LruHashMap<u32, [u64; 2]> =
     LruHashMap::with_max_entries(MAX_INFLIGHT, 0);

@@ -7,17 +7,33 @@ use aya_ebpf::{
     macros::{uprobe, uretprobe},
     programs::{ProbeContext, RetProbeContext},
 };
-use detector_common::{GilHold, ObjKey, Stat, within_budget};
+use detector_common::{GilHold, ObjKey, ProbeConfig, Stat, within_budget};
 
 use crate::{
-    globals::{DROP_REQUEST_DELTA, PROVOKE_CPUS, PROVOKE_NS, PROVOKE_START_NS, global},
+    globals::{
+        DROP_REQUEST_DELTA, DROP_REQUEST_IN_THREAD, DROP_REQUEST_MASK, PROVOKE_CPUS, PROVOKE_NS,
+        PROVOKE_START_NS, global,
+    },
     maps::{GIL_HOLDS, PROVOKE},
+    stacks::{Interp, py_tstate},
     util::{bump, caller, read_user, window},
 };
 
-/// CPython `--provoke`, at `dict_clear`'s entry: arms the handover (see on_clear_return and
-/// on_take_gil) if the budget allows, with the deadline of the whole hold.
-pub(crate) fn arm_gil_handover(ctx: &ProbeContext, cache: ObjKey, tid: u32, now: u64) {
+/// Whether this run makes CPython writers hand the GIL over in their windows.
+pub(crate) fn gil_handover() -> bool {
+    global(&DROP_REQUEST_DELTA) != 0 || global(&DROP_REQUEST_IN_THREAD) != 0
+}
+
+/// CPython `--provoke`, at `dict_clear`'s entry (configured by `cfg`): arms the
+/// handover (see on_clear_return and on_take_gil) if the budget allows, with the deadline of the
+/// whole hold.
+pub(crate) fn arm_gil_handover(
+    ctx: &ProbeContext,
+    cfg: &ProbeConfig,
+    cache: ObjKey,
+    tid: u32,
+    now: u64,
+) {
     let hold = global(&PROVOKE_NS);
     let Some(state) = PROVOKE.get_ptr_mut(0) else {
         return;
@@ -28,12 +44,24 @@ pub(crate) fn arm_gil_handover(ctx: &ProbeContext, cache: ObjKey, tid: u32, now:
         unsafe { (*state).refused += 1 };
         return;
     }
-    // SAFETY: the context's registers are valid for the whole program.
-    let rip = unsafe { (*ctx.regs).rip };
+    // The main interpreter's static flag (3.11, 3.12), or the writer's own eval_breaker (3.13+).
+    let in_thread = global(&DROP_REQUEST_IN_THREAD);
+    let drop_request = if in_thread != 0 {
+        // SAFETY: the context's registers are valid for the whole program.
+        let Some(tstate) = Interp::at(unsafe { &*ctx.regs }, cfg).and_then(py_tstate) else {
+            return;
+        };
+        tstate.wrapping_add(in_thread)
+    } else {
+        // SAFETY: the context's registers are valid for the whole program.
+        let rip = unsafe { (*ctx.regs).rip };
+        rip.wrapping_add(global(&DROP_REQUEST_DELTA) as u64)
+    };
     let armed = GilHold {
         cache,
         deadline_ns: now + hold,
-        drop_request: rip.wrapping_add(global(&DROP_REQUEST_DELTA) as u64),
+        drop_request,
+        drop_mask: u64::from(global(&DROP_REQUEST_MASK)),
     };
     if GIL_HOLDS.insert(&tid, &armed, 0).is_err() {
         bump(Stat::MapFull);
@@ -59,6 +87,7 @@ pub fn on_clear_return(_ctx: RetProbeContext) -> u32 {
         unsafe { bpf_ktime_get_ns() },
         armed.deadline_ns,
         armed.drop_request,
+        armed.drop_mask,
     );
     count_provoked();
     if !handed_over {
@@ -83,16 +112,18 @@ pub fn on_take_gil(_ctx: ProbeContext) -> u32 {
     };
     let _ = GIL_HOLDS.remove(&tid);
     if window(&armed.cache).is_some_and(|w| w.closes_on_refill(tid)) {
-        hold_until(unsafe { bpf_ktime_get_ns() }, armed.deadline_ns, 0);
+        hold_until(unsafe { bpf_ktime_get_ns() }, armed.deadline_ns, 0, 0);
     }
     0
 }
 
-/// What a hold waits for: the deadline, or a non-zero 4-byte flag in the target at `flag`.
+/// What a hold waits for: the deadline, or any of `mask`'s bits set in the 4-byte flag in the
+/// target at `flag`.
 struct Spin {
     deadline: u64,
     /// 0: the deadline only.
     flag: u64,
+    mask: u64,
     /// Set when the flag ended the hold.
     flagged: u64,
 }
@@ -101,7 +132,7 @@ struct Spin {
 extern "C" fn spin(_index: u64, s: *mut Spin) -> i64 {
     // SAFETY: `s` is hold_until's stack variable, live for the whole loop.
     let s = unsafe { &mut *s };
-    if s.flag != 0 && read_user::<i32>(s.flag).is_some_and(|v| v != 0) {
+    if s.flag != 0 && read_user::<u32>(s.flag).is_some_and(|v| u64::from(v) & s.mask != 0) {
         s.flagged = 1;
         return 1;
     }
@@ -126,14 +157,14 @@ pub(crate) fn hold_writer() {
         unsafe { (*state).refused += 1 };
         return;
     }
-    hold_until(start, start + hold, 0);
+    hold_until(start, start + hold, 0, 0);
     count_provoked();
 }
 
-/// Busy-waits until `deadline`, or until the target's 4-byte flag at `flag` (if not 0) is set,
-/// and accounts the time held since `start`; true if the flag ended it. The program runs with
-/// migration disabled, so the hold is accounted on the CPU that ran it.
-fn hold_until(start: u64, deadline: u64, flag: u64) -> bool {
+/// Busy-waits until `deadline`, or until one of `mask`'s bits is set in the target's 4-byte flag
+/// at `flag` (if not 0), and accounts the time held since `start`; true if the flag ended it.
+/// The program runs with migration disabled, so the hold is accounted on the CPU that ran it.
+fn hold_until(start: u64, deadline: u64, flag: u64, mask: u64) -> bool {
     let Some(state) = PROVOKE.get_ptr_mut(0) else {
         return false;
     };
@@ -143,6 +174,7 @@ fn hold_until(start: u64, deadline: u64, flag: u64) -> bool {
     let mut s = Spin {
         deadline,
         flag,
+        mask,
         flagged: 0,
     };
     // SAFETY: `s` lives on this stack for the whole loop; the state is this CPU's slot.

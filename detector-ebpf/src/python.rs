@@ -2,7 +2,6 @@
 //! close on whether the key was in the refilled dict.
 
 use aya_ebpf::{
-    bindings::pt_regs,
     cty::c_void,
     helpers::{
         bpf_ktime_get_ns, bpf_probe_read_user, bpf_probe_read_user_buf,
@@ -13,36 +12,98 @@ use aya_ebpf::{
 };
 use detector_common::{
     EventKind, KEY_ABSENT, KEY_PRESENT, KEY_UNKNOWN, KeyErrorEvent, KeyVerdict, ObjKey, PendingKey,
-    Stat, UNKNOWN_HASH, key_hash,
+    ProbeConfig, STACK_SLOTS, Stat, UNKNOWN_HASH, Window, key_hash,
 };
 
 use crate::{
-    maps::{EVENTS, KEYERROR_SITES, PENDING, PENDING_DICTS},
-    stacks::stack,
-    util::{bump, caller, comm, config, read_user, register, send, wakeup_flags, window},
+    maps::{EVENTS, PENDING, PENDING_DICTS, VALUE_STACK, WINDOWS},
+    stacks::{Interp, py_current_frame, stack},
+    util::{bump, caller, comm, config, read_user, send, wakeup_flags, window},
 };
 
-/// The dict of a failed `d[k]`, read where the calling site keeps it.
-fn failed_dict(regs: &pt_regs) -> Option<u64> {
-    let read = |addr: u64| unsafe { bpf_probe_read_user(addr as *const u64) }.ok();
-    let return_addr = read(regs.rsp)?;
-    // SAFETY: copied out at once.
-    let site = unsafe {
-        KEYERROR_SITES
-            .get(&return_addr.wrapping_sub(regs.rip))
-            .copied()
-    }?;
-    if site.outer_sp_offset != 0
-        && read(regs.rsp.wrapping_add(site.outer_sp_offset))?.wrapping_sub(regs.rip)
-            != site.outer_delta
-    {
+/// The dict of a failed `d[k]`, from the value stack of the thread's innermost Python frame:
+/// `d[k]` (specialised or not, and `del d[k]`, `d.pop(k)`) leaves the dict in the slot below the
+/// key while it looks up. Slots above the stack's top may hold stale pairs, so every slot holding
+/// the key is looked at, and the dict is taken only when every dict found below one is the same.
+fn dict_on_value_stack(py: Interp, key: u64) -> Option<u64> {
+    let l = py.layout;
+    let frame = py_current_frame(py)?;
+    let code = read_user::<u64>(frame.wrapping_add(l.f_code))? & !l.tag_bits;
+    let locals = read_user::<i32>(code.wrapping_add(l.co_nlocalsplus))?;
+    let depth = read_user::<i32>(code.wrapping_add(l.co_stacksize))?;
+    // A deeper stack than the room searched could hide a pair above it: no answer then.
+    if locals < 0 || !(2..STACK_SLOTS as i32).contains(&depth) {
         return None;
     }
-    let reg = register(regs, site.dwarf_reg)?;
-    if site.deref == 0 {
-        return Some(reg);
+    let base = frame
+        .wrapping_add(l.localsplus)
+        .wrapping_add(8 * locals as u64);
+    let n = depth as usize;
+    let slots = VALUE_STACK.get_ptr_mut(0)?;
+    // Masked after a volatile read, so that LLVM keeps the mask the verifier needs to see the
+    // length within the value (n < STACK_SLOTS already).
+    let len = unsafe { core::ptr::read_volatile(&(n * 8)) } & (8 * STACK_SLOTS - 8);
+    // SAFETY: the per-CPU value holds STACK_SLOTS u64s and len < 8 * STACK_SLOTS.
+    let bytes = unsafe { core::slice::from_raw_parts_mut(slots as *mut u8, len) };
+    unsafe { bpf_probe_read_user_buf(base as *const u8, bytes) }.ok()?;
+    let dict_type = py.bias.wrapping_add(l.dict_type);
+    let mut found = 0u64;
+    for i in 1..STACK_SLOTS {
+        if i >= n {
+            break;
+        }
+        // SAFETY: i < STACK_SLOTS, within the per-CPU value.
+        let (below, slot) = unsafe { ((*slots)[i - 1], (*slots)[i]) };
+        if slot & !l.tag_bits != key {
+            continue;
+        }
+        let below = below & !l.tag_bits;
+        if read_user::<u64>(below.wrapping_add(8)) != Some(dict_type) {
+            continue;
+        }
+        if found != 0 && found != below {
+            return None;
+        }
+        found = below;
     }
-    read(reg.wrapping_add(site.offset as u64))
+    (found != 0).then_some(found)
+}
+
+/// The callback's context for [`window_open_in`].
+struct OpenIn {
+    tgid: u32,
+    tid: u32,
+    open: u8,
+}
+
+extern "C" fn window_open_cb(
+    _map: *mut c_void,
+    obj: *const ObjKey,
+    w: *const Window,
+    ctx: *mut OpenIn,
+) -> i64 {
+    // SAFETY: the helper passes a live key and value, and `ctx` from window_open_in's stack.
+    let (obj, w, ctx) = unsafe { (&*obj, &*w, &mut *ctx) };
+    if obj.tgid == ctx.tgid && w.overlaps(ctx.tid, None) {
+        ctx.open = 1;
+        return 1;
+    }
+    0
+}
+
+/// Whether another thread of `tgid` has a window open now.
+fn window_open_in(tgid: u32, tid: u32) -> bool {
+    let mut ctx = OpenIn { tgid, tid, open: 0 };
+    // SAFETY: as in judge_pending.
+    unsafe {
+        bpf_for_each_map_elem(
+            &WINDOWS as *const _ as *mut c_void,
+            window_open_cb as *mut c_void,
+            &mut ctx as *mut OpenIn as *mut c_void,
+            0,
+        );
+    }
+    ctx.open != 0
 }
 
 /// Keeps `key` to be judged at the window's close; false when it cannot be.
@@ -88,7 +149,8 @@ const KEY_HEADER_LEN: usize = 32;
 /// thousand went unjudged (and so counted as a miss); at 64, none does.
 const MAX_PROBES: usize = 64;
 
-/// A CPython 3.11 `PyDictKeysObject`, enough of it to look a hash up.
+/// A `PyDictKeysObject` (the same in CPython 3.11 to 3.14's GIL builds), enough of it to look a
+/// hash up.
 struct DictKeys {
     log2_size: u8,
     /// `dk_kind` 0: entries carry their hash; 1 and 2 (str keys): the key object caches it.
@@ -205,20 +267,61 @@ pub(crate) fn judge_pending(dict: ObjKey) {
     }
 }
 
-/// CPython's `void _PyErr_SetKeyError(PyObject *key)`, called when `d[k]` misses: reports the
-/// KeyError when another thread's window is open on that dict, with the key's bytes, and keeps
-/// the key to be judged at the window's close (or sends an unknown verdict at once).
+/// CPython's `void _PyErr_SetKeyError(PyObject *key)`, called when `d[k]` misses.
 #[uprobe]
 pub fn on_keyerror(ctx: ProbeContext) -> u32 {
     bump(Stat::HitsKeyError);
-    let (Some(who), Some(cfg)) = (caller(), config(&ctx)) else {
+    if let Some(cfg) = config(&ctx) {
+        keyerror(&ctx, &cfg, ctx.arg(0).unwrap_or(0));
+    }
+    0
+}
+
+/// Where code built with link-time optimisation raises `d[k]`'s KeyError itself (it loads
+/// `PyExc_KeyError` for `_PyErr_SetObject`): at that load or the raising call after it, the tuple
+/// `(key,)` just packed is in `rax`.
+#[uprobe]
+pub fn on_keyerror_inline(ctx: ProbeContext) -> u32 {
+    bump(Stat::HitsKeyError);
+    let Some(cfg) = config(&ctx) else {
         return 0;
+    };
+    // SAFETY: the context's registers are valid for the whole program.
+    let regs = unsafe { &*ctx.regs };
+    let Some(py) = Interp::at(regs, &cfg) else {
+        return 0;
+    };
+    let tuple_type = py.bias.wrapping_add(py.layout.tuple_type);
+    let tuple = regs.rax;
+    // A one-item tuple, else this is not the raise racewatch placed the probe for.
+    if read_user::<u64>(tuple.wrapping_add(8)) == Some(tuple_type)
+        && read_user::<i64>(tuple.wrapping_add(16)) == Some(1)
+        && let Some(key) = read_user::<u64>(tuple.wrapping_add(24))
+    {
+        keyerror(&ctx, &cfg, key);
+    }
+    0
+}
+
+/// A failed `d[k]` for `key`: reports the KeyError when another thread's window is open on that
+/// dict, with the key's bytes, and keeps the key to be judged at the window's close (or sends an
+/// unknown verdict at once).
+fn keyerror(ctx: &ProbeContext, cfg: &ProbeConfig, key: u64) {
+    let Some(who) = caller() else {
+        return;
     };
     let tid = who.tid;
     // SAFETY: the context's registers are valid for the whole program.
     let regs = unsafe { &*ctx.regs };
-    let Some(object) = failed_dict(regs) else {
-        return 0;
+    let Some(py) = Interp::at(regs, cfg) else {
+        return;
+    };
+    let Some(object) = dict_on_value_stack(py, key) else {
+        // A KeyError racewatch cannot place, while a window is open: it may be the window's.
+        if window_open_in(who.tgid, tid) {
+            bump(Stat::UnplacedKeyErrors);
+        }
+        return;
     };
     let dict = ObjKey {
         object,
@@ -226,15 +329,14 @@ pub fn on_keyerror(ctx: ProbeContext) -> u32 {
         window: cfg.window,
     };
     let Some(w) = window(&dict).filter(|w| w.overlaps(tid, None)) else {
-        return 0;
+        return;
     };
     let raised_ns = unsafe { bpf_ktime_get_ns() };
-    stack(regs, tid, raised_ns, 0, |l| l.tstate_from_keyerror);
+    stack(regs, tid, raised_ns, cfg, w.open_ns);
     let Some(mut entry) = EVENTS.reserve::<KeyErrorEvent>(0) else {
         bump(Stat::LostKeyError);
-        return 0;
+        return;
     };
-    let key: u64 = ctx.arg(0).unwrap_or(0);
     let e = entry.as_mut_ptr();
     let hash;
     // SAFETY: `e` points at reserved ring-buffer memory of the event's size; every field is set
@@ -265,12 +367,12 @@ pub fn on_keyerror(ctx: ProbeContext) -> u32 {
             let header = &mut (&mut (*e).key_obj)[..KEY_HEADER_LEN];
             let _ = bpf_probe_read_user_buf(key as *const u8, header);
         }
-        hash = key_hash(&(*e).key_type, &(*e).key_obj);
+        hash = key_hash(&(*e).key_type, &(*e).key_obj, py.layout.long_tagged != 0);
+        (*e).hash = hash;
     }
     entry.submit(wakeup_flags());
     // Reserved after the KeyError, so userspace reads the verdict after it.
     if !add_pending(dict, key, hash) {
         verdict(&dict, key, hash, KEY_UNKNOWN);
     }
-    0
 }

@@ -6,19 +6,37 @@ use aya_ebpf::{
     helpers::{bpf_get_current_pid_tgid, bpf_probe_read_user_buf},
 };
 use detector_common::{
-    EventKind, NativeStack, PY_FRAMES_MAX, PyFrame, PyFrames, PyLayout, STACK_BYTES, STACK_CHUNK,
-    StackMode, Stat,
+    EventKind, NativeStack, PY_FRAMES_MAX, ProbeConfig, PyFrame, PyFrames, PyLayout, STACK_BYTES,
+    STACK_CHUNK, StackMode, Stat, TSTATE_HOPS,
 };
 
 use crate::{
-    globals::{PY_LAYOUT, STACK_MODE, global},
-    maps::EVENTS,
+    globals::{STACK_MODE, global},
+    maps::{EVENTS, PY_LAYOUTS, READER_FRAMES},
     util::{bump, read_user, wakeup_flags},
 };
 
+/// One CPython interpreter as a probe of it sees it: where its file is loaded in the process
+/// (the probed instruction's address less its address in the file) and, by the probe's window,
+/// its layout.
+#[derive(Clone, Copy)]
+pub(crate) struct Interp {
+    pub(crate) bias: u64,
+    pub(crate) layout: &'static PyLayout,
+}
+
+impl Interp {
+    pub(crate) fn at(regs: &pt_regs, cfg: &ProbeConfig) -> Option<Interp> {
+        Some(Interp {
+            bias: regs.rip.wrapping_sub(cfg.vaddr),
+            layout: PY_LAYOUTS.get(cfg.window)?,
+        })
+    }
+}
+
 /// Copies the registers and the top of the user stack into the ring, for userspace to unwind
 /// with `.eh_frame`. Straight into the reserved record: it is far larger than the BPF stack.
-fn native_stack(regs: &pt_regs, tid: u32, ns: u64, flags: u32) {
+pub(crate) fn native_stack(regs: &pt_regs, tid: u32, ns: u64, flags: u32) {
     let Some(mut entry) = EVENTS.reserve::<NativeStack>(0) else {
         bump(Stat::LostNativeStack);
         return;
@@ -62,62 +80,108 @@ fn native_stack(regs: &pt_regs, tid: u32, ns: u64, flags: u32) {
     entry.submit(wakeup_flags());
 }
 
+/// The thread state of the thread in dict code: it holds the GIL, so it is the one the layout's
+/// hops reach from `_PyRuntime`.
+// Inlined, as the functions below: the interpreter is two words, and a BPF call takes five.
+#[inline(always)]
+pub(crate) fn py_tstate(py: Interp) -> Option<u64> {
+    let l = py.layout;
+    let mut at = py.bias.wrapping_add(l.runtime);
+    for i in 0..TSTATE_HOPS {
+        if i as u64 >= l.tstate_hops {
+            break;
+        }
+        at = read_user::<u64>(at.wrapping_add(l.tstate[i]))?;
+    }
+    Some(at)
+}
+
+/// The innermost Python frame of the thread in dict code.
+#[inline(always)]
+pub(crate) fn py_current_frame(py: Interp) -> Option<u64> {
+    let l = py.layout;
+    let mut at = py_tstate(py)?;
+    for i in 0..2 {
+        if i as u64 >= l.frame_hops {
+            break;
+        }
+        at = read_user::<u64>(at.wrapping_add(l.frame[i]))?;
+    }
+    Some(at)
+}
+
+/// Mixes one word into an FNV-1a style hash of a thread's frames.
+fn mix(hash: u64, word: u64) -> u64 {
+    (hash ^ word).wrapping_mul(0x0000_0100_0000_01b3)
+}
+
 /// Copies the calling thread's CPython frames (code object and current instruction, innermost
-/// first). The thread runs dict code, so it holds the GIL and is the runtime's current thread
-/// state, found `tstate_from` bytes from the probe's address.
-fn py_frames(regs: &pt_regs, tid: u32, ns: u64, tstate_from: i64) {
-    let layout = global(&PY_LAYOUT);
+/// first). With `window_open_ns` (not 0), frames the thread already sent in that window are not
+/// sent again.
+#[inline(always)]
+fn py_frames(tid: u32, ns: u64, py: Interp, window: u32, window_open_ns: u64) {
     let Some(mut entry) = EVENTS.reserve::<PyFrames>(0) else {
         bump(Stat::LostPyFrames);
         return;
     };
     let e = entry.as_mut_ptr();
+    let mut hash = 0xcbf2_9ce4_8422_2325u64;
     // SAFETY: `e` points at reserved ring memory of the record's size; the header is set and
     // `depth` says how many frames were written.
     unsafe {
         (*e).kind = EventKind::PyFrames as u32;
         (*e).tid = tid;
         (*e).tgid = (bpf_get_current_pid_tgid() >> 32) as u32;
-        (*e)._pad = 0;
+        (*e).window = window;
         (*e).ns = ns;
         (*e).truncated = 0;
+        let l = py.layout;
         let mut depth = 0u32;
-        let mut frame = read_user::<u64>(regs.rip.wrapping_add(tstate_from as u64))
-            .and_then(|tstate| read_user::<u64>(tstate.wrapping_add(layout.cframe)))
-            .and_then(|cframe| read_user::<u64>(cframe.wrapping_add(layout.current_frame)))
-            .unwrap_or(0);
+        let mut frame = py_current_frame(py).unwrap_or(0);
         for i in 0..PY_FRAMES_MAX {
             if frame == 0 {
                 break;
             }
-            let (Some(code), Some(prev_instr)) = (
-                read_user::<u64>(frame.wrapping_add(layout.f_code)),
-                read_user::<u64>(frame.wrapping_add(layout.prev_instr)),
-            ) else {
+            // One read at a time: LLVM turns a pair of reads into a select the verifier refuses.
+            let Some(code) = read_user::<u64>(frame.wrapping_add(l.f_code)) else {
                 break;
             };
+            let Some(prev_instr) = read_user::<u64>(frame.wrapping_add(l.instr)) else {
+                break;
+            };
+            let code = code & !l.tag_bits;
             (*e).frames[i] = PyFrame { code, prev_instr };
+            hash = mix(mix(hash, code), prev_instr);
             depth += 1;
-            frame = read_user::<u64>(frame.wrapping_add(layout.previous)).unwrap_or(0);
+            frame = read_user::<u64>(frame.wrapping_add(l.previous)).unwrap_or(0);
         }
         (*e).depth = depth;
         (*e).truncated = (frame != 0 && depth as usize == PY_FRAMES_MAX) as u32;
+        hash = mix(hash, u64::from(depth));
+    }
+    if window_open_ns != 0 {
+        let sent = [window_open_ns, hash];
+        // SAFETY: copied out at once.
+        if unsafe { READER_FRAMES.get(&tid).copied() } == Some(sent) {
+            entry.discard(0);
+            return;
+        }
+        let _ = READER_FRAMES.insert(&tid, &sent, 0);
     }
     entry.submit(wakeup_flags());
 }
 
-/// Sends the stack the load-time mode asks for, just before the event (`tid`, `ns`) it belongs to.
-pub(crate) fn stack(
-    regs: &pt_regs,
-    tid: u32,
-    ns: u64,
-    flags: u32,
-    tstate_from: impl Fn(&PyLayout) -> i64,
-) {
+/// Sends the stack the load-time mode asks for, just before the event (`tid`, `ns`) it belongs to,
+/// for a probe configured by `cfg` (CPython frames are found with its window's interpreter).
+/// With `window_open_ns` (not 0), CPython frames the thread already sent in that window are not
+/// sent again.
+pub(crate) fn stack(regs: &pt_regs, tid: u32, ns: u64, cfg: &ProbeConfig, window_open_ns: u64) {
     match global(&STACK_MODE) {
-        m if m == StackMode::Native as u32 => native_stack(regs, tid, ns, flags),
+        m if m == StackMode::Native as u32 => native_stack(regs, tid, ns, 0),
         m if m == StackMode::Python as u32 => {
-            py_frames(regs, tid, ns, tstate_from(&global(&PY_LAYOUT)))
+            if let Some(py) = Interp::at(regs, cfg) {
+                py_frames(tid, ns, py, cfg.window, window_open_ns);
+            }
         }
         _ => {}
     }

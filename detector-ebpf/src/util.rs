@@ -11,7 +11,8 @@ use aya_ebpf::{
     programs::ProbeContext,
 };
 use detector_common::{
-    ARG_SLOTS, COMM_LEN, EventKind, ObjKey, ProbeConfig, REG_SLOTS, Stat, Window, WindowEvent,
+    ARG_SLOTS, COMM_LEN, EventKind, OBJECT_IN_MEMORY, OBJECT_STATIC, ObjKey, ProbeConfig,
+    REG_SLOTS, Stat, Window, WindowEvent,
 };
 
 use crate::{
@@ -73,18 +74,58 @@ pub(crate) fn reg_slot(regs: *const pt_regs, slot: u32) -> Option<u64> {
 /// The object this probe watches, as its configuration says where it is, in the caller's
 /// process.
 pub(crate) fn probed_object(ctx: &ProbeContext, cfg: &ProbeConfig, tgid: u32) -> Option<ObjKey> {
-    let object = if cfg.object_slot == ARG_SLOTS[0] {
-        // The common case (`this`, or CPython's dict) as a plain context load: no helper call on
-        // the hot path.
-        ctx.arg(0)?
+    let object = if cfg.object_kind == OBJECT_STATIC {
+        // SAFETY: the context's registers are valid for the whole program.
+        let ip = unsafe { (*ctx.regs).rip };
+        (ip.wrapping_sub(cfg.vaddr) as i64).wrapping_add(cfg.object_offset) as u64
     } else {
-        reg_slot(ctx.regs, cfg.object_slot)?
+        let reg = if cfg.object_slot == ARG_SLOTS[0] {
+            // The common case (`this`, or CPython's dict) as a plain context load: no helper
+            // call on the hot path.
+            ctx.arg(0)?
+        } else {
+            reg_slot(ctx.regs, cfg.object_slot)?
+        };
+        if cfg.object_kind == OBJECT_IN_MEMORY {
+            let at = (reg as i64).wrapping_add(cfg.object_offset) as *const u64;
+            // SAFETY: the helper checks the read of the caller's stack.
+            unsafe { bpf_probe_read_user(at) }.ok()?
+        } else {
+            reg
+        }
     };
     Some(ObjKey {
         object,
         tgid,
         window: cfg.window,
     })
+}
+
+/// At a probe every lookup passes where its result is known: is the result the miss value?
+/// Elsewhere (`value_bytes` 0) every hit is a miss.
+pub(crate) fn result_is_miss(ctx: &ProbeContext, cfg: &ProbeConfig) -> bool {
+    if cfg.value_bytes == 0 {
+        return true;
+    }
+    let Some(reg) = reg_slot(ctx.regs, cfg.value_slot) else {
+        return false;
+    };
+    let value = if cfg.value_kind == OBJECT_IN_MEMORY {
+        let at = (reg as i64).wrapping_add(cfg.value_offset) as *const u64;
+        // SAFETY: the helper checks the read of the caller's stack.
+        match unsafe { bpf_probe_read_user(at) } {
+            Ok(v) => v,
+            Err(_) => return false,
+        }
+    } else {
+        reg
+    };
+    let mask = if cfg.value_bytes >= 8 {
+        u64::MAX
+    } else {
+        (1u64 << (8 * cfg.value_bytes)) - 1
+    };
+    (value ^ cfg.miss_value as u64) & mask == 0
 }
 
 /// The watching caller and the object of a probe that reads one.
@@ -137,21 +178,6 @@ pub(crate) fn window_event(kind: EventKind, obj: &ObjKey, w: &Window, tid: u32) 
             writer_comm: comm(),
         },
     );
-}
-
-/// A callee-saved register by DWARF number: the only ones that still hold the caller's values at
-/// a function's entry.
-pub(crate) fn register(regs: &pt_regs, dwarf_reg: u32) -> Option<u64> {
-    let slot = match dwarf_reg {
-        3 => 5,  // rbx
-        6 => 4,  // rbp
-        12 => 3, // r12
-        13 => 2, // r13
-        14 => 1, // r14
-        15 => 0, // r15
-        _ => return None,
-    };
-    reg_slot(regs, slot)
 }
 
 pub(crate) fn read_user<T>(addr: u64) -> Option<T> {

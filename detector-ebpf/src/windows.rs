@@ -8,9 +8,8 @@ use aya_ebpf::{
 use detector_common::{EventKind, Stat, Window};
 
 use crate::{
-    globals::{DROP_REQUEST_DELTA, global},
     maps::{GIL_HOLDS, PENDING_DICTS, REFILLS},
-    provoke::{arm_gil_handover, hold_writer},
+    provoke::{arm_gil_handover, gil_handover, hold_writer},
     python::judge_pending,
     stacks::stack,
     util::{bump, caller, store_window, watched_object, window, window_event},
@@ -21,22 +20,22 @@ use crate::{
 #[uprobe]
 pub fn on_clear(ctx: ProbeContext) -> u32 {
     bump(Stat::HitsClear);
-    let Some((who, cache, _)) = watched_object(&ctx) else {
+    let Some((who, cache, cfg)) = watched_object(&ctx) else {
         return 0;
     };
     let tid = who.tid;
+    // SAFETY: the context's registers are valid for the whole program.
+    let regs = unsafe { &*ctx.regs };
     if let Some(w) = Window::on_clear(window(&cache).as_ref(), tid, unsafe { bpf_ktime_get_ns() }) {
         // Stack and event first: a lookup that sees the stored window then reserves its own
         // event later in the ring, so userspace always reads a window's opening (and the
         // writer's stack just before it) before its lookups.
         // SAFETY: the context's registers are valid for the whole program.
-        stack(unsafe { &*ctx.regs }, tid, w.open_ns, 0, |l| {
-            l.tstate_from_clear
-        });
+        stack(regs, tid, w.open_ns, &cfg, 0);
         window_event(EventKind::WindowOpen, &cache, &w, tid);
         store_window(&cache, &w);
-        if global(&DROP_REQUEST_DELTA) != 0 {
-            arm_gil_handover(&ctx, cache, tid, w.open_ns);
+        if gil_handover() {
+            arm_gil_handover(&ctx, &cfg, cache, tid, w.open_ns);
         }
     }
     0
@@ -100,7 +99,7 @@ fn refill_done() -> u32 {
     };
     let _ = REFILLS.remove(&tid);
     // A CPython writer armed to hand the GIL over that never did: the window ends here.
-    if global(&DROP_REQUEST_DELTA) != 0 {
+    if gil_handover() {
         let _ = GIL_HOLDS.remove(&tid);
     }
     if let Some(w) = window(&cache).filter(|w| w.closes_on_refill(tid)) {

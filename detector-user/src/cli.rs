@@ -13,10 +13,29 @@ pub const EXIT_FAILURE: u8 = 3;
 /// summary's `unwatched` says what): not an all-clear.
 pub const EXIT_INCOMPLETE: u8 = 4;
 
+/// `racewatch -V`: the release and the commit it was built from.
+pub const VERSION: &str = concat!(
+    env!("CARGO_PKG_VERSION"),
+    " (commit ",
+    env!("RACEWATCH_COMMIT"),
+    ")"
+);
+
+/// `racewatch --version`: also what racewatch runs on and which interpreters it reads.
+pub const LONG_VERSION: &str = concat!(
+    env!("CARGO_PKG_VERSION"),
+    " (commit ",
+    env!("RACEWATCH_COMMIT"),
+    ")\n",
+    "kernel: Linux 5.15+ on x86_64 with BTF (attach cookies; --provoke needs 5.17+: bpf_loop)\n",
+    "CPython: 3.11 to 3.14, builds with a GIL (racewatch python)"
+);
+
 #[derive(Parser, Debug)]
 #[command(
     name = "racewatch",
-    version,
+    version = VERSION,
+    long_version = LONG_VERSION,
     about = "Finds the races that vanish when you look at them: lookups that land in a cache's \
              empty window between clear() and its refill, seen through uprobes without slowing \
              the target.",
@@ -31,14 +50,16 @@ pub struct Cli {
 
 #[derive(Subcommand, Debug)]
 pub enum Command {
-    /// Watch a native program's cache: its clear, refill and lookup functions.
+    /// Watch a native program's cache: its clear, refill and lookup functions (or several such
+    /// windows, from a config file).
     #[command(after_help = "Examples:\n  \
         racewatch watch --clear Cache::clear --update Cache::update --lookup Cache::lookup \\\n      \
         --miss-ret -1 -- ./cache_demo\n  \
         racewatch watch --binary /usr/lib/libfoo.so --clear foo_clear --update foo_fill \\\n      \
         --lookup foo_get --json -d 30 -p 1234\n  \
         racewatch watch --clear Cache::clear --update Cache::update --lookup Cache::lookup \\\n      \
-        --miss-ret -1 --provoke 2ms -- ./cache_demo --pause-us 2000 --refresh-us 200000\n\n\
+        --miss-ret -1 --provoke 2ms -- ./cache_demo --pause-us 2000 --refresh-us 200000\n  \
+        racewatch watch --config demo/two_windows.toml -- ./two_windows\n\n\
         A window opens when --clear is entered on a cache object and closes when --update returns \
         on it; a lookup by another thread that overlaps it is reported. A hazard report per cache \
         (at the end, and every --interval) says how often a lookup will land in a window, before \
@@ -46,16 +67,18 @@ pub enum Command {
         bursts: the lookup's entry is probed 20 ms of every second, so ~2% of lookups pay a \
         trap.")]
     Watch(WatchArgs),
-    /// Watch a CPython 3.11 program's dicts: a `d[k]` KeyError raised while another thread has
+    /// Watch a CPython 3.11-3.14 program's dicts: a `d[k]` KeyError raised while another thread has
     /// emptied `d` with `clear()` and not yet refilled it with `update()` (or `|=`).
     #[command(after_help = "Examples:\n  \
         racewatch python -- python3 worker.py\n  \
         racewatch python --json -d 60 -p 1234\n  \
-        racewatch python --provoke 5ms --interval 2 -- python3 worker.py\n\n\
+        racewatch python --provoke 5ms --interval 2 -- python3 worker.py\n  \
+        racewatch python --interpreter /srv/root/usr/bin/python3.13 -- chroot /srv/root python3.13 app.py\n\n\
         Only clear, refill and the KeyError path are probed, so ordinary dict lookups run \
-        at full speed. The hazard report's lookup rates are sampled: PyDict_GetItemWithError is \
-        probed 20 ms of every second, so ~2% of dict lookups pay a trap. Needs an interpreter with symbols and DWARF (pyenv and source builds \
-        have them; distribution builds need their debug-symbol package).")]
+        at full speed. The hazard report's lookup rates are sampled: the dict lookup is probed \
+        20 ms of every second, so ~2% of dict lookups pay a trap. Distribution builds without \
+        debug information work (what racewatch needs is read from PyDict_Type, _PyRuntime and \
+        _Py_DebugOffsets); --provoke needs the interpreter's DWARF.")]
     Python(PythonArgs),
     /// Print a file's function names, demangled, as racewatch matches them.
     #[command(after_help = "Examples:\n  \
@@ -84,6 +107,19 @@ pub enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Print a completion script for SHELL (e.g. `racewatch completions bash >
+    /// /etc/bash_completion.d/racewatch`).
+    Completions {
+        #[arg(value_name = "SHELL")]
+        shell: clap_complete::Shell,
+    },
+    /// Write racewatch's manual pages (racewatch.1 and one per subcommand) into DIR; packaging
+    /// runs it (`cargo xtask dist`).
+    #[command(hide = true)]
+    Man {
+        #[arg(value_name = "DIR")]
+        dir: PathBuf,
+    },
     #[command(name = crate::process::launch::HELD_EXEC, hide = true)]
     HeldExec {
         #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
@@ -97,16 +133,21 @@ pub struct WatchArgs {
     /// may be a shared library the target maps.
     #[arg(long, value_name = "PATH")]
     pub binary: Option<PathBuf>,
+    /// Watch the windows FILE names (TOML, one `[[window]]` table each: name, open, close,
+    /// access, and optionally binary, object_arg, miss_ret), several in one run, instead of the
+    /// one --clear, --update and --lookup name.
+    #[arg(long, value_name = "FILE", conflicts_with_all = ["clear", "update", "lookup", "miss_ret", "cache_arg"])]
+    pub config: Option<PathBuf>,
     /// Function that empties the cache (exact symbol, or demangled name with or without its
     /// parameters).
-    #[arg(long, value_name = "SYM")]
-    pub clear: String,
+    #[arg(long, value_name = "SYM", required_unless_present = "config")]
+    pub clear: Option<String>,
     /// Function that refills it; the window closes when it returns.
-    #[arg(long, value_name = "SYM")]
-    pub update: String,
+    #[arg(long, value_name = "SYM", required_unless_present = "config")]
+    pub update: Option<String>,
     /// Function that looks a key up.
-    #[arg(long, value_name = "SYM")]
-    pub lookup: String,
+    #[arg(long, value_name = "SYM", required_unless_present = "config")]
+    pub lookup: Option<String>,
     /// The lookup's return value (signed) meaning "not found": racewatch probes the instructions
     /// by which the lookup returns it, so that only misses trap, and reports the misses in a
     /// window (it falls back to probing every lookup's entry and return, with a warning, when the
@@ -144,6 +185,11 @@ pub struct PythonArgs {
     /// windows) instead of sampling them 20 ms of every second: each `d[k]` then pays a trap.
     #[arg(long)]
     pub every_lookup: bool,
+    /// The interpreter file to probe (the python executable, or the libpython it links), for a
+    /// command that is not python itself: a wrapper that execs it (`chroot`, `env`) or a server
+    /// that embeds it (uwsgi). Without it, racewatch asks the command's python where it lives.
+    #[arg(long, value_name = "FILE")]
+    pub interpreter: Option<PathBuf>,
     #[command(flatten)]
     pub run: RunArgs,
 }
@@ -165,6 +211,11 @@ pub struct RunArgs {
     /// Also print the hazard report every SECS seconds (it is always printed at the end).
     #[arg(long, value_name = "SECS")]
     pub interval: Option<f64>,
+    /// What racewatch may add to the watched processes, in percent of their CPU time. The window
+    /// and miss probes always run; the hazard report's lookup sampling gets what they leave.
+    #[arg(long, value_name = "PERCENT", default_value_t = crate::engine::budget::DEFAULT_PERCENT,
+          value_parser = parse_budget, allow_negative_numbers = true)]
+    pub budget: f64,
     /// Say where each probe goes.
     #[arg(short, long)]
     pub verbose: bool,
@@ -178,6 +229,17 @@ pub struct RunArgs {
     /// Command to launch, held until every probe is attached; racewatch ends when it exits.
     #[arg(last = true, value_name = "COMMAND")]
     pub command: Vec<OsString>,
+}
+
+/// `--budget`'s PERCENT: above 0, at most 100.
+pub fn parse_budget(text: &str) -> Result<f64, String> {
+    text.trim()
+        .parse::<f64>()
+        .ok()
+        .filter(|p| *p > 0.0 && *p <= 100.0)
+        .ok_or_else(|| {
+            format!("{text:?} is not a percentage above 0 and at most 100: write e.g. 1 or 0.5")
+        })
 }
 
 /// `--provoke`'s DURATION: a number and a unit among ns, us (or µs), ms, s; at most
@@ -259,5 +321,20 @@ mod tests {
             parse_provoke("51ms"),
             Err("\"51ms\" is more than the 50 ms racewatch holds a window at most".into())
         );
+    }
+
+    #[test]
+    fn budgets_are_percentages_above_0_and_at_most_100() {
+        assert_eq!(parse_budget("1"), Ok(1.0));
+        assert_eq!(parse_budget("0.5"), Ok(0.5));
+        assert_eq!(parse_budget("100"), Ok(100.0));
+        for bad in ["0", "-1", "100.5", "abc", "NaN", "inf", ""] {
+            assert_eq!(
+                parse_budget(bad),
+                Err(format!(
+                    "{bad:?} is not a percentage above 0 and at most 100: write e.g. 1 or 0.5"
+                )),
+            );
+        }
     }
 }

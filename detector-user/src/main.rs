@@ -1,143 +1,150 @@
 //! racewatch: finds lookups that land in a cache's empty window, through uprobes.
 
-use std::process::ExitCode;
+use std::{path::Path, process::ExitCode};
 
-use clap::Parser as _;
+use clap::{CommandFactory as _, Parser as _};
 
 use detector_user::{
     cli::{self, Cli, Command, EXIT_RACE, PythonArgs, WatchArgs},
-    engine::{correlate::Correlator, summary::Summary},
+    engine::{
+        correlate::{Correlator, MissValue},
+        summary::Summary,
+    },
     probe::{
         calibrate, info,
-        plan::{LookupProbe, Plan},
+        plan::{Discover, Plan},
         preflight,
         symbols::SymbolTable,
     },
     process,
     run::{self as session, Failure},
-    targets::{StackConfig, native, python},
+    targets::{
+        StackConfig,
+        native::{self, Windows, config::Config, window::Window},
+        python,
+    },
     text,
 };
 
 async fn watch(args: WatchArgs) -> Result<ExitCode, Failure> {
     let start = session::start(&args.run)?;
-    let binary = match &args.binary {
-        Some(b) => b.clone(),
-        None => session::default_binary(&args.run)?,
-    };
     if let Some(pid) = args.run.pid {
         process::running_exe(pid).map_err(Failure::usage)?;
     }
-    let (plan, stacks) = native::plan(&args, binary).map_err(Failure::usage)?;
+    let windows = match &args.config {
+        Some(path) => Windows::Config(Config::read(path).map_err(Failure::usage)?),
+        None => Windows::Flags(Window::from_flags(&args).ok_or_else(|| {
+            Failure::usage(anyhow::anyhow!(
+                "give --config FILE, or --clear, --update and --lookup"
+            ))
+        })?),
+    };
+    // With -p, a file named is the process's path for it (a container's, say).
+    let pid = args.run.pid;
+    let binary = |named: Option<&Path>| match (named.or(args.binary.as_deref()), pid) {
+        (Some(b), Some(pid)) => process::binary_of(pid, b).map_err(Into::into),
+        (Some(b), None) => Ok(b.to_path_buf()),
+        (None, _) => session::default_binary(&args.run).map_err(|f| f.error),
+    };
+    let (plans, stacks) = native::plans(&windows, binary, args.probe_returns, args.run.verbose)
+        .map_err(Failure::usage)?;
     preflight::check().map_err(Failure::usage)?;
-    let correlator = Correlator::new(args.miss_ret, None);
+    // Each window's miss value, compared at the width its lookup returns.
+    // Each window's miss value, compared at the width its lookup returns.
+    let miss_ret = plans
+        .iter()
+        .map(|plan| {
+            plan.lookup
+                .miss()
+                .map(|(value, bytes)| MissValue { value, bytes })
+        })
+        .collect();
+    let correlator = Correlator::new(miss_ret, None);
     let provoke_ns = args.provoke.map_or(0, |d| d.as_nanos() as u64);
-    let summary = session::run(
-        &plan,
-        &args.run,
-        provoke_ns,
+    let front = session::Front {
+        plans,
         correlator,
-        &stacks,
-        start,
-        Vec::new(),
-    )
-    .await?;
+        stacks,
+        unwatched: Vec::new(),
+        discover: None,
+    };
+    let summary = session::run(front, &args.run, provoke_ns, start).await?;
     Ok(exit_for(summary.as_ref()))
 }
 
-/// What to probe in `interp`, and where its threads keep their frames.
+/// What to probe in `interp` as the run's window `window`, and where its threads keep their frames.
 fn python_plan(
     interp: &python::Interpreter,
+    window: u32,
     args: &PythonArgs,
-) -> Result<(Plan, python::frames::FrameLayout), Failure> {
-    let plan = python::plan(
+) -> Result<(Plan, python::layout::Layout), Failure> {
+    python::plan(
         interp,
+        window,
         args.provoke.is_some(),
         args.every_lookup,
         args.run.verbose,
     )
-    .map_err(Failure::usage)?;
-    let LookupProbe::KeyError {
-        function: keyerror, ..
-    } = &plan.lookup
-    else {
-        unreachable!("python::plan probes the KeyError function")
-    };
-    let frames = python::frames::layout(
-        &plan.binary,
-        plan.clear.function.address + plan.clear.offset,
-        keyerror.function.address + keyerror.offset,
-    )
-    .map_err(|e| Failure::usage(python::PythonError::from(e)))?;
-    Ok((plan, frames))
+    .map_err(Failure::usage)
 }
 
-/// A system-wide run: the interpreter file most of the host's CPython processes map that
-/// racewatch can watch (every process mapping it, those started later included); the processes
-/// that run another interpreter are listed in `unwatched`. With no CPython running, the one
-/// `python3` on PATH names, for the processes still to come.
+/// A system-wide run: every interpreter file the host's CPython processes map, each a window;
+/// with none running, the one `python3` on PATH names, for the processes still to come. The
+/// returned `Host` meets the files of processes started later.
 fn python_on_host(
     args: &PythonArgs,
     unwatched: &mut Vec<String>,
-) -> Result<(Plan, python::frames::FrameLayout), Failure> {
-    let mut chosen = None;
-    for found in python::on_host() {
-        let pids = format!(
-            "process{} {}",
-            if found.pids.len() == 1 { "" } else { "es" },
-            found
-                .pids
-                .iter()
-                .map(u32::to_string)
-                .collect::<Vec<_>>()
-                .join(", ")
-        );
-        let planned = found
-            .found
-            .map_err(Failure::usage)
-            .and_then(|interp| python_plan(&interp, args).map(|p| (interp, p)));
-        match (planned, &chosen) {
-            (Ok((_, plan)), None) => chosen = Some(plan),
-            (Ok((interp, _)), Some(_)) => unwatched.push(format!(
-                "{pids}: they run {}, another interpreter build (racewatch python \
-                 watches one per run: give -p PID to watch them)",
-                interp.image.display()
-            )),
-            (Err(f), _) => unwatched.push(format!("{pids}: {:#}", f.error)),
-        }
+) -> Result<(Vec<Plan>, python::host::Host), Failure> {
+    let mut host =
+        python::host::Host::new(args.provoke.is_some(), args.every_lookup, args.run.verbose);
+    let (mut plans, refused) = host.scan().map_err(Failure::usage)?;
+    unwatched.extend(refused);
+    if plans.is_empty() {
+        plans.push(host.fallback().map_err(Failure::usage)?);
     }
-    match chosen {
-        Some(plan) => Ok(plan),
-        None => python::for_command(&["python3".into()])
-            .map_err(Failure::usage)
-            .and_then(|interp| python_plan(&interp, args)),
-    }
+    Ok((plans, host))
 }
 
 async fn python(args: PythonArgs) -> Result<ExitCode, Failure> {
     let start = session::start(&args.run)?;
     let mut unwatched = Vec::new();
-    let (plan, frames) = match args.run.pid {
-        Some(pid) => python_plan(&python::for_pid(pid).map_err(Failure::usage)?, &args)?,
-        None if args.run.command.is_empty() => python_on_host(&args, &mut unwatched)?,
-        None => python_plan(
-            &python::for_command(&args.run.command).map_err(Failure::usage)?,
-            &args,
-        )?,
+    let interpreter = match (&args.interpreter, args.run.pid) {
+        (Some(image), _) => Some(python::given(image)),
+        (None, Some(pid)) => Some(python::for_pid(pid)),
+        (None, None) if args.run.command.is_empty() => None,
+        (None, None) => Some(python::for_command(&args.run.command)),
+    };
+    let (plans, layouts, discover) = match interpreter {
+        Some(found) => {
+            let (plan, layout) = python_plan(&found.map_err(Failure::usage)?, 0, &args)?;
+            let layouts = python::host::Layouts::default();
+            layouts.borrow_mut().push(layout);
+            (vec![plan], layouts, None)
+        }
+        None => {
+            let (plans, host) = python_on_host(&args, &mut unwatched)?;
+            (plans, host.layouts(), Some(host))
+        }
     };
     preflight::check().map_err(Failure::usage)?;
-    let correlator = Correlator::new(None, Some(python::key::render));
+    // Each KeyError's key is read with its window's interpreter's object layout.
+    let objects = layouts.clone();
+    let correlator = Correlator::new(
+        Vec::new(),
+        Some(Box::new(move |k| {
+            let layout = *objects.borrow().get(k.window as usize)?;
+            python::key::render(k, &layout.objects)
+        })),
+    );
     let provoke_ns = args.provoke.map_or(0, |d| d.as_nanos() as u64);
-    let summary = session::run(
-        &plan,
-        &args.run,
-        provoke_ns,
+    let front = session::Front {
+        plans,
         correlator,
-        &StackConfig::Python(frames),
-        start,
+        stacks: StackConfig::Python(layouts),
         unwatched,
-    )
-    .await?;
+        discover: discover.map(|h| Box::new(h) as Box<dyn Discover>),
+    };
+    let summary = session::run(front, &args.run, provoke_ns, start).await?;
     Ok(exit_for(summary.as_ref()))
 }
 
@@ -237,14 +244,7 @@ fn block_on(run: impl Future<Output = Result<ExitCode, Failure>>) -> Result<Exit
 /// The error and its causes on one line, each cause once (a message that already quotes its
 /// cause is not followed by it again), with what a target or file controls escaped.
 fn error_message(error: &anyhow::Error) -> String {
-    let mut text = error.to_string();
-    for cause in error.chain().skip(1) {
-        let cause = cause.to_string();
-        if !text.contains(&cause) {
-            text = format!("{text}: {cause}");
-        }
-    }
-    text::escape_lines(&text)
+    text::escape_lines(&text::error_chain(error))
 }
 
 fn main() -> ExitCode {
@@ -255,6 +255,23 @@ fn main() -> ExitCode {
         }
         Command::Symbols { path, grep } => symbols(&path, grep.as_deref()),
         Command::Info { json } => Ok(info(json)),
+        Command::Completions { shell } => {
+            clap_complete::generate(
+                shell,
+                &mut Cli::command(),
+                "racewatch",
+                &mut std::io::stdout(),
+            );
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Man { dir } => clap_mangen::generate_to(Cli::command(), &dir)
+            .map(|()| ExitCode::SUCCESS)
+            .map_err(|e| {
+                Failure::usage(anyhow::Error::new(e).context(format!(
+                    "cannot write the manual pages into {}",
+                    dir.display()
+                )))
+            }),
         Command::Calibrate { json } => calibrate(json),
         Command::Watch(args) => block_on(watch(args)),
         Command::Python(args) => block_on(python(args)),

@@ -43,3 +43,16 @@ pub fn comm_str(comm: &[u8; detector_common::COMM_LEN]) -> String {
         .unwrap_or(detector_common::COMM_LEN);
     String::from_utf8_lossy(&comm[..end]).into_owned()
 }
+
+/// An error and each of its causes once, `: `-separated (a cause whose text the error already
+/// quotes is left out).
+pub fn error_chain(error: &anyhow::Error) -> String {
+    let mut text = error.to_string();
+    for cause in error.chain().skip(1) {
+        let cause = cause.to_string();
+        if !text.contains(&cause) {
+            text = format!("{text}: {cause}");
+        }
+    }
+    text
+}

@@ -25,10 +25,15 @@ const SYMS: [&str; 3] = ["Cache::clear", "Cache::update", "Cache::lookup"];
 
 #[test]
 fn missing_binary() {
-    let (code, err) = watch_err(Some("/nonexistent/app"), SYMS, &["-p", &own_pid()]);
+    let pid = own_pid();
+    let (code, err) = watch_err(Some("/nonexistent/app"), SYMS, &["-p", &pid]);
     assert_eq!(code, Some(2));
+    // With -p the file may be the process's: both places are named.
     assert!(
-        err.contains("cannot read /nonexistent/app: No such file or directory"),
+        err.contains(&format!(
+            "/nonexistent/app is not there for process {pid}: neither on the host nor in its \
+             root (/proc/{pid}/root/nonexistent/app)"
+        )),
         "{err}"
     );
 }
@@ -141,6 +146,77 @@ fn a_command_that_cannot_start_is_bad_input_even_with_a_binary_given() {
     let (code, err) = watch_err(Some(demo), SYMS, &["--", "/tmp"]);
     assert_eq!(code, Some(2), "{err}");
     assert!(err.contains("/tmp is a directory, not a command"), "{err}");
+}
+
+#[test]
+#[ignore = "root"]
+fn a_command_whose_exec_fails_is_bad_input_that_says_why() {
+    // The file is there and executable, so racewatch launches it; the exec fails.
+    use std::os::unix::fs::PermissionsExt as _;
+    let demo = cache_demo().to_str().unwrap();
+    let script = |name: &str, text: &str| {
+        let path = temp_file(name);
+        std::fs::write(&path, text).unwrap();
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o755)).unwrap();
+        path.to_str().unwrap().to_string()
+    };
+    let no_interpreter = script("no-interpreter.sh", "#!/nonexistent/sh\ntrue\n");
+    let (code, err) = watch_err(Some(demo), SYMS, &["--", &no_interpreter]);
+    assert_eq!(code, Some(2), "{err}");
+    assert!(
+        err.contains(&format!(
+            "cannot run {no_interpreter}: its interpreter /nonexistent/sh (the #! line) is not \
+             there: install it or fix that line"
+        )),
+        "{err}"
+    );
+    // An interpreter that may not be executed (mode 644).
+    let interpreter = temp_file("not-executable-interpreter");
+    std::fs::write(&interpreter, "#!/bin/sh\n").unwrap();
+    let denied = script(
+        "denied-interpreter.sh",
+        &format!("#!{}\n", interpreter.display()),
+    );
+    let (code, err) = watch_err(Some(demo), SYMS, &["--", &denied]);
+    assert_eq!(code, Some(2), "{err}");
+    assert!(
+        err.contains(&format!(
+            "cannot run {denied}: permission denied: this user may not execute it or its \
+             interpreter"
+        )),
+        "{err}"
+    );
+}
+
+#[test]
+#[ignore = "root"]
+fn a_command_this_user_may_not_execute_is_permission_denied_not_missing() {
+    use std::os::unix::fs::PermissionsExt as _;
+    let demo = cache_demo().to_str().unwrap();
+    // Executable by its owner (root) only, and in a directory only root may search.
+    let dir = temp_file("private");
+    std::fs::create_dir_all(&dir).unwrap();
+    let owners_only = temp_file("owners-only");
+    std::fs::copy(demo, &owners_only).unwrap();
+    std::fs::set_permissions(&owners_only, std::fs::Permissions::from_mode(0o700)).unwrap();
+    let hidden = dir.join("app");
+    std::fs::copy(demo, &hidden).unwrap();
+    std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o700)).unwrap();
+    for cmd in [&owners_only, &hidden] {
+        let cmd = cmd.to_str().unwrap();
+        let mut args = vec!["watch", "--binary", demo];
+        args.extend(DEMO_PROBES);
+        args.extend(["--", cmd]);
+        let o = racewatch_as(&NOBODY, &args);
+        let err = stderr(&o);
+        assert_eq!(o.status.code(), Some(2), "{err}");
+        assert!(
+            err.contains(&format!(
+                "permission denied: this user may not execute {cmd} (see its owner and mode"
+            )),
+            "{err}"
+        );
+    }
 }
 
 #[test]
@@ -464,6 +540,43 @@ fn python_provoke_duration_must_have_a_unit() {
     assert_eq!(o.status.code(), Some(2), "{err}");
     assert!(
         err.contains("\"5\" has no unit: write e.g. 500us or 2ms"),
+        "{err}"
+    );
+}
+
+#[test]
+fn budget_outside_0_to_100_says_what_to_write() {
+    for bad in ["0", "-1", "101", "lots"] {
+        let (code, err) = watch_err(None, SYMS, &["--budget", bad, "-p", &own_pid()]);
+        assert_eq!(code, Some(2), "--budget {bad}: {err}");
+        assert!(
+            err.contains(&format!(
+                "invalid value '{bad}' for '--budget <PERCENT>': \"{bad}\" is not a percentage \
+                 above 0 and at most 100: write e.g. 1 or 0.5"
+            )),
+            "{err}"
+        );
+    }
+}
+
+#[test]
+fn an_output_file_that_cannot_be_written_says_what_to_give() {
+    let (code, err) = watch_err(
+        None,
+        SYMS,
+        &[
+            "-o",
+            "/nonexistent/dir/out.ndjson",
+            "--",
+            cache_demo().to_str().unwrap(),
+        ],
+    );
+    assert_eq!(code, Some(2), "{err}");
+    assert!(
+        err.contains(
+            "cannot write /nonexistent/dir/out.ndjson (give -o a file in a directory that \
+             exists, which racewatch may create or append to): No such file or directory"
+        ),
         "{err}"
     );
 }

@@ -168,39 +168,23 @@ fn attaching_to_a_pool_master_watches_the_workers_it_already_forked() {
     assert_eq!(status.code(), Some(1), "{summary}");
 }
 
-/// racewatch with `args`, running until SIGINT, once its status line says it is attached.
-struct Running {
-    child: std::process::Child,
-    out: std::path::PathBuf,
-}
-
-impl Running {
-    fn start(args: &[&str], name: &str) -> Running {
-        let out = temp_file(name);
-        let args = [args, &["--json", "-o", out.to_str().unwrap()]].concat();
-        let (child, line) = spawn_attached(&args);
-        assert!(
-            line.contains("watching every process that maps it"),
-            "racewatch did not attach: {line}"
-        );
-        Running { child, out }
-    }
-
-    /// Ends the run: (exit code, summary).
-    fn stop(mut self) -> (Option<i32>, Value) {
-        // SAFETY: plain kill(2) of the test's own child.
-        unsafe { libc::kill(self.child.id() as i32, libc::SIGINT) };
-        let status = self.child.wait().unwrap();
-        let (_, summary) = parse_ndjson(&std::fs::read_to_string(&self.out).unwrap());
-        (status.code(), summary)
-    }
+/// Each worker's own counts, once it has ended.
+fn truths_of(workers: Vec<std::process::Child>) -> Vec<HashMap<String, u64>> {
+    workers
+        .into_iter()
+        .map(|w| {
+            worker_truth(&String::from_utf8_lossy(
+                &w.wait_with_output().unwrap().stderr,
+            ))
+        })
+        .collect()
 }
 
 #[test]
 #[ignore = "root"]
 fn system_wide_python_watches_processes_started_after_it() {
     // Two unrelated workers started after racewatch, neither its child.
-    let run = Running::start(&["python"], "host-python.ndjson");
+    let run = HostRun::start(&["python"], "host-python.ndjson");
     let workers: Vec<_> = (0..2)
         .map(|_| {
             Command::new("python3")
@@ -211,17 +195,73 @@ fn system_wide_python_watches_processes_started_after_it() {
                 .unwrap()
         })
         .collect();
-    let truths: Vec<_> = workers
-        .into_iter()
-        .map(|w| {
-            worker_truth(&String::from_utf8_lossy(
-                &w.wait_with_output().unwrap().stderr,
-            ))
-        })
-        .collect();
+    let truths = truths_of(workers);
     let (code, summary) = run.stop();
     assert_eq!(summary["ended"], "interrupted (SIGINT)", "{summary}");
     assert_per_process(&truths, &summary, None, true);
+    assert_eq!(code, Some(1), "{summary}");
+}
+
+#[test]
+#[ignore = "root"]
+fn system_wide_python_meets_each_interpreter_started_after_it() {
+    // Workers on three interpreter files, started after racewatch: each file is met as its
+    // process starts, and the workers race only once racewatch says it watches their file.
+    let run = HostRun::start(&["python"], "host-interpreters.ndjson");
+    let interpreters = [
+        "python3",
+        "/root/.pyenv/versions/3.12.1/bin/python3.12",
+        "/usr/bin/python3.11",
+    ];
+    let workers: Vec<_> = interpreters
+        .iter()
+        .map(|python| {
+            Command::new(python)
+                .arg(worker())
+                .args(RACY_WORKER)
+                .arg("--bug-on-signal")
+                .stderr(Stdio::piped())
+                .spawn()
+                .unwrap_or_else(|e| panic!("{python}: {e}"))
+        })
+        .collect();
+    // python3 is the interpreter racewatch planned at its start (none ran then); the others are
+    // met later.
+    let met: Vec<String> = (0..2)
+        .map(|_| run.wait_for("now also watching every process that maps"))
+        .collect();
+    for w in &workers {
+        // SAFETY: plain kill(2) of the test's own child.
+        unsafe { libc::kill(w.id() as i32, libc::SIGUSR1) };
+    }
+    let truths = truths_of(workers);
+    let (code, summary) = run.stop();
+    assert_eq!(summary["lost_events"], 0, "{summary}");
+    // Each file met after the start says its first processes ran unwatched for a while.
+    let unwatched = summary["unwatched"].as_array().expect("unwatched");
+    assert_eq!(unwatched.len(), met.len(), "{summary}");
+    for t in &truths[1..] {
+        let said = format!("process {} ran", t["pid"]);
+        assert!(
+            unwatched.iter().any(|l| {
+                let l = l.as_str().unwrap_or("");
+                l.contains(&said) && l.contains("before racewatch met that file")
+            }),
+            "no line for worker {}: {summary}",
+            t["pid"]
+        );
+    }
+    let processes = summary["processes"].as_array().expect("processes");
+    for t in &truths {
+        assert!(t["keyerrors"] > 0, "worker {t:?} did not race");
+        let entry = processes
+            .iter()
+            .find(|p| p["pid"] == t["pid"])
+            .unwrap_or_else(|| panic!("worker {} is not in the summary: {summary}", t["pid"]));
+        assert_eq!(entry["misses_in_window"], t["keyerrors"], "{entry}");
+    }
+    let total: u64 = truths.iter().map(|t| t["keyerrors"]).sum();
+    assert_eq!(summary["misses_in_window"], total, "{summary}");
     assert_eq!(code, Some(1), "{summary}");
 }
 
@@ -232,7 +272,7 @@ fn system_wide_watch_counts_each_process_that_maps_the_binary() {
     let mut args = vec!["watch", "--binary", demo];
     args.extend(DEMO_PROBES);
     args.extend(["--miss-ret", "-1"]);
-    let run = Running::start(&args, "host-watch.ndjson");
+    let run = HostRun::start(&args, "host-watch.ndjson");
     let demos: Vec<_> = (0..2)
         .map(|_| {
             Command::new(demo)
@@ -294,7 +334,7 @@ fn churn_of_short_lived_processes_leaves_memory_flat_and_a_long_one_exact() {
     let mut args = vec!["watch", "--binary", demo];
     args.extend(DEMO_PROBES);
     args.extend(["--miss-ret", "-1"]);
-    let run = Running::start(&args, "churn.ndjson");
+    let run = HostRun::start(&args, "churn.ndjson");
     let long = Command::new(demo)
         // A reader that pauses between lookups: the debug build racewatch is tested as keeps up
         // with its misses beside the churn.
@@ -353,7 +393,7 @@ fn churn_of_short_lived_processes_leaves_memory_flat_and_a_long_one_exact() {
 #[ignore = "root"]
 fn left_on_the_output_file_is_reopened_on_sighup_for_logrotate() {
     // System-wide, as a service runs it: logrotate moves the file away and sends SIGHUP.
-    let run = Running::start(&["python"], "rotated.ndjson");
+    let run = HostRun::start(&["python"], "rotated.ndjson");
     let moved = run.out.with_extension("1");
     std::fs::rename(&run.out, &moved).unwrap();
     // SAFETY: plain kill(2) of the test's own child.

@@ -1,7 +1,7 @@
 //! `racewatch python` against the seed-like worker, in the kernel (root), and its bad input.
 mod common;
 
-use std::process::{Command, Stdio};
+use std::process::Command;
 
 use common::*;
 
@@ -210,44 +210,6 @@ fn keyerrors_the_window_did_not_cause_are_not_counted() {
 }
 
 #[test]
-#[ignore = "root"]
-fn attaches_to_a_running_worker_by_pid() {
-    // The worker swaps until SIGUSR1, so every KeyError it counts happens while attached.
-    let worker = Command::new("python3")
-        .args([
-            &worker(),
-            "--bug-on-signal",
-            "--seconds",
-            "2",
-            "--gap-ms",
-            "0.1",
-        ])
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let pid = worker.id().to_string();
-    // Let the interpreter map libpython and start its threads.
-    std::thread::sleep(std::time::Duration::from_millis(500));
-    let out = temp_file("python-pid.ndjson");
-    let (mut rw, _) =
-        spawn_attached(&["python", "--json", "-o", out.to_str().unwrap(), "-p", &pid]);
-    // SAFETY: plain kill(2) of our own child.
-    unsafe { libc::kill(worker.id() as i32, libc::SIGUSR1) };
-    let worker_out = worker.wait_with_output().unwrap();
-    let status = rw.wait().unwrap();
-    let truth = worker_truth(&String::from_utf8_lossy(&worker_out.stderr));
-    let (_, summary) = parse_ndjson(&std::fs::read_to_string(&out).unwrap());
-    assert!(truth["keyerrors"] > 0, "the worker raised no KeyError");
-    assert_eq!(
-        summary["misses_in_window"], truth["keyerrors"],
-        "summary: {summary}"
-    );
-    assert_eq!(summary["lost_events"], 0);
-    assert_eq!(summary["ended"], "target exited");
-    assert_eq!(status.code(), Some(1));
-}
-
-#[test]
 fn a_process_that_is_not_python_is_refused() {
     let mut sleeper = Command::new("sleep").arg("30").spawn().unwrap();
     let pid = sleeper.id().to_string();
@@ -260,20 +222,6 @@ fn a_process_that_is_not_python_is_refused() {
         err.contains(&format!("process {pid} is not a CPython process")),
         "{err}"
     );
-}
-
-#[test]
-fn a_stripped_interpreter_names_what_is_missing() {
-    let stripped = "/usr/bin/python3.11";
-    if !std::path::Path::new(stripped).exists() {
-        eprintln!("skipped: {stripped} is not installed");
-        return;
-    }
-    let o = racewatch(&["python", "--", stripped, "-c", "pass"]);
-    let err = stderr(&o);
-    assert_eq!(o.status.code(), Some(2), "{err}");
-    assert!(err.contains("lacks the function `dict_clear`"), "{err}");
-    assert!(err.contains("use a CPython built with symbols"), "{err}");
 }
 
 #[test]
@@ -328,10 +276,10 @@ fn rare_race_gets_a_sampled_hazard_line_within_the_run() {
         h["windows"], truth["refreshes"],
         "one window per refresh: {h}"
     );
-    // 20 ms bursts every second: about 2%, more when a loaded machine wakes racewatch late to end
-    // a burst; never all of the run.
+    // A burst a second, as long as the 1% budget pays for (20 ms at most), longer when a loaded
+    // machine wakes racewatch late to end it; never all of the run.
     let fraction = h["sampled_fraction"].as_f64().unwrap();
-    assert!((0.01..0.3).contains(&fraction), "{h}");
+    assert!((0.0005..0.3).contains(&fraction), "{h}");
     // The reader is the busiest thread on the cache; its scaled rate is near the worker's own.
     let r = &h["readers"][0];
     let truth_rate = truth["lookups"] as f64 / h["elapsed_s"].as_f64().unwrap();

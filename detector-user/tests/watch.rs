@@ -526,11 +526,10 @@ fn miss_path_mode_samples_lookup_rates_for_the_hazard() {
         .last()
         .unwrap_or_else(|| panic!("no hazard line:\n{text}"));
     assert_eq!(h["windows"], refreshes, "{h}");
-    // 20 ms of every second: about 2% of the run, never all of it.
-    // 20 ms bursts every second: about 2%, more when a loaded machine wakes racewatch late to end
-    // a burst; never all of the run.
+    // A burst a second, as long as the 1% budget pays for (20 ms at most), longer when a loaded
+    // machine wakes racewatch late to end it; never all of the run.
     let fraction = h["sampled_fraction"].as_f64().unwrap();
-    assert!((0.01..0.3).contains(&fraction), "{h}");
+    assert!((0.0005..0.3).contains(&fraction), "{h}");
     let r = &h["readers"][0];
     assert_eq!(r["comm"], "reader-0", "{h}");
     assert_eq!(
@@ -572,7 +571,7 @@ fn probes_go_past_endbr64_onto_emulated_instructions_and_the_miss_path() {
         err.lines()
             .any(|l| l.contains("lookup miss: Cache::lookup(long) at")
                 && l.contains("(jmp")
-                && l.contains("emulated), cache in RBP")),
+                && l.contains("emulated), -1 returned in 8 byte(s), cache in RBP")),
         "{err}"
     );
 }
@@ -612,4 +611,61 @@ fn the_summary_says_what_racewatch_added_to_the_target() {
     let share = cost["added_share"].as_f64().unwrap();
     let cpu = cost["target_cpu_ns"].as_f64().unwrap();
     assert!(cpu > 0.0 && (share - added / cpu).abs() < 1e-9, "{cost}");
+}
+
+#[test]
+#[ignore = "root"]
+fn lookup_sampling_stays_within_the_budget() {
+    // The demo's tight reader traps on every lookup during a burst: a 5% budget sizes the
+    // bursts; a budget below what the windows alone cost leaves none. A refresh every 20 ms
+    // keeps the window and miss probes within 1% however the demo races (a window can hold
+    // a hundred misses), so the bursts always get room under 5%.
+    let demo = ["--seconds", "4", "--refresh-us", "20000"];
+    let (_, _, _, summary) = watch_demo(&demo, &["--miss-ret", "-1", "--budget", "5"]);
+    let cost = &summary["self_cost"];
+    assert_eq!(cost["required_over_budget"], false, "{summary}");
+    assert_eq!(cost["budget_share"], 0.05, "{summary}");
+    let share = cost["added_share"].as_f64().unwrap();
+    assert!(share <= 0.05, "over the 5% budget: {summary}");
+    let bursts = summary["sampling"]["bursts"].as_u64().unwrap();
+    assert!(bursts >= 2, "the budget left room for bursts: {summary}");
+    assert!(cost["sampling_ns"].as_u64().unwrap() > 0, "{summary}");
+    let (_, _, _, summary) = watch_demo(&demo, &["--miss-ret", "-1", "--budget", "0.0001"]);
+    let cost = &summary["self_cost"];
+    assert_eq!(cost["required_over_budget"], true, "{summary}");
+    assert_eq!(summary["sampling"]["bursts"], 0, "{summary}");
+    assert!(
+        summary["sampling"]["skipped"].as_u64().unwrap() >= 3,
+        "{summary}"
+    );
+    assert_eq!(summary["probe_hits"]["lookup_sample"], 0, "{summary}");
+}
+
+#[test]
+#[ignore = "root"]
+fn a_long_run_reports_each_pair_s_repeats_at_each_interval() {
+    // Misses in most windows, from one reader's stack: one printed alert, then its counts at
+    // each report.
+    let (_, (_, misses, _), text) = watch_demo_with(&["--interval", "1"], &["--seconds", "4"]);
+    let (alerts, summary) = parse_ndjson(&text);
+    assert!(misses > 0, "the demo raced: {summary}");
+    let pairs = summary["pairs"].as_array().unwrap();
+    assert_eq!(alerts.len(), pairs.len(), "{summary}");
+    let reports = pair_lines(&text);
+    assert!(reports.len() >= 2, "reports: {reports:?}");
+    // Per pair, each report's `new_lookups` is what its count grew by since the one before,
+    // and the summary's count is at least the last report's.
+    for (i, p) in pairs.iter().enumerate() {
+        let mine: Vec<&serde_json::Value> = reports.iter().filter(|r| r["pair"] == i + 1).collect();
+        let mut seen = 0;
+        for r in &mine {
+            seen += r["new_lookups"].as_u64().unwrap();
+            assert_eq!(r["lookups"], seen, "{r}");
+            assert_eq!(r["printed"], true, "{r}");
+        }
+        assert!(p["lookups"].as_u64().unwrap() >= seen, "{p}");
+    }
+    assert_eq!(summary["alerts_held_back"], 0, "{summary}");
+    assert_eq!(summary["unkept_pair_lookups"], 0, "{summary}");
+    assert_eq!(summary["misses_in_window"], misses, "{summary}");
 }

@@ -31,8 +31,8 @@ struct Config {
 }
 
 struct Workload {
-    title: &'static str,
-    short: &'static str,
+    title: String,
+    short: String,
     /// The command, without any observer.
     command: Vec<String>,
     /// Name of the ground-truth line's prefix and its rate counters.
@@ -257,7 +257,7 @@ fn ask_python(code: &str) -> Result<String> {
     Ok(String::from_utf8_lossy(&out.stdout).trim().to_string())
 }
 
-pub fn run(runs: usize, seconds: f64, baseline: Option<&Path>) -> Result<()> {
+pub fn run(runs: usize, seconds: f64, baseline: Option<&Path>, soak_minutes: f64) -> Result<()> {
     if !crate::is_root() {
         bail!("the benchmark loads BPF programs: run it as root");
     }
@@ -337,22 +337,26 @@ pub fn run(runs: usize, seconds: f64, baseline: Option<&Path>) -> Result<()> {
     }
     let workloads = [
         Workload {
-            title: "Python worker (demo/worker.py, the seed's clear()+update() cache)",
-            short: "python worker",
+            title: "Python worker (demo/worker.py, the seed's clear()+update() cache)".into(),
+            short: "python worker".into(),
             command: strings(&[&interpreter, &worker, "--seconds", &secs]),
             truth_prefix: "worker: ",
             misses: "keyerrors",
             configs: python,
         },
         Workload {
-            title: "Native demo (demo/cache_demo.cpp, a locked C++ cache built with CET)",
-            short: "native demo",
+            title: "Native demo (demo/cache_demo.cpp, a locked C++ cache built with CET)".into(),
+            short: "native demo".into(),
             command: strings(&[&demo, "--seconds", &secs]),
             truth_prefix: "cache_demo: ",
             misses: "misses",
             configs: native,
         },
     ];
+    let workloads: Vec<Workload> = workloads
+        .into_iter()
+        .chain(interpreter_workloads(&racewatch, &worker, &secs)?)
+        .collect();
     let mut doc = header(runs, seconds)?;
     let mut chart = Vec::new();
     for w in &workloads {
@@ -364,11 +368,14 @@ pub fn run(runs: usize, seconds: f64, baseline: Option<&Path>) -> Result<()> {
             .zip(ratios(&results))
             .map(|(c, (r, _))| (c.name.clone(), r))
             .collect();
-        chart.push((w.short, bars));
+        chart.push((w.short.as_str(), bars));
     }
     probe_costs(&racewatch, &mut doc)?;
     placements(&racewatch, &demo, &worker, &mut doc)?;
     capacity(&racewatch, &demo, &mut doc)?;
+    if soak_minutes > 0.0 {
+        crate::soak::run(&racewatch, &demo, soak_minutes, &mut doc)?;
+    }
     doc.push_str(FOOTER);
     let docs = workspace_root().join("docs");
     std::fs::create_dir_all(&docs)?;
@@ -386,6 +393,71 @@ pub fn run(runs: usize, seconds: f64, baseline: Option<&Path>) -> Result<()> {
     eprintln!("bench: wrote {} and docs/benchmarks.png", path.display());
     print!("{doc}");
     Ok(())
+}
+
+/// The worker on every other interpreter build the tests run it on, unobserved and under
+/// `racewatch python`'s default mode: (what, its command before the worker, the worker's path
+/// as it sees it, the file for `--interpreter`).
+fn interpreter_workloads(racewatch: &str, worker: &str, secs: &str) -> Result<Vec<Workload>> {
+    let roots = crate::setup::roots_dir();
+    let root = |suite: &str| roots.join(suite).to_string_lossy().into_owned();
+    let (trixie, sid) = (root("trixie"), root("sid"));
+    for r in [&trixie, &sid] {
+        std::fs::copy(worker, format!("{r}/tmp/worker.py"))
+            .with_context(|| format!("cannot copy the worker into {r}: run `cargo xtask setup`"))?;
+    }
+    let builds: [(&str, Vec<String>, &str, Option<String>); 5] = [
+        (
+            "pyenv's CPython 3.12.1",
+            strings(&["/root/.pyenv/versions/3.12.1/bin/python3.12"]),
+            worker,
+            None,
+        ),
+        (
+            "pyenv's CPython 3.13.0",
+            strings(&["/root/.pyenv/versions/3.13.0/bin/python3.13"]),
+            worker,
+            None,
+        ),
+        (
+            "Debian 12's CPython 3.11 (stripped, LTO)",
+            strings(&["/usr/bin/python3.11"]),
+            worker,
+            None,
+        ),
+        (
+            "Debian 13's CPython 3.13 (stripped, LTO, run through chroot)",
+            strings(&["chroot", &trixie, "python3.13"]),
+            "/tmp/worker.py",
+            Some(format!("{trixie}/usr/bin/python3.13")),
+        ),
+        (
+            "Debian sid's CPython 3.14 (stripped, LTO, run through chroot)",
+            strings(&["chroot", &sid, "python3.14"]),
+            "/tmp/worker.py",
+            Some(format!("{sid}/usr/bin/python3.14")),
+        ),
+    ];
+    Ok(builds
+        .into_iter()
+        .map(|(what, run, worker, interpreter)| {
+            let mut args = vec!["python"];
+            if let Some(i) = &interpreter {
+                args.extend(["--interpreter", i]);
+            }
+            Workload {
+                title: format!("Python worker on {what}"),
+                short: what.to_string(),
+                command: [run, strings(&[worker, "--seconds", secs])].concat(),
+                truth_prefix: "worker: ",
+                misses: "keyerrors",
+                configs: vec![
+                    unobserved(),
+                    racewatch_config(racewatch, &format!("racewatch python on {what}"), &args),
+                ],
+            }
+        })
+        .collect())
 }
 
 /// `racewatch calibrate --json`, as a table.
@@ -540,8 +612,9 @@ const FOOTER: &str = "
 
 - `racewatch python` probes `dict_clear` (past its single-stepped `sub`), the refill's entry and
   return (`dict_update`, `dict_ior`) and `_PyErr_SetKeyError`; the hazard report counts dict
-  lookups 20 ms of every second. Ordinary dict lookups otherwise never trap, which is why the
-  worker keeps its unobserved rate; bpftrace probing every dict lookup does not.
+  lookups in one burst a second, as long as the cost budget (`--budget`, 1% of the target's CPU
+  time) allows. Ordinary dict lookups otherwise never trap, which is why the worker keeps near
+  its unobserved rate; bpftrace probing every dict lookup does not.
 - `racewatch watch --miss-ret` probes the lookup's miss path only (the jump after the miss value
   is set, found by decoding the function), so lookups that find their key never trap. Without
   `--miss-ret`, or with `--probe-returns`, every lookup traps once or twice: on this demo, built
@@ -550,8 +623,8 @@ const FOOTER: &str = "
 - The miss columns show the heisenbug: the more an observer slows the reader, the fewer misses
   it has to find. strace rows show what the seed's engineer saw.
 - The last column is racewatch's own report (`self_cost.added_share` in its summary): per-hit
-  costs measured on its own functions when the run ends, times each probe's hits, over the
-  target's CPU time.
+  costs measured on its own functions before the probes are attached, times each probe's hits,
+  over the target's CPU time.
 - `nopl` (5 bytes) is cheaper than any trap on kernels that optimize uprobes on it (6.16+ turn
   such a probe into a call); racewatch does not rely on it, since older kernels single-step it.
 ";

@@ -3,8 +3,10 @@
 mod bench;
 mod chart;
 mod demo;
+mod dist;
 mod fuzz;
 mod setup;
+mod soak;
 
 use std::{path::PathBuf, process::Command};
 
@@ -21,10 +23,13 @@ struct Cli {
 #[derive(Subcommand)]
 enum Task {
     /// Install what building and testing racewatch needs (nightly rust-src, bpf-linker, g++,
-    /// cargo-fuzz), idempotently.
+    /// cargo-fuzz; as root, the Debian roots the container tests run in), idempotently.
     Setup,
     /// Set up, build racewatch and the demos, and watch the demos race (then their fixed modes).
     Demo,
+    /// Build what people install, in <target>/dist: the static racewatch binary as a Python
+    /// wheel and a .deb (with its manual pages and completions).
+    Dist,
     /// Set up and run every test, the root ones included, then each fuzz target for a while.
     Test {
         /// Seconds each fuzz target runs (0: none).
@@ -47,6 +52,9 @@ enum Task {
         /// interleaved run, for a before/after comparison of a change to the hot path.
         #[arg(long, value_name = "RACEWATCH")]
         baseline: Option<PathBuf>,
+        /// Minutes of the soak (system-wide, short-lived processes beside a long one; 0: none).
+        #[arg(long, default_value_t = 10.0)]
+        soak_minutes: f64,
     },
 }
 
@@ -93,12 +101,15 @@ fn test(args: &[String], fuzz_seconds: u64) -> Result<()> {
         bail!("the root tests load BPF programs: run `sudo -E cargo xtask test`");
     }
     demo::build_demos()?;
+    // tests/install.rs installs these in a clean root.
+    let dist = dist::run()?;
     // Unit tests, then the root ones (ignored by a plain `cargo test`), one at a time: they
     // measure and probe real processes.
     run_cmd(
         Command::new(env!("CARGO"))
             .current_dir(workspace_root())
             .arg("test")
+            .env("RACEWATCH_DIST", &dist)
             .args(args)
             .args(["--", "--include-ignored", "--test-threads=1"]),
     )?;
@@ -114,11 +125,13 @@ fn main() -> Result<()> {
     match cli.task {
         Task::Setup => Ok(()),
         Task::Demo => demo::run(),
+        Task::Dist => dist::run().map(drop),
         Task::Test { args, fuzz_seconds } => test(&args, fuzz_seconds),
         Task::Bench {
             runs,
             seconds,
             baseline,
-        } => bench::run(runs, seconds, baseline.as_deref()),
+            soak_minutes,
+        } => bench::run(runs, seconds, baseline.as_deref(), soak_minutes),
     }
 }

@@ -3,7 +3,7 @@
 use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
 
 use detector_common::{
-    Event, KEY_ABSENT, KeyErrorEvent, KeyVerdict, LookupEvent, ObjKey, WindowEvent, key_hash,
+    Event, KEY_ABSENT, KeyErrorEvent, KeyVerdict, LookupEvent, ObjKey, WindowEvent,
 };
 
 use crate::{engine::stack::Stack, text::comm_str};
@@ -11,6 +11,8 @@ use crate::{engine::stack::Stack, text::comm_str};
 /// A lookup that fell inside another thread's empty-cache window.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Alert {
+    /// The run's window it fell in (each window its own functions).
+    pub window: u32,
     pub cache: u64,
     /// The process the cache belongs to (host pid).
     pub pid: u32,
@@ -33,6 +35,14 @@ pub struct Alert {
 }
 
 impl Alert {
+    fn obj(&self) -> ObjKey {
+        ObjKey {
+            object: self.cache,
+            tgid: self.pid,
+            window: self.window,
+        }
+    }
+
     /// How long the cache had been empty when the lookup began.
     pub fn open_for_ns(&self) -> u64 {
         self.lookup_ns.saturating_sub(self.window_open_ns)
@@ -46,6 +56,8 @@ pub struct Counts {
     pub windows: u64,
     pub lookups_in_window: u64,
     pub misses_in_window: u64,
+    /// Windows in which at least one lookup missed.
+    pub windows_with_misses: u64,
     /// KeyErrors in a window for keys the refill did not bring back either: not the window's.
     pub absent_keys_in_window: u64,
     /// Caches that had at least one window.
@@ -55,7 +67,7 @@ pub struct Counts {
 }
 
 /// Renders a key object's bytes, for Python KeyErrors.
-pub type KeyRenderer = fn(&KeyErrorEvent) -> Option<String>;
+pub type KeyRenderer = Box<dyn Fn(&KeyErrorEvent) -> Option<String>>;
 
 /// A window seen opening.
 struct Opened {
@@ -67,8 +79,29 @@ struct Opened {
 /// Windows remembered per cache.
 const OPENED_KEPT: usize = 8;
 
+/// The value a lookup returns when it does not find its key, and how many of the return
+/// register's low bytes the function sets (a `bool` only `al`: the rest is whatever was there).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct MissValue {
+    pub value: i64,
+    pub bytes: u8,
+}
+
+impl MissValue {
+    /// Does the returned register mean "not found"?
+    pub fn is(&self, ret: i64) -> bool {
+        let mask = if self.bytes >= 8 {
+            u64::MAX
+        } else {
+            (1u64 << (8 * u32::from(self.bytes))) - 1
+        };
+        (ret as u64 ^ self.value as u64) & mask == 0
+    }
+}
+
 pub struct Correlator {
-    miss_ret: Option<i64>,
+    /// By window: the lookup's return value that means "not found", when the return is probed.
+    miss_ret: Vec<Option<MissValue>>,
     render_key: Option<KeyRenderer>,
     /// The last windows seen opening, by cache, newest last. Kept after they close: a lookup
     /// that overlapped one can arrive after its close, even after the next one opened (the
@@ -79,27 +112,37 @@ pub struct Correlator {
     stacks: HashMap<u32, (u32, u64, Stack)>,
     /// Each reader's stack (with its process) in the last window it was flagged in, by the
     /// window's opening time: the kernel sends a reader's stack with its first flagged lookup of a
-    /// window only.
+    /// window only, and CPython frames with a KeyError only when they differ from the last ones
+    /// the thread sent in the window.
     reader_stacks: HashMap<u32, (u32, u64, Stack)>,
     caches: HashSet<ObjKey>,
+    /// The last windows of each cache in which a lookup missed, by opening time: a window is
+    /// counted once in `windows_with_misses`, however many lookups missed in it.
+    missed: HashMap<ObjKey, VecDeque<u64>>,
     /// KeyError alerts awaiting their key's verdict, by (dict, key address, key hash).
     held: HashMap<(ObjKey, u64, i64), Vec<Alert>>,
     counts: Counts,
     /// The same counts, per process that had a window.
     per_process: BTreeMap<u32, Counts>,
+    /// And per window of the run that had one.
+    per_window: BTreeMap<u32, Counts>,
     /// Processes that ended with a window, oldest first: past [`PROCESSES_KEPT`], the oldest
     /// leave `per_process` (their counts stay in the totals).
     ended: VecDeque<u32>,
     processes_dropped: u64,
+    /// Processes dropped from `per_process` since [`Correlator::take_dropped`] last ran, for
+    /// what keeps more about them (their names) to forget them too.
+    dropped: Vec<u32>,
 }
 
 /// Processes whose own counts are kept for the summary, at most (a run left on for days sees
 /// many come and go).
-const PROCESSES_KEPT: usize = 16_384;
+pub const PROCESSES_KEPT: usize = 4096;
 
 impl Correlator {
-    /// `miss_ret`: the lookup return value that means "not found", when the return is probed.
-    pub fn new(miss_ret: Option<i64>, render_key: Option<KeyRenderer>) -> Correlator {
+    /// `miss_ret`, by window: the lookup return value that means "not found", when the return
+    /// is probed.
+    pub fn new(miss_ret: Vec<Option<MissValue>>, render_key: Option<KeyRenderer>) -> Correlator {
         Correlator {
             miss_ret,
             render_key,
@@ -107,11 +150,14 @@ impl Correlator {
             stacks: HashMap::new(),
             reader_stacks: HashMap::new(),
             caches: HashSet::new(),
+            missed: HashMap::new(),
             held: HashMap::new(),
             counts: Counts::default(),
             per_process: BTreeMap::new(),
+            per_window: BTreeMap::new(),
             ended: VecDeque::new(),
             processes_dropped: 0,
+            dropped: Vec::new(),
         }
     }
 
@@ -139,7 +185,10 @@ impl Correlator {
             .flatten()
             .collect();
         alerts.sort_by_key(|a| a.lookup_ns);
-        self.count_misses(tgid, alerts.len());
+        for a in &alerts {
+            self.count_miss(a);
+        }
+        self.missed.retain(|obj, _| obj.tgid != tgid);
         if self.per_process.contains_key(&tgid) {
             self.ended.push_back(tgid);
         }
@@ -148,8 +197,14 @@ impl Correlator {
         {
             self.per_process.remove(&old);
             self.processes_dropped += 1;
+            self.dropped.push(old);
         }
         alerts
+    }
+
+    /// The processes whose own counts were dropped since the last call.
+    pub fn take_dropped(&mut self) -> Vec<u32> {
+        std::mem::take(&mut self.dropped)
     }
 
     pub fn counts(&self) -> &Counts {
@@ -161,16 +216,22 @@ impl Correlator {
         &self.per_process
     }
 
-    /// Applies `f` to the run's counts and to those of process `pid`.
-    fn count(&mut self, pid: u32, f: impl Fn(&mut Counts)) {
+    /// The counts of each window of the run that had one, by window.
+    pub fn per_window(&self) -> &BTreeMap<u32, Counts> {
+        &self.per_window
+    }
+
+    /// Applies `f` to the run's counts and to those of `obj`'s process and window.
+    fn count(&mut self, obj: ObjKey, f: impl Fn(&mut Counts)) {
         f(&mut self.counts);
-        f(self.per_process.entry(pid).or_default());
+        f(self.per_process.entry(obj.tgid).or_default());
+        f(self.per_window.entry(obj.window).or_default());
     }
 
     /// A window seen on `obj`, counted once per cache.
     fn count_window(&mut self, obj: ObjKey) {
         let new_cache = u64::from(self.caches.insert(obj));
-        self.count(obj.tgid, |c| {
+        self.count(obj, |c| {
             c.windows += 1;
             c.caches += new_cache;
         });
@@ -212,16 +273,31 @@ impl Correlator {
         let mut alerts: Vec<Alert> = self.held.drain().flat_map(|(_, a)| a).collect();
         alerts.sort_by_key(|a| a.lookup_ns);
         for a in &alerts {
-            self.count_misses(a.pid, 1);
+            self.count_miss(a);
         }
         alerts
     }
 
-    fn count_misses(&mut self, pid: u32, n: usize) {
-        self.count(pid, |c| {
-            c.lookups_in_window += n as u64;
-            c.misses_in_window += n as u64;
+    /// A lookup that missed in a window (a KeyError judged or never judged).
+    fn count_miss(&mut self, a: &Alert) {
+        self.count(a.obj(), |c| {
+            c.lookups_in_window += 1;
+            c.misses_in_window += 1;
         });
+        self.count_window_missed(a.obj(), a.window_open_ns);
+    }
+
+    /// A lookup missed in `obj`'s window opened at `open_ns`: the window's first counts it.
+    fn count_window_missed(&mut self, obj: ObjKey, open_ns: u64) {
+        let missed = self.missed.entry(obj).or_default();
+        if missed.contains(&open_ns) {
+            return;
+        }
+        if missed.len() == OPENED_KEPT {
+            missed.pop_front();
+        }
+        missed.push_back(open_ns);
+        self.count(obj, |c| c.windows_with_misses += 1);
     }
 
     fn on_open(&mut self, w: &WindowEvent) {
@@ -245,7 +321,7 @@ impl Correlator {
             self.count_window(w.obj());
         }
         let width = w.close_ns.saturating_sub(w.open_ns);
-        self.count(w.tgid, |c| c.max_window_ns = c.max_window_ns.max(width));
+        self.count(w.obj(), |c| c.max_window_ns = c.max_window_ns.max(width));
     }
 
     fn opened(&self, cache: &ObjKey, open_ns: u64) -> Option<&Opened> {
@@ -256,18 +332,19 @@ impl Correlator {
             .find(|o| o.open_ns == open_ns)
     }
 
-    /// The lookup's own stack, or else the one its thread sent earlier in the same window.
-    fn reader_stack(&mut self, l: &LookupEvent) -> Option<Stack> {
-        match self.take_stack(l.reader_tid, l.lookup_ns) {
+    /// The reader's stack for its event stamped `ns` in the window opened at `window_open_ns`:
+    /// the event's own, or else the last one its thread sent earlier in the same window.
+    fn reader_stack(&mut self, tgid: u32, tid: u32, ns: u64, window_open_ns: u64) -> Option<Stack> {
+        match self.take_stack(tid, ns) {
             Some(stack) => {
                 self.reader_stacks
-                    .insert(l.reader_tid, (l.tgid, l.window_open_ns, stack.clone()));
+                    .insert(tid, (tgid, window_open_ns, stack.clone()));
                 Some(stack)
             }
             None => self
                 .reader_stacks
-                .get(&l.reader_tid)
-                .filter(|(_, open_ns, _)| *open_ns == l.window_open_ns)
+                .get(&tid)
+                .filter(|(_, open_ns, _)| *open_ns == window_open_ns)
                 .map(|(_, _, stack)| stack.clone()),
         }
     }
@@ -285,16 +362,21 @@ impl Correlator {
             self.stacks.remove(&l.reader_tid);
             return None;
         }
-        let miss = match (l.has_ret != 0, self.miss_ret) {
-            (true, Some(m)) => Some(l.ret == m),
+        let miss_ret = self.miss_ret.get(l.window as usize).copied().flatten();
+        let miss = match (l.has_ret != 0, miss_ret) {
+            (true, Some(m)) => Some(m.is(l.ret)),
             _ => None,
         };
-        self.count(l.tgid, |c| {
+        self.count(l.obj(), |c| {
             c.lookups_in_window += 1;
             c.misses_in_window += u64::from(miss == Some(true));
         });
+        if miss == Some(true) {
+            self.count_window_missed(l.obj(), l.window_open_ns);
+        }
         let (writer_name, writer_stack) = self.writer(&l.obj(), l.window_open_ns);
         Some(Alert {
+            window: l.window,
             cache: l.cache,
             pid: l.tgid,
             reader_tid: l.reader_tid,
@@ -305,19 +387,20 @@ impl Correlator {
             lookup_ns: l.lookup_ns,
             miss,
             key: None,
-            reader_stack: self.reader_stack(l),
+            reader_stack: self.reader_stack(l.tgid, l.reader_tid, l.lookup_ns, l.window_open_ns),
             writer_stack,
         })
     }
 
     /// Holds the alert until the kernel says whether the key is in the refilled dict.
     fn on_keyerror(&mut self, k: &KeyErrorEvent) {
-        let reader_stack = self.take_stack(k.reader_tid, k.raised_ns);
+        let reader_stack = self.reader_stack(k.tgid, k.reader_tid, k.raised_ns, k.window_open_ns);
         if k.reader_tid == k.writer_tid {
             return;
         }
         let (writer_name, writer_stack) = self.writer(&k.obj(), k.window_open_ns);
         let alert = Alert {
+            window: k.window,
             cache: k.dict,
             pid: k.tgid,
             reader_tid: k.reader_tid,
@@ -327,13 +410,12 @@ impl Correlator {
             window_open_ns: k.window_open_ns,
             lookup_ns: k.raised_ns,
             miss: Some(true),
-            key: self.render_key.and_then(|r| r(k)),
+            key: self.render_key.as_ref().and_then(|r| r(k)),
             reader_stack,
             writer_stack,
         };
-        let hash = key_hash(&k.key_type, &k.key_obj);
         self.held
-            .entry((k.obj(), k.key, hash))
+            .entry((k.obj(), k.key, k.hash))
             .or_default()
             .push(alert);
     }
@@ -345,10 +427,14 @@ impl Correlator {
             .unwrap_or_default();
         if v.present == KEY_ABSENT {
             let n = alerts.len() as u64;
-            self.count(v.tgid, |c| c.absent_keys_in_window += n);
+            if n > 0 {
+                self.count(v.obj(), |c| c.absent_keys_in_window += n);
+            }
             return Vec::new();
         }
-        self.count_misses(v.tgid, alerts.len());
+        for a in &alerts {
+            self.count_miss(a);
+        }
         alerts
     }
 }
@@ -359,6 +445,11 @@ mod tests {
     use detector_common::{
         COMM_LEN, EventKind, KEY_OBJ_LEN, KEY_PRESENT, KEY_UNKNOWN, TYPE_NAME_LEN, UNKNOWN_HASH,
     };
+
+    /// A 64-bit miss value.
+    fn miss(value: i64) -> Option<MissValue> {
+        Some(MissValue { value, bytes: 8 })
+    }
 
     use crate::engine::stack::Frame;
 
@@ -388,6 +479,7 @@ mod tests {
             writer_tid: 1,
             _pad: 0,
             key,
+            hash,
             reader_comm: [0; COMM_LEN],
             key_type,
             key_obj,
@@ -416,7 +508,7 @@ mod tests {
 
     #[test]
     fn keyerrors_wait_for_their_verdict() {
-        let mut c = Correlator::new(None, None);
+        let mut c = Correlator::new(Vec::new(), None);
         assert!(feed(&mut c, &[keyerror(7, 70, 110), keyerror(7, 70, 120)]).is_empty());
         assert_eq!(c.counts().misses_in_window, 0);
         assert_eq!(feed(&mut c, &[verdict(7, 70, KEY_PRESENT)]), [110, 120]);
@@ -427,7 +519,7 @@ mod tests {
 
     #[test]
     fn absent_keys_are_counted_apart() {
-        let mut c = Correlator::new(None, None);
+        let mut c = Correlator::new(Vec::new(), None);
         let events = [
             keyerror(7, 70, 110),
             keyerror(8, 80, 120),
@@ -443,7 +535,7 @@ mod tests {
 
     #[test]
     fn keys_that_shared_an_address_get_their_own_verdicts() {
-        let mut c = Correlator::new(None, None);
+        let mut c = Correlator::new(Vec::new(), None);
         let events = [
             keyerror(7, 70, 110),
             keyerror(7, 71, 120),
@@ -457,11 +549,12 @@ mod tests {
 
     #[test]
     fn unhashable_keys_match_their_unknown_verdict() {
-        let mut c = Correlator::new(None, None);
+        let mut c = Correlator::new(Vec::new(), None);
         let Event::KeyError(mut k) = keyerror(7, 70, 110) else {
             unreachable!()
         };
         k.key_type = [0; TYPE_NAME_LEN];
+        k.hash = UNKNOWN_HASH;
         let events = [Event::KeyError(k), verdict(7, UNKNOWN_HASH, KEY_UNKNOWN)];
         assert_eq!(feed(&mut c, &events), [110]);
         assert_eq!(c.counts().misses_in_window, 1);
@@ -469,14 +562,14 @@ mod tests {
 
     #[test]
     fn verdict_without_keyerror_is_ignored() {
-        let mut c = Correlator::new(None, None);
+        let mut c = Correlator::new(Vec::new(), None);
         assert!(feed(&mut c, &[verdict(9, 90, KEY_PRESENT)]).is_empty());
         assert_eq!(c.counts(), &Counts::default());
     }
 
     #[test]
     fn unjudged_keyerrors_are_misses_at_the_end() {
-        let mut c = Correlator::new(None, None);
+        let mut c = Correlator::new(Vec::new(), None);
         feed(&mut c, &[keyerror(8, 80, 130), keyerror(7, 70, 110)]);
         let left: Vec<u64> = c.finish().iter().map(|a| a.lookup_ns).collect();
         assert_eq!(left, [110, 130]);
@@ -528,7 +621,7 @@ mod tests {
 
     #[test]
     fn stacks_go_to_the_event_that_follows_them() {
-        let mut c = Correlator::new(None, None);
+        let mut c = Correlator::new(Vec::new(), None);
         c.on_stack(PID, 1, 100, frames("clear"));
         c.on_event(&window(EventKind::WindowOpen, 100));
         c.on_stack(PID, 2, 110, frames("lookup"));
@@ -549,8 +642,31 @@ mod tests {
     }
 
     #[test]
+    fn keyerrors_without_frames_get_the_last_ones_of_their_window() {
+        let mut c = Correlator::new(Vec::new(), None);
+        c.on_event(&window(EventKind::WindowOpen, 100));
+        c.on_stack(PID, 2, 110, frames("get"));
+        c.on_event(&keyerror(7, 70, 110));
+        c.on_event(&keyerror(7, 70, 120));
+        // The frames changed: the kernel sends them again.
+        c.on_stack(PID, 2, 130, frames("other"));
+        c.on_event(&keyerror(7, 70, 130));
+        c.on_event(&keyerror(7, 70, 140));
+        let alerts = c.on_event(&verdict(7, 70, KEY_PRESENT));
+        let stacks: Vec<_> = alerts
+            .iter()
+            .map(|a| a.reader_stack.as_ref().map(|s| s[0].function.clone()))
+            .collect();
+        let name = |n: &str| Some(n.to_string());
+        assert_eq!(
+            stacks,
+            [name("get"), name("get"), name("other"), name("other")]
+        );
+    }
+
+    #[test]
     fn a_lookup_of_an_older_window_still_gets_its_writer() {
-        let mut c = Correlator::new(None, None);
+        let mut c = Correlator::new(Vec::new(), None);
         c.on_stack(PID, 1, 100, frames("clear-a"));
         c.on_event(&window(EventKind::WindowOpen, 100));
         c.on_event(&window(EventKind::WindowClose, 100));
@@ -564,7 +680,7 @@ mod tests {
 
     #[test]
     fn writer_own_keyerror_is_not_held() {
-        let mut c = Correlator::new(None, None);
+        let mut c = Correlator::new(Vec::new(), None);
         let Event::KeyError(mut k) = keyerror(7, 70, 110) else {
             unreachable!()
         };
@@ -588,7 +704,7 @@ mod tests {
 
     #[test]
     fn forked_workers_sharing_an_address_are_counted_apart() {
-        let mut c = Correlator::new(Some(-1), None);
+        let mut c = Correlator::new(vec![miss(-1)], None);
         // Both workers' caches sit at DICT; only the second's window is open at its lookup.
         c.on_event(&in_process(window(EventKind::WindowOpen, 100), 7));
         c.on_event(&in_process(window(EventKind::WindowOpen, 100), 8));
@@ -604,8 +720,30 @@ mod tests {
     }
 
     #[test]
+    fn a_miss_is_compared_at_the_width_the_function_returns() {
+        let bool_false = MissValue { value: 0, bytes: 1 };
+        assert!(
+            bool_false.is(0x7f3a_0000_1200),
+            "al is 0, the rest left over"
+        );
+        assert!(!bool_false.is(0x7f3a_0000_1201));
+        let int_minus_one = MissValue {
+            value: -1,
+            bytes: 4,
+        };
+        assert!(int_minus_one.is(0xffff_ffff));
+        assert!(
+            !MissValue {
+                value: -1,
+                bytes: 8
+            }
+            .is(0xffff_ffff)
+        );
+    }
+
+    #[test]
     fn an_ended_process_leaves_its_counts_and_nothing_else() {
-        let mut c = Correlator::new(None, Some(|_: &KeyErrorEvent| None));
+        let mut c = Correlator::new(Vec::new(), Some(Box::new(|_: &KeyErrorEvent| None)));
         let (key, hash) = (0x5000, 77);
         c.on_event(&in_process(window(EventKind::WindowOpen, 100), 9));
         c.on_event(&in_process(keyerror(key, hash, 120), 9));
@@ -619,5 +757,102 @@ mod tests {
         let alerts = c.on_event(&in_process(lookup(300, 100), 9));
         assert_eq!(alerts[0].writer_name, None);
         assert_eq!(c.counts().misses_in_window, 1);
+    }
+
+    /// `e` moved to window `window` of the run.
+    fn in_window(mut e: Event, window: u32) -> Event {
+        match &mut e {
+            Event::WindowOpen(w) | Event::WindowClose(w) => w.window = window,
+            Event::Lookup(l) => l.window = window,
+            _ => {}
+        }
+        e
+    }
+
+    /// A lookup at `lookup_ns` in the window opened at `open_ns` that returned `ret`.
+    fn returned(lookup_ns: u64, open_ns: u64, ret: i64) -> Event {
+        let Event::Lookup(mut l) = lookup(lookup_ns, open_ns) else {
+            unreachable!()
+        };
+        (l.has_ret, l.ret) = (1, ret);
+        Event::Lookup(l)
+    }
+
+    #[test]
+    fn each_window_has_its_counts_and_its_miss_value() {
+        // Window 0 misses with -1, window 1 with 0.
+        let mut c = Correlator::new(vec![miss(-1), miss(0)], None);
+        for w in [0, 1] {
+            c.on_event(&in_window(window(EventKind::WindowOpen, 100), w));
+        }
+        let alerts: Vec<Alert> = [(0, -1), (0, -1), (1, -1), (1, 7)]
+            .into_iter()
+            .flat_map(|(w, ret)| c.on_event(&in_window(returned(110, 100, ret), w)))
+            .collect();
+        let missed: Vec<(u32, Option<bool>)> = alerts.iter().map(|a| (a.window, a.miss)).collect();
+        assert_eq!(
+            missed,
+            [
+                (0, Some(true)),
+                (0, Some(true)),
+                (1, Some(false)),
+                (1, Some(false))
+            ]
+        );
+        let w = c.per_window();
+        assert_eq!(
+            (
+                w[&0].windows,
+                w[&0].lookups_in_window,
+                w[&0].misses_in_window
+            ),
+            (1, 2, 2)
+        );
+        assert_eq!(
+            (
+                w[&1].windows,
+                w[&1].lookups_in_window,
+                w[&1].misses_in_window
+            ),
+            (1, 2, 0)
+        );
+        assert_eq!(
+            c.counts().caches,
+            2,
+            "the same address in two windows: two objects"
+        );
+    }
+
+    #[test]
+    fn a_window_with_misses_is_counted_once() {
+        let mut c = Correlator::new(vec![miss(-1)], None);
+        c.on_event(&window(EventKind::WindowOpen, 100));
+        c.on_event(&returned(110, 100, -1));
+        c.on_event(&returned(120, 100, -1));
+        c.on_event(&window(EventKind::WindowOpen, 200));
+        c.on_event(&returned(210, 200, 5));
+        // A late miss of the first window does not count it again.
+        c.on_event(&returned(130, 100, -1));
+        assert_eq!(c.counts().windows_with_misses, 1);
+        c.on_event(&returned(220, 200, -1));
+        assert_eq!(c.counts().windows_with_misses, 2);
+        assert_eq!(c.per_window()[&0].windows_with_misses, 2);
+        assert_eq!(c.counts().misses_in_window, 4);
+        // KeyErrors judged at the close count their window too.
+        let mut c = Correlator::new(Vec::new(), None);
+        feed(&mut c, &[keyerror(7, 70, 110), keyerror(8, 80, 120)]);
+        feed(
+            &mut c,
+            &[verdict(7, 70, KEY_PRESENT), verdict(8, 80, KEY_PRESENT)],
+        );
+        assert_eq!(c.counts().windows_with_misses, 1);
+    }
+
+    #[test]
+    fn a_process_that_ends_without_a_window_gets_no_entry() {
+        let mut c = Correlator::new(Vec::new(), None);
+        assert!(c.on_exit(9).is_empty());
+        c.on_event(&verdict(7, 70, KEY_ABSENT));
+        assert!(c.per_process().is_empty(), "{:?}", c.per_process());
     }
 }

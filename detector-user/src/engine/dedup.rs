@@ -1,6 +1,18 @@
 //! One report per pair of stacks: the first alert of each (reader stack, writer stack) pair is
-//! printed, the others only counted. Pure: no I/O.
+//! printed, the others only counted, and reported again as counts in long runs. Bounded for
+//! runs left on for days: at most [`PAIRS_KEPT`] pairs, and new pairs' alerts printed at most
+//! [`ALERTS_PER_S`] a second; what either holds back is counted, never dropped silently. Pure:
+//! no I/O, no clock (the rate limit runs on the alerts' kernel timestamps).
 use std::collections::HashMap;
+
+/// Distinct pairs kept, at most. The lookups of pairs beyond it are counted in
+/// [`Pairs::unkept`], and their alerts not printed.
+pub const PAIRS_KEPT: usize = 4096;
+/// New pairs' alerts printed a second at most, on average over [`ALERTS_BURST`] of them: a run
+/// that meets thousands of new stacks a second must not flood its output. A pair whose first
+/// alert was held back is still counted, and reported with its counts.
+pub const ALERTS_PER_S: f64 = 20.0;
+pub const ALERTS_BURST: f64 = 100.0;
 
 use crate::engine::{correlate::Alert, stack::Stack};
 
@@ -19,6 +31,40 @@ pub struct Pair {
     /// seen for hours is one finding, with its span, not thousands of lines.
     pub first_ns: u64,
     pub last_ns: u64,
+    /// Whether its first alert was printed (else the rate limit held it back).
+    pub printed: bool,
+    /// Its lookups at the last periodic report.
+    reported: u64,
+}
+
+/// A token bucket on the alerts' timestamps.
+#[derive(Debug)]
+struct Limit {
+    tokens: f64,
+    last_ns: u64,
+}
+
+impl Default for Limit {
+    fn default() -> Self {
+        Limit {
+            tokens: ALERTS_BURST,
+            last_ns: 0,
+        }
+    }
+}
+
+impl Limit {
+    fn allow(&mut self, ns: u64) -> bool {
+        let elapsed = ns.saturating_sub(self.last_ns) as f64 / 1e9;
+        self.last_ns = self.last_ns.max(ns);
+        self.tokens = (self.tokens + elapsed * ALERTS_PER_S).min(ALERTS_BURST);
+        if self.tokens >= 1.0 {
+            self.tokens -= 1.0;
+            true
+        } else {
+            false
+        }
+    }
 }
 
 type Key = (Option<Stack>, Option<Stack>);
@@ -40,11 +86,16 @@ pub struct Pairs {
     /// addresses of stacks held in `pairs` are kept, so none can be reused by another stack.
     by_ptr: HashMap<Ptrs, usize>,
     pairs: Vec<Pair>,
+    limit: Limit,
+    /// Lookups of pairs beyond [`PAIRS_KEPT`].
+    pub unkept: u64,
+    /// Pairs whose first alert the rate limit held back.
+    pub held_back: u64,
 }
 
 impl Pairs {
     /// Counts `alert` in its pair; returns the pair's number (from 1) when the alert is the
-    /// pair's first, the one to print.
+    /// pair's first and the rate limit lets it through: the one to print.
     pub fn observe(&mut self, alert: &Alert) -> Option<usize> {
         let ptrs = (ptr(&alert.reader_stack), ptr(&alert.writer_stack));
         if let Some(&i) = self.by_ptr.get(&ptrs) {
@@ -54,6 +105,10 @@ impl Pairs {
         let key = (alert.reader_stack.clone(), alert.writer_stack.clone());
         let (i, first) = match self.index.get(&key) {
             Some(&i) => (i, false),
+            None if self.pairs.len() >= PAIRS_KEPT => {
+                self.unkept += 1;
+                return None;
+            }
             None => {
                 self.pairs.push(Pair {
                     reader_stack: key.0.clone(),
@@ -64,6 +119,8 @@ impl Pairs {
                     misses: 0,
                     first_ns: alert.lookup_ns,
                     last_ns: alert.lookup_ns,
+                    printed: false,
+                    reported: 0,
                 });
                 self.index.insert(key, self.pairs.len() - 1);
                 (self.pairs.len() - 1, true)
@@ -75,7 +132,30 @@ impl Pairs {
             self.by_ptr.insert(ptrs, i);
         }
         self.count(i, alert);
-        first.then_some(i + 1)
+        if !first {
+            return None;
+        }
+        if !self.limit.allow(alert.lookup_ns) {
+            self.held_back += 1;
+            return None;
+        }
+        self.pairs[i].printed = true;
+        Some(i + 1)
+    }
+
+    /// The pairs that raced since the last call, each with its number (from 1) and its lookups
+    /// since then: a long run's periodic account of what it stopped printing.
+    pub fn report(&mut self) -> Vec<(usize, &Pair, u64)> {
+        self.pairs
+            .iter_mut()
+            .enumerate()
+            .filter(|(_, p)| p.lookups > p.reported)
+            .map(|(i, p)| {
+                let new = p.lookups - p.reported;
+                p.reported = p.lookups;
+                (i + 1, &*p, new)
+            })
+            .collect()
     }
 
     fn count(&mut self, i: usize, alert: &Alert) {
@@ -111,6 +191,7 @@ mod tests {
 
     fn alert(reader: Option<Stack>, writer: Option<Stack>, miss: Option<bool>) -> Alert {
         Alert {
+            window: 0,
             cache: 1,
             pid: 100,
             reader_tid: 2,
@@ -180,6 +261,51 @@ mod tests {
             p.observe(&alert(Some(r), Some(stack(&["clear", "y"])), None)),
             Some(2)
         );
+    }
+
+    #[test]
+    fn new_pairs_are_printed_at_the_rate_limit_and_the_rest_counted() {
+        let mut p = Pairs::default();
+        let w = stack(&["clear"]);
+        let mut printed = 0;
+        // 1,000 new pairs within one second: the burst, then ALERTS_PER_S a second.
+        for i in 0..1000u64 {
+            let mut a = alert(
+                Some(stack(&[&format!("r{i}")])),
+                Some(w.clone()),
+                Some(true),
+            );
+            a.lookup_ns = i * 1_000_000;
+            printed += usize::from(p.observe(&a).is_some());
+        }
+        assert_eq!(printed, ALERTS_BURST as usize + ALERTS_PER_S as usize - 1);
+        assert_eq!(p.held_back as usize, 1000 - printed);
+        assert_eq!(p.pairs().len(), 1000);
+        assert_eq!(p.pairs().iter().filter(|q| q.printed).count(), printed);
+        // Beyond what is kept, pairs are counted, not kept.
+        for i in 1000..PAIRS_KEPT as u64 + 10 {
+            p.observe(&alert(
+                Some(stack(&[&format!("r{i}")])),
+                Some(w.clone()),
+                None,
+            ));
+        }
+        assert_eq!((p.pairs().len(), p.unkept), (PAIRS_KEPT, 10));
+    }
+
+    #[test]
+    fn the_periodic_report_gives_what_raced_since_the_last() {
+        let (r1, r2, w) = (stack(&["a"]), stack(&["b"]), stack(&["clear"]));
+        let mut p = Pairs::default();
+        for r in [&r1, &r1, &r2] {
+            p.observe(&alert(Some(r.clone()), Some(w.clone()), Some(true)));
+        }
+        let firsts: Vec<(usize, u64)> = p.report().iter().map(|(n, _, new)| (*n, *new)).collect();
+        assert_eq!(firsts, [(1, 2), (2, 1)]);
+        assert!(p.report().is_empty(), "nothing raced since");
+        p.observe(&alert(Some(r2.clone()), Some(w.clone()), Some(true)));
+        let again: Vec<(usize, u64)> = p.report().iter().map(|(n, _, new)| (*n, *new)).collect();
+        assert_eq!(again, [(2, 1)]);
     }
 
     proptest! {

@@ -1,11 +1,13 @@
 //! Lookup sampling. Where probing every lookup would slow the target (`python`, whose dict
 //! lookups run millions of times a second; `watch --miss-ret`, which probes misses alone), the
 //! lookup-counting probe is attached for a short burst once a period, and the hazard report
-//! scales the counts by the time it was attached. The target pays the probe's cost during
-//! [`BURST`] out of every [`PERIOD`] (2% of its lookups) and nothing otherwise.
+//! scales the counts by the time it was attached. The target pays the probe's cost during one
+//! burst a [`PERIOD`], as long as the cost budget allows (`engine::budget`), and nothing
+//! otherwise.
 use std::time::{Duration, Instant};
 
-pub const BURST: Duration = Duration::from_millis(20);
+use crate::engine::budget::SamplingJson;
+
 pub const PERIOD: Duration = Duration::from_secs(1);
 
 /// When bursts start and stop, and how long lookups were counted.
@@ -18,6 +20,8 @@ pub struct Sampler {
     sampled: Duration,
     /// The probe stays attached once started (every lookup counted).
     always: bool,
+    bursts: u64,
+    skipped: u64,
 }
 
 impl Sampler {
@@ -28,7 +32,14 @@ impl Sampler {
             due: Some(now),
             sampled: Duration::ZERO,
             always,
+            bursts: 0,
+            skipped: 0,
         }
+    }
+
+    /// Whether the probe stays attached once started, whatever the budget.
+    pub fn always(&self) -> bool {
+        self.always
     }
 
     pub fn due(&self) -> Option<Instant> {
@@ -40,10 +51,17 @@ impl Sampler {
     }
 
     /// The probe was attached at `now` (after the attach returned: the time counted is never
-    /// more than the probe was live).
-    pub fn started(&mut self, now: Instant) {
+    /// more than the probe was live), for `burst`.
+    pub fn started(&mut self, now: Instant, burst: Duration) {
         self.on_since = Some(now);
-        self.due = (!self.always).then_some(now + BURST);
+        self.due = (!self.always).then(|| now + burst);
+        self.bursts += 1;
+    }
+
+    /// The budget left no room for a burst at `now`: the next one is due a period later.
+    pub fn skipped(&mut self, now: Instant) {
+        self.due = Some(now + PERIOD);
+        self.skipped += 1;
     }
 
     /// The probe is about to be detached at `now`.
@@ -58,6 +76,15 @@ impl Sampler {
     pub fn halt(&mut self) {
         self.on_since = None;
         self.due = None;
+    }
+
+    /// The bursts' account at `now`, for the summary.
+    pub fn account(&self, now: Instant) -> SamplingJson {
+        SamplingJson {
+            bursts: self.bursts,
+            skipped: self.skipped,
+            sampled_s: self.sampled(now).as_secs_f64(),
+        }
     }
 
     /// Time lookups were counted, the running burst included.
@@ -79,7 +106,7 @@ mod tests {
         let mut s = Sampler::new(t0, false);
         assert_eq!(s.due(), Some(t0));
         assert!(!s.is_on());
-        s.started(t0 + Duration::from_millis(1));
+        s.started(t0 + Duration::from_millis(1), Duration::from_millis(20));
         assert!(s.is_on());
         assert_eq!(s.due(), Some(t0 + Duration::from_millis(21)));
         assert_eq!(
@@ -89,11 +116,18 @@ mod tests {
         s.stopped(t0 + Duration::from_millis(23));
         assert!(!s.is_on());
         assert_eq!(s.due(), Some(t0 + Duration::from_millis(1001)));
-        s.started(t0 + Duration::from_millis(1002));
-        s.stopped(t0 + Duration::from_millis(1022));
+        s.started(t0 + Duration::from_millis(1002), Duration::from_millis(5));
+        assert_eq!(s.due(), Some(t0 + Duration::from_millis(1007)));
+        s.stopped(t0 + Duration::from_millis(1007));
+        s.skipped(t0 + Duration::from_millis(2002));
+        assert_eq!(s.due(), Some(t0 + Duration::from_millis(3002)));
         assert_eq!(
-            s.sampled(t0 + Duration::from_secs(5)),
-            Duration::from_millis(42)
+            s.account(t0 + Duration::from_secs(5)),
+            SamplingJson {
+                bursts: 2,
+                skipped: 1,
+                sampled_s: 0.027
+            }
         );
     }
 

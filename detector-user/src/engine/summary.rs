@@ -1,8 +1,11 @@
 //! What a run reports at its end: the counts, what was lost, what each probe cost. Plain data,
 //! serialized as the NDJSON summary and rendered by each sink.
+use std::collections::BTreeMap;
+
 use serde::Serialize;
 
 use crate::engine::{
+    budget::SamplingJson,
     correlate::Counts,
     cost::{ProbeHits, SelfCost},
     dedup::Pair,
@@ -27,6 +30,9 @@ pub struct Summary {
     /// KeyErrors whose key the kernel could not look up in the refilled dict (counted as window
     /// misses too).
     pub unjudged_keys: u64,
+    /// KeyErrors raised while a window of their process was open whose dict the kernel could
+    /// not find: each may be a miss the run did not see (listed in `unwatched` too).
+    pub unplaced_keyerrors: u64,
     /// Ring-buffer records userspace could not decode (a racewatch bug if ever non-zero).
     pub decode_errors: u64,
     /// Times each probe fired in the target.
@@ -35,10 +41,21 @@ pub struct Summary {
     pub provoke: ProvokeJson,
     /// racewatch's estimate of the time its probes added to the target.
     pub self_cost: Option<SelfCost>,
+    /// The hazard report's lookup sampling under the budget (None when lookups are not
+    /// sampled).
+    pub sampling: Option<SamplingJson>,
     /// Each distinct (reader stack, writer stack) pair, with how often it raced.
     pub pairs: Vec<PairJson>,
+    /// Pairs whose first alert the alert rate limit held back (each is in `pairs`).
+    pub alerts_held_back: u64,
+    /// Lookups in a window of pairs beyond the pairs racewatch keeps (counted in the totals,
+    /// in no pair).
+    pub unkept_pair_lookups: u64,
     /// Each process that had a window, with its share of the counts above.
     pub processes: Vec<ProcessJson>,
+    /// Each window of the run by its name (a config's, the lookup's as given to `--lookup`, or
+    /// the interpreter file's), with its share of the counts above.
+    pub windows_by_name: BTreeMap<String, WindowJson>,
     /// Processes forked by watched ones after the start, and so watched too.
     pub forks: u64,
     /// Processes that ended with a window and left `processes` to bound racewatch's memory
@@ -56,14 +73,37 @@ pub struct Summary {
 #[derive(Clone, Debug, Default, Serialize)]
 pub struct ProcessJson {
     pub pid: u32,
-    /// Its pid inside its own pid namespace (a container's view), where known.
+    /// Its pid inside its own pid namespace (a container's view), where that differs from the
+    /// host's.
     pub ns_pid: Option<u32>,
+    /// The id of the container it ran in (64 hex digits), where its cgroup path named one.
+    pub container: Option<String>,
     pub comm: String,
     /// The watched process it was forked from; None for the target itself.
     pub parent: Option<u32>,
     pub windows: u64,
     pub lookups_in_window: u64,
     pub misses_in_window: u64,
+}
+
+/// One window's part of a run.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize)]
+pub struct WindowJson {
+    pub windows: u64,
+    pub windows_with_misses: u64,
+    pub lookups_in_window: u64,
+    pub misses_in_window: u64,
+}
+
+impl From<&Counts> for WindowJson {
+    fn from(c: &Counts) -> Self {
+        WindowJson {
+            windows: c.windows,
+            windows_with_misses: c.windows_with_misses,
+            lookups_in_window: c.lookups_in_window,
+            misses_in_window: c.misses_in_window,
+        }
+    }
 }
 
 #[derive(Clone, Debug, Default, Serialize)]
@@ -85,7 +125,9 @@ pub struct PairJson {
     /// The pair's first and latest lookup in a window (kernel clock, ns).
     pub first_seen_ns: u64,
     pub last_seen_ns: u64,
-    /// Its alerts after the first, counted here instead of printed.
+    /// Whether its first alert was printed (else the alert rate limit held it back).
+    pub printed: bool,
+    /// Its alerts not printed, counted here instead.
     pub alerts_suppressed: u64,
     pub reader_stack: Option<Vec<Frame>>,
     pub writer_stack: Option<Vec<Frame>>,
@@ -100,7 +142,8 @@ impl From<&Pair> for PairJson {
             misses: p.misses,
             first_seen_ns: p.first_ns,
             last_seen_ns: p.last_ns,
-            alerts_suppressed: p.lookups.saturating_sub(1),
+            printed: p.printed,
+            alerts_suppressed: p.lookups - u64::from(p.printed),
             reader_stack: p.reader_stack.as_deref().map(<[Frame]>::to_vec),
             writer_stack: p.writer_stack.as_deref().map(<[Frame]>::to_vec),
         }

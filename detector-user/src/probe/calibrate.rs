@@ -15,7 +15,7 @@ use serde::Serialize;
 
 use crate::{
     engine::cost::Costs,
-    probe::{loader, placement},
+    probe::{code, loader},
 };
 
 // Functions to probe, one per kind of probed instruction. They take and return a value so the
@@ -305,7 +305,7 @@ pub fn table() -> Result<(f64, Vec<Row>), CalibrationError> {
         // SAFETY: the calibration functions sit in racewatch's mapped .text, followed by more of
         // it: their first 8 bytes are readable.
         let code = unsafe { std::slice::from_raw_parts(f as *const u8, 8) };
-        let (instruction, emulated) = placement::describe(code);
+        let (instruction, emulated) = code::describe(code);
         rows.push(Row {
             instruction,
             probe: kind,

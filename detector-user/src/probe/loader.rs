@@ -11,31 +11,31 @@ use aya::{
     },
 };
 use detector_common::{
-    ARG_SLOTS, DictSite, EVENTS_MAP, KEYERROR_SITES_MAP, MAX_PROBES, PROBES_MAP, PROVOKE_MAP,
-    ProbeConfig, ProvokeState, PyLayout, READERS_MAP, ReaderKey, ReaderState, STATS_MAP, StackMode,
-    Stat, WATCHED_MAP, globals,
+    ARG_SLOTS, EVENTS_MAP, MAX_PROBES, MAX_WINDOWS, OBJECT_IN_MEMORY, OBJECT_IN_REGISTER,
+    OBJECT_STATIC, PROBES_MAP, PROVOKE_MAP, PY_LAYOUTS_MAP, ProbeConfig, ProvokeState, PyLayout,
+    READERS_MAP, ReaderKey, ReaderState, STATS_MAP, StackMode, Stat, WATCHED_MAP, globals,
 };
 
 use crate::probe::{
-    plan::{LookupProbe, Placed, Plan, RefillProbe},
+    plan::{DropRequest, LookupProbe, ObjectAt, Placed, Plan, RefillProbe},
     symbols::Function,
 };
 
 #[derive(Debug, thiserror::Error)]
 pub enum LoadError {
     #[error("the kernel refused racewatch's eBPF programs: {0}")]
-    Load(#[source] aya::EbpfError),
+    Load(#[source] Box<aya::EbpfError>),
     #[error("cannot load the `{program}` probe program: {source}")]
     Program {
         program: &'static str,
-        source: aya::programs::ProgramError,
+        source: Box<aya::programs::ProgramError>,
     },
     #[error("cannot attach the {role} probe to {function} in {binary}: {source}")]
     Attach {
         role: &'static str,
         function: String,
         binary: PathBuf,
-        source: aya::programs::ProgramError,
+        source: Box<aya::programs::ProgramError>,
     },
     #[error("cannot count this machine's CPUs: {0}")]
     Cpus(#[source] std::io::Error),
@@ -43,6 +43,8 @@ pub enum LoadError {
     MissingMap(&'static str),
     #[error("racewatch attaches at most {0} probes in one run")]
     TooManyProbes(u32),
+    #[error("racewatch watches at most {0} windows (interpreter files) in one run")]
+    TooManyWindows(u32),
     #[error("cannot use the kernel map {map}: {source}")]
     Map {
         map: &'static str,
@@ -61,8 +63,6 @@ pub struct Options {
     /// How long to hold a writer in each window (0: never).
     pub provoke_ns: u64,
     pub stack_mode: StackMode,
-    /// Used with [`StackMode::Python`].
-    pub py_layout: PyLayout,
 }
 
 /// The loaded object; dropping it detaches every probe and frees every map.
@@ -73,9 +73,10 @@ pub struct Loaded {
     configs: u32,
     /// Native `--provoke`: the refill's entry probe holds the writer.
     hold_at_refill: bool,
-    /// The sampling probe's site and its cookie, once attached; and its link while a burst runs.
-    sample: Option<(PathBuf, Placed, u64)>,
-    sample_link: Option<UProbeLinkId>,
+    /// Each plan's sampling probe site and its cookie, once attached; and their links while a
+    /// burst runs.
+    samples: Vec<(PathBuf, Placed, u64)>,
+    sample_links: Vec<UProbeLinkId>,
     sample_always: bool,
 }
 
@@ -118,7 +119,12 @@ pub(crate) fn configure_in(
 impl Loaded {
     pub fn load(opts: &Options, plan: &Plan) -> Result<Loaded, LoadError> {
         let wakeup_bytes = u64::from(opts.ring_bytes / 2);
-        let drop_delta = plan.gil.as_ref().map_or(0i64, |g| g.drop_request_delta);
+        let (drop_delta, drop_in_thread, drop_mask) =
+            match plan.gil.as_ref().map(|g| g.drop_request) {
+                None => (0i64, 0u64, u32::MAX),
+                Some(DropRequest::Static { delta }) => (delta, 0, u32::MAX),
+                Some(DropRequest::InThread { offset }) => (0, offset, 1),
+            };
         // The provocation budget accrues from now, on the clock bpf_ktime_get_ns reads.
         let start_ns = monotonic_ns();
         let cpus = aya::util::nr_cpus()
@@ -137,18 +143,19 @@ impl Loaded {
             .override_global(globals::PROVOKE_START_NS, &start_ns, true)
             .override_global(globals::PROVOKE_CPUS, &cpus, true)
             .override_global(globals::DROP_REQUEST_DELTA, &drop_delta, true)
+            .override_global(globals::DROP_REQUEST_IN_THREAD, &drop_in_thread, true)
+            .override_global(globals::DROP_REQUEST_MASK, &drop_mask, true)
             .override_global(globals::STACK_MODE, &(opts.stack_mode as u32), true)
-            .override_global(globals::PY_LAYOUT, &opts.py_layout, true)
             .map_max_entries(EVENTS_MAP, opts.ring_bytes)
             .load(OBJECT)
-            .map_err(LoadError::Load)?;
+            .map_err(|e| LoadError::Load(Box::new(e)))?;
         Ok(Loaded {
             ebpf,
             probes: 0,
             configs: 0,
             hold_at_refill: opts.provoke_ns != 0 && plan.gil.is_none(),
-            sample: None,
-            sample_link: None,
+            samples: Vec::new(),
+            sample_links: Vec::new(),
             sample_always: false,
         })
     }
@@ -171,10 +178,15 @@ impl Loaded {
                 .program_mut(program)
                 .and_then(|p| p.try_into().ok())
                 .ok_or(LoadError::MissingMap(program))?;
-            prog.load()
-                .map_err(|source| LoadError::Program { program, source })?;
+            prog.load().map_err(|source| LoadError::Program {
+                program,
+                source: source.into(),
+            })?;
             prog.attach(tracepoint)
-                .map_err(|source| LoadError::Program { program, source })?;
+                .map_err(|source| LoadError::Program {
+                    program,
+                    source: source.into(),
+                })?;
         }
         Ok(())
     }
@@ -187,8 +199,10 @@ impl Loaded {
             .and_then(|p| p.try_into().ok())
             .ok_or(LoadError::MissingMap(program))?;
         if prog.fd().is_err() {
-            prog.load()
-                .map_err(|source| LoadError::Program { program, source })?;
+            prog.load().map_err(|source| LoadError::Program {
+                program,
+                source: source.into(),
+            })?;
         }
         Ok(prog)
     }
@@ -213,7 +227,10 @@ impl Loaded {
         offset: u64,
         config: &ProbeConfig,
     ) -> Result<(), LoadError> {
-        let cookie = self.configure(config)?;
+        let cookie = self.configure(&ProbeConfig {
+            vaddr: function.address + offset,
+            ..*config
+        })?;
         self.attach_site(program, role, plan_binary, function, offset, cookie)?;
         self.probes += 1;
         Ok(())
@@ -241,14 +258,14 @@ impl Loaded {
                 role,
                 function: function.display.clone(),
                 binary: plan_binary.clone(),
-                source,
+                source: source.into(),
             })?;
         Ok(link)
     }
 
     /// Whether lookups are counted in bursts rather than all of them.
     pub fn samples(&self) -> bool {
-        self.sample.is_some()
+        !self.samples.is_empty()
     }
 
     /// Whether the counting probe stays attached for the whole run.
@@ -256,13 +273,13 @@ impl Loaded {
         self.sample_always
     }
 
-    /// Starts a sampling burst: attaches the lookup-counting probe. No-op without one, or while
+    /// Starts a sampling burst: attaches the lookup-counting probes. No-op without one, or while
     /// a burst runs.
     pub fn start_sample(&mut self) -> Result<(), LoadError> {
-        let Some((bin, placed, cookie)) = self.sample.clone() else {
+        if !self.sample_links.is_empty() {
             return Ok(());
-        };
-        if self.sample_link.is_none() {
+        }
+        for (bin, placed, cookie) in self.samples.clone() {
             let link = self.attach_site(
                 "on_lookup_sample",
                 "lookup sample",
@@ -271,27 +288,47 @@ impl Loaded {
                 placed.offset,
                 cookie,
             )?;
-            self.sample_link = Some(link);
+            self.sample_links.push(link);
         }
         Ok(())
     }
 
-    /// Ends a sampling burst: detaches the lookup-counting probe.
+    /// Ends a sampling burst: detaches the lookup-counting probes.
     pub fn stop_sample(&mut self) -> Result<(), LoadError> {
-        let Some(link) = self.sample_link.take() else {
-            return Ok(());
-        };
+        for link in std::mem::take(&mut self.sample_links) {
+            self.detach_sample(link)?;
+        }
+        Ok(())
+    }
+
+    fn detach_sample(&mut self, link: UProbeLinkId) -> Result<(), LoadError> {
         self.program("on_lookup_sample")?
             .detach(link)
             .map_err(|source| LoadError::Program {
                 program: "on_lookup_sample",
+                source: source.into(),
+            })
+    }
+
+    /// Stores the CPython layout of window `window`'s interpreter, which its probes read.
+    fn store_layout(&mut self, window: u32, layout: &PyLayout) -> Result<(), LoadError> {
+        let mut layouts: Array<_, PyLayout> = map_mut(&mut self.ebpf, PY_LAYOUTS_MAP)?;
+        layouts
+            .set(window, layout, 0)
+            .map_err(|source| LoadError::Map {
+                map: PY_LAYOUTS_MAP,
                 source,
             })
     }
 
-    /// Attaches every probe of `plan` to process `pid` (0: every process that maps the binary).
     /// Attaches every probe of `plan`, each with its configuration.
     pub fn attach(&mut self, plan: &Plan) -> Result<(), LoadError> {
+        if plan.window >= MAX_WINDOWS {
+            return Err(LoadError::TooManyWindows(MAX_WINDOWS));
+        }
+        if let Some(layout) = &plan.py_layout {
+            self.store_layout(plan.window, layout)?;
+        }
         let bin = &plan.binary;
         // Where the object is at an entry: the argument the plan names.
         let at_entry = ProbeConfig {
@@ -301,10 +338,17 @@ impl Loaded {
                 .unwrap_or(ARG_SLOTS[0]),
             window: plan.window,
             miss_value: 0,
+            vaddr: 0,
+            object_kind: OBJECT_IN_REGISTER,
+            object_offset: 0,
+            ..ProbeConfig::default()
         };
         let cfg = &at_entry;
-        let clear = &plan.clear;
-        self.attach_one("on_clear", "clear", bin, &clear.function, clear.offset, cfg)?;
+        for clear in &plan.clear {
+            let f = &clear.function;
+            let c = &with_object(cfg, clear.object);
+            self.attach_one("on_clear", "clear", bin, f, clear.offset, c)?;
+        }
         // The refill's entry probe shares the breakpoint its return probe needs at the entry.
         for refill in &plan.refills {
             let entry = if self.hold_at_refill {
@@ -315,60 +359,68 @@ impl Loaded {
             match refill {
                 RefillProbe::Return(p) => {
                     let f = &p.function;
-                    self.attach_one(entry, "refill", bin, f, 0, cfg)?;
-                    self.attach_one("on_refill_return", "refill return", bin, f, 0, cfg)?;
+                    let c = &with_object(cfg, p.object);
+                    self.attach_one(entry, "refill", bin, f, 0, c)?;
+                    self.attach_one("on_refill_return", "refill return", bin, f, 0, c)?;
                 }
                 RefillProbe::Exits { entry: at, exits } => {
                     let f = &at.function;
-                    self.attach_one(entry, "refill", bin, f, at.offset, cfg)?;
+                    let c = &with_object(cfg, at.object);
+                    self.attach_one(entry, "refill", bin, f, at.offset, c)?;
                     for &exit in exits {
-                        self.attach_one("on_refill_exit", "refill exit", bin, f, exit, cfg)?;
+                        self.attach_one("on_refill_exit", "refill exit", bin, f, exit, c)?;
                     }
                 }
             }
         }
         match &plan.lookup {
-            LookupProbe::Entry(p) => {
-                self.attach_one("on_lookup", "lookup", bin, &p.function, p.offset, cfg)?;
-            }
-            LookupProbe::EntryAndReturn(Placed { function: f, .. }) => {
-                self.attach_one("on_lookup_entry", "lookup", bin, f, 0, cfg)?;
-                self.attach_one("on_lookup_return", "lookup return", bin, f, 0, cfg)?;
-            }
-            LookupProbe::Miss {
-                function,
-                offsets,
-                cache_slot,
-                value,
-                ..
-            } => {
-                // On the miss path the cache is wherever the function keeps it there.
-                let miss = ProbeConfig {
-                    object_slot: *cache_slot,
-                    miss_value: *value,
-                    ..at_entry
-                };
-                for &offset in offsets {
-                    self.attach_one(
-                        "on_lookup_miss",
-                        "lookup miss",
-                        bin,
-                        function,
-                        offset,
-                        &miss,
-                    )?;
+            LookupProbe::Entry(placed) => {
+                for p in placed {
+                    let c = &with_object(cfg, p.object);
+                    self.attach_one("on_lookup", "lookup", bin, &p.function, p.offset, c)?;
                 }
             }
-            LookupProbe::KeyError { function, sites } => {
-                let mut map: HashMap<_, u64, DictSite> =
-                    map_mut(&mut self.ebpf, KEYERROR_SITES_MAP)?;
-                for (delta, loc) in sites {
-                    map.insert(delta, loc, 0).map_err(|source| LoadError::Map {
-                        map: KEYERROR_SITES_MAP,
-                        source,
-                    })?;
+            LookupProbe::EntryAndReturn { at: placed, .. } => {
+                for p in placed {
+                    let (f, c) = (&p.function, &with_object(cfg, p.object));
+                    self.attach_one("on_lookup_entry", "lookup", bin, f, 0, c)?;
+                    self.attach_one("on_lookup_return", "lookup return", bin, f, 0, c)?;
                 }
+            }
+            LookupProbe::Miss { sites, value, .. } => {
+                for site in sites {
+                    // On the miss path the cache is wherever the function keeps it there.
+                    let (value_kind, value_slot, value_offset, value_bytes) = match site.result {
+                        None => (OBJECT_IN_REGISTER, 0, 0, 0),
+                        Some((ObjectAt::Memory { slot, offset }, bytes)) => {
+                            (OBJECT_IN_MEMORY, slot, offset, u32::from(bytes))
+                        }
+                        Some((ObjectAt::Register(slot), bytes)) => {
+                            (OBJECT_IN_REGISTER, slot, 0, u32::from(bytes))
+                        }
+                        Some((ObjectAt::Static(_), _)) => {
+                            unreachable!("a result is in a register or on the stack")
+                        }
+                    };
+                    let miss = ProbeConfig {
+                        miss_value: *value,
+                        value_kind,
+                        value_slot,
+                        value_offset,
+                        value_bytes,
+                        ..with_object(cfg, Some(site.object))
+                    };
+                    let f = &site.function;
+                    self.attach_one("on_lookup_miss", "lookup miss", bin, f, site.offset, &miss)?;
+                }
+            }
+            LookupProbe::KeyError { function, inline } => {
                 self.attach_one("on_keyerror", "KeyError", bin, &function.function, 0, cfg)?;
+                for (f, offsets) in inline {
+                    for &offset in offsets {
+                        self.attach_one("on_keyerror_inline", "KeyError", bin, f, offset, cfg)?;
+                    }
+                }
             }
         }
         if let Some(g) = &plan.gil {
@@ -377,12 +429,22 @@ impl Loaded {
             self.attach_one("on_take_gil", "take_gil", bin, &t.function, t.offset, cfg)?;
         }
         if let Some(sample) = &plan.sample {
-            let cookie = self.configure(cfg)?;
-            self.sample = Some((bin.clone(), sample.clone(), cookie));
+            let cookie = self.configure(&ProbeConfig {
+                object_slot: sample.object_slot,
+                ..at_entry
+            })?;
+            self.samples.push((bin.clone(), sample.at.clone(), cookie));
             self.sample_always = plan.sample_always;
             // Attached once now, so a site the kernel refuses fails the run before it starts.
-            self.start_sample()?;
-            self.stop_sample()?;
+            let link = self.attach_site(
+                "on_lookup_sample",
+                "lookup sample",
+                bin,
+                &sample.at.function,
+                sample.at.offset,
+                cookie,
+            )?;
+            self.detach_sample(link)?;
         }
         Ok(())
     }
@@ -464,4 +526,20 @@ pub fn monotonic_ns() -> u64 {
     // SAFETY: clock_gettime writes the timespec it is given; CLOCK_MONOTONIC always exists.
     unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
     ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
+}
+
+/// `base` (the object in an argument register at an entry), with the object where `object` says.
+fn with_object(base: &ProbeConfig, object: Option<ObjectAt>) -> ProbeConfig {
+    let (object_kind, object_slot, object_offset) = match object {
+        None => return *base,
+        Some(ObjectAt::Register(slot)) => (OBJECT_IN_REGISTER, slot, 0),
+        Some(ObjectAt::Memory { slot, offset }) => (OBJECT_IN_MEMORY, slot, offset),
+        Some(ObjectAt::Static(address)) => (OBJECT_STATIC, 0, address as i64),
+    };
+    ProbeConfig {
+        object_kind,
+        object_slot,
+        object_offset,
+        ..*base
+    }
 }

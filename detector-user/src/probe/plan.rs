@@ -2,8 +2,6 @@
 //! role each plays. Placement fills it in; the loader attaches it.
 use std::path::PathBuf;
 
-use detector_common::DictSite;
-
 use crate::{
     engine::cost::Traps,
     probe::symbols::{Function, SymbolTable},
@@ -18,62 +16,126 @@ pub struct Placed {
     pub offset: u64,
     /// Whether the kernel emulates the probed instruction rather than single-stepping it.
     pub emulated: bool,
+    /// Where the object is there, when not in the plan's object argument (a copy the compiler
+    /// made for one constant object).
+    pub object: Option<ObjectAt>,
 }
 
-/// How the cache's lookup is observed.
+/// Where a probe finds the watched object, other than in an argument register at an entry.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ObjectAt {
+    /// In a register (its `pt_regs` slot).
+    Register(u32),
+    /// The 8 bytes at a register (its `pt_regs` slot) plus an offset: a stack slot.
+    Memory { slot: u32, offset: i64 },
+    /// A global at this address in the file.
+    Static(u64),
+}
+
+/// A probe on a path by which a lookup returns its miss value, or where every lookup's result is
+/// known (then `result` says where to read it and how many low bytes to compare).
+#[derive(Clone, Debug)]
+pub struct MissSite {
+    pub function: Function,
+    pub offset: u64,
+    pub emulated: bool,
+    pub object: ObjectAt,
+    pub result: Option<(ObjectAt, u8)>,
+}
+
+/// A place every lookup passes, and the `pt_regs` slot of the register holding the object there.
+#[derive(Clone)]
+pub struct Sample {
+    pub at: Placed,
+    pub object_slot: u32,
+}
+
+impl Sample {
+    /// A lookup function's entry (or its first emulated prologue instruction), the object its
+    /// argument `arg`.
+    pub fn at_entry(at: Placed, arg: u32) -> Sample {
+        Sample {
+            at,
+            object_slot: detector_common::ARG_SLOTS
+                .get(arg as usize)
+                .copied()
+                .unwrap_or(detector_common::ARG_SLOTS[0]),
+        }
+    }
+}
+
+/// How the cache's lookup is observed (in the function and each copy the compiler made of it).
 pub enum LookupProbe {
     /// Entry only: lookups entered inside a window.
-    Entry(Placed),
-    /// Entry and return: also lookups in flight when the window opened, with their result.
-    EntryAndReturn(Placed),
+    Entry(Vec<Placed>),
+    /// Entry and return: also lookups in flight when the window opened, with their result, whose
+    /// low `bytes` the function sets.
+    EntryAndReturn {
+        at: Vec<Placed>,
+        value: i64,
+        bytes: u8,
+    },
     /// The instructions by which the lookup returns its miss value: misses alone trap.
     Miss {
-        function: Function,
-        /// Offsets of the miss-path sites in the function.
-        offsets: Vec<u64>,
-        /// `pt_regs` slot of the register that holds the cache at those sites.
-        cache_slot: u32,
+        sites: Vec<MissSite>,
         value: i64,
-        /// Every site is on an instruction the kernel emulates.
-        emulated: bool,
+        bytes: u8,
     },
-    /// CPython: `_PyErr_SetKeyError`'s entry, with where each call site keeps the dict, keyed by
-    /// return address minus the function's address.
+    /// CPython: `_PyErr_SetKeyError`'s entry (the kernel finds the failed dict on the Python
+    /// frame's value stack).
     KeyError {
         function: Placed,
-        sites: Vec<(u64, DictSite)>,
+        /// Where the KeyError is raised inline: each function and the offsets in it.
+        inline: Vec<(Function, Vec<u64>)>,
     },
 }
 
-/// CPython `--provoke`: `dict_clear` (its return is probed), `take_gil`, and where the
-/// interpreter's `gil_drop_request` is relative to the clear probe's address.
+/// CPython `--provoke`: `dict_clear` (its return is probed), `take_gil`, and where a thread
+/// waiting for the GIL asks its holder for it.
 pub struct GilHandover {
     pub clear: Function,
     pub take_gil: Placed,
-    pub drop_request_delta: i64,
+    pub drop_request: DropRequest,
+}
+
+/// Where a waiter asks for the GIL.
+#[derive(Clone, Copy)]
+pub enum DropRequest {
+    /// The main interpreter's `ceval.gil_drop_request` (3.11, 3.12), this far from the clear
+    /// probe's address.
+    Static { delta: i64 },
+    /// Bit 0 (`_PY_GIL_DROP_REQUEST_BIT`) of `eval_breaker`, at this offset in the holder's thread
+    /// state (3.13+).
+    InThread { offset: u64 },
 }
 
 /// Everything to attach, in one binary (executable or shared library).
 pub struct Plan {
+    /// The window's name in alerts and the summary.
+    pub name: String,
     pub binary: PathBuf,
     /// Which argument (0-based) of the window's functions is the object at their entry.
     pub object_arg: u32,
     /// Which of the run's windows these probes belong to (events carry it).
     pub window: u32,
-    pub clear: Placed,
+    /// The emptying function, and the copies the compiler made of it.
+    pub clear: Vec<Placed>,
     /// Functions whose return closes the window (CPython has two ways to refill a dict).
     pub refills: Vec<RefillProbe>,
     pub lookup: LookupProbe,
     /// CPython `--provoke`: how to make a writer hand the GIL over (None: native holds).
     pub gil: Option<GilHandover>,
-    /// A lookup function's entry to count lookups in short bursts (see `sampling`), when
-    /// `lookup` does not probe every lookup.
-    pub sample: Option<Placed>,
+    /// Where lookups are counted in short bursts (see `sampling`), when `lookup` does not probe
+    /// every lookup.
+    pub sample: Option<Sample>,
     /// Keep that probe attached the whole run: every lookup counted, at a trap each.
     pub sample_always: bool,
     /// What of the named functions these probes do not see (copies the compiler made of them),
     /// for the summary's `unwatched`.
     pub unprobed: Vec<String>,
+    /// CPython: where this interpreter keeps a thread's frames, for the kernel (stored by
+    /// window).
+    pub py_layout: Option<detector_common::PyLayout>,
 }
 
 /// How a refill is probed: at its entry (to learn which cache) and where it ends.
@@ -85,16 +147,47 @@ pub enum RefillProbe {
     Exits { entry: Placed, exits: Vec<u64> },
 }
 
+/// Finds, while a run goes on, what else to watch: the run attaches each plan it returns (a new
+/// window) and adds each line to `unwatched`. `racewatch python` on the host meets interpreter
+/// files so as processes start.
+pub trait Discover {
+    fn discover(&mut self) -> (Vec<Plan>, Vec<String>);
+}
+
+/// How each probe of several plans traps: an instruction counts as emulated only where it is in
+/// every plan (the estimate of what racewatch adds errs high).
+pub fn traps(plans: &[Plan]) -> Traps {
+    plans
+        .iter()
+        .map(Plan::traps)
+        .reduce(Traps::and)
+        .unwrap_or_default()
+}
+
+impl LookupProbe {
+    /// The value the lookup returns for "not found", and how many low bytes of the returned
+    /// register say it, where misses are watched.
+    pub fn miss(&self) -> Option<(i64, u8)> {
+        match self {
+            LookupProbe::EntryAndReturn { value, bytes, .. }
+            | LookupProbe::Miss { value, bytes, .. } => Some((*value, *bytes)),
+            _ => None,
+        }
+    }
+}
+
 impl Plan {
     /// How each probe traps, for the estimate of the time racewatch adds.
     pub fn traps(&self) -> Traps {
         let (lookup_entry, lookup_miss, keyerror) = match &self.lookup {
-            LookupProbe::Entry(p) | LookupProbe::EntryAndReturn(p) => (p.emulated, true, true),
-            LookupProbe::Miss { emulated, .. } => (true, *emulated, true),
+            LookupProbe::Entry(p) | LookupProbe::EntryAndReturn { at: p, .. } => {
+                (p.iter().all(|p| p.emulated), true, true)
+            }
+            LookupProbe::Miss { sites, .. } => (true, sites.iter().all(|s| s.emulated), true),
             LookupProbe::KeyError { function, .. } => (true, true, function.emulated),
         };
         Traps {
-            clear: self.clear.emulated,
+            clear: self.clear.iter().all(|c| c.emulated),
             refill: self.refills.iter().all(|r| match r {
                 RefillProbe::Return(p) => p.emulated,
                 RefillProbe::Exits { .. } => true,
@@ -105,7 +198,7 @@ impl Plan {
                 .all(|r| matches!(r, RefillProbe::Exits { .. })),
             lookup_entry,
             lookup_miss,
-            lookup_sample: self.sample.as_ref().is_none_or(|p| p.emulated),
+            lookup_sample: self.sample.as_ref().is_none_or(|s| s.at.emulated),
             keyerror,
         }
     }
@@ -119,10 +212,14 @@ pub fn copies_not_probed(
     table: &SymbolTable,
     probed: &[(&str, &Function)],
     miss_path: Option<&Function>,
+    handled: &[&Function],
 ) -> Vec<String> {
     let mut out = Vec::new();
     for (role, f) in probed {
         for (copy, entry_point) in table.copies(f) {
+            if handled.iter().any(|h| h.symbol == copy.symbol) {
+                continue;
+            }
             if entry_point {
                 let name = if copy.display == copy.symbol {
                     escape(&copy.symbol)

@@ -89,6 +89,37 @@ struct Entry {
     names: Vec<String>,
 }
 
+/// The symbol a compiler's copy was made from: `f` for `f.constprop.0`, `f.isra.0`, `f.cold`.
+pub fn base_symbol(symbol: &str) -> &str {
+    symbol.split_once('.').map_or(symbol, |(base, _)| base)
+}
+
+/// Is this the cold part of a function (code its body jumps to, never called)?
+pub fn is_cold(symbol: &str) -> bool {
+    symbol.split('.').skip(1).any(|part| part == "cold")
+}
+
+/// When every function a name matches is one function or copies of it, the one to name: the
+/// function itself, else its only copy that callers call.
+fn one_function<'a>(matches: &[&'a Entry]) -> Option<&'a Function> {
+    let base = base_symbol(&matches[0].function.symbol);
+    if matches
+        .iter()
+        .any(|e| base_symbol(&e.function.symbol) != base)
+    {
+        return None;
+    }
+    let functions = || matches.iter().map(|e| &e.function);
+    if let Some(original) = functions().find(|f| f.symbol == base) {
+        return Some(original);
+    }
+    let mut entry_points = functions().filter(|f| !is_cold(&f.symbol));
+    match (entry_points.next(), entry_points.next()) {
+        (Some(only), None) => Some(only),
+        _ => None,
+    }
+}
+
 /// The names a symbol answers to: raw, demangled, demangled without parameters or hash.
 fn names_for(raw: &str) -> Vec<String> {
     let mut names = vec![raw.to_string()];
@@ -216,6 +247,7 @@ impl SymbolTable {
         match matches.as_slice() {
             [one] => Ok(one.function.clone()),
             [] => Err(self.not_found(name)),
+            many if let Some(f) = one_function(many) => Ok(f.clone()),
             many => Err(SymbolError::Ambiguous {
                 name: name.to_string(),
                 path: self.path.clone(),
@@ -263,22 +295,20 @@ impl SymbolTable {
             .collect()
     }
 
-    /// The function whose code holds `address`.
-    /// The copies the compiler made of `f`, named after it (`f.constprop.0`, `f.isra.0`,
-    /// `f.part.0`, `f.cold`, ...): each with whether it is a separate entry point that callers
-    /// may call instead of `f` (a `.cold` part is only jumped to from `f`'s own body).
+    /// The copies the compiler made of `f`'s function (`f.constprop.0`, `f.isra.0`, `f.part.0`,
+    /// `f.cold`, `f.constprop.0.cold`, ...), `f` itself left out: each with whether it is a
+    /// separate entry point that callers may call instead (a `.cold` part is only jumped to from
+    /// its function's own body).
     pub fn copies(&self, f: &Function) -> Vec<(&Function, bool)> {
-        let prefix = format!("{}.", f.symbol);
+        let base = base_symbol(&f.symbol);
         self.functions
             .values()
-            .filter(|e| e.function.symbol.starts_with(&prefix))
-            .map(|e| {
-                let suffix = &e.function.symbol[prefix.len()..];
-                (&e.function, !suffix.starts_with("cold"))
-            })
+            .filter(|e| e.function.symbol != f.symbol && base_symbol(&e.function.symbol) == base)
+            .map(|e| (&e.function, !is_cold(&e.function.symbol)))
             .collect()
     }
 
+    /// The function whose code holds `address`.
     pub fn containing(&self, address: u64) -> Option<&Function> {
         let (_, e) = self.functions.range(..=address).next_back()?;
         (address < e.function.address + e.function.size).then_some(&e.function)

@@ -15,6 +15,14 @@ pub enum TargetError {
     NotExecutable(PathBuf),
     #[error("{} is a directory, not a command", .0.display())]
     IsADirectory(PathBuf),
+    #[error(
+        "permission denied: this user may not execute {} (see its owner and mode, the \
+         directories on its way, and whether its file system is mounted noexec)",
+        .0.display()
+    )]
+    PermissionDenied(PathBuf),
+    #[error("cannot run {cmd}: {reason}")]
+    Exec { cmd: String, reason: String },
     #[error("pid 0 is not a process: give the pid of the running program (see `pgrep`)")]
     PidZero,
     #[error("no process with pid {0}: is it still running? (see `pgrep`)")]
@@ -27,11 +35,22 @@ pub enum TargetError {
     Spawn { cmd: String, source: std::io::Error },
     #[error("cannot watch process {pid} for exit: {source}")]
     Pidfd { pid: u32, source: std::io::Error },
+    #[error(
+        "{} is not there for process {pid}: neither on the host nor in its root ({}); give the path it maps the file by (see /proc/{pid}/maps)",
+        .path.display(), .inside.display()
+    )]
+    NotInProcess {
+        pid: u32,
+        path: PathBuf,
+        inside: PathBuf,
+    },
 }
 
 /// Resolves a command name as the shell would (PATH lookup); a file that is there but that may
-/// not be executed is told apart from one that is not there.
+/// not be executed (no execute bit, or not for this user) is told apart from one that is not
+/// there.
 pub fn resolve_command(cmd: &OsString) -> Result<PathBuf, TargetError> {
+    use std::os::unix::fs::PermissionsExt as _;
     which::which(cmd).map_err(|_| {
         let path = Path::new(cmd);
         let candidate = if path.components().count() > 1 {
@@ -43,10 +62,19 @@ pub fn resolve_command(cmd: &OsString) -> Result<PathBuf, TargetError> {
                     .find(|p| p.exists())
             })
         };
-        match candidate {
-            Some(p) if p.is_dir() => TargetError::IsADirectory(p),
-            Some(p) if p.exists() => TargetError::NotExecutable(p),
-            _ => TargetError::CommandNotFound(cmd.to_string_lossy().into_owned()),
+        let not_found = || TargetError::CommandNotFound(cmd.to_string_lossy().into_owned());
+        let Some(p) = candidate else {
+            return not_found();
+        };
+        match fs::metadata(&p) {
+            Ok(m) if m.is_dir() => TargetError::IsADirectory(p),
+            Ok(m) if m.permissions().mode() & 0o111 == 0 => TargetError::NotExecutable(p),
+            // Executable by someone, or on a noexec file system: not by this user.
+            Ok(_) => TargetError::PermissionDenied(p),
+            Err(e) if e.kind() == std::io::ErrorKind::PermissionDenied => {
+                TargetError::PermissionDenied(p)
+            }
+            Err(_) => not_found(),
         }
     })
 }
@@ -63,6 +91,24 @@ pub fn file_of(pid: u32, path: &Path) -> PathBuf {
         (_, Ok(_)) => inside,
         _ => path.to_path_buf(),
     }
+}
+
+/// The file `--binary PATH` names for process `pid`: an absolute path as the process sees it
+/// (see [`file_of`]), a relative one as racewatch does.
+pub fn binary_of(pid: u32, path: &Path) -> Result<PathBuf, TargetError> {
+    if !path.is_absolute() {
+        return Ok(path.to_path_buf());
+    }
+    let file = file_of(pid, path);
+    if file.exists() {
+        return Ok(file);
+    }
+    Err(TargetError::NotInProcess {
+        pid,
+        path: path.to_path_buf(),
+        inside: PathBuf::from(format!("/proc/{pid}/root"))
+            .join(path.strip_prefix("/").unwrap_or(path)),
+    })
 }
 
 /// The live processes, from /proc.
@@ -94,6 +140,8 @@ pub fn running_exe(pid: u32) -> Result<PathBuf, TargetError> {
     Ok(file_of(pid, &exe))
 }
 
+pub mod container;
+pub mod cpu;
 pub mod launch;
 pub mod maps;
 pub mod table;

@@ -2,31 +2,61 @@
 use std::io::{self, Write};
 
 use crate::{
-    engine::{correlate::Alert, cost::SelfCost, hazard::Hazard, stack::Frame, summary::Summary},
+    engine::{
+        correlate::Alert,
+        cost::SelfCost,
+        hazard::Hazard,
+        stack::Frame,
+        summary::{PairJson, Summary},
+    },
+    process::container::Identity,
     report::Sink,
     text::{escape, fmt_ns},
 };
 
+/// `pid 4242`, followed where the process is in a container of its own by its pid there and
+/// the container: `pid 4242 (pid 7 in container 3f2a9c1be07d)`.
+pub fn pid_text(pid: u32, who: &Identity) -> String {
+    match (who.ns_pid, who.short_container()) {
+        (Some(ns), Some(c)) => format!("pid {pid} (pid {ns} in container {c})"),
+        (Some(ns), None) => format!("pid {pid} (pid {ns} in its pid namespace)"),
+        (None, Some(c)) => format!("pid {pid} (in container {c})"),
+        (None, None) => format!("pid {pid}"),
+    }
+}
+
 fn self_cost_line(cost: &SelfCost) -> String {
+    let budget = format!("budget {}%", (cost.budget_share * 1e4).round() / 1e2);
     let share = match (cost.added_share, cost.target_cpu_ns) {
         (Some(share), Some(cpu)) => {
             format!(
-                " ({:.2}% of its {} of CPU time)",
+                " ({:.2}% of its {} of CPU time; {budget})",
                 share * 100.0,
                 fmt_ns(cpu)
             )
         }
-        _ => String::new(),
+        _ => format!(" ({budget})"),
+    };
+    let sampling = match cost.sampling_ns {
+        0 => String::new(),
+        ns => format!(", {} of it sampling lookups", fmt_ns(ns)),
     };
     let c = &cost.per_hit_ns;
-    format!(
-        "racewatch: its probes added ~{} to the target{share}; one hit costs {} (emulated \
-         instruction), {} (single-stepped), {} more with the return probed",
+    let mut line = format!(
+        "racewatch: its probes added ~{} to the target{share}{sampling}; one hit costs {} \
+         (emulated instruction), {} (single-stepped), {} more with the return probed",
         fmt_ns(cost.added_ns),
         fmt_ns(c.emulated_ns as u64),
         fmt_ns(c.single_stepped_ns as u64),
         fmt_ns(c.return_ns as u64),
-    )
+    );
+    if cost.required_over_budget {
+        line.push_str(&format!(
+            "\nracewatch: warning: its window and miss probes alone added more than the {budget}: \
+             they always run, so lookups were sampled only while the budget allowed"
+        ));
+    }
+    line
 }
 
 /// `function file:line`, control characters escaped.
@@ -61,6 +91,22 @@ fn top(stack: Option<&[Frame]>) -> String {
         .unwrap_or_else(|| "?".into())
 }
 
+/// A stack pair's counts and both sides' innermost frames, on one line.
+fn pair_text(number: usize, p: &PairJson) -> String {
+    format!(
+        "pair #{number}: {} lookups in a window, {} missed: reader {} at {}; writer {} at {}",
+        p.lookups,
+        p.misses,
+        escape(&p.reader_name),
+        top(p.reader_stack.as_deref()),
+        p.writer_name
+            .as_deref()
+            .map(escape)
+            .unwrap_or_else(|| "?".into()),
+        top(p.writer_stack.as_deref()),
+    )
+}
+
 pub struct HumanSink<W: Write> {
     out: W,
 }
@@ -72,7 +118,7 @@ impl<W: Write> HumanSink<W> {
 }
 
 impl<W: Write> Sink for HumanSink<W> {
-    fn alert(&mut self, a: &Alert, pair: usize) -> io::Result<()> {
+    fn alert(&mut self, a: &Alert, pair: usize, who: &Identity, window: &str) -> io::Result<()> {
         let writer = a
             .writer_name
             .as_deref()
@@ -90,16 +136,17 @@ impl<W: Write> Sink for HumanSink<W> {
             .unwrap_or_default();
         writeln!(
             self.out,
-            "RACE cache {:#x} in pid {}: reader {} ({}) looked up{} while writer {} ({}) had emptied it {} earlier: {}",
+            "RACE cache {:#x} in {}: reader {} ({}) looked up{} while writer {} ({}) had emptied it {} earlier: {} (window {})",
             a.cache,
-            a.pid,
+            pid_text(a.pid, who),
             a.reader_tid,
             escape(&a.reader_name),
             key,
             a.writer_tid,
             writer,
             fmt_ns(a.open_for_ns()),
-            outcome
+            outcome,
+            escape(window),
         )?;
         if a.reader_stack.is_some() || a.writer_stack.is_some() {
             writeln!(
@@ -127,7 +174,7 @@ impl<W: Write> Sink for HumanSink<W> {
         self.out.flush()
     }
 
-    fn hazard(&mut self, h: &Hazard) -> io::Result<()> {
+    fn hazard(&mut self, h: &Hazard, who: &Identity) -> io::Result<()> {
         let sampled = if h.sampled_fraction < 1.0 {
             format!(
                 " (lookups sampled {:.1}% of the time)",
@@ -136,19 +183,27 @@ impl<W: Write> Sink for HumanSink<W> {
         } else {
             String::new()
         };
+        // With no reader counted there is no forecast, not a forecast of none.
+        let forecast = if h.readers.is_empty() {
+            "no forecast".to_string()
+        } else {
+            format!(
+                "expect {:.1} collisions/hour",
+                h.expected_collisions_per_hour
+            )
+        };
         writeln!(
             self.out,
-            "HAZARD cache {:#x} in pid {}: {} windows ({:.1}/s), width p50 {} p99 {} max {}, empty {:.4}% of \
-             the time; expect {:.1} collisions/hour{sampled}",
+            "HAZARD cache {:#x} in {}: {} windows ({:.1}/s), width p50 {} p99 {} max {}, empty {:.4}% of \
+             the time; {forecast}{sampled}",
             h.cache,
-            h.pid,
+            pid_text(h.pid, who),
             h.windows,
             h.windows_per_s,
             fmt_ns(h.window_p50_ns),
             fmt_ns(h.window_p99_ns),
             fmt_ns(h.window_max_ns),
             h.time_in_window * 100.0,
-            h.expected_collisions_per_hour,
         )?;
         if h.readers.is_empty() {
             writeln!(self.out, "  no reader's lookups were counted")?;
@@ -165,6 +220,20 @@ impl<W: Write> Sink for HumanSink<W> {
                 far(r.closest_after_ns),
             )?;
         }
+        self.out.flush()
+    }
+
+    fn pair(&mut self, number: usize, pair: &PairJson, new: u64) -> io::Result<()> {
+        let held = if pair.printed {
+            ""
+        } else {
+            " (its first alert was held back by the alert rate limit)"
+        };
+        writeln!(
+            self.out,
+            "PAIR {new} more since the last report, {}{held}",
+            pair_text(number, pair)
+        )?;
         self.out.flush()
     }
 
@@ -225,9 +294,9 @@ impl<W: Write> Sink for HumanSink<W> {
         // One line per process when the run saw windows in more than the target.
         if s.processes.len() > 1 || s.processes.iter().any(|p| p.parent.is_some()) {
             for p in &s.processes {
-                let ns = match p.ns_pid {
-                    Some(ns) if ns != p.pid => format!(", pid {ns} in its namespace"),
-                    _ => String::new(),
+                let who = Identity {
+                    ns_pid: p.ns_pid,
+                    container: p.container.clone(),
                 };
                 let parent = p
                     .parent
@@ -235,12 +304,27 @@ impl<W: Write> Sink for HumanSink<W> {
                     .unwrap_or_default();
                 writeln!(
                     self.out,
-                    "racewatch: pid {} ({}{ns}{parent}): {} windows, {} lookups in a window, {} of them missed",
-                    p.pid,
+                    "racewatch: {} ({}{parent}): {} windows, {} lookups in a window, {} of them missed",
+                    pid_text(p.pid, &who),
                     escape(&p.comm),
                     p.windows,
                     p.lookups_in_window,
                     p.misses_in_window
+                )?;
+            }
+        }
+        // One line per window when the run had several.
+        if s.windows_by_name.len() > 1 {
+            for (name, w) in &s.windows_by_name {
+                writeln!(
+                    self.out,
+                    "racewatch: window {}: {} windows ({} with a miss), {} lookups in a window, {} \
+                     of them missed",
+                    escape(name),
+                    w.windows,
+                    w.windows_with_misses,
+                    w.lookups_in_window,
+                    w.misses_in_window
                 )?;
             }
         }
@@ -252,19 +336,15 @@ impl<W: Write> Sink for HumanSink<W> {
             )?;
         }
         for (i, p) in s.pairs.iter().enumerate() {
+            writeln!(self.out, "racewatch: {}", pair_text(i + 1, p))?;
+        }
+        if s.alerts_held_back > 0 || s.unkept_pair_lookups > 0 {
             writeln!(
                 self.out,
-                "racewatch: pair #{}: {} lookups in a window, {} missed: reader {} at {}; writer {} at {}",
-                i + 1,
-                p.lookups,
-                p.misses,
-                escape(&p.reader_name),
-                top(p.reader_stack.as_deref()),
-                p.writer_name
-                    .as_deref()
-                    .map(escape)
-                    .unwrap_or_else(|| "?".into()),
-                top(p.writer_stack.as_deref()),
+                "racewatch: warning: {} stack pairs' first alerts were held back by the alert rate \
+                 limit (their counts are above), and {} lookups in a window belonged to pairs \
+                 beyond the ones racewatch keeps (they are in the totals only)",
+                s.alerts_held_back, s.unkept_pair_lookups
             )?;
         }
         if s.map_full > 0 || s.decode_errors > 0 {

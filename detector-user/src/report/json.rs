@@ -4,7 +4,12 @@ use std::io::{self, Write};
 use serde_json::json;
 
 use crate::{
-    engine::{correlate::Alert, hazard::Hazard, summary::Summary},
+    engine::{
+        correlate::Alert,
+        hazard::Hazard,
+        summary::{PairJson, Summary},
+    },
+    process::container::Identity,
     report::Sink,
 };
 
@@ -19,11 +24,14 @@ impl<W: Write> JsonSink<W> {
 }
 
 impl<W: Write> Sink for JsonSink<W> {
-    fn alert(&mut self, a: &Alert, pair: usize) -> io::Result<()> {
+    fn alert(&mut self, a: &Alert, pair: usize, who: &Identity, window: &str) -> io::Result<()> {
         let line = json!({
             "type": "alert",
+            "window": window,
             "cache": format!("{:#x}", a.cache),
             "pid": a.pid,
+            "ns_pid": who.ns_pid,
+            "container": who.container,
             "reader_tid": a.reader_tid,
             "reader_name": a.reader_name,
             "writer_tid": a.writer_tid,
@@ -44,7 +52,7 @@ impl<W: Write> Sink for JsonSink<W> {
         self.out.flush()
     }
 
-    fn hazard(&mut self, h: &Hazard) -> io::Result<()> {
+    fn hazard(&mut self, h: &Hazard, who: &Identity) -> io::Result<()> {
         let readers: Vec<_> = h
             .readers
             .iter()
@@ -64,6 +72,8 @@ impl<W: Write> Sink for JsonSink<W> {
             "type": "hazard",
             "cache": format!("{:#x}", h.cache),
             "pid": h.pid,
+            "ns_pid": who.ns_pid,
+            "container": who.container,
             "windows": h.windows,
             "windows_per_s": h.windows_per_s,
             "window_p50_ns": h.window_p50_ns,
@@ -71,11 +81,26 @@ impl<W: Write> Sink for JsonSink<W> {
             "window_max_ns": h.window_max_ns,
             "time_in_window": h.time_in_window,
             "readers": readers,
-            "expected_collisions_per_hour": h.expected_collisions_per_hour,
+            // null, not 0, when no reader's lookups were counted: no forecast.
+            "expected_collisions_per_hour": (!h.readers.is_empty()).then_some(h.expected_collisions_per_hour),
             "sampled_fraction": h.sampled_fraction,
             "elapsed_s": h.elapsed_s,
         });
         writeln!(self.out, "{line}")?;
+        self.out.flush()
+    }
+
+    fn pair(&mut self, number: usize, pair: &PairJson, new: u64) -> io::Result<()> {
+        let mut line = serde_json::Map::new();
+        line.insert("type".into(), "pair".into());
+        line.insert("pair".into(), number.into());
+        line.insert("new_lookups".into(), new.into());
+        if let serde_json::Value::Object(fields) =
+            serde_json::to_value(pair).map_err(io::Error::other)?
+        {
+            line.extend(fields);
+        }
+        writeln!(self.out, "{}", serde_json::Value::Object(line))?;
         self.out.flush()
     }
 

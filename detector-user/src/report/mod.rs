@@ -1,7 +1,14 @@
 //! Where findings go: human lines or NDJSON, behind one trait.
 use std::io;
 
-use crate::engine::{correlate::Alert, hazard::Hazard, summary::Summary};
+use crate::{
+    engine::{
+        correlate::Alert,
+        hazard::Hazard,
+        summary::{PairJson, Summary},
+    },
+    process::container::Identity,
+};
 
 pub mod file;
 pub mod human;
@@ -17,9 +24,14 @@ pub use json::JsonSink;
 /// at once.
 pub trait Sink {
     /// The first alert of stack pair number `pair` (from 1); the pair's others are counted in
-    /// the summary.
-    fn alert(&mut self, alert: &Alert, pair: usize) -> io::Result<()>;
-    fn hazard(&mut self, hazard: &Hazard) -> io::Result<()>;
+    /// the summary. `who`: the alert's process as its container knows it; `window`: the name of
+    /// the window it fell in.
+    fn alert(&mut self, alert: &Alert, pair: usize, who: &Identity, window: &str)
+    -> io::Result<()>;
+    fn hazard(&mut self, hazard: &Hazard, who: &Identity) -> io::Result<()>;
+    /// Stack pair number `number` raced `new` more times since the last periodic report (a long
+    /// run's account of the alerts it no longer prints).
+    fn pair(&mut self, number: usize, pair: &PairJson, new: u64) -> io::Result<()>;
     fn flush(&mut self) -> io::Result<()>;
     fn summary(&mut self, summary: &Summary) -> io::Result<()>;
 }
@@ -29,6 +41,7 @@ mod tests {
     use super::*;
     use crate::{
         engine::correlate::Alert,
+        process::container::HOST,
         text::{comm_str, escape, escape_lines},
     };
 
@@ -54,6 +67,7 @@ mod tests {
 
     fn alert(name: &str) -> Alert {
         Alert {
+            window: 0,
             cache: 0x10,
             pid: 100,
             reader_tid: 1,
@@ -81,7 +95,9 @@ mod tests {
     fn human_lines_carry_no_raw_control_character() {
         for name in hostile() {
             let mut out = Vec::new();
-            HumanSink::new(&mut out).alert(&alert(&name), 1).unwrap();
+            HumanSink::new(&mut out)
+                .alert(&alert(&name), 1, &HOST, "cache")
+                .unwrap();
             let text = String::from_utf8(out).unwrap();
             let line = text.strip_suffix('\n').expect("one line");
             assert_no_raw_control(line);
@@ -97,13 +113,135 @@ mod tests {
     fn json_lines_parse_and_keep_the_text() {
         for name in hostile() {
             let mut out = Vec::new();
-            JsonSink::new(&mut out).alert(&alert(&name), 1).unwrap();
+            JsonSink::new(&mut out)
+                .alert(&alert(&name), 1, &HOST, "cache")
+                .unwrap();
             let text = String::from_utf8(out).unwrap();
             assert_eq!(text.matches('\n').count(), 1, "one line: {text:?}");
             let v: serde_json::Value = serde_json::from_str(&text).unwrap();
             assert_eq!(v["reader_name"], name.as_str());
             assert_eq!(v["writer_name"], name.as_str());
             assert_eq!(v["key"], name.as_str());
+            assert!(v["ns_pid"].is_null() && v["container"].is_null(), "{v}");
         }
+    }
+
+    #[test]
+    fn an_alert_names_its_window() {
+        let mut out = Vec::new();
+        JsonSink::new(&mut out)
+            .alert(&alert("r"), 1, &HOST, "prices")
+            .unwrap();
+        let v: serde_json::Value = serde_json::from_slice(&out).unwrap();
+        assert_eq!(v["window"], "prices");
+        for name in hostile() {
+            let mut out = Vec::new();
+            HumanSink::new(&mut out)
+                .alert(&alert("r"), 1, &HOST, &name)
+                .unwrap();
+            let text = String::from_utf8(out).unwrap();
+            assert_no_raw_control(text.trim_end());
+            assert!(
+                text.ends_with(&format!(" (window {})\n", escape(&name))),
+                "{text}"
+            );
+        }
+    }
+
+    #[test]
+    fn the_summary_has_a_line_per_window_when_there_are_several() {
+        use crate::engine::summary::WindowJson;
+        let counts = |windows: u64, misses: u64| WindowJson {
+            windows,
+            windows_with_misses: misses.min(windows),
+            lookups_in_window: misses,
+            misses_in_window: misses,
+        };
+        let mut s = Summary::default();
+        s.windows_by_name.insert("one".into(), counts(3, 2));
+        let lines = |s: &Summary| {
+            let mut out = Vec::new();
+            HumanSink::new(&mut out).summary(s).unwrap();
+            String::from_utf8(out).unwrap()
+        };
+        assert!(!lines(&s).contains("window one"), "{}", lines(&s));
+        s.windows_by_name.insert("two".into(), counts(5, 0));
+        let text = lines(&s);
+        assert!(
+            text.contains(
+                "racewatch: window one: 3 windows (2 with a miss), 2 lookups in a window, 2 of \
+                 them missed\n"
+            ),
+            "{text}"
+        );
+        assert!(
+            text.contains("racewatch: window two: 5 windows (0 with a miss)"),
+            "{text}"
+        );
+    }
+
+    const INSIDE: Identity = Identity {
+        ns_pid: Some(7),
+        container: None,
+    };
+
+    fn in_container() -> Identity {
+        Identity {
+            ns_pid: Some(7),
+            container: Some(
+                "3f2a9c1be07d4c5f8a6b2e1d0c9f8e7d6c5b4a39281706f5e4d3c2b1a0f9e8d7".into(),
+            ),
+        }
+    }
+
+    #[test]
+    fn an_alert_names_the_pid_inside_its_container() {
+        let mut out = Vec::new();
+        let mut human = HumanSink::new(&mut out);
+        human
+            .alert(&alert("r"), 1, &in_container(), "cache")
+            .unwrap();
+        human.alert(&alert("r"), 1, &INSIDE, "cache").unwrap();
+        human.alert(&alert("r"), 1, &HOST, "cache").unwrap();
+        let text = String::from_utf8(out).unwrap();
+        let lines: Vec<&str> = text.lines().collect();
+        assert!(
+            lines[0].starts_with("RACE cache 0x10 in pid 100 (pid 7 in container 3f2a9c1be07d): "),
+            "{}",
+            lines[0]
+        );
+        assert!(
+            lines[1].starts_with("RACE cache 0x10 in pid 100 (pid 7 in its pid namespace): "),
+            "{}",
+            lines[1]
+        );
+        assert!(
+            lines[2].starts_with("RACE cache 0x10 in pid 100: "),
+            "{}",
+            lines[2]
+        );
+
+        let mut out = Vec::new();
+        JsonSink::new(&mut out)
+            .alert(&alert("r"), 1, &in_container(), "cache")
+            .unwrap();
+        let v: serde_json::Value = serde_json::from_slice(&out).unwrap();
+        assert_eq!(
+            (v["pid"].as_u64(), v["ns_pid"].as_u64()),
+            (Some(100), Some(7))
+        );
+        assert_eq!(v["container"], in_container().container.unwrap().as_str());
+    }
+
+    #[test]
+    fn a_container_without_its_own_pid_namespace_is_named_alone() {
+        let who = Identity {
+            ns_pid: None,
+            ..in_container()
+        };
+        assert_eq!(
+            human::pid_text(100, &who),
+            "pid 100 (in container 3f2a9c1be07d)"
+        );
     }
 }

@@ -2,7 +2,7 @@
 //! until the target exits, a signal arrives or the duration elapses, then reports the hazards
 //! and the summary.
 use std::{
-    collections::VecDeque,
+    collections::{BTreeMap, VecDeque},
     time::{Duration, Instant},
 };
 
@@ -15,18 +15,17 @@ use tokio::{
 
 use crate::{
     engine::{
+        budget::{BURST_MAX, BURST_MIN, Budget, Spent},
         correlate::{Alert, Correlator},
-        cost::{ProbeHits, SelfCost, Traps},
+        cost::{Costs, ProbeHits, SelfCost, Traps, required_ns, sampling_ns},
         dedup::Pairs,
         hazard::HazardTracker,
         sampling::Sampler,
-        summary::{LostByKind, ProcessJson, ProvokeJson, Summary},
+        summary::{LostByKind, ProcessJson, ProvokeJson, Summary, WindowJson},
     },
-    probe::{
-        calibrate,
-        loader::{Loaded, monotonic_ns},
-    },
-    process::{table::Processes, target::Target},
+    probe::loader::{Loaded, monotonic_ns},
+    probe::plan::Discover,
+    process::{cpu::CpuMeter, table::Processes, target::Target},
     report::Sink,
     report::{file::Reopen, metrics::Metrics},
     targets::Resolver,
@@ -35,6 +34,9 @@ use crate::{
 /// How often the ring buffer is drained when no write woke us: the kernel side writes without
 /// wakeups below half full, so this bounds the alert latency.
 const POLL: Duration = Duration::from_millis(10);
+
+/// How often a run on the host looks for what else to watch (new interpreter files).
+const DISCOVER: Duration = Duration::from_secs(crate::targets::python::host::LOOK_EVERY_S);
 
 /// Events read from the ring ahead of their handling, at most (8 KiB each at worst).
 const QUEUE_MAX: usize = 4096;
@@ -78,14 +80,20 @@ pub struct Run<'a> {
     pub loaded: &'a mut Loaded,
     pub events: RingBuf<MapData>,
     pub correlator: Correlator,
+    /// The name of each window attached, by window.
+    pub windows: BTreeMap<u32, String>,
     pub resolver: Resolver,
     pub sink: &'a mut dyn Sink,
     pub duration: Option<Duration>,
     /// Hazard reports between the start and the end, if asked for.
     pub interval: Option<Duration>,
-    pub verbose: bool,
     /// How each probe traps, for the estimate of what racewatch added to the target.
     pub traps: Traps,
+    /// What one probe hit costs here, measured before the probes were attached.
+    pub costs: Option<Costs>,
+    /// What else to watch, looked for every [`DISCOVER`] (a run on the host).
+    pub discover: Option<Box<dyn Discover>>,
+    pub budget: Budget,
     /// The processes watched from the start, each with the watched process it was forked from.
     pub watched_at_start: Vec<(u32, Option<u32>)>,
     /// Why processes the target forks are not watched, if they are not.
@@ -97,6 +105,7 @@ pub struct Run<'a> {
 /// Where decoded events go.
 struct Consumers<'a> {
     correlator: Correlator,
+    windows: BTreeMap<u32, String>,
     hazard: HazardTracker,
     resolver: Resolver,
     pairs: Pairs,
@@ -104,6 +113,8 @@ struct Consumers<'a> {
     queue: VecDeque<Result<Event, DecodeError>>,
     decode_errors: u64,
     processes: Processes,
+    /// The watched processes' CPU time, for the budget.
+    cpu: CpuMeter,
     metrics: Metrics,
 }
 
@@ -112,7 +123,9 @@ impl Consumers<'_> {
     fn alerts(&mut self, alerts: Vec<Alert>) -> anyhow::Result<()> {
         for alert in alerts {
             if let Some(pair) = self.pairs.observe(&alert) {
-                self.sink.alert(&alert, pair)?;
+                let window = self.windows.get(&alert.window).map_or("", String::as_str);
+                self.sink
+                    .alert(&alert, pair, self.processes.identity(alert.pid), window)?;
             }
         }
         Ok(())
@@ -140,9 +153,13 @@ impl Consumers<'_> {
                 Ok(Event::Exit(x)) => {
                     let had_window = self.correlator.per_process().contains_key(&x.tgid);
                     self.processes.exited(x.tgid, had_window);
+                    self.cpu.exited(x.tgid);
                     self.hazard.on_exit(x.tgid);
                     self.resolver.forget(x.tgid);
                     let left = self.correlator.on_exit(x.tgid);
+                    for pid in self.correlator.take_dropped() {
+                        self.processes.forget(pid);
+                    }
                     self.alerts(left)?;
                 }
                 Ok(event) => {
@@ -159,6 +176,14 @@ impl Consumers<'_> {
         }
     }
 
+    /// The stack pairs that raced since the last report, with their counts.
+    fn report_pairs(&mut self) -> anyhow::Result<()> {
+        for (number, pair, new) in self.pairs.report() {
+            self.sink.pair(number, &pair.into(), new)?;
+        }
+        Ok(())
+    }
+
     /// The counts so far, as Prometheus text.
     fn metrics_text(&mut self, loaded: &Loaded) -> String {
         let lost = loaded
@@ -168,6 +193,7 @@ impl Consumers<'_> {
         let processes = &self.processes;
         self.metrics.update(
             self.correlator.per_process(),
+            self.correlator.counts(),
             |pid| {
                 processes
                     .get(pid)
@@ -193,7 +219,7 @@ impl Consumers<'_> {
             .hazard
             .report(&loaded.readers()?, elapsed.as_secs_f64(), counted)
         {
-            self.sink.hazard(&h)?;
+            self.sink.hazard(&h, self.processes.identity(h.pid))?;
         }
         Ok(())
     }
@@ -208,18 +234,22 @@ impl Run<'_> {
             loaded,
             events,
             correlator,
+            windows,
             resolver,
             sink,
             duration,
             interval,
-            verbose,
-            traps,
+            mut traps,
+            costs,
+            mut discover,
+            budget,
             watched_at_start,
             forks_unfollowed,
             unwatched,
         } = self;
         let mut feed = Consumers {
             correlator,
+            windows,
             hazard: HazardTracker::default(),
             resolver,
             pairs: Pairs::default(),
@@ -227,6 +257,7 @@ impl Run<'_> {
             queue: VecDeque::new(),
             decode_errors: 0,
             processes: Processes::default(),
+            cpu: CpuMeter::default(),
             metrics: Metrics::default(),
         };
         for (pid, parent) in watched_at_start {
@@ -241,6 +272,9 @@ impl Run<'_> {
         };
         tokio::pin!(deadline);
         let mut tick = tokio::time::interval(POLL);
+        let mut discover_tick =
+            tokio::time::interval_at(tokio::time::Instant::now() + DISCOVER, DISCOVER);
+        let mut met_unwatched = Vec::new();
         let mut hazard_tick =
             interval.map(|d| tokio::time::interval_at(tokio::time::Instant::now() + d, d));
         let hazard_due = async |t: &mut Option<tokio::time::Interval>| match t {
@@ -280,22 +314,39 @@ impl Run<'_> {
                         serve_metrics(stream, feed.metrics_text(loaded));
                     }
                 }
+                _ = discover_tick.tick(), if discover.is_some() => {
+                    if let Some(d) = discover.as_mut() {
+                        met_unwatched.extend(watch_what_started(
+                            d.as_mut(),
+                            loaded,
+                            &mut traps,
+                            &mut feed.windows,
+                        ));
+                    }
+                }
                 _ = hazard_due(&mut hazard_tick) => {
                     feed.drain(ring.get_mut())?;
                     let sampled = sampler.as_ref().map(|s| s.sampled(Instant::now()));
                     feed.report_hazards(loaded, started, sampled)?;
+                    feed.report_pairs()?;
                 }
                 _ = sleep_until(sample_due) => {
                     // Drained first: the burst's start decides which reader distances count.
                     feed.drain(ring.get_mut())?;
                     if let Some(s) = sampler.as_mut() {
-                        toggle_sample(s, loaded, &mut feed.hazard)?;
+                        // Sized by the budget only when one is about to start.
+                        let burst = if s.is_on() || s.always() {
+                            BURST_MAX
+                        } else {
+                            next_burst(&budget, costs.as_ref(), &traps, loaded, &mut feed, s)?
+                        };
+                        toggle_sample(s, loaded, &mut feed.hazard, burst)?;
                     }
                 }
             }
         };
         if let Some(s) = sampler.as_mut().filter(|s| s.is_on()) {
-            toggle_sample(s, loaded, &mut feed.hazard)?;
+            toggle_sample(s, loaded, &mut feed.hazard, BURST_MAX)?;
         }
         target.finish().await;
         // Events written before the end are still in the ring.
@@ -312,20 +363,19 @@ impl Run<'_> {
             started.elapsed(),
         )?;
         summary.unwatched.splice(0..0, unwatched);
-        let cpu = target.cpu_used().map(|d| d.as_nanos() as u64);
-        // Measured once the target no longer runs beside the measurement (or, attached to a
-        // running process, after its run), so that measuring disturbs nothing.
-        let costs = calibrate::calibrate()
-            .inspect_err(|e| eprintln!("racewatch: cannot estimate what its probes cost: {e}"))
-            .ok();
-        if let (Some(c), true) = (&costs, verbose) {
-            eprintln!(
-                "racewatch: one probe hit costs {:.0} ns on an emulated instruction, {:.0} ns \
-                 single-stepped, {:.0} ns more with the return probed",
-                c.emulated_ns, c.single_stepped_ns, c.return_ns
-            );
+        summary.unwatched.extend(met_unwatched);
+        if summary.unplaced_keyerrors > 0 {
+            summary.unwatched.push(format!(
+                "{} KeyErrors raised while a window of their process was open, whose dict \
+                 racewatch could not find on the Python frame's value stack: each may be a \
+                 lookup that missed in the window",
+                summary.unplaced_keyerrors
+            ));
         }
-        summary.self_cost = costs.map(|c| SelfCost::new(c, &traps, &summary.probe_hits, cpu));
+        let cpu = target.cpu_used().map(|d| d.as_nanos() as u64);
+        summary.self_cost =
+            costs.map(|c| SelfCost::new(c, &traps, &summary.probe_hits, cpu, budget.share));
+        summary.sampling = sampler.as_ref().map(|s| s.account(Instant::now()));
         feed.sink.summary(&summary)?;
         Ok(summary)
     }
@@ -376,22 +426,80 @@ async fn sleep_until(at: Option<Instant>) {
     }
 }
 
-/// Starts or stops a lookup-sampling burst. A burst that cannot start ends the sampling, not
-/// the run: the process may have just exited (then silently), or the kernel refused (then with
-/// a warning, and the hazard report keeps the counts of the bursts that ran).
+/// Attaches what `d` found since it was last asked (how its probes trap joins `traps`, their
+/// window's name `windows`); returns what cannot be watched.
+fn watch_what_started(
+    d: &mut dyn Discover,
+    loaded: &mut Loaded,
+    traps: &mut Traps,
+    windows: &mut BTreeMap<u32, String>,
+) -> Vec<String> {
+    let (plans, mut unwatched) = d.discover();
+    for plan in plans {
+        *traps = traps.and(plan.traps());
+        match loaded.attach(&plan) {
+            Ok(()) => {
+                windows.insert(plan.window, plan.name.clone());
+                eprintln!(
+                    "racewatch: now also watching every process that maps {}",
+                    crate::text::escape(&plan.binary.to_string_lossy())
+                )
+            }
+            Err(e) => unwatched.push(format!(
+                "the processes that map {}: {:#}",
+                crate::text::escape(&plan.binary.to_string_lossy()),
+                anyhow::Error::from(e)
+            )),
+        }
+    }
+    unwatched
+}
+
+/// How long the next lookup-sampling burst may run under the budget, from what the probes added
+/// so far and what the watched processes ran. Without the per-hit costs, the shortest burst.
+fn next_burst(
+    budget: &Budget,
+    costs: Option<&Costs>,
+    traps: &Traps,
+    loaded: &Loaded,
+    feed: &mut Consumers,
+    sampler: &Sampler,
+) -> anyhow::Result<Duration> {
+    let Some(costs) = costs else {
+        return Ok(BURST_MIN);
+    };
+    feed.cpu.update(feed.processes.running());
+    let hits = probe_hits(&loaded.stats()?);
+    Ok(budget.burst(&Spent {
+        required_ns: required_ns(costs, traps, &hits),
+        sampling_ns: sampling_ns(costs, traps, &hits),
+        sampled: sampler.sampled(Instant::now()),
+        target_cpu: feed.cpu.total(),
+    }))
+}
+
+/// Starts a lookup-sampling burst of `burst` (none when it is zero: the budget is spent) or
+/// stops the running one. A burst that cannot start ends the sampling, not the run: the process
+/// may have just exited (then silently), or the kernel refused (then with a warning, and the
+/// hazard report keeps the counts of the bursts that ran).
 fn toggle_sample(
     s: &mut Sampler,
     loaded: &mut Loaded,
     hazard: &mut HazardTracker,
+    burst: Duration,
 ) -> anyhow::Result<()> {
     if s.is_on() {
         s.stopped(Instant::now());
         loaded.stop_sample()?;
         return Ok(());
     }
+    if burst.is_zero() {
+        s.skipped(Instant::now());
+        return Ok(());
+    }
     hazard.on_burst(monotonic_ns());
     match loaded.start_sample() {
-        Ok(()) => s.started(Instant::now()),
+        Ok(()) => s.started(Instant::now(), burst),
         Err(e) => {
             s.halt();
             if !process_gone(&e) {
@@ -448,25 +556,21 @@ fn summary(
         map_full: stat(Stat::MapFull),
         pending_full: stat(Stat::PendingFull),
         unjudged_keys: stat(Stat::UnjudgedKeys),
+        unplaced_keyerrors: stat(Stat::UnplacedKeyErrors),
         decode_errors: feed.decode_errors,
-        probe_hits: ProbeHits {
-            clear: stat(Stat::HitsClear),
-            refill_entry: stat(Stat::HitsRefillEntry),
-            refill_return: stat(Stat::HitsRefillReturn),
-            lookup_entry: stat(Stat::HitsLookupEntry),
-            lookup_return: stat(Stat::HitsLookupReturn),
-            lookup_miss: stat(Stat::HitsLookupMiss),
-            lookup_sample: stat(Stat::HitsLookupSample),
-            keyerror: stat(Stat::HitsKeyError),
-        },
+        probe_hits: probe_hits(&s),
         provoke: ProvokeJson {
             windows: p.windows,
             added_ns: p.held_ns,
             over_budget: p.refused,
         },
         self_cost: None,
+        sampling: None,
         pairs: feed.pairs.pairs().iter().map(Into::into).collect(),
+        alerts_held_back: feed.pairs.held_back,
+        unkept_pair_lookups: feed.pairs.unkept,
         processes: processes(feed),
+        windows_by_name: windows_by_name(feed),
         forks: stat(Stat::Forks),
         processes_dropped: feed.correlator.processes_dropped(),
         unwatched: unwatched(forks_unfollowed, stat(Stat::ForksUnwatched)),
@@ -484,13 +588,28 @@ fn processes(feed: &Consumers) -> Vec<ProcessJson> {
             let p = feed.processes.get(pid);
             ProcessJson {
                 pid,
-                ns_pid: p.and_then(|p| p.ns_pid),
+                ns_pid: p.and_then(|p| p.identity.ns_pid),
+                container: p.and_then(|p| p.identity.container.clone()),
                 comm: p.map(|p| p.comm.clone()).unwrap_or_default(),
                 parent: p.and_then(|p| p.parent),
                 windows: c.windows,
                 lookups_in_window: c.lookups_in_window,
                 misses_in_window: c.misses_in_window,
             }
+        })
+        .collect()
+}
+
+/// Each window attached, by name, with its counts (zero for one that had no window).
+fn windows_by_name(feed: &Consumers) -> BTreeMap<String, WindowJson> {
+    let counts = feed.correlator.per_window();
+    feed.windows
+        .iter()
+        .map(|(w, name)| {
+            (
+                name.clone(),
+                counts.get(w).map(Into::into).unwrap_or_default(),
+            )
         })
         .collect()
 }
@@ -507,4 +626,19 @@ fn unwatched(forks_unfollowed: Option<&str>, forks_unwatched: u64) -> Vec<String
         ));
     }
     out
+}
+
+/// Times each probe fired, from the kernel's counters.
+fn probe_hits(s: &[u64]) -> ProbeHits {
+    let stat = |k: Stat| s[k as usize];
+    ProbeHits {
+        clear: stat(Stat::HitsClear),
+        refill_entry: stat(Stat::HitsRefillEntry),
+        refill_return: stat(Stat::HitsRefillReturn),
+        lookup_entry: stat(Stat::HitsLookupEntry),
+        lookup_return: stat(Stat::HitsLookupReturn),
+        lookup_miss: stat(Stat::HitsLookupMiss),
+        lookup_sample: stat(Stat::HitsLookupSample),
+        keyerror: stat(Stat::HitsKeyError),
+    }
 }

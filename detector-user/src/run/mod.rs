@@ -6,10 +6,10 @@ use anyhow::Context as _;
 
 use crate::{
     cli::RunArgs,
-    engine::{correlate::Correlator, summary::Summary},
+    engine::{budget::Budget, correlate::Correlator, cost::Costs, summary::Summary},
     probe::{
         loader::{Loaded, Options},
-        plan::Plan,
+        plan::{Discover, Plan},
     },
     process::{
         launch::Held,
@@ -18,6 +18,7 @@ use crate::{
     report::{
         HumanSink, JsonSink, Sink,
         file::{LogFile, Reopen},
+        human::pid_text,
     },
     targets::StackConfig,
 };
@@ -67,7 +68,8 @@ fn sink(args: &RunArgs) -> Result<(Box<dyn Sink>, Option<Reopen>), Failure> {
             let (file, reopen) = LogFile::create(path.clone())
                 .with_context(|| {
                     format!(
-                        "cannot write {}",
+                        "cannot write {} (give -o a file in a directory that exists, which \
+                         racewatch may create or append to)",
                         crate::text::escape(&path.to_string_lossy())
                     )
                 })
@@ -142,16 +144,34 @@ pub fn start(args: &RunArgs) -> Result<Start, Failure> {
     Ok(Start { signals, metrics })
 }
 
-/// Runs `plan` against the target of `args`; returns the summary (None for a dry run).
+/// What a front end hands a run: what to attach, how to read what comes back, and what it
+/// already knows it cannot watch.
+pub struct Front {
+    /// One per window; the first sets what is fixed for the whole run, such as how `--provoke`
+    /// hands the GIL over.
+    pub plans: Vec<Plan>,
+    pub correlator: Correlator,
+    pub stacks: StackConfig,
+    pub unwatched: Vec<String>,
+    /// What else to watch as the run goes on (a run on the host).
+    pub discover: Option<Box<dyn Discover>>,
+}
+
+/// Runs `front`'s plans against the target of `args`; returns the summary (None for a dry run).
 pub async fn run(
-    plan: &Plan,
+    front: Front,
     args: &RunArgs,
     provoke_ns: u64,
-    correlator: Correlator,
-    stacks: &StackConfig,
     start: Start,
-    unwatched: Vec<String>,
 ) -> Result<Option<Summary>, Failure> {
+    let Front {
+        plans,
+        correlator,
+        stacks,
+        unwatched,
+        discover,
+    } = front;
+    let (plans, stacks) = (&plans[..], &stacks);
     let duration = duration(args)?;
     let interval = interval(args)?;
     let (mut sink, reopen) = sink(args)?;
@@ -169,6 +189,9 @@ pub async fn run(
         None => Vec::new(),
     };
     let mut forks_unfollowed = tgid_offset.as_ref().err().cloned();
+    let costs = (!args.dry_run)
+        .then(|| per_hit_costs(args.verbose))
+        .flatten();
     let attached = Loaded::load(
         &Options {
             task_tgid_offset: tgid_offset.ok(),
@@ -176,9 +199,8 @@ pub async fn run(
             ring_bytes: ring_bytes(stacks),
             provoke_ns,
             stack_mode: stacks.mode(),
-            py_layout: stacks.py_layout(),
         },
-        plan,
+        &plans[0],
     )
     .map_err(anyhow::Error::from)
     .and_then(|mut loaded| {
@@ -194,7 +216,9 @@ pub async fn run(
                 loaded.watch(child)?;
             }
         }
-        loaded.attach(plan)?;
+        for plan in plans {
+            loaded.attach(plan)?;
+        }
         let events = loaded.take_events()?;
         Ok((loaded, events))
     });
@@ -207,26 +231,31 @@ pub async fn run(
             return Err(Failure::usage(e));
         }
     };
+    let who = crate::process::container::Identity::of(pid);
     let what = match (args.pid, args.dry_run) {
         (_, true) => "dry run".to_string(),
-        (Some(pid), _) => format!("watching pid {pid}"),
+        (Some(pid), _) => format!("watching {}", pid_text(pid, &who)),
         (None, _) if host => "watching every process that maps it".to_string(),
-        (None, _) => format!("launched pid {pid}"),
+        (None, _) => format!("launched {}", pid_text(pid, &who)),
     };
+    // Several windows may share a file.
+    let mut files: Vec<String> = Vec::new();
+    for p in plans {
+        let file = crate::text::escape(&p.binary.to_string_lossy());
+        if !files.contains(&file) {
+            files.push(file);
+        }
+    }
     eprintln!(
         "racewatch: {what}: {} probes attached to {}",
         loaded.probes,
-        crate::text::escape(&plan.binary.to_string_lossy())
+        files.join(", ")
     );
     if args.dry_run {
         return Ok(None);
     }
     let mut target = match held {
-        Some(h) => Target::Launched(
-            h.release()
-                .context("cannot start the command")
-                .map_err(Failure::runtime)?,
-        ),
+        Some(h) => Target::Launched(h.release().map_err(Failure::usage)?),
         None if host => Target::Host,
         None => Target::Attached(PidWatch::new(pid).map_err(Failure::usage)?),
     };
@@ -245,23 +274,54 @@ pub async fn run(
         loaded: &mut loaded,
         events,
         correlator,
+        windows: plans.iter().map(|p| (p.window, p.name.clone())).collect(),
         resolver: stacks.resolver(),
         sink: sink.as_mut(),
         duration,
         interval,
-        verbose: args.verbose,
-        traps: plan.traps(),
+        traps: crate::probe::plan::traps(plans),
+        costs,
+        discover,
+        budget: Budget {
+            share: args.budget / 100.0,
+        },
         watched_at_start: std::iter::once((pid, None))
             .filter(|_| pid != 0)
             .chain(already_forked.iter().map(|&(c, p)| (c, Some(p))))
             .collect(),
         forks_unfollowed,
-        unwatched: plan.unprobed.iter().cloned().chain(unwatched).collect(),
+        unwatched: plans
+            .iter()
+            .flat_map(|p| p.unprobed.iter().cloned())
+            .chain(unwatched)
+            .collect(),
     };
     run.run(&mut target)
         .await
         .map(Some)
         .map_err(Failure::runtime)
+}
+
+/// What one probe hit costs here, for the budget and the summary: measured (~50 ms) before the
+/// probes are attached and before a launched command is released, so that measuring never runs
+/// beside a target racewatch started.
+fn per_hit_costs(verbose: bool) -> Option<Costs> {
+    let costs = crate::probe::calibrate::calibrate()
+        .inspect_err(|e| {
+            eprintln!(
+                "racewatch: cannot estimate what its probes cost ({e}): lookups are sampled in \
+                 the shortest bursts, whatever the budget"
+            )
+        })
+        .ok()?;
+    if verbose {
+        eprintln!(
+            "racewatch: one probe hit costs {:.0} ns on an emulated instruction, {:.0} ns \
+             single-stepped, {:.0} ns more with the return probed",
+            costs.emulated_ns, costs.single_stepped_ns, costs.return_ns
+        );
+    }
+    Some(costs)
 }
 
 /// Checks that the command to launch can be started: one that cannot is bad input, said before

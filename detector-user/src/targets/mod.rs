@@ -16,7 +16,8 @@ pub enum StackConfig {
     Native {
         returned_from: Option<native::stacks::ReturnedFrom>,
     },
-    Python(python::frames::FrameLayout),
+    /// Each window's interpreter, by window: a run on the host meets more as it goes on.
+    Python(python::host::Layouts),
 }
 
 impl StackConfig {
@@ -25,14 +26,6 @@ impl StackConfig {
             StackConfig::None => detector_common::StackMode::None,
             StackConfig::Native { .. } => detector_common::StackMode::Native,
             StackConfig::Python(_) => detector_common::StackMode::Python,
-        }
-    }
-
-    /// The CPython layout the kernel needs (zeros when not used).
-    pub fn py_layout(&self) -> detector_common::PyLayout {
-        match self {
-            StackConfig::Python(l) => l.kernel,
-            _ => detector_common::PyLayout::default(),
         }
     }
 
@@ -65,7 +58,9 @@ pub struct Resolver {
 }
 
 impl Resolver {
-    fn frames_of(&mut self, pid: u32, used: u64) -> Option<&mut Frames> {
+    /// Process `pid`'s resolver; `window`: the window of the record that asks (a process runs
+    /// one interpreter, so its first record's window names it).
+    fn frames_of(&mut self, pid: u32, used: u64, window: u32) -> Option<&mut Frames> {
         if !self.per_process.contains_key(&pid) {
             let frames = match &self.config {
                 StackConfig::None => return None,
@@ -76,9 +71,10 @@ impl Resolver {
                         self.native.clone(),
                     )))
                 }
-                StackConfig::Python(l) => {
-                    Frames::Python(python::frames::PyStacks::new(pid, l.code))
-                }
+                StackConfig::Python(layouts) => Frames::Python(python::frames::PyStacks::new(
+                    pid,
+                    layouts.borrow().get(window as usize)?,
+                )),
             };
             if self.per_process.len() >= RESOLVED_PROCESSES
                 && let Some(&oldest) = self
@@ -104,11 +100,11 @@ impl Resolver {
     /// For a stack record: its thread, the time of the event it belongs to, and its frames.
     pub fn resolve(&mut self, event: &detector_common::Event) -> Option<(u32, u64, Stack)> {
         match event {
-            detector_common::Event::NativeStack(s) => match self.frames_of(s.tgid, s.ns)? {
+            detector_common::Event::NativeStack(s) => match self.frames_of(s.tgid, s.ns, 0)? {
                 Frames::Native(n) => Some((s.tid, s.ns, n.resolve(s))),
                 Frames::Python(_) => None,
             },
-            detector_common::Event::PyFrames(f) => match self.frames_of(f.tgid, f.ns)? {
+            detector_common::Event::PyFrames(f) => match self.frames_of(f.tgid, f.ns, f.window)? {
                 Frames::Python(p) => Some((f.tid, f.ns, p.resolve(f))),
                 Frames::Native(_) => None,
             },

@@ -9,6 +9,8 @@ use std::{
 
 use serde_json::Value;
 
+pub mod container;
+
 pub const RACEWATCH: &str = env!("CARGO_BIN_EXE_racewatch");
 
 pub fn workspace() -> PathBuf {
@@ -18,22 +20,32 @@ pub fn workspace() -> PathBuf {
         .to_path_buf()
 }
 
+/// The C++ demo `demo/NAME.cpp`, compiled into the test scratch directory.
+fn build_demo(name: &str) -> PathBuf {
+    let out = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join(name);
+    let status = Command::new("g++")
+        // CET on, as distributions build by default: functions open with endbr64, which the
+        // kernel single-steps under a uprobe (racewatch probes past it).
+        .args(["-O2", "-g", "-pthread", "-fcf-protection=full", "-o"])
+        .arg(&out)
+        .arg(workspace().join(format!("demo/{name}.cpp")))
+        .status()
+        .expect("run g++ (cargo xtask setup installs it)");
+    assert!(status.success(), "building demo/{name}.cpp failed");
+    out
+}
+
 /// The native demo, compiled once per test binary.
 pub fn cache_demo() -> &'static Path {
     static BIN: OnceLock<PathBuf> = OnceLock::new();
-    BIN.get_or_init(|| {
-        let out = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("cache_demo");
-        let status = Command::new("g++")
-            // CET on, as distributions build by default: functions open with endbr64, which the
-            // kernel single-steps under a uprobe (racewatch probes past it).
-            .args(["-O2", "-g", "-pthread", "-fcf-protection=full", "-o"])
-            .arg(&out)
-            .arg(workspace().join("demo/cache_demo.cpp"))
-            .status()
-            .expect("run g++ (cargo xtask setup installs it)");
-        assert!(status.success(), "building the demo failed");
-        out
-    })
+    BIN.get_or_init(|| build_demo("cache_demo"))
+}
+
+/// The demo of two windows in one process (`demo/two_windows.toml`), compiled once per test
+/// binary.
+pub fn two_windows() -> &'static Path {
+    static BIN: OnceLock<PathBuf> = OnceLock::new();
+    BIN.get_or_init(|| build_demo("two_windows"))
 }
 
 pub const DEMO_PROBES: [&str; 6] = [
@@ -61,13 +73,15 @@ pub fn demo_truth(stderr: &str) -> (u64, u64, u64) {
     (field("lookups="), field("misses="), field("refreshes="))
 }
 
-/// The native demo's rare race: a 64-key cache refreshed 5 times a second, one reader pausing
-/// 2 ms between lookups. Unobserved, a 10 s run sees no miss.
+/// The native demo's rare race: a 64-key cache refreshed twice a second, one reader pausing
+/// 2 ms between lookups. The cache is empty only between clear's unlock and update's lock, a few
+/// hundred nanoseconds unless the refresher is preempted there, so a 10 s run (20 windows)
+/// unobserved sees no miss.
 pub const RARE_DEMO: [&str; 6] = [
     "--keys",
     "64",
     "--refresh-us",
-    "200000",
+    "500000",
     "--pause-us",
     "2000",
 ];
@@ -80,7 +94,15 @@ pub fn hazard_lines(text: &str) -> Vec<Value> {
         .collect()
 }
 
-/// racewatch's NDJSON output: (alerts, summary); hazard lines are left out.
+/// racewatch's periodic reports of stack pairs from its NDJSON output.
+pub fn pair_lines(text: &str) -> Vec<Value> {
+    text.lines()
+        .filter_map(|l| serde_json::from_str::<Value>(l).ok())
+        .filter(|v| v["type"] == "pair")
+        .collect()
+}
+
+/// racewatch's NDJSON output: (alerts, summary); hazard and pair lines are left out.
 pub fn parse_ndjson(text: &str) -> (Vec<Value>, Value) {
     let lines: Vec<Value> = text
         .lines()
@@ -96,8 +118,8 @@ pub fn parse_ndjson(text: &str) -> (Vec<Value>, Value) {
     assert!(
         alerts
             .iter()
-            .all(|a| a["type"] == "alert" || a["type"] == "hazard"),
-        "a line that is neither alert nor hazard before the summary"
+            .all(|a| ["alert", "hazard", "pair"].contains(&a["type"].as_str().unwrap_or(""))),
+        "a line that is neither alert, hazard nor pair before the summary"
     );
     let alerts = alerts.iter().filter(|a| a["type"] == "alert").cloned();
     (alerts.collect(), summary.clone())
@@ -163,6 +185,18 @@ pub fn workers_truth(stderr: &str) -> Vec<std::collections::HashMap<String, u64>
 /// racewatch started with `args`, once its first status line says its probes are attached
 /// (that line is returned).
 pub fn spawn_attached(args: &[&str]) -> (std::process::Child, String) {
+    let (child, line, _) = spawn_attached_with_lines(args);
+    (child, line)
+}
+
+/// As [`spawn_attached`], with racewatch's later status lines as they come.
+pub fn spawn_attached_with_lines(
+    args: &[&str],
+) -> (
+    std::process::Child,
+    String,
+    std::sync::mpsc::Receiver<String>,
+) {
     use std::io::BufRead as _;
     let mut child = Command::new(RACEWATCH)
         .args(args)
@@ -179,6 +213,60 @@ pub fn spawn_attached(args: &[&str]) -> (std::process::Child, String) {
         "racewatch did not attach: {line}"
     );
     // The rest is drained, so racewatch's later status lines always have somewhere to go.
-    std::thread::spawn(move || std::io::copy(&mut err, &mut std::io::sink()));
-    (child, line)
+    let (lines, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for l in err.lines().map_while(Result::ok) {
+            let _ = lines.send(l);
+        }
+    });
+    (child, line, rx)
+}
+
+/// racewatch watching the whole host with `args`, writing NDJSON to a file of its own, from the
+/// moment its status line says it is attached until [`HostRun::stop`] sends it SIGINT.
+pub struct HostRun {
+    pub child: std::process::Child,
+    pub out: PathBuf,
+    lines: std::sync::mpsc::Receiver<String>,
+}
+
+impl HostRun {
+    pub fn start(args: &[&str], name: &str) -> HostRun {
+        let out = temp_file(name);
+        let args = [args, &["--json", "-o", out.to_str().unwrap()]].concat();
+        let (child, line, lines) = spawn_attached_with_lines(&args);
+        assert!(
+            line.contains("watching every process that maps it"),
+            "racewatch did not attach: {line}"
+        );
+        HostRun { child, out, lines }
+    }
+
+    /// Waits (20 s at most) for racewatch's next status line that contains `needle`.
+    pub fn wait_for(&self, needle: &str) -> String {
+        loop {
+            let line = self
+                .lines
+                .recv_timeout(std::time::Duration::from_secs(20))
+                .unwrap_or_else(|e| panic!("racewatch never said {needle:?}: {e}"));
+            if line.contains(needle) {
+                return line;
+            }
+        }
+    }
+
+    /// Ends the run: (exit code, alerts, summary).
+    pub fn stop_with_alerts(mut self) -> (Option<i32>, Vec<Value>, Value) {
+        // SAFETY: plain kill(2) of the test's own child.
+        unsafe { libc::kill(self.child.id() as i32, libc::SIGINT) };
+        let status = self.child.wait().unwrap();
+        let (alerts, summary) = parse_ndjson(&std::fs::read_to_string(&self.out).unwrap());
+        (status.code(), alerts, summary)
+    }
+
+    /// Ends the run: (exit code, summary).
+    pub fn stop(self) -> (Option<i32>, Value) {
+        let (code, _, summary) = self.stop_with_alerts();
+        (code, summary)
+    }
 }

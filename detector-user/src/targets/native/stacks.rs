@@ -89,6 +89,17 @@ impl NativeStacks {
             return;
         };
         self.maps = maps::parse(&text);
+        // A process in a container maps its files by the container's paths: each is opened
+        // through the process's root where the host's path names another file or none.
+        let mut opened: HashMap<PathBuf, PathBuf> = HashMap::new();
+        for m in &mut self.maps {
+            if let Some(path) = m.path.take() {
+                let file = opened
+                    .entry(path)
+                    .or_insert_with_key(|p| crate::process::file_of(self.pid, p));
+                m.path = Some(file.clone());
+            }
+        }
         let files: Vec<&Mapping> = self
             .maps
             .iter()

@@ -1,6 +1,7 @@
 //! libpython's DWARF, loaded once per use: from the image itself, or from its separate debug file
 //! (by build id, then `.gnu_debuglink`, as gdb looks), checked to belong to the same build. The
-//! KeyError sites, the GIL's state and the frame layout are all read through it.
+//! GIL's state (for `--provoke`) and the layout of builds without `_Py_DebugOffsets` are read
+//! through it.
 use std::path::{Path, PathBuf};
 
 use gimli::{AttributeValue, EndianSlice, LittleEndian, constants as dw};
@@ -33,16 +34,6 @@ pub enum SiteError {
     #[error("malformed DWARF in {path}: {source}")]
     Dwarf { path: PathBuf, source: gimli::Error },
     #[error(
-        "{path} has no call site of _PyErr_SetKeyError in its DWARF: pass the image that holds the \
-         interpreter (libpython3.11.so when python links it), built with -O2 -g"
-    )]
-    NoCallSites { path: PathBuf },
-    #[error(
-        "in {path}, none of the {calls} calls of _PyErr_SetKeyError keeps the dict in a callee-saved \
-         register, so this python build cannot tell which dict missed"
-    )]
-    NoUsableSites { path: PathBuf, calls: usize },
-    #[error(
         "{path} does not describe {missing} in its DWARF, which --provoke needs to make a writer \
          hand the GIL over"
     )]
@@ -73,20 +64,25 @@ pub(super) fn has_dwarf(obj: &object::File) -> bool {
         .is_some_and(|s| s.size() > 0)
 }
 
-/// The separate debug file GDB would use: by build id, else by `.gnu_debuglink`.
+/// The separate debug file GDB would use: by build id, else by `.gnu_debuglink`, else from a
+/// debuginfod server.
 fn debug_file_path(image: &Path, obj: &object::File) -> Option<PathBuf> {
     use std::os::unix::ffi::OsStrExt;
     let root = Path::new("/usr/lib/debug");
     let mut candidates = Vec::new();
-    if let Ok(Some(id)) = obj.build_id() {
-        let hex: String = id.iter().map(|b| format!("{b:02x}")).collect();
-        if hex.len() > 2 {
-            candidates.push(
-                root.join(".build-id")
-                    .join(&hex[..2])
-                    .join(format!("{}.debug", &hex[2..])),
-            );
-        }
+    let build_id = obj
+        .build_id()
+        .ok()
+        .flatten()
+        .map(|id| id.iter().map(|b| format!("{b:02x}")).collect::<String>());
+    if let Some(hex) = &build_id
+        && hex.len() > 2
+    {
+        candidates.push(
+            root.join(".build-id")
+                .join(&hex[..2])
+                .join(format!("{}.debug", &hex[2..])),
+        );
     }
     if let (Ok(Some((name, _crc))), Ok(real)) = (obj.gnu_debuglink(), std::fs::canonicalize(image))
     {
@@ -99,7 +95,10 @@ fn debug_file_path(image: &Path, obj: &object::File) -> Option<PathBuf> {
             under_root.join(name),
         ]);
     }
-    candidates.into_iter().find(|p| p.is_file())
+    candidates
+        .into_iter()
+        .find(|p| p.is_file())
+        .or_else(|| crate::probe::debuginfod::debuginfo(build_id.as_deref()?))
 }
 
 /// Reads the separate debug file, checking that it was split from this very build.
@@ -123,12 +122,14 @@ pub(super) fn load_debug_file(
     }
 }
 
-/// The ELF address of symbol `name` in `image`.
+/// The ELF address of symbol `name` in `image`, from either symbol table.
 pub(super) fn symbol(image: &Path, name: &str) -> Result<Option<u64>, SiteError> {
     let data = read(image)?;
     let obj = parse(image, &data)?;
+    // A stripped file keeps its exported symbols in .dynsym alone.
     Ok(obj
         .symbols()
+        .chain(obj.dynamic_symbols())
         .find(|s| s.name() == Ok(name))
         .map(|s| s.address()))
 }

@@ -2,97 +2,16 @@
 //! object and current instruction (the frame chain's layout, read here from libpython's DWARF,
 //! reaches it as [`PyLayout`]); this reads each code object's names, first line and location
 //! table from the target's memory once, and turns the instruction into a line.
-use std::{collections::HashMap, path::Path, sync::Arc};
+use std::{collections::HashMap, sync::Arc};
 
-use detector_common::{PyFrames, PyLayout};
+use detector_common::PyFrames;
 
 use super::{
-    dwarf::{SiteError, member_offsets, symbol, with_dwarf},
-    key::{COMPACT_DATA, STR_LENGTH, STR_STATE, chars, str_data},
+    key::{STR_LENGTH, STR_STATE, chars, str_data},
+    layout::{CodeLayout, Layout, ObjectLayout},
     linetable,
 };
 use crate::engine::stack::{Frame, Stack};
-
-/// The CPython 3.11 members racewatch reads, by (struct, member).
-const MEMBERS: [(&str, &str); 11] = [
-    ("pyruntimestate", "gilstate"),
-    ("_gilstate_runtime_state", "tstate_current"),
-    ("_ts", "cframe"),
-    ("_PyCFrame", "current_frame"),
-    ("_PyInterpreterFrame", "f_code"),
-    ("_PyInterpreterFrame", "previous"),
-    ("_PyInterpreterFrame", "prev_instr"),
-    ("PyCodeObject", "co_qualname"),
-    ("PyCodeObject", "co_filename"),
-    ("PyCodeObject", "co_firstlineno"),
-    ("PyCodeObject", "co_linetable"),
-];
-/// `co_code_adaptive`, where the bytecode starts, looked up apart: the instruction offset is
-/// measured from it.
-const CODE_START: (&str, &str) = ("PyCodeObject", "co_code_adaptive");
-
-/// Where a code object keeps what a frame line needs.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct CodeLayout {
-    qualname: u64,
-    filename: u64,
-    first_line: u64,
-    linetable: u64,
-    code_start: u64,
-}
-
-/// What racewatch needs to name Python frames: the kernel's part and userspace's.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct FrameLayout {
-    pub kernel: PyLayout,
-    pub code: CodeLayout,
-}
-
-/// The frame layout of the libpython (or python) `image`, for probes on the clear function at
-/// ELF address `clear_at` and on the KeyError function at `keyerror_at`.
-pub fn layout(image: &Path, clear_at: u64, keyerror_at: u64) -> Result<FrameLayout, SiteError> {
-    let runtime = symbol(image, "_PyRuntime")?.ok_or_else(|| SiteError::NoFrameLayout {
-        path: image.into(),
-        missing: "the symbol _PyRuntime".into(),
-    })?;
-    with_dwarf(image, |_, dpath, dwarf| {
-        let missing = |what: String| SiteError::NoFrameLayout {
-            path: dpath.into(),
-            missing: what,
-        };
-        let dwarf_err = |source| SiteError::Dwarf {
-            path: dpath.into(),
-            source,
-        };
-        let found = member_offsets(dwarf, &MEMBERS).map_err(dwarf_err)?;
-        let [code_start] = member_offsets(dwarf, &[CODE_START]).map_err(dwarf_err)?;
-        let mut o = [0u64; MEMBERS.len()];
-        for (i, (strukt, member)) in MEMBERS.iter().enumerate() {
-            o[i] = found[i].ok_or_else(|| missing(format!("struct {strukt}'s member {member}")))?;
-        }
-        let code_start = code_start
-            .ok_or_else(|| missing("struct PyCodeObject's member co_code_adaptive".into()))?;
-        let tstate = runtime + o[0] + o[1];
-        Ok(FrameLayout {
-            kernel: PyLayout {
-                tstate_from_clear: tstate.wrapping_sub(clear_at) as i64,
-                tstate_from_keyerror: tstate.wrapping_sub(keyerror_at) as i64,
-                cframe: o[2],
-                current_frame: o[3],
-                f_code: o[4],
-                previous: o[5],
-                prev_instr: o[6],
-            },
-            code: CodeLayout {
-                qualname: o[7],
-                filename: o[8],
-                first_line: o[9],
-                linetable: o[10],
-                code_start,
-            },
-        })
-    })
-}
 
 /// A code object's part of a frame line.
 struct Code {
@@ -115,6 +34,7 @@ const MAX_LINETABLE: usize = 1 << 20;
 pub struct PyStacks {
     pid: u32,
     layout: CodeLayout,
+    objects: ObjectLayout,
     /// Code objects read so far (`None`: unreadable), by address. Code objects of functions live
     /// as long as their module, so an address is not reused for another code while the
     /// program runs its functions.
@@ -142,10 +62,11 @@ fn u64_at(b: &[u8], at: usize) -> Option<u64> {
 }
 
 impl PyStacks {
-    pub fn new(pid: u32, layout: CodeLayout) -> PyStacks {
+    pub fn new(pid: u32, layout: &Layout) -> PyStacks {
         PyStacks {
             pid,
-            layout,
+            layout: layout.code,
+            objects: layout.objects,
             codes: HashMap::new(),
         }
     }
@@ -156,12 +77,12 @@ impl PyStacks {
 
     /// A compact str object's text.
     fn str_at(&self, obj: u64) -> Option<String> {
-        let head = read_mem(self.pid, obj, COMPACT_DATA)?;
+        let head = read_mem(self.pid, obj, self.objects.compact_data)?;
         let len = usize::try_from(u64_at(&head, STR_LENGTH)?)
             .ok()?
             .min(MAX_STR);
         let state = u32::from_ne_bytes(head.get(STR_STATE..STR_STATE + 4)?.try_into().ok()?);
-        let (start, width) = str_data(state)?;
+        let (start, width) = str_data(state, &self.objects)?;
         let data = read_mem(self.pid, obj + start as u64, len * width)?;
         Some(chars(&data, width).collect())
     }
@@ -219,92 +140,5 @@ impl PyStacks {
             });
         }
         frames.into()
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    const LIBPYTHON: &str = "/root/.pyenv/versions/3.11.7/lib/libpython3.11.so.1.0";
-
-    /// gdb's value of each C expression, in hex.
-    fn gdb(lib: &Path, exprs: &[&str]) -> Option<Vec<u64>> {
-        let mut cmd = std::process::Command::new("gdb");
-        cmd.arg("-batch");
-        for e in exprs {
-            cmd.args(["-ex", &format!("print/x (long){e}")]);
-        }
-        let out = cmd.arg(lib).output().ok()?;
-        let text = String::from_utf8_lossy(&out.stdout);
-        let v: Vec<u64> = text
-            .lines()
-            .filter_map(|l| l.split("0x").nth(1))
-            .filter_map(|h| u64::from_str_radix(h.trim(), 16).ok())
-            .collect();
-        (v.len() == exprs.len()).then_some(v)
-    }
-
-    #[test]
-    fn offsets_are_the_ones_gdb_reads_from_the_same_dwarf() {
-        let lib = Path::new(LIBPYTHON);
-        if !lib.is_file() {
-            eprintln!("skipped: no {LIBPYTHON}");
-            return;
-        }
-        let l = layout(lib, 0x1000, 0x2000).unwrap();
-        let Some(want) = gdb(
-            lib,
-            &[
-                "&_PyRuntime.gilstate.tstate_current",
-                "&((PyThreadState*)0)->cframe",
-                "&((_PyCFrame*)0)->current_frame",
-                "&((_PyInterpreterFrame*)0)->f_code",
-                "&((_PyInterpreterFrame*)0)->previous",
-                "&((_PyInterpreterFrame*)0)->prev_instr",
-                "&((PyCodeObject*)0)->co_qualname",
-                "&((PyCodeObject*)0)->co_filename",
-                "&((PyCodeObject*)0)->co_firstlineno",
-                "&((PyCodeObject*)0)->co_linetable",
-                "&((PyCodeObject*)0)->co_code_adaptive",
-            ],
-        ) else {
-            eprintln!("skipped: no gdb");
-            return;
-        };
-        let k = l.kernel;
-        assert_eq!(k.tstate_from_clear, want[0] as i64 - 0x1000);
-        assert_eq!(k.tstate_from_keyerror, want[0] as i64 - 0x2000);
-        assert_eq!(
-            [
-                k.cframe,
-                k.current_frame,
-                k.f_code,
-                k.previous,
-                k.prev_instr
-            ],
-            want[1..6]
-        );
-        let c = l.code;
-        assert_eq!(
-            [
-                c.qualname,
-                c.filename,
-                c.first_line,
-                c.linetable,
-                c.code_start
-            ],
-            want[6..11]
-        );
-    }
-
-    #[test]
-    fn an_image_without_the_runtime_says_what_is_missing() {
-        let err = layout(Path::new("/bin/true"), 0, 0).unwrap_err();
-        assert!(
-            err.to_string()
-                .contains("/bin/true does not describe the symbol _PyRuntime in its DWARF"),
-            "{err}"
-        );
     }
 }

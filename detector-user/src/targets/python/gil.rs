@@ -1,10 +1,10 @@
-//! Where the main interpreter's `gil_drop_request` is, from libpython's symbols and DWARF: what
-//! `python --provoke` watches to let a writer hand the GIL over inside its window.
+//! Where a thread waiting for the GIL asks its holder for it, from libpython's symbols and DWARF:
+//! what `python --provoke` watches to let a writer hand the GIL over inside its window.
 //!
-//! CPython 3.11 keeps the main interpreter inside `_PyRuntime` (`_main_interpreter`), and in it
-//! `ceval.gil_drop_request`, which a thread that has waited the switch interval for the GIL sets
-//! to make the holder drop it at its next eval-breaker check. The offsets are read from DWARF,
-//! not hard-coded.
+//! CPython 3.11 and 3.12 keep the main interpreter inside `_PyRuntime` (`_main_interpreter`), and
+//! in it `ceval.gil_drop_request`, which a thread that has waited the switch interval for the GIL sets
+//! to make the holder drop it at its next eval-breaker check; 3.13 moved that request into bit 0
+//! of each thread state's `eval_breaker`. The offsets are read from DWARF, not hard-coded.
 use std::path::Path;
 
 use super::dwarf::{SiteError, member_offsets, symbol, with_dwarf};
@@ -35,6 +35,23 @@ pub fn find_gil_drop_request(image: &Path) -> Result<u64, SiteError> {
             })?;
         }
         Ok(runtime + found.iter().sum::<u64>())
+    })
+}
+
+/// CPython 3.13+: the offset of `eval_breaker` in `PyThreadState` (`struct _ts`), whose bit 0 a
+/// thread waiting for the GIL sets in its holder's thread state.
+pub fn find_eval_breaker(image: &Path) -> Result<u64, SiteError> {
+    with_dwarf(image, |_, dpath, dwarf| {
+        let [offset] = member_offsets(dwarf, &[("_ts", "eval_breaker")]).map_err(|source| {
+            SiteError::Dwarf {
+                path: dpath.into(),
+                source,
+            }
+        })?;
+        offset.ok_or_else(|| SiteError::NoGilState {
+            path: dpath.into(),
+            missing: "struct _ts's member eval_breaker".into(),
+        })
     })
 }
 

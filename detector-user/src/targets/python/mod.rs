@@ -1,10 +1,16 @@
 //! `racewatch python`: finds the CPython interpreter a process runs and the probe points for a
-//! dict's clear, its refill and the KeyError of a failed `d[k]`.
+//! dict's clear, its refill and the KeyError of a failed `d[k]`, from what the interpreter's
+//! file describes: its exported `PyDict_Type` and `_PyRuntime`, and its `_Py_DebugOffsets` or
+//! DWARF where it has them.
+pub mod dict_type;
 pub mod dwarf;
+pub mod eval_loop;
 pub mod frames;
 pub mod gil;
+pub mod host;
+pub mod image;
 pub mod key;
-pub mod keyerror_site;
+pub mod layout;
 pub mod linetable;
 
 use std::{
@@ -13,27 +19,19 @@ use std::{
     process::Command,
 };
 
-use detector_common::DictSite;
-
 use crate::probe::{
-    plan::{GilHandover, LookupProbe, Plan, RefillProbe},
-    symbols::{SymbolError, SymbolTable},
+    plan::{DropRequest, GilHandover, LookupProbe, Placed, Plan, RefillProbe, Sample},
+    symbols::SymbolTable,
 };
 
 use dwarf::SiteError;
-use keyerror_site::{DictLocation, KeyErrorSite};
+use layout::Layout;
 
-/// The CPython versions whose object layouts racewatch knows.
-const SUPPORTED: (u32, u32) = (3, 11);
-/// `d.clear()`: only that method calls it, unlike `PyDict_Clear` (interpreter start-up and
-/// shutdown call that hundreds of times).
-const CLEAR: &str = "dict_clear";
-/// `d.update(...)` and `d |= other`: neither kwargs handling nor `dict(...)` calls them.
-const REFILLS: [&str; 2] = ["dict_update", "dict_ior"];
 const KEYERROR: &str = "_PyErr_SetKeyError";
 /// `d[k]` once its call site is specialised (BINARY_SUBSCR_DICT), arg0 the dict: probed in
 /// sampling bursts only, for the hazard report's lookup rates.
-const LOOKUP: &str = "PyDict_GetItemWithError";
+const LOOKUP_3_11: &str = "PyDict_GetItemWithError";
+const LOOKUP_3_13: &str = "PyDict_GetItemRef";
 /// The GIL's acquisition (static in ceval_gil.h; called after every release: a forced switch or
 /// a blocking call): probed with `--provoke` only.
 const TAKE_GIL: &str = "take_gil";
@@ -51,27 +49,37 @@ pub enum PythonError {
          {exe} is not python"
     )]
     NotPython { pid: u32, exe: PathBuf },
-    #[error(
-        "{image} is CPython {major}.{minor}; racewatch python supports CPython {}.{} (the object \
-         layouts it reads differ between versions)",
-        SUPPORTED.0, SUPPORTED.1
-    )]
-    Version {
-        image: PathBuf,
-        major: u32,
-        minor: u32,
-    },
-    #[error(
-        "{image} lacks the function `{symbol}` racewatch probes: this interpreter is stripped; \
-         use a CPython built with symbols (a pyenv or source build) or install its debug symbols"
-    )]
-    Symbol {
+    #[error("{0}")]
+    Image(#[from] image::ImageError),
+    #[error("{0}")]
+    Layout(#[from] layout::LayoutError),
+    #[error("{0}")]
+    DictType(#[from] dict_type::DictTypeError),
+    #[error("{image} exports no {symbol}: it is not a CPython interpreter racewatch can probe")]
+    Missing {
         image: PathBuf,
         symbol: &'static str,
-        source: Box<SymbolError>,
+    },
+    #[error(
+        "--provoke needs the interpreter's DWARF and its static take_gil, to find where a thread \
+         asks for the GIL and where it takes it; {image} (CPython {}.{}) has no {missing}: run \
+         without --provoke, or with a CPython built with symbols (a pyenv or source build)",
+        version.0, version.1
+    )]
+    Provoke {
+        image: PathBuf,
+        version: (u32, u32),
+        missing: &'static str,
     },
     #[error("{0}")]
     Sites(#[from] SiteError),
+    #[error(
+        "--provoke on the whole host holds the windows of one interpreter, and {} run here ({}): \
+         give -p PID to provoke one process",
+        files.len(),
+        files.iter().map(|f| f.display().to_string()).collect::<Vec<_>>().join(", ")
+    )]
+    ProvokeOnHost { files: Vec<PathBuf> },
 }
 
 /// The ELF image holding the interpreter loop: libpython when the build is shared, else the
@@ -79,14 +87,6 @@ pub enum PythonError {
 #[derive(Debug)]
 pub struct Interpreter {
     pub image: PathBuf,
-}
-
-/// `(major, minor)` from a name like `python3.11` or `libpython3.11.so.1.0`.
-fn version_in_name(path: &Path) -> Option<(u32, u32)> {
-    let name = path.file_name()?.to_str()?;
-    let rest = &name[name.find("python")? + "python".len()..];
-    let mut parts = rest.split(|c: char| !c.is_ascii_digit());
-    Some((parts.next()?.parse().ok()?, parts.next()?.parse().ok()?))
 }
 
 /// `python`, `python3`, `python3.11`: an interpreter's executable name.
@@ -97,15 +97,17 @@ fn is_python_name(path: &Path) -> bool {
         .is_some_and(|rest| rest.chars().all(|c| c.is_ascii_digit() || c == '.'))
 }
 
-fn check_version(image: PathBuf) -> Result<Interpreter, PythonError> {
-    match version_in_name(&image) {
-        Some(v) if v != SUPPORTED => Err(PythonError::Version {
-            image,
-            major: v.0,
-            minor: v.1,
-        }),
-        _ => Ok(Interpreter { image }),
-    }
+/// For `--interpreter FILE`: that file, which must exist.
+pub fn given(image: &Path) -> Result<Interpreter, PythonError> {
+    std::fs::metadata(image).map_err(|e| {
+        PythonError::Image(image::ImageError::Io {
+            path: image.into(),
+            source: e,
+        })
+    })?;
+    Ok(Interpreter {
+        image: image.into(),
+    })
 }
 
 /// For `-- PYTHON ARGS`: asks the interpreter itself where it lives, which also sees through
@@ -126,7 +128,7 @@ pub fn for_command(command: &[OsString]) -> Result<Interpreter, PythonError> {
     let probe = "import sys, sysconfig, os\n\
                  v = sysconfig.get_config_var\n\
                  lib = os.path.join(v('LIBDIR') or '', v('INSTSONAME') or '') if v('Py_ENABLE_SHARED') else ''\n\
-                 print(sys.executable); print(lib); print(*sys.version_info[:2])";
+                 print(sys.executable); print(lib)";
     let err = |reason: String| PythonError::Probe {
         python: python.clone(),
         reason,
@@ -140,31 +142,29 @@ pub fn for_command(command: &[OsString]) -> Result<Interpreter, PythonError> {
     }
     let text = String::from_utf8_lossy(&out.stdout);
     let lines: Vec<&str> = text.lines().collect();
-    let [exe, lib, version] = lines[..] else {
+    let [exe, lib] = lines[..] else {
         return Err(err(format!(
             "unexpected answer {text:?}: is {python} CPython?"
         )));
     };
-    let image = if !lib.is_empty() && Path::new(lib).exists() {
-        PathBuf::from(lib)
-    } else {
-        PathBuf::from(exe)
-    };
-    if let Some((major, minor)) = version
-        .split_once(' ')
-        .and_then(|(a, b)| Some((a.parse().ok()?, b.parse().ok()?)))
-        && (major, minor) != SUPPORTED
-    {
-        return Err(PythonError::Version {
-            image,
-            major,
-            minor,
-        });
-    }
-    Ok(Interpreter { image })
+    let lib = (!lib.is_empty() && Path::new(lib).exists()).then(|| PathBuf::from(lib));
+    Ok(holding_the_loop(PathBuf::from(exe), lib))
 }
 
-/// For `-p PID`: the libpython the process maps, else its executable if that is python.
+/// The file whose eval loop runs: the executable when it has its own (Debian's python3.x is
+/// linked statically, though the shared libpython it also ships is what sysconfig names), else
+/// the libpython it links.
+fn holding_the_loop(exe: PathBuf, lib: Option<PathBuf>) -> Interpreter {
+    let own_loop =
+        || image::Image::load(&exe).is_ok_and(|i| i.symbol("_PyEval_EvalFrameDefault").is_some());
+    match lib {
+        Some(lib) if !own_loop() => Interpreter { image: lib },
+        _ => Interpreter { image: exe },
+    }
+}
+
+/// For `-p PID`: the file holding the eval loop of the process, its executable or the libpython
+/// it maps.
 pub fn for_pid(pid: u32) -> Result<Interpreter, PythonError> {
     let exe = crate::process::running_exe(pid)?;
     let maps = std::fs::read_to_string(format!("/proc/{pid}/maps")).unwrap_or_default();
@@ -177,193 +177,189 @@ pub fn for_pid(pid: u32) -> Result<Interpreter, PythonError> {
                 .is_some_and(|n| n.to_string_lossy().starts_with("libpython"))
         });
     match lib {
-        Some(lib) => check_version(crate::process::file_of(pid, Path::new(lib))),
-        None if is_python_name(&exe) => check_version(exe),
+        Some(lib) => Ok(holding_the_loop(
+            exe,
+            Some(crate::process::file_of(pid, Path::new(lib))),
+        )),
+        None if is_python_name(&exe) => Ok(Interpreter { image: exe }),
         None => Err(PythonError::NotPython { pid, exe }),
     }
 }
 
-/// An interpreter file the host's CPython processes map, with those processes.
-#[derive(Debug)]
-pub struct HostInterpreter {
-    pub found: Result<Interpreter, PythonError>,
-    pub pids: Vec<u32>,
-}
-
-/// For a system-wide run: each distinct interpreter file (by device and inode, so a container's
-/// copy at the same path is another file) that running CPython processes map, the most used
-/// first.
-pub fn on_host() -> Vec<HostInterpreter> {
-    use std::os::unix::fs::MetadataExt;
-    let me = std::process::id();
-    let mut files: Vec<((u64, u64), HostInterpreter)> = Vec::new();
-    for pid in crate::process::all_pids().into_iter().filter(|&p| p != me) {
-        let found = match for_pid(pid) {
-            Err(PythonError::NotPython { .. } | PythonError::Target(_)) => continue,
-            found => found,
-        };
-        let id = match &found {
-            Ok(i) => {
-                std::fs::metadata(&i.image).map_or((0, u64::from(pid)), |m| (m.dev(), m.ino()))
-            }
-            Err(PythonError::Version { image, .. }) => {
-                std::fs::metadata(image).map_or((0, u64::from(pid)), |m| (m.dev(), m.ino()))
-            }
-            Err(_) => (0, u64::from(pid)),
-        };
-        match files.iter_mut().find(|(f, _)| *f == id) {
-            Some((_, h)) => h.pids.push(pid),
-            None => files.push((
-                id,
-                HostInterpreter {
-                    found,
-                    pids: vec![pid],
-                },
-            )),
-        }
+/// Where a `d[k]` is counted when its lookup function was inlined with its raise: the dict type
+/// check its handler in the eval loop starts with.
+fn inline_lookup_sample(
+    image: &image::Image,
+    inline: &[(crate::probe::symbols::Function, Vec<u64>)],
+    verbose: bool,
+) -> Option<Sample> {
+    let (eval, raises) = inline
+        .iter()
+        .find(|(f, _)| f.symbol == "_PyEval_EvalFrameDefault")?;
+    let (offset, reg) = raises
+        .iter()
+        .find_map(|&r| eval_loop::dict_check_before(image, eval, r))?;
+    let object_slot = crate::probe::code::pt_regs_slot(reg)?;
+    let (text, emulated) = crate::probe::code::describe(image.bytes_at(eval.address + offset, 16)?);
+    if verbose {
+        eprintln!(
+            "racewatch: lookup sample: the dict check of d[k] in {} at {:#x}+{offset:#x} ({text}), \
+             the dict in {reg:?}",
+            eval.display, eval.address
+        );
     }
-    files.sort_by_key(|(_, h)| std::cmp::Reverse(h.pids.len()));
-    files.into_iter().map(|(_, h)| h).collect()
+    Some(Sample {
+        at: Placed {
+            function: eval.clone(),
+            offset,
+            emulated,
+            object: None,
+        },
+        object_slot,
+    })
 }
 
-fn dict_site(site: &KeyErrorSite, keyerror_vaddr: u64) -> DictSite {
-    let (dwarf_reg, deref, offset) = match site.dict {
-        DictLocation::Deref { dwarf_reg, offset } => (dwarf_reg, 1, offset),
-        DictLocation::Reg { dwarf_reg } => (dwarf_reg, 0, 0),
-    };
-    let (outer_sp_offset, outer_delta) = site.outer.as_ref().map_or((0, 0), |o| {
-        (o.sp_offset, o.return_vaddr.wrapping_sub(keyerror_vaddr))
-    });
-    DictSite {
-        dwarf_reg: u32::from(dwarf_reg),
-        deref,
-        offset,
-        outer_sp_offset,
-        outer_delta,
-    }
-}
-
-/// The probes for `interp`; `verbose` says where each KeyError site reads the dict.
-/// What to probe in `interp`; with `provoke`, also how to make a writer hand the GIL over.
+/// What to probe in `interp`, as the run's window `window`, and where its threads keep their
+/// frames; with `provoke`, also how to make a writer hand the GIL over.
 pub fn plan(
     interp: &Interpreter,
+    window: u32,
     provoke: bool,
     every_lookup: bool,
     verbose: bool,
-) -> Result<Plan, PythonError> {
-    let image = &interp.image;
-    let table = SymbolTable::load(image).map_err(|e| PythonError::Symbol {
-        image: image.clone(),
-        symbol: CLEAR,
-        source: Box::new(e),
-    })?;
-    let resolve = |symbol: &'static str| {
-        table.resolve(symbol).map_err(|e| PythonError::Symbol {
-            image: image.clone(),
+) -> Result<(Plan, Layout), PythonError> {
+    let path = &interp.image;
+    let image = image::Image::load(path)?;
+    let layout = layout::layout(&image)?;
+    let version = layout.version;
+    if verbose {
+        eprintln!(
+            "racewatch: {} is CPython {}.{}; its layout is from {}",
+            path.display(),
+            version.0,
+            version.1,
+            layout.source
+        );
+    }
+    let methods = dict_type::dict_methods(&image)?;
+    let exported = |symbol: &'static str| {
+        image.function(symbol).ok_or_else(|| PythonError::Missing {
+            image: path.clone(),
             symbol,
-            source: Box::new(e),
         })
     };
-    let clear = crate::probe::placement::place_entry(image, "clear", resolve(CLEAR)?, 0, verbose);
-    let refills = REFILLS
+    let placement = crate::probe::placement::place_entry;
+    let clear = placement(path, "clear", methods.clear, 0, None, verbose);
+    let refills: Vec<RefillProbe> = [methods.update, methods.ior]
         .into_iter()
-        .map(|r| {
-            resolve(r).map(|f| {
-                let at =
-                    crate::probe::placement::at_entry(image, "refill (return probed)", f, verbose);
-                RefillProbe::Return(at)
-            })
+        .map(|f| {
+            RefillProbe::Return(crate::probe::placement::at_entry(
+                path,
+                "refill (return probed)",
+                f,
+                verbose,
+            ))
         })
-        .collect::<Result<Vec<_>, _>>()?;
-    let keyerror = resolve(KEYERROR)?;
-    let unprobed = crate::probe::plan::copies_not_probed(
-        &table,
-        &[("clear", &clear.function), ("KeyError", &keyerror)]
-            .into_iter()
-            .chain(refills.iter().map(|r| match r {
-                RefillProbe::Return(p) | RefillProbe::Exits { entry: p, .. } => {
-                    ("refill", &p.function)
-                }
-            }))
-            .collect::<Vec<_>>(),
-        None,
-    );
+        .collect();
+    let keyerror = exported(KEYERROR)?;
+    // Static functions (copies the compiler made, take_gil) are named only where the symbol
+    // table is kept.
+    let table = image
+        .has_symtab()
+        .then(|| SymbolTable::parse(path, image.data()).ok())
+        .flatten();
+    let unprobed = match &table {
+        Some(table) => crate::probe::plan::copies_not_probed(
+            table,
+            &[("clear", &clear.function), ("KeyError", &keyerror)]
+                .into_iter()
+                .chain(refills.iter().map(|r| match r {
+                    RefillProbe::Return(p) | RefillProbe::Exits { entry: p, .. } => {
+                        ("refill", &p.function)
+                    }
+                }))
+                .collect::<Vec<_>>(),
+            None,
+            &[],
+        ),
+        None => Vec::new(),
+    };
     let gil = if provoke {
-        let drop_request = gil::find_gil_drop_request(image)?;
-        let at = clear.function.address + clear.offset;
-        let take_gil = resolve(TAKE_GIL)?;
+        let no_provoke = |missing| PythonError::Provoke {
+            image: path.clone(),
+            version,
+            missing,
+        };
+        let no_dwarf = |e| match e {
+            SiteError::NoDebugInfo { .. } => no_provoke("DWARF"),
+            e => e.into(),
+        };
+        // 3.13 moved the request from the interpreter into each thread's eval_breaker.
+        let drop_request = if version >= (3, 13) {
+            DropRequest::InThread {
+                offset: gil::find_eval_breaker(path).map_err(no_dwarf)?,
+            }
+        } else {
+            let at = clear.function.address + clear.offset;
+            DropRequest::Static {
+                delta: gil::find_gil_drop_request(path)
+                    .map_err(no_dwarf)?
+                    .wrapping_sub(at) as i64,
+            }
+        };
+        let take_gil = table
+            .as_ref()
+            .and_then(|t| t.resolve(TAKE_GIL).ok())
+            .ok_or_else(|| no_provoke("symbol take_gil"))?;
         Some(GilHandover {
             clear: clear.function.clone(),
-            take_gil: crate::probe::placement::place_entry(image, TAKE_GIL, take_gil, 0, verbose),
-            drop_request_delta: drop_request.wrapping_sub(at) as i64,
+            take_gil: placement(path, TAKE_GIL, take_gil, 0, None, verbose),
+            drop_request,
         })
     } else {
         None
     };
-    let sample =
-        crate::probe::placement::place_entry(image, "lookup sample", resolve(LOOKUP)?, 0, verbose);
-    let sites = keyerror_site::find_keyerror_sites(image)?;
+    let lookup = if version >= (3, 13) {
+        LOOKUP_3_13
+    } else {
+        LOOKUP_3_11
+    };
+    let keyerror_probe = placement(path, "KeyError", keyerror, 0, None, verbose);
+    let inline = eval_loop::inline_raises(&image, &[&methods.subscript]);
     if verbose {
-        for s in &sites {
-            eprintln!(
-                "racewatch: KeyError site in {} returning to {:#x}: dict at {:?}, outer frame {:?}",
-                crate::text::escape(&s.caller),
-                s.return_vaddr,
-                s.dict,
-                s.outer
-            );
+        for (f, offsets) in &inline {
+            for o in offsets {
+                eprintln!(
+                    "racewatch: KeyError: raised inside {} at {:#x}+{o:#x} (link-time inlined)",
+                    f.display, f.address
+                );
+            }
         }
     }
-    let sites = sites
-        .iter()
-        .map(|s| {
-            (
-                s.return_vaddr.wrapping_sub(keyerror.address),
-                dict_site(s, keyerror.address),
-            )
-        })
-        .collect();
-    Ok(Plan {
+    let sample = match inline_lookup_sample(&image, &inline, verbose) {
+        Some(s) => s,
+        None => Sample::at_entry(
+            placement(path, "lookup sample", exported(lookup)?, 0, None, verbose),
+            0,
+        ),
+    };
+    let plan = Plan {
         unprobed,
-        binary: image.clone(),
+        // A window per interpreter file.
+        name: path.to_string_lossy().into_owned(),
+        binary: path.clone(),
         object_arg: 0,
-        window: 0,
-        clear,
+        window,
+        clear: vec![clear],
         refills,
         lookup: LookupProbe::KeyError {
-            function: crate::probe::placement::at_entry(image, "KeyError", keyerror, verbose),
-            sites,
+            function: keyerror_probe,
+            inline,
         },
         sample: Some(sample),
         sample_always: every_lookup,
         gil,
-    })
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn versions_from_file_names() {
-        assert_eq!(
-            version_in_name(Path::new("/usr/lib/libpython3.11.so.1.0")),
-            Some((3, 11))
-        );
-        assert_eq!(
-            version_in_name(Path::new("/usr/bin/python3.12")),
-            Some((3, 12))
-        );
-        assert_eq!(version_in_name(Path::new("/usr/bin/python3")), None);
-    }
-
-    #[test]
-    fn other_versions_are_refused_by_name() {
-        let err = check_version(PathBuf::from("/opt/libpython3.12.so")).unwrap_err();
-        assert!(
-            err.to_string()
-                .contains("is CPython 3.12; racewatch python supports CPython 3.11"),
-            "{err}"
-        );
-    }
+        py_layout: Some(layout.kernel),
+    };
+    Ok((plan, layout))
 }

@@ -1,0 +1,69 @@
+// Shape: C++, a global object holding a std::map<long, long> behind a std::mutex taken with
+// std::unique_lock (unlocked by hand before the return); the object is `this`, a constant the
+// compiler may clone the methods for. The lookup returns `const long *`, nullptr when the key
+// is not there.
+//
+//     map_ptr [SECONDS]     probes: Prices::drop_all, Prices::load, Prices::find (--miss-ret 0)
+//
+// A refresher empties the map and loads it 30 µs later, over and over; a reader looks up keys
+// the load always brings back, so every miss is one that landed in the empty window.
+// Ground truth on stderr at exit: cache_demo: lookups=N misses=M refreshes=R
+#include <atomic>
+#include <chrono>
+#include <cstdio>
+#include <cstdlib>
+#include <map>
+#include <mutex>
+#include <thread>
+
+struct Prices {
+    std::mutex mu;
+    std::map<long, long> by_id;
+
+    __attribute__((noinline)) void drop_all() {
+        std::unique_lock<std::mutex> lock(mu);
+        by_id.clear();
+    }
+    __attribute__((noinline)) void load(long n) {
+        std::unique_lock<std::mutex> lock(mu);
+        for (long id = 0; id < n; id++) by_id.emplace(id, 1000 + id);
+    }
+    __attribute__((noinline)) const long *find(long id) {
+        std::unique_lock<std::mutex> lock(mu);
+        auto it = by_id.find(id);
+        const long *price = it == by_id.end() ? nullptr : &it->second;
+        lock.unlock();
+        return price;
+    }
+};
+
+static Prices prices;
+constexpr long IDS = 32;
+static std::atomic<bool> stop{false};
+
+int main(int argc, char **argv) {
+    using namespace std::chrono;
+    double secs = argc > 1 ? std::atof(argv[1]) : 2;
+    prices.load(IDS);
+    long lookups = 0, misses = 0, refreshes = 0;
+    std::thread reader([&] {
+        for (long id = 0; !stop; id = (id + 5) % IDS, lookups++) {
+            if (prices.find(id) == nullptr) misses++;
+            std::this_thread::sleep_for(microseconds(10));
+        }
+    });
+    std::thread refresher([&] {
+        for (; !stop; refreshes++) {
+            prices.drop_all();
+            std::this_thread::sleep_for(microseconds(30));
+            prices.load(IDS);
+            std::this_thread::sleep_for(microseconds(400));
+        }
+    });
+    std::this_thread::sleep_for(duration<double>(secs));
+    stop = true;
+    reader.join();
+    refresher.join();
+    std::fprintf(stderr, "cache_demo: lookups=%ld misses=%ld refreshes=%ld\n", lookups, misses,
+                 refreshes);
+}

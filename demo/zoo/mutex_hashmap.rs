@@ -1,0 +1,90 @@
+//! Shape: Rust, a `Cache` on the heap (in an `Arc`) holding a `Mutex<HashMap<u64, u64>>`; the
+//! object is `&self`. The lookup returns `Option<u64>`, `None` when the key is not there (the
+//! option comes back in rax:rdx, its discriminant in rax: 0 is `None`).
+//!
+//!     mutex_hashmap [SECONDS]   probes: Cache::clear, Cache::refill, Cache::lookup (--miss-ret 0)
+//!
+//! A refresher empties the map and refills it 30 µs later, over and over; two readers look up
+//! keys the refill always brings back, so every miss is one that landed in the empty window.
+//! Ground truth on stderr at exit: cache_demo: lookups=N misses=M refreshes=R
+use std::{
+    collections::HashMap,
+    sync::{
+        Arc, Mutex,
+        atomic::{AtomicBool, AtomicU64, Ordering::Relaxed},
+    },
+    thread,
+    time::Duration,
+};
+
+const KEYS: u64 = 64;
+
+struct Cache {
+    map: Mutex<HashMap<u64, u64>>,
+}
+
+impl Cache {
+    #[inline(never)]
+    fn clear(&self) {
+        self.map.lock().unwrap().clear();
+    }
+
+    #[inline(never)]
+    fn refill(&self, keys: u64) {
+        let mut map = self.map.lock().unwrap();
+        map.extend((0..keys).map(|k| (k, k + 7)));
+    }
+
+    #[inline(never)]
+    fn lookup(&self, key: u64) -> Option<u64> {
+        self.map.lock().unwrap().get(&key).copied()
+    }
+}
+
+fn main() {
+    let secs: f64 = std::env::args().nth(1).map_or(2.0, |s| s.parse().expect("SECONDS"));
+    let cache = Arc::new(Cache { map: Mutex::new(HashMap::new()) });
+    cache.refill(KEYS);
+    let stop = Arc::new(AtomicBool::new(false));
+    let (lookups, misses) = (Arc::new(AtomicU64::new(0)), Arc::new(AtomicU64::new(0)));
+    let readers: Vec<_> = (0..2)
+        .map(|r| {
+            let (cache, stop, lookups, misses) =
+                (cache.clone(), stop.clone(), lookups.clone(), misses.clone());
+            thread::spawn(move || {
+                let mut key = r;
+                while !stop.load(Relaxed) {
+                    if cache.lookup(key).is_none() {
+                        misses.fetch_add(1, Relaxed);
+                    }
+                    lookups.fetch_add(1, Relaxed);
+                    key = (key + 1) % KEYS;
+                    thread::sleep(Duration::from_micros(20));
+                }
+            })
+        })
+        .collect();
+    let refresher = {
+        let (cache, stop) = (cache.clone(), stop.clone());
+        thread::spawn(move || {
+            let mut refreshes = 0u64;
+            while !stop.load(Relaxed) {
+                cache.clear();
+                thread::sleep(Duration::from_micros(30));
+                cache.refill(KEYS);
+                refreshes += 1;
+                thread::sleep(Duration::from_micros(500));
+            }
+            refreshes
+        })
+    };
+    thread::sleep(Duration::from_secs_f64(secs));
+    stop.store(true, Relaxed);
+    readers.into_iter().for_each(|r| r.join().unwrap());
+    let refreshes = refresher.join().unwrap();
+    eprintln!(
+        "cache_demo: lookups={} misses={} refreshes={refreshes}",
+        lookups.load(Relaxed),
+        misses.load(Relaxed)
+    );
+}

@@ -1,0 +1,87 @@
+//! Shape: Rust, a `Cache` in a `static` holding a `RwLock<BTreeMap<u64, u64>>` (readers take the
+//! read lock, the refresher the write lock); the object is `&self`, a constant address. The
+//! lookup returns `bool` and the value through a `&mut u64`; false when the key is not there.
+//!
+//!     rwlock_btree [SECONDS]   probes: Cache::invalidate, Cache::repopulate, Cache::get (--miss-ret 0)
+//!
+//! A refresher empties the map and repopulates it 30 µs later, over and over; a reader looks up
+//! keys the repopulation always brings back, so every miss is one that landed in the empty
+//! window. Ground truth on stderr at exit: cache_demo: lookups=N misses=M refreshes=R
+use std::{
+    collections::BTreeMap,
+    sync::{
+        RwLock,
+        atomic::{AtomicBool, Ordering::Relaxed},
+    },
+    thread,
+    time::Duration,
+};
+
+const KEYS: u64 = 40;
+
+struct Cache {
+    map: RwLock<BTreeMap<u64, u64>>,
+}
+
+impl Cache {
+    #[inline(never)]
+    fn invalidate(&self) {
+        self.map.write().unwrap().clear();
+    }
+
+    #[inline(never)]
+    fn repopulate(&self, keys: u64) {
+        let mut map = self.map.write().unwrap();
+        for k in 0..keys {
+            map.insert(k, k * 11);
+        }
+    }
+
+    #[inline(never)]
+    fn get(&self, key: u64, out: &mut u64) -> bool {
+        match self.map.read().unwrap().get(&key) {
+            Some(&v) => {
+                *out = v;
+                true
+            }
+            None => false,
+        }
+    }
+}
+
+static CACHE: Cache = Cache { map: RwLock::new(BTreeMap::new()) };
+static STOP: AtomicBool = AtomicBool::new(false);
+
+fn main() {
+    let secs: f64 = std::env::args().nth(1).map_or(2.0, |s| s.parse().expect("SECONDS"));
+    CACHE.repopulate(KEYS);
+    let reader = thread::spawn(|| {
+        let (mut lookups, mut misses, mut value) = (0u64, 0u64, 0u64);
+        let mut key = 0;
+        while !STOP.load(Relaxed) {
+            if !CACHE.get(key, &mut value) {
+                misses += 1;
+            }
+            lookups += 1;
+            key = (key + 3) % KEYS;
+            thread::sleep(Duration::from_micros(10));
+        }
+        (lookups, misses)
+    });
+    let refresher = thread::spawn(|| {
+        let mut refreshes = 0u64;
+        while !STOP.load(Relaxed) {
+            CACHE.invalidate();
+            thread::sleep(Duration::from_micros(30));
+            CACHE.repopulate(KEYS);
+            refreshes += 1;
+            thread::sleep(Duration::from_micros(400));
+        }
+        refreshes
+    });
+    thread::sleep(Duration::from_secs_f64(secs));
+    STOP.store(true, Relaxed);
+    let (lookups, misses) = reader.join().unwrap();
+    let refreshes = refresher.join().unwrap();
+    eprintln!("cache_demo: lookups={lookups} misses={misses} refreshes={refreshes}");
+}

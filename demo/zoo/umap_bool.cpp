@@ -1,0 +1,74 @@
+// Shape: C++, a class on the heap holding a std::unordered_map<long, long> behind a std::mutex
+// taken with std::lock_guard; the object is `this`. The lookup returns bool and the value
+// through an out-parameter; false when the key is not there.
+//
+//     umap_bool [SECONDS]   probes: Sessions::reset, Sessions::reload, Sessions::get (--miss-ret 0)
+//
+// A refresher empties the map and reloads it 30 µs later, over and over; two readers look up
+// keys the reload always brings back, so every miss is one that landed in the empty window.
+// Ground truth on stderr at exit: cache_demo: lookups=N misses=M refreshes=R
+#include <atomic>
+#include <chrono>
+#include <cstdio>
+#include <cstdlib>
+#include <mutex>
+#include <thread>
+#include <unordered_map>
+#include <vector>
+
+class Sessions {
+  public:
+    __attribute__((noinline)) void reset() {
+        std::lock_guard<std::mutex> lock(mu_);
+        map_.clear();
+    }
+    __attribute__((noinline)) void reload(long keys) {
+        std::lock_guard<std::mutex> lock(mu_);
+        for (long k = 0; k < keys; k++) map_[k] = k * k;
+    }
+    __attribute__((noinline)) bool get(long key, long &out) {
+        std::lock_guard<std::mutex> lock(mu_);
+        auto it = map_.find(key);
+        if (it == map_.end()) return false;
+        out = it->second;
+        return true;
+    }
+
+  private:
+    std::mutex mu_;
+    std::unordered_map<long, long> map_;
+};
+
+constexpr long KEYS = 40;
+std::atomic<bool> stop{false};
+std::atomic<long> lookups{0}, misses{0};
+
+int main(int argc, char **argv) {
+    using namespace std::chrono;
+    double secs = argc > 1 ? std::atof(argv[1]) : 2;
+    auto *sessions = new Sessions;
+    sessions->reload(KEYS);
+    long refreshes = 0;
+    std::vector<std::thread> threads;
+    for (int r = 0; r < 2; r++)
+        threads.emplace_back([=] {
+            long value;
+            for (long k = r; !stop; k = (k + 1) % KEYS, lookups++) {
+                if (!sessions->get(k, value)) misses++;
+                std::this_thread::sleep_for(microseconds(20));
+            }
+        });
+    threads.emplace_back([&] {
+        for (; !stop; refreshes++) {
+            sessions->reset();
+            std::this_thread::sleep_for(microseconds(30));
+            sessions->reload(KEYS);
+            std::this_thread::sleep_for(microseconds(500));
+        }
+    });
+    std::this_thread::sleep_for(duration<double>(secs));
+    stop = true;
+    for (auto &t : threads) t.join();
+    std::fprintf(stderr, "cache_demo: lookups=%ld misses=%ld refreshes=%ld\n", lookups.load(),
+                 misses.load(), refreshes);
+}
