@@ -352,10 +352,15 @@ pub enum Stat {
     /// KeyErrors whose dict the kernel could not find while a window of their process was open:
     /// each may be a window's miss, so a run that has any cannot report clean.
     UnplacedKeyErrors = 23,
+    /// Writers' stacks a reader could not copy: the writer had left its window meanwhile.
+    WriterStacksUnread = 24,
+    /// Native stacks not copied because the ring was over half full: events before stacks, so
+    /// that a burst costs alerts their frames, never their counts.
+    StacksShed = 25,
 }
 
 impl Stat {
-    pub const COUNT: u32 = 24;
+    pub const COUNT: u32 = 26;
     /// Every kind of event the kernel could not deliver.
     pub const LOST: [Stat; 9] = [
         Stat::LostWindowOpen,

@@ -17,7 +17,7 @@ pub use probe::{
 };
 pub use provoke::{GilHold, PROVOKE_BUDGET_PCT, PROVOKE_MAX_NS, ProvokeState, within_budget};
 pub use pykey::{UNKNOWN_HASH, key_hash};
-pub use window::Window;
+pub use window::{Window, WriterAt};
 
 /// Ring buffer that carries events to userspace.
 pub const EVENTS_MAP: &str = "EVENTS";

@@ -57,6 +57,22 @@ impl Window {
     }
 }
 
+/// Where a writer was when it opened a window, in the kernel's `WRITERS` map: what a reader that
+/// lands in the window needs to copy the writer's stack then. While the window is open the writer
+/// is still inside the function that called `clear`, so the frames above `rsp` are as they were;
+/// only the return address at `rsp` has since been replaced by the refill's, and is kept here.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct WriterAt {
+    /// The window's opening, to tell a later window on the same cache apart.
+    pub open_ns: u64,
+    pub rip: u64,
+    pub rsp: u64,
+    pub rbp: u64,
+    /// The word at `rsp` when `clear` was entered: its return address.
+    pub return_address: u64,
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

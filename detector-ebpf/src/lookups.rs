@@ -15,15 +15,19 @@ use detector_common::{
 use crate::{
     globals::{STACK_MODE, global},
     maps::{LOOKUPS, READER_STACKS, READERS},
-    stacks::native_stack,
+    stacks::{native_stack, writer_stack},
     util::{bump, caller, comm, result_is_miss, send, watched_object, window},
 };
 
-/// The lookup probes belong to `racewatch watch`, whose stacks are native.
-fn reader_stack(regs: &pt_regs, tid: u32, w: &Window, ns: u64, flags: u32) {
+/// The lookup probes belong to `racewatch watch`, whose stacks are native: the writer's, if no
+/// reader has sent it yet, then the reader's.
+// Inlined: it takes more arguments than a BPF call may.
+#[inline(always)]
+fn reader_stack(regs: &pt_regs, cache: &ObjKey, tid: u32, w: &Window, ns: u64, flags: u32) {
     if global(&STACK_MODE) != StackMode::Native as u32 {
         return;
     }
+    writer_stack(cache, w);
     // SAFETY: copied out at once.
     if unsafe { READER_STACKS.get(&tid).copied() } == Some(w.open_ns) {
         return;
@@ -117,7 +121,7 @@ pub fn on_lookup(ctx: ProbeContext) -> u32 {
     note_lookup(&cache, tid, now, w.as_ref());
     if let Some(w) = w.filter(|w| w.overlaps(tid, None)) {
         // SAFETY: the context's registers are valid for the whole program.
-        reader_stack(unsafe { &*ctx.regs }, tid, &w, now, 0);
+        reader_stack(unsafe { &*ctx.regs }, &cache, tid, &w, now, 0);
         lookup_event(&cache, tid, &w, now, None);
     }
     0
@@ -137,7 +141,14 @@ pub fn on_lookup_entry(ctx: ProbeContext) -> u32 {
         obj: cache,
         entry_ns: unsafe { bpf_ktime_get_ns() },
     };
-    note_lookup(&cache, tid, inflight.entry_ns, window(&cache).as_ref());
+    let w = window(&cache);
+    note_lookup(&cache, tid, inflight.entry_ns, w.as_ref());
+    // The writer's stack while its window is surely open: by this lookup's return it may not be.
+    if let Some(w) = w.filter(|w| w.overlaps(tid, None))
+        && global(&STACK_MODE) == StackMode::Native as u32
+    {
+        writer_stack(&cache, &w);
+    }
     if LOOKUPS.insert(&tid, &inflight, 0).is_err() {
         bump(Stat::MapFull);
     }
@@ -160,7 +171,14 @@ pub fn on_lookup_return(ctx: RetProbeContext) -> u32 {
     if let Some(w) = window(&inflight.obj).filter(|w| w.overlaps(tid, Some(inflight.entry_ns))) {
         // SAFETY: the context's registers are valid for the whole program.
         let regs = unsafe { &*ctx.regs };
-        reader_stack(regs, tid, &w, inflight.entry_ns, STACK_AT_RETURN);
+        reader_stack(
+            regs,
+            &inflight.obj,
+            tid,
+            &w,
+            inflight.entry_ns,
+            STACK_AT_RETURN,
+        );
         lookup_event(
             &inflight.obj,
             tid,
@@ -190,7 +208,7 @@ pub fn on_lookup_miss(ctx: ProbeContext) -> u32 {
     if let Some(w) = window(&cache).filter(|w| w.overlaps(tid, None)) {
         let now = unsafe { bpf_ktime_get_ns() };
         // SAFETY: the context's registers are valid for the whole program.
-        reader_stack(unsafe { &*ctx.regs }, tid, &w, now, 0);
+        reader_stack(unsafe { &*ctx.regs }, &cache, tid, &w, now, 0);
         lookup_event(&cache, tid, &w, now, Some(cfg.miss_value));
     }
     0

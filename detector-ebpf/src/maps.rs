@@ -8,7 +8,7 @@ use aya_ebpf::{
 use detector_common::{
     EVENTS_BYTES_DEFAULT, GilHold, Inflight, MAX_CACHES, MAX_INFLIGHT, MAX_PENDING, MAX_PROBES,
     MAX_READERS, MAX_WATCHED, MAX_WINDOWS, ObjKey, PendingKey, ProbeConfig, ProvokeState, PyLayout,
-    ReaderKey, ReaderState, STACK_SLOTS, Stat, Window,
+    ReaderKey, ReaderState, STACK_SLOTS, Stat, Window, WriterAt,
 };
 
 /// What each attachment does, indexed by its attach cookie (filled before any attach).
@@ -30,6 +30,12 @@ pub(crate) static EVENTS: RingBuf = RingBuf::with_byte_size(EVENTS_BYTES_DEFAULT
 /// Each cache's window, keyed by the cache in its process.
 #[map(name = "WINDOWS")]
 pub(crate) static WINDOWS: LruHashMap<ObjKey, Window> = LruHashMap::with_max_entries(MAX_CACHES, 0);
+/// Where each cache's writer was when it opened its window (`racewatch watch`): the first reader
+/// that lands in the window copies the writer's stack from there, so windows no reader meets cost
+/// the writer no copy.
+#[map(name = "WRITERS")]
+pub(crate) static WRITERS: LruHashMap<ObjKey, WriterAt> =
+    LruHashMap::with_max_entries(MAX_CACHES, 0);
 /// Cache being refilled, per thread, between the refill's entry and return.
 #[map(name = "REFILLS")]
 pub(crate) static REFILLS: HashMap<u32, ObjKey> = HashMap::with_max_entries(MAX_INFLIGHT, 0);

@@ -2,18 +2,19 @@
 //! CPython frames.
 
 use aya_ebpf::{
-    bindings::pt_regs,
+    bindings::{BPF_RB_AVAIL_DATA, pt_regs},
     helpers::{bpf_get_current_pid_tgid, bpf_probe_read_user_buf},
+    maps::ring_buf::RingBufEntry,
 };
 use detector_common::{
-    EventKind, NativeStack, PY_FRAMES_MAX, ProbeConfig, PyFrame, PyFrames, PyLayout, STACK_BYTES,
-    STACK_CHUNK, StackMode, Stat, TSTATE_HOPS,
+    EventKind, NativeStack, ObjKey, PY_FRAMES_MAX, ProbeConfig, PyFrame, PyFrames, PyLayout,
+    STACK_BYTES, STACK_CHUNK, StackMode, Stat, TSTATE_HOPS, Window, WriterAt,
 };
 
 use crate::{
-    globals::{STACK_MODE, global},
-    maps::{EVENTS, PY_LAYOUTS, READER_FRAMES},
-    util::{bump, read_user, wakeup_flags},
+    globals::{STACK_MODE, WAKEUP_BYTES, global},
+    maps::{EVENTS, PY_LAYOUTS, READER_FRAMES, WRITERS},
+    util::{bump, read_user, wakeup_flags, window},
 };
 
 /// One CPython interpreter as a probe of it sees it: where its file is loaded in the process
@@ -34,12 +35,30 @@ impl Interp {
     }
 }
 
-/// Copies the registers and the top of the user stack into the ring, for userspace to unwind
-/// with `.eh_frame`. Straight into the reserved record: it is far larger than the BPF stack.
-pub(crate) fn native_stack(regs: &pt_regs, tid: u32, ns: u64, flags: u32) {
+/// Where a native stack is unwound from.
+struct StackTop {
+    rip: u64,
+    rsp: u64,
+    rbp: u64,
+}
+
+/// Copies the registers and the top of the user stack into a reserved ring record, for userspace
+/// to unwind with `.eh_frame`. Straight into the record: it is far larger than the BPF stack.
+/// Not taken while the ring is over half full: a burst of 8 KiB stacks would otherwise crowd out
+/// the small events the counts are made of.
+fn copy_native_stack(
+    top: &StackTop,
+    tid: u32,
+    ns: u64,
+    flags: u32,
+) -> Option<RingBufEntry<NativeStack>> {
+    if EVENTS.query(BPF_RB_AVAIL_DATA as u64) >= global(&WAKEUP_BYTES) {
+        bump(Stat::StacksShed);
+        return None;
+    }
     let Some(mut entry) = EVENTS.reserve::<NativeStack>(0) else {
         bump(Stat::LostNativeStack);
-        return;
+        return None;
     };
     let e = entry.as_mut_ptr();
     // SAFETY: `e` points at reserved ring memory of the record's size; every header field is set,
@@ -50,9 +69,9 @@ pub(crate) fn native_stack(regs: &pt_regs, tid: u32, ns: u64, flags: u32) {
         (*e).tgid = (bpf_get_current_pid_tgid() >> 32) as u32;
         (*e)._pad = 0;
         (*e).ns = ns;
-        (*e).rip = regs.rip;
-        (*e).rsp = regs.rsp;
-        (*e).rbp = regs.rbp;
+        (*e).rip = top.rip;
+        (*e).rsp = top.rsp;
+        (*e).rbp = top.rbp;
         (*e).flags = flags;
         let stack = (*e).stack.as_mut_ptr();
         let mut len = 0u32;
@@ -60,7 +79,7 @@ pub(crate) fn native_stack(regs: &pt_regs, tid: u32, ns: u64, flags: u32) {
         // that crosses the top of the stack fails whole, so stop at the first chunk that cannot
         // be read and keep those below it.
         let whole = core::slice::from_raw_parts_mut(stack, STACK_BYTES);
-        let chunks = if bpf_probe_read_user_buf(regs.rsp as *const u8, whole).is_ok() {
+        let chunks = if bpf_probe_read_user_buf(top.rsp as *const u8, whole).is_ok() {
             len = STACK_BYTES as u32;
             0
         } else {
@@ -69,7 +88,7 @@ pub(crate) fn native_stack(regs: &pt_regs, tid: u32, ns: u64, flags: u32) {
         for i in 0..chunks {
             let off = i * STACK_CHUNK;
             let dst = core::slice::from_raw_parts_mut(stack.add(off), STACK_CHUNK);
-            if bpf_probe_read_user_buf(regs.rsp.wrapping_add(off as u64) as *const u8, dst).is_err()
+            if bpf_probe_read_user_buf(top.rsp.wrapping_add(off as u64) as *const u8, dst).is_err()
             {
                 break;
             }
@@ -77,7 +96,77 @@ pub(crate) fn native_stack(regs: &pt_regs, tid: u32, ns: u64, flags: u32) {
         }
         (*e).len = len;
     }
-    entry.submit(wakeup_flags());
+    Some(entry)
+}
+
+/// Sends the calling thread's registers and the top of its user stack.
+pub(crate) fn native_stack(regs: &pt_regs, tid: u32, ns: u64, flags: u32) {
+    let top = StackTop {
+        rip: regs.rip,
+        rsp: regs.rsp,
+        rbp: regs.rbp,
+    };
+    if let Some(entry) = copy_native_stack(&top, tid, ns, flags) {
+        entry.submit(wakeup_flags());
+    }
+}
+
+/// The writer opening window `w` on `cache` at `regs` (`racewatch watch`): remembered, for the
+/// first reader that lands in the window to copy its stack (see [`writer_stack`]).
+fn remember_writer(regs: &pt_regs, cache: &ObjKey, w: &Window) {
+    let at = WriterAt {
+        open_ns: w.open_ns,
+        rip: regs.rip,
+        rsp: regs.rsp,
+        rbp: regs.rbp,
+        return_address: read_user::<u64>(regs.rsp).unwrap_or(0),
+    };
+    if WRITERS.insert(cache, &at, 0).is_err() {
+        bump(Stat::MapFull);
+    }
+}
+
+/// Sends the stack the writer of the open window `w` on `cache` had when it opened it, once per
+/// window: called by a reader landing in it, before the reader's own events, so userspace has
+/// the writer's stack by the time it reads the lookup. Copied from the writer's stack as it is
+/// now (threads share memory), the return address at its top put back; discarded if the writer
+/// left the window while it was copied, as the frames read may then be gone.
+pub(crate) fn writer_stack(cache: &ObjKey, w: &Window) {
+    if w.open == 0 {
+        return;
+    }
+    // SAFETY: copied out at once.
+    let Some(at) = (unsafe { WRITERS.get(cache).copied() }) else {
+        return;
+    };
+    // Of the readers that find it, the one whose delete succeeds sends it.
+    if at.open_ns != w.open_ns || WRITERS.remove(cache).is_err() {
+        return;
+    }
+    let top = StackTop {
+        rip: at.rip,
+        rsp: at.rsp,
+        rbp: at.rbp,
+    };
+    let Some(mut entry) = copy_native_stack(&top, w.writer_tid, w.open_ns, 0) else {
+        return;
+    };
+    // SAFETY: the record's first word was written when `len` covers it.
+    unsafe {
+        let e = entry.as_mut_ptr();
+        if (*e).len >= 8 {
+            (*e).stack
+                .as_mut_ptr()
+                .cast::<u64>()
+                .write_unaligned(at.return_address);
+        }
+    }
+    if window(cache).is_some_and(|now| now.open != 0 && now.open_ns == w.open_ns) {
+        entry.submit(wakeup_flags());
+    } else {
+        entry.discard(0);
+        bump(Stat::WriterStacksUnread);
+    }
 }
 
 /// The thread state of the thread in dict code: it holds the GIL, so it is the one the layout's
@@ -184,5 +273,16 @@ pub(crate) fn stack(regs: &pt_regs, tid: u32, ns: u64, cfg: &ProbeConfig, window
             }
         }
         _ => {}
+    }
+}
+
+/// The writer's stack for the window `w` it opens on `cache`: CPython frames now (a few reads,
+/// while the writer's frames are the current ones), native registers remembered for the first
+/// reader that lands in the window ([`writer_stack`]).
+pub(crate) fn writer_opened(regs: &pt_regs, cache: &ObjKey, w: &Window, cfg: &ProbeConfig) {
+    if global(&STACK_MODE) == StackMode::Native as u32 {
+        remember_writer(regs, cache, w);
+    } else {
+        stack(regs, w.writer_tid, w.open_ns, cfg, 0);
     }
 }

@@ -11,7 +11,7 @@ use crate::{
     maps::{GIL_HOLDS, PENDING_DICTS, REFILLS},
     provoke::{arm_gil_handover, gil_handover, hold_writer},
     python::judge_pending,
-    stacks::stack,
+    stacks::writer_opened,
     util::{bump, caller, store_window, watched_object, window, window_event},
 };
 
@@ -29,9 +29,8 @@ pub fn on_clear(ctx: ProbeContext) -> u32 {
     if let Some(w) = Window::on_clear(window(&cache).as_ref(), tid, unsafe { bpf_ktime_get_ns() }) {
         // Stack and event first: a lookup that sees the stored window then reserves its own
         // event later in the ring, so userspace always reads a window's opening (and the
-        // writer's stack just before it) before its lookups.
-        // SAFETY: the context's registers are valid for the whole program.
-        stack(regs, tid, w.open_ns, &cfg, 0);
+        // writer's stack, when it is sent now, just before it) before its lookups.
+        writer_opened(regs, &cache, &w, &cfg);
         window_event(EventKind::WindowOpen, &cache, &w, tid);
         store_window(&cache, &w);
         if gil_handover() {

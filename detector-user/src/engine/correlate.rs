@@ -115,6 +115,9 @@ pub struct Correlator {
     /// window only, and CPython frames with a KeyError only when they differ from the last ones
     /// the thread sent in the window.
     reader_stacks: HashMap<u32, (u32, u64, Stack)>,
+    /// Native windows whose writer's stack is still to come, by (writer, opening time): the
+    /// kernel sends it with the first reader that lands in the window, not at its opening.
+    writer_due: HashMap<(u32, u64), ObjKey>,
     caches: HashSet<ObjKey>,
     /// The last windows of each cache in which a lookup missed, by opening time: a window is
     /// counted once in `windows_with_misses`, however many lookups missed in it.
@@ -149,6 +152,7 @@ impl Correlator {
             last: HashMap::new(),
             stacks: HashMap::new(),
             reader_stacks: HashMap::new(),
+            writer_due: HashMap::new(),
             caches: HashSet::new(),
             missed: HashMap::new(),
             held: HashMap::new(),
@@ -173,6 +177,7 @@ impl Correlator {
         self.caches.retain(|obj| obj.tgid != tgid);
         self.stacks.retain(|_, (pid, _, _)| *pid != tgid);
         self.reader_stacks.retain(|_, (pid, _, _)| *pid != tgid);
+        self.writer_due.retain(|_, obj| obj.tgid != tgid);
         let keys: Vec<_> = self
             .held
             .keys()
@@ -237,8 +242,19 @@ impl Correlator {
         });
     }
 
-    /// The stack of thread `tid` of process `tgid` for its event stamped `ns`, which follows.
+    /// The stack of thread `tid` of process `tgid` for its event stamped `ns`, which follows,
+    /// or for the window it opened at `ns`, which came before.
     pub fn on_stack(&mut self, tgid: u32, tid: u32, ns: u64, stack: Stack) {
+        if let Some(obj) = self.writer_due.remove(&(tid, ns)) {
+            if let Some(o) = self
+                .last
+                .get_mut(&obj)
+                .and_then(|opened| opened.iter_mut().rev().find(|o| o.open_ns == ns))
+            {
+                o.writer_stack = Some(stack);
+            }
+            return;
+        }
         self.stacks.insert(tid, (tgid, ns, stack));
     }
 
@@ -303,6 +319,9 @@ impl Correlator {
     fn on_open(&mut self, w: &WindowEvent) {
         self.count_window(w.obj());
         let writer_stack = self.take_stack(w.writer_tid, w.open_ns);
+        if writer_stack.is_none() {
+            self.writer_due.insert((w.writer_tid, w.open_ns), w.obj());
+        }
         let opened = self.last.entry(w.obj()).or_default();
         if opened.len() == OPENED_KEPT {
             opened.pop_front();
@@ -315,6 +334,7 @@ impl Correlator {
     }
 
     fn on_close(&mut self, w: &WindowEvent) {
+        self.writer_due.remove(&(w.writer_tid, w.open_ns));
         let seen_open = self.opened(&w.obj(), w.open_ns).is_some();
         if !seen_open {
             // Opened before racewatch attached: it still was a window.
@@ -639,6 +659,26 @@ mod tests {
         let a = c.on_event(&lookup(220, 200));
         assert_eq!(a[0].reader_stack, None);
         assert_eq!(a[0].writer_stack.as_deref(), Some(&frames("clear")[..]));
+    }
+
+    #[test]
+    fn a_native_writers_stack_sent_by_its_first_reader_goes_to_its_window() {
+        let mut c = Correlator::new(Vec::new(), None);
+        c.on_event(&window(EventKind::WindowOpen, 100));
+        // The first reader in the window sends the writer's stack (stamped with the window's
+        // opening), then its own.
+        c.on_stack(PID, 1, 100, frames("clear"));
+        c.on_stack(PID, 2, 110, frames("lookup"));
+        let a = c.on_event(&lookup(110, 100));
+        assert_eq!(a[0].writer_stack.as_deref(), Some(&frames("clear")[..]));
+        assert_eq!(a[0].reader_stack.as_deref(), Some(&frames("lookup")[..]));
+        // A window no reader met: no stack came, and none is due after its close.
+        c.on_event(&window(EventKind::WindowOpen, 200));
+        c.on_event(&window(EventKind::WindowClose, 200));
+        assert!(c.writer_due.is_empty());
+        // The writer's own next stack is its own again.
+        c.on_stack(PID, 1, 200, frames("late"));
+        assert_eq!(c.take_stack(1, 200).as_deref(), Some(&frames("late")[..]));
     }
 
     #[test]

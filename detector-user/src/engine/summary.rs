@@ -33,6 +33,12 @@ pub struct Summary {
     /// KeyErrors raised while a window of their process was open whose dict the kernel could
     /// not find: each may be a miss the run did not see (listed in `unwatched` too).
     pub unplaced_keyerrors: u64,
+    /// Writers' stacks a reader landing in their window could not copy, the writer having left
+    /// the window meanwhile: those alerts show no writer's stack.
+    pub writer_stacks_unread: u64,
+    /// Native stacks the kernel did not copy because the event ring was over half full (those
+    /// alerts show no frames; their counts are whole).
+    pub stacks_shed: u64,
     /// Ring-buffer records userspace could not decode (a racewatch bug if ever non-zero).
     pub decode_errors: u64,
     /// Times each probe fired in the target.

@@ -347,6 +347,22 @@ impl<W: Write> Sink for HumanSink<W> {
                 s.alerts_held_back, s.unkept_pair_lookups
             )?;
         }
+        if s.writer_stacks_unread > 0 {
+            writeln!(
+                self.out,
+                "racewatch: {} windows' writer stacks could not be copied: the writer had left the \
+                 window by the time a reader in it copied the stack (their alerts show none)",
+                s.writer_stacks_unread
+            )?;
+        }
+        if s.stacks_shed > 0 {
+            writeln!(
+                self.out,
+                "racewatch: {} stacks were not taken while the event ring was over half full \
+                 (the counts are whole; those alerts show no frames)",
+                s.stacks_shed
+            )?;
+        }
         if s.map_full > 0 || s.decode_errors > 0 {
             writeln!(
                 self.out,

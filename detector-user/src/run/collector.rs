@@ -557,6 +557,8 @@ fn summary(
         pending_full: stat(Stat::PendingFull),
         unjudged_keys: stat(Stat::UnjudgedKeys),
         unplaced_keyerrors: stat(Stat::UnplacedKeyErrors),
+        writer_stacks_unread: stat(Stat::WriterStacksUnread),
+        stacks_shed: stat(Stat::StacksShed),
         decode_errors: feed.decode_errors,
         probe_hits: probe_hits(&s),
         provoke: ProvokeJson {
