@@ -87,87 +87,116 @@ fn copies_whose_object_cannot_be_told_are_named_and_the_run_is_no_all_clear() {
     assert_eq!(status, Some(4), "clean only where it watched: {summary}");
 }
 
-/// One cache of the zoo: its source under `demo/zoo`, its three functions as a user names them,
-/// and the value its lookup returns for "not found" (None: racewatch reads it from the DWARF
-/// return type, a bool, a pointer or an Option).
-struct Cache {
-    source: &'static str,
-    clear: &'static str,
-    update: &'static str,
-    lookup: &'static str,
-    miss_ret: Option<&'static str>,
+/// Runs racewatch on the cache whose lookup the compiler inlined: its exit status, stderr and
+/// summary (None when it wrote none).
+fn watch_inlined(target: &Path) -> (Option<i32>, String, Option<serde_json::Value>) {
+    let out = temp_file("zoo-inlined.ndjson");
+    let _ = std::fs::remove_file(&out);
+    let o = racewatch(&[
+        "watch",
+        "--clear",
+        "cache_reset",
+        "--update",
+        "cache_load",
+        "--lookup",
+        "cache_get",
+        "--miss-ret",
+        "-1",
+        "--json",
+        "-o",
+        out.to_str().unwrap(),
+        "--",
+        target.to_str().unwrap(),
+        "1",
+    ]);
+    let summary = std::fs::read_to_string(&out)
+        .ok()
+        .map(|text| parse_ndjson(&text).1);
+    (o.status.code(), stderr(&o), summary)
 }
 
-const fn cache(
-    source: &'static str,
-    [clear, update, lookup]: [&'static str; 3],
-    miss_ret: Option<&'static str>,
-) -> Cache {
-    Cache {
-        source,
-        clear,
-        update,
-        lookup,
-        miss_ret,
+#[test]
+#[ignore = "root"]
+fn a_lookup_inlined_into_its_caller_is_named_and_the_run_is_no_all_clear() {
+    // The exported cache_get is kept, but the reader runs an inlined copy: no probe on the
+    // function sees a lookup. The DWARF says where the copy is.
+    for compiler in ["gcc", "clang"] {
+        let target = temp_file(&format!("inlined_lookup-{compiler}"));
+        let status = Command::new(compiler)
+            .args(["-O2", "-g", "-pthread", "-o"])
+            .arg(&target)
+            .arg(workspace().join("demo/zoo/inlined_lookup.c"))
+            .status()
+            .unwrap();
+        assert!(status.success());
+        let (code, err, summary) = watch_inlined(&target);
+        let summary = summary.unwrap_or_else(|| panic!("no summary: {err}"));
+        let (_, misses, _) = demo_truth(&err);
+        assert!(misses > 0, "the race did not fire: {err}");
+        let unwatched = summary["unwatched"].to_string();
+        assert!(
+            unwatched.contains(
+                "the lookup function cache_get where the compiler inlined it, into reader at 0x"
+            ),
+            "{compiler}: {summary}"
+        );
+        assert_eq!(summary["misses_in_window"], 0, "{compiler}: {summary}");
+        assert_eq!(
+            code,
+            Some(4),
+            "{compiler}: clean only where it watched: {summary}"
+        );
     }
 }
 
-/// The C and C++ caches.
-const NATIVE: [Cache; 7] = [
-    cache(
-        "array_heap.c",
-        ["cache_reset", "cache_load", "cache_get"],
-        Some("-1"),
-    ),
-    cache(
-        "hash_bool.c",
-        ["table_clear", "table_refill", "table_get"],
-        None,
-    ),
-    cache("hash_ptr.c", ["map_flush", "map_rebuild", "map_find"], None),
-    cache(
-        "umap_bool.cpp",
-        ["Sessions::reset", "Sessions::reload", "Sessions::get"],
-        None,
-    ),
-    cache(
-        "map_ptr.cpp",
-        ["Prices::drop_all", "Prices::load", "Prices::find"],
-        None,
-    ),
-    cache(
-        "shared_optional.cpp",
-        ["Config::wipe", "Config::refresh", "Config::get"],
-        None,
-    ),
-    cache(
-        "sentinel_int.cpp",
-        ["Ranks::clear", "Ranks::fill", "Ranks::rank_of"],
-        Some("-1"),
-    ),
-];
+#[test]
+#[ignore = "root"]
+fn a_lookup_with_no_copy_of_its_own_is_refused_with_where_it_was_inlined() {
+    let target = temp_file("inlined_lookup-static");
+    let status = Command::new("gcc")
+        .args(["-O2", "-g", "-pthread", "-DLOOKUP_LINKAGE=static", "-o"])
+        .arg(&target)
+        .arg(workspace().join("demo/zoo/inlined_lookup.c"))
+        .status()
+        .unwrap();
+    assert!(status.success());
+    let (code, err, _) = watch_inlined(&target);
+    assert_eq!(code, Some(2), "{err}");
+    assert!(
+        err.contains("`cache_get` has no copy of its own in")
+            && err.contains("the compiler inlined every call to it (into reader at 0x")
+            && err.contains("__attribute__((noinline))"),
+        "{err}"
+    );
+}
 
-/// The Rust caches: `None` is a 0 discriminant in rax, `false` a 0.
-const RUST: [Cache; 2] = [
-    cache(
-        "mutex_hashmap.rs",
-        [
-            "mutex_hashmap::Cache::clear",
-            "mutex_hashmap::Cache::refill",
-            "mutex_hashmap::Cache::lookup",
-        ],
-        None,
-    ),
-    cache(
-        "rwlock_btree.rs",
-        [
-            "rwlock_btree::Cache::invalidate",
-            "rwlock_btree::Cache::repopulate",
-            "rwlock_btree::Cache::get",
-        ],
-        None,
-    ),
-];
+/// One cache of the zoo, as `demo/zoo/caches.toml` lists it: its source under `demo/zoo`, its
+/// clear, update and lookup functions as a user names them, and the value its lookup returns for
+/// "not found" (None: racewatch reads it from the DWARF return type, a bool, a pointer or an
+/// Option).
+#[derive(serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+struct Cache {
+    source: String,
+    functions: [String; 3],
+    miss_ret: Option<String>,
+}
+
+/// Every cache of the zoo.
+fn caches() -> &'static [Cache] {
+    #[derive(serde::Deserialize)]
+    struct Manifest {
+        cache: Vec<Cache>,
+    }
+    static CACHES: std::sync::OnceLock<Vec<Cache>> = std::sync::OnceLock::new();
+    CACHES.get_or_init(|| {
+        let path = workspace().join("demo/zoo/caches.toml");
+        let text = std::fs::read_to_string(&path).unwrap();
+        toml::from_str::<Manifest>(&text)
+            .unwrap_or_else(|e| panic!("{}: {e}", path.display()))
+            .cache
+    })
+}
 
 /// The code-generation variants a C or C++ build gets besides its optimisation level, in turn:
 /// CET on and off, frame pointers kept, position-dependent and position-independent executables.
@@ -202,7 +231,7 @@ impl Build {
     }
 
     fn source(&self) -> PathBuf {
-        workspace().join("demo/zoo").join(self.cache.source)
+        workspace().join("demo/zoo").join(&self.cache.source)
     }
 
     /// Builds the executable unless a current one is there; the compiler's complaint if it fails.
@@ -243,12 +272,21 @@ impl Build {
 /// cache at opt-level 0, 2 and 3.
 fn matrix() -> Vec<Build> {
     let mut builds = Vec::new();
-    for (i, cache) in NATIVE.iter().enumerate() {
-        let cpp = cache.source.ends_with(".cpp");
-        let compilers = if cpp {
-            ["g++", "clang++"]
-        } else {
-            ["gcc", "clang"]
+    for (i, cache) in caches().iter().enumerate() {
+        let compilers = match cache.source.rsplit_once('.').map(|(_, ext)| ext) {
+            Some("rs") => {
+                for opt in ["opt-level=0", "opt-level=2", "opt-level=3"] {
+                    builds.push(Build {
+                        name: format!("{} rustc {opt}", cache.source),
+                        cache,
+                        compiler: "rustc",
+                        flags: vec!["-C", opt],
+                    });
+                }
+                continue;
+            }
+            Some("cpp") => ["g++", "clang++"],
+            _ => ["gcc", "clang"],
         };
         for (j, compiler) in compilers.into_iter().enumerate() {
             for (k, opt) in ["-O0", "-O2", "-O3"].into_iter().enumerate() {
@@ -260,16 +298,6 @@ fn matrix() -> Vec<Build> {
                     flags: [&[opt][..], flags].concat(),
                 });
             }
-        }
-    }
-    for cache in &RUST {
-        for opt in ["opt-level=0", "opt-level=2", "opt-level=3"] {
-            builds.push(Build {
-                name: format!("{} rustc {opt}", cache.source),
-                cache,
-                compiler: "rustc",
-                flags: vec!["-C", opt],
-            });
         }
     }
     builds
@@ -298,10 +326,11 @@ fn watch(build: &Build, bin: &Path) -> Result<Watched, String> {
     let c = build.cache;
     let out = temp_file("zoo.ndjson");
     let _ = std::fs::remove_file(&out);
+    let [clear, update, lookup] = &c.functions;
     let mut args = vec![
-        "watch", "--clear", c.clear, "--update", c.update, "--lookup", c.lookup,
+        "watch", "--clear", clear, "--update", update, "--lookup", lookup,
     ];
-    if let Some(miss) = c.miss_ret {
+    if let Some(miss) = &c.miss_ret {
         args.extend(["--miss-ret", miss]);
     }
     args.extend([

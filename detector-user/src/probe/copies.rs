@@ -2,7 +2,8 @@
 //! receives the watched object. A copy made for one constant object (gcc clones a function
 //! called with `&global`) has no object argument left: its DWARF still names the object, as the
 //! parameter's location `DW_OP_addr X; DW_OP_stack_value`. A copy whose arguments were
-//! reordered says in which register the object arrives.
+//! reordered says in which register the object arrives. A copy inlined into another function
+//! has no call to probe: the DWARF says where each one is, for racewatch to name.
 use std::path::Path;
 
 use gimli::{AttributeValue, Operation, UnitOffset, constants as dw};
@@ -11,7 +12,7 @@ use crate::probe::{
     code::pt_regs_slot,
     dwarf::{self, R},
     plan::ObjectAt,
-    symbols::Function,
+    symbols::{self, Function},
 };
 
 /// DWARF register numbers (x86-64 psABI) of the general-purpose registers.
@@ -118,4 +119,114 @@ fn object_at(expr: gimli::Expression<R>, encoding: gimli::Encoding) -> Option<Ob
         }
         _ => None,
     }
+}
+
+/// A place the compiler inlined a watched function into another: there is no call to probe.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Inlined {
+    /// The function it was inlined into, demangled.
+    pub into: String,
+    /// Where the inlined code begins.
+    pub address: u64,
+}
+
+/// Every place the file's DWARF says a function whose symbol `is_it` accepts was inlined. Empty
+/// when the file has no DWARF: nothing then tells.
+pub fn inlined(binary: &Path, is_it: impl Fn(&str) -> bool) -> Vec<Inlined> {
+    dwarf::with_dwarf(binary, |d| {
+        let mut units = Vec::new();
+        let mut headers = d.units();
+        while let Some(header) = headers.next()? {
+            units.push(d.unit(header)?);
+        }
+        let mut found = Vec::new();
+        for unit in &units {
+            // The subprogram the walk is in, by depth: what the inlined code sits in.
+            let mut within: Vec<(isize, Option<String>)> = Vec::new();
+            let mut entries = unit.entries();
+            while let Some(e) = entries.next_dfs()? {
+                let depth = e.depth();
+                while within.last().is_some_and(|(d, _)| *d >= depth) {
+                    within.pop();
+                }
+                if e.tag() == dw::DW_TAG_subprogram {
+                    let name = linkage_name(d, &units, unit, e.offset())?;
+                    within.push((depth, name));
+                } else if e.tag() == dw::DW_TAG_inlined_subroutine
+                    && let Some(name) = linkage_name(d, &units, unit, e.offset())?
+                    && is_it(&name)
+                {
+                    let into = within.first().and_then(|(_, n)| n.clone());
+                    found.push(Inlined {
+                        into: into.map_or_else(|| "?".into(), |n| symbols::short_name(&n)),
+                        address: first_address(d, unit, e)?.unwrap_or(0),
+                    });
+                }
+            }
+        }
+        found.sort_by_key(|i| i.address);
+        Ok(found)
+    })
+    .unwrap_or_default()
+}
+
+/// The symbol the function a DIE stands for has: its linkage name, or its name where the
+/// language does not mangle (C), found through the DIEs it refers to (the abstract instance an
+/// inlined or out-of-line copy comes from, the declaration in a class).
+fn linkage_name<'d>(
+    dwarf: &gimli::Dwarf<R<'d>>,
+    units: &'d [gimli::Unit<R<'d>>],
+    unit: &'d gimli::Unit<R<'d>>,
+    offset: UnitOffset,
+) -> gimli::Result<Option<String>> {
+    let (mut unit, mut offset) = (unit, offset);
+    let mut name = None;
+    for _ in 0..4 {
+        let e = unit.entry(offset)?;
+        for at in [dw::DW_AT_linkage_name, dw::DW_AT_MIPS_linkage_name] {
+            if let Some(v) = e.attr_value(at) {
+                return Ok(Some(
+                    dwarf.attr_string(unit, v)?.to_string_lossy().into_owned(),
+                ));
+            }
+        }
+        if name.is_none()
+            && let Some(v) = e.attr_value(dw::DW_AT_name)
+        {
+            name = Some(dwarf.attr_string(unit, v)?.to_string_lossy().into_owned());
+        }
+        let next = [dw::DW_AT_abstract_origin, dw::DW_AT_specification]
+            .into_iter()
+            .find_map(|at| e.attr_value(at));
+        match next {
+            Some(AttributeValue::UnitRef(o)) => offset = o,
+            Some(AttributeValue::DebugInfoRef(o)) => {
+                let Some((u, o)) = units
+                    .iter()
+                    .find_map(|u| Some((u, o.to_unit_offset(&u.header)?)))
+                else {
+                    break;
+                };
+                (unit, offset) = (u, o);
+            }
+            _ => break,
+        }
+    }
+    Ok(name)
+}
+
+/// Where a DIE's code begins: its `low_pc`, else its first range.
+fn first_address<'d>(
+    dwarf: &gimli::Dwarf<R<'d>>,
+    unit: &gimli::Unit<R<'d>>,
+    e: &gimli::DebuggingInformationEntry<R<'d>>,
+) -> gimli::Result<Option<u64>> {
+    if let Some(low) = e.attr_value(dw::DW_AT_low_pc) {
+        return dwarf.attr_address(unit, low);
+    }
+    if e.attr_value(dw::DW_AT_ranges).is_none() {
+        return Ok(None);
+    }
+    let mut ranges = dwarf.die_ranges(unit, e)?;
+    Ok(ranges.next()?.map(|r| r.begin))
 }

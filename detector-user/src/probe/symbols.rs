@@ -120,6 +120,16 @@ fn one_function<'a>(matches: &[&'a Entry]) -> Option<&'a Function> {
     }
 }
 
+/// A symbol as messages name it: demangled, without parameters or hash.
+pub fn short_name(raw: &str) -> String {
+    names_for(raw).pop().unwrap_or_default()
+}
+
+/// Does the symbol `raw` answer to `name` (raw, or demangled with or without parameters)?
+pub fn answers_to(raw: &str, name: &str) -> bool {
+    names_for(raw).iter().any(|n| n == name)
+}
+
 /// The names a symbol answers to: raw, demangled, demangled without parameters or hash.
 fn names_for(raw: &str) -> Vec<String> {
     let mut names = vec![raw.to_string()];

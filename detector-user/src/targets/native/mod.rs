@@ -4,10 +4,11 @@ use std::path::{Path, PathBuf};
 
 use crate::{
     probe::{
-        copies, placement,
+        copies::{self, Inlined},
+        placement,
         plan::{LookupProbe, MissSite, ObjectAt, Placed, Plan, Sample, copies_not_probed},
         returns::{self, Returns},
-        symbols::{Function, SymbolError, SymbolTable, base_symbol},
+        symbols::{Function, SymbolError, SymbolTable, answers_to, base_symbol},
     },
     targets::StackConfig,
     text::{error_chain, escape},
@@ -92,7 +93,16 @@ fn plan(
         }
     };
     let table = SymbolTable::load(&binary).map_err(not_there(None))?;
-    let resolve = |role| table.resolve(w.symbol(role)).map_err(not_there(Some(role)));
+    let resolve = |role| {
+        let name = w.symbol(role);
+        table.resolve(name).map_err(|e| match e {
+            SymbolError::NotFound { .. } => NotThere {
+                role: Some(role),
+                error: only_inlined(&binary, name).map_or_else(|| e.into(), anyhow::Error::msg),
+            },
+            e => not_there(Some(role))(e),
+        })
+    };
     let (clear, refill, lookup) = (
         resolve(Role::Open)?,
         resolve(Role::Close)?,
@@ -316,6 +326,16 @@ fn with_copies(binary: &Path, table: &SymbolTable, role: &str, f: Function, arg:
         .filter(|(_, entry_point)| *entry_point)
         .map(|(c, _)| c.clone());
     let name = f.display.clone();
+    let base = base_symbol(&f.symbol);
+    let inlined = copies::inlined(binary, |s| s == base);
+    if !inlined.is_empty() {
+        out.unwatched.push(format!(
+            "the {role} function {} where the compiler inlined it, into {}: an inlined copy \
+             has no call to probe, so what runs through it is not seen",
+            escape(&name),
+            places(&inlined)
+        ));
+    }
     for g in std::iter::once(f).chain(copies) {
         if g.symbol == base_symbol(&g.symbol) {
             out.each.push((g, None));
@@ -336,4 +356,33 @@ fn with_copies(binary: &Path, table: &SymbolTable, role: &str, f: Function, arg:
         }
     }
     out
+}
+
+/// Where the compiler inlined a function, the first few.
+fn places(inlined: &[Inlined]) -> String {
+    let mut text: Vec<String> = inlined
+        .iter()
+        .take(3)
+        .map(|i| format!("{} at {:#x}", escape(&i.into), i.address))
+        .collect();
+    if inlined.len() > 3 {
+        text.push(format!("{} more", inlined.len() - 3));
+    }
+    text.join(", ")
+}
+
+/// Why `name`, which no function symbol has, cannot be probed, where the DWARF says the compiler
+/// inlined every call to it.
+fn only_inlined(binary: &Path, name: &str) -> Option<String> {
+    let inlined = copies::inlined(binary, |s| answers_to(s, name));
+    (!inlined.is_empty()).then(|| {
+        format!(
+            "`{}` has no copy of its own in {}: the compiler inlined every call to it (into {}), \
+             so there is no call to probe; build it with `__attribute__((noinline))` \
+             (`#[inline(never)]` in Rust)",
+            escape(name),
+            binary.display(),
+            places(&inlined)
+        )
+    })
 }

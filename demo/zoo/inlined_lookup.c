@@ -1,0 +1,98 @@
+/* Shape: C, the array cache of array_heap.c, with a lookup small enough that gcc and clang
+ * inline it into the reader at -O2 while keeping the exported copy that nothing calls: a probe
+ * on cache_get sees no lookup, and racewatch must say so rather than report clean.
+ *
+ *     inlined_lookup [SECONDS]    probes: cache_reset, cache_load, cache_get (--miss-ret -1)
+ *
+ * Built with -DLOOKUP_LINKAGE=static, the compiler keeps no copy of cache_get at all.
+ *
+ * Ground truth on stderr at exit: cache_demo: lookups=N misses=M refreshes=R
+ */
+#include <pthread.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <time.h>
+
+#define SLOTS 64
+
+struct cache {
+    pthread_mutex_t mu;
+    long keys[SLOTS], vals[SLOTS];
+    int used;
+};
+
+__attribute__((noinline)) void cache_reset(struct cache *c) {
+    pthread_mutex_lock(&c->mu);
+    c->used = 0;
+    pthread_mutex_unlock(&c->mu);
+}
+
+__attribute__((noinline)) void cache_load(struct cache *c) {
+    pthread_mutex_lock(&c->mu);
+    for (int i = 0; i < SLOTS; i++) {
+        c->keys[i] = i;
+        c->vals[i] = 100 + i;
+    }
+    c->used = SLOTS;
+    pthread_mutex_unlock(&c->mu);
+}
+
+#ifndef LOOKUP_LINKAGE
+#define LOOKUP_LINKAGE
+#endif
+
+LOOKUP_LINKAGE long cache_get(struct cache *c, long key) {
+    long val = -1;
+    pthread_mutex_lock(&c->mu);
+    for (int i = 0; i < c->used; i++)
+        if (c->keys[i] == key) {
+            val = c->vals[i];
+            break;
+        }
+    pthread_mutex_unlock(&c->mu);
+    return val;
+}
+
+static volatile int stop;
+static long refreshes;
+struct counts { struct cache *c; long lookups, misses; };
+
+static void pause_us(long us) { struct timespec ts = {0, us * 1000}; nanosleep(&ts, 0); }
+
+static void *reader(void *arg) {
+    struct counts *n = arg;
+    for (long i = 0; !stop; i++, n->lookups++) {
+        if (cache_get(n->c, i % SLOTS) == -1) n->misses++;
+        pause_us(20);
+    }
+    return 0;
+}
+
+static void *refresher(void *arg) {
+    while (!stop) {
+        cache_reset(arg);
+        pause_us(20);
+        cache_load(arg);
+        refreshes++;
+        pause_us(500);
+    }
+    return 0;
+}
+
+int main(int argc, char **argv) {
+    double secs = argc > 1 ? atof(argv[1]) : 2;
+    struct cache *c = calloc(1, sizeof *c);
+    pthread_mutex_init(&c->mu, 0);
+    cache_load(c);
+    struct counts r[2] = {{c}, {c}};
+    pthread_t t[3];
+    for (int i = 0; i < 2; i++) pthread_create(&t[i], 0, reader, &r[i]);
+    pthread_create(&t[2], 0, refresher, c);
+    struct timespec run = {(time_t)secs, (long)((secs - (time_t)secs) * 1e9)};
+    nanosleep(&run, 0);
+    stop = 1;
+    for (int i = 0; i < 3; i++) pthread_join(t[i], 0);
+    fprintf(stderr, "cache_demo: lookups=%ld misses=%ld refreshes=%ld\n",
+            r[0].lookups + r[1].lookups, r[0].misses + r[1].misses, refreshes);
+    return 0;
+}
