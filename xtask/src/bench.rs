@@ -35,8 +35,10 @@ struct Workload {
     short: String,
     /// The command, without any observer.
     command: Vec<String>,
-    /// Name of the ground-truth line's prefix and its rate counters.
+    /// Name of the ground-truth line's prefix and its rate counters: the one whose rate is the
+    /// workload's speed, and its misses.
     truth_prefix: &'static str,
+    rate: &'static str,
     misses: &'static str,
     configs: Vec<Config>,
 }
@@ -44,8 +46,11 @@ struct Workload {
 /// One repetition of one configuration.
 #[derive(Clone, Copy)]
 struct Sample {
-    lookups_per_s: f64,
+    /// The workload's speed: lookups a second, or refreshes for a writer's.
+    per_s: f64,
     misses_per_s: f64,
+    /// Times a lookup probe fired, per lookup, where racewatch reported it.
+    traps_per_lookup: Option<f64>,
     /// racewatch's `added_share` and `lost_events`, where it reported them.
     added_share: Option<f64>,
     lost: Option<f64>,
@@ -97,25 +102,35 @@ fn measure(w: &Workload, runs: usize, seconds: f64) -> Result<Vec<Vec<Sample>>> 
             let rate = |k: &str| t.get(k).copied().unwrap_or(f64::NAN) / seconds;
             let summary = c.report.as_deref().and_then(summary_of);
             let field = |f: &dyn Fn(&Value) -> Option<f64>| summary.as_ref().and_then(f);
+            let lookups = t.get("lookups").copied().unwrap_or(f64::NAN);
             results[i].push(Sample {
-                lookups_per_s: rate("lookups"),
+                per_s: rate(w.rate),
                 misses_per_s: rate(w.misses),
+                traps_per_lookup: field(&|s| {
+                    let hits = &s["probe_hits"];
+                    let traps: f64 = ["lookup_entry", "lookup_return", "lookup_miss"]
+                        .iter()
+                        .filter_map(|k| hits[k].as_f64())
+                        .sum();
+                    Some(traps / lookups)
+                }),
                 added_share: field(&|s| s["self_cost"]["added_share"].as_f64()),
                 lost: field(&|s| s["lost_events"].as_f64()),
             });
             eprintln!(
-                "bench: {} [{}] rep {}: {:.0} lookups/s",
+                "bench: {} [{}] rep {}: {:.0} {}/s",
                 w.short,
                 c.name,
                 rep + 1,
-                rate("lookups")
+                rate(w.rate),
+                w.rate
             );
         }
     }
     Ok(results)
 }
 
-/// Per configuration: median lookup ratio to unobserved, median miss ratio.
+/// Per configuration: median speed ratio to unobserved, median miss ratio.
 fn ratios(results: &[Vec<Sample>]) -> Vec<(f64, f64)> {
     let base = &results[0];
     results
@@ -124,7 +139,7 @@ fn ratios(results: &[Vec<Sample>]) -> Vec<(f64, f64)> {
             let per_rep = |f: fn(&Sample) -> f64| {
                 median(r.iter().zip(base).map(|(a, b)| f(a) / f(b)).collect())
             };
-            (per_rep(|s| s.lookups_per_s), per_rep(|s| s.misses_per_s))
+            (per_rep(|s| s.per_s), per_rep(|s| s.misses_per_s))
         })
         .collect()
 }
@@ -133,12 +148,13 @@ fn table(w: &Workload, results: &[Vec<Sample>], out: &mut String) -> Result<()> 
     writeln!(out, "\n### {}\n", w.title)?;
     writeln!(
         out,
-        "| configuration | lookups/s | ratio to unobserved | {m}/s | {m} ratio | racewatch's own estimate of its share of the target's CPU | events lost (most in a run) |",
+        "| configuration | {r}/s | ratio to unobserved | {m}/s | {m} ratio | racewatch's own estimate of its share of the target's CPU | events lost (most in a run) |",
+        r = w.rate,
         m = w.misses
     )?;
     writeln!(out, "|---|---|---|---|---|---|---|")?;
     for ((c, r), (ratio, miss_ratio)) in w.configs.iter().zip(results).zip(ratios(results)) {
-        let lookups = median(r.iter().map(|x| x.lookups_per_s).collect());
+        let speed = median(r.iter().map(|x| x.per_s).collect());
         let misses = median(r.iter().map(|x| x.misses_per_s).collect());
         let share = median(r.iter().filter_map(|x| x.added_share).collect());
         let share = if share.is_nan() {
@@ -154,7 +170,7 @@ fn table(w: &Workload, results: &[Vec<Sample>], out: &mut String) -> Result<()> 
         writeln!(
             out,
             "| {} | {:.0} | {:.3} | {:.1} | {:.2} | {share} | {lost} |",
-            c.name, lookups, ratio, misses, miss_ratio
+            c.name, speed, ratio, misses, miss_ratio
         )?;
     }
     Ok(())
@@ -341,6 +357,7 @@ pub fn run(runs: usize, seconds: f64, baseline: Option<&Path>, soak_minutes: f64
             short: "python worker".into(),
             command: strings(&[&interpreter, &worker, "--seconds", &secs]),
             truth_prefix: "worker: ",
+            rate: "lookups",
             misses: "keyerrors",
             configs: python,
         },
@@ -349,8 +366,26 @@ pub fn run(runs: usize, seconds: f64, baseline: Option<&Path>, soak_minutes: f64
             short: "native demo".into(),
             command: strings(&[&demo, "--seconds", &secs]),
             truth_prefix: "cache_demo: ",
+            rate: "lookups",
             misses: "misses",
             configs: native,
+        },
+        Workload {
+            title: "Native demo's writer, its windows back to back (--refresh-us 0: the refresher \
+                    clears and refills without a pause; its refreshes/s is the speed)"
+                .into(),
+            short: "native writer".into(),
+            command: strings(&[&demo, "--seconds", &secs, "--refresh-us", "0"]),
+            truth_prefix: "cache_demo: ",
+            rate: "refreshes",
+            misses: "misses",
+            configs: vec![
+                unobserved(),
+                watch(
+                    "racewatch watch --miss-ret -1 (miss path only)",
+                    &["--miss-ret", "-1"],
+                ),
+            ],
         },
     ];
     let workloads: Vec<Workload> = workloads
@@ -370,6 +405,7 @@ pub fn run(runs: usize, seconds: f64, baseline: Option<&Path>, soak_minutes: f64
             .collect();
         chart.push((w.short.as_str(), bars));
     }
+    zoo(&racewatch, runs, seconds, &mut doc)?;
     probe_costs(&racewatch, &mut doc)?;
     placements(&racewatch, &demo, &worker, &mut doc)?;
     capacity(&racewatch, &demo, &mut doc)?;
@@ -450,6 +486,7 @@ fn interpreter_workloads(racewatch: &str, worker: &str, secs: &str) -> Result<Ve
                 short: what.to_string(),
                 command: [run, strings(&[worker, "--seconds", secs])].concat(),
                 truth_prefix: "worker: ",
+                rate: "lookups",
                 misses: "keyerrors",
                 configs: vec![
                     unobserved(),
@@ -458,6 +495,62 @@ fn interpreter_workloads(racewatch: &str, worker: &str, secs: &str) -> Result<Ve
             }
         })
         .collect())
+}
+
+/// Every zoo cache, unobserved and under `racewatch watch` given its three functions alone (and
+/// `--miss-ret` for a sentinel integer), in one table.
+fn zoo(racewatch: &str, runs: usize, seconds: f64, doc: &mut String) -> Result<()> {
+    writeln!(
+        doc,
+        "\n### The zoo (demo/zoo): lock-guarded caches in C, C++ and Rust\n\n\
+         Each cache as a release build makes it, watched as a user would: `racewatch watch` given \
+         its clear, update and lookup functions. Traps per lookup: lookup probe hits per lookup \
+         (a miss path traps on misses alone; where a lookup's code has no instruction only misses \
+         reach, racewatch probes it once where its result is known).\n\n\
+         | build | lookups/s unobserved | lookups/s watched | ratio to unobserved | misses ratio | traps per lookup | events lost (most in a run) |\n\
+         |---|---|---|---|---|---|---|"
+    )?;
+    let secs = seconds.to_string();
+    for b in crate::zoo::builds()? {
+        let w = Workload {
+            title: b.name.clone(),
+            short: b.name.clone(),
+            command: vec![b.binary.to_string_lossy().into_owned(), secs.clone()],
+            truth_prefix: "cache_demo: ",
+            rate: "lookups",
+            misses: "misses",
+            configs: vec![
+                unobserved(),
+                racewatch_config(
+                    racewatch,
+                    &format!("racewatch watch on {}", b.name),
+                    &b.watch.iter().map(String::as_str).collect::<Vec<_>>(),
+                ),
+            ],
+        };
+        let results = measure(&w, runs, seconds)?;
+        let (ratio, miss_ratio) = ratios(&results)[1];
+        let speed = |r: &[Sample]| median(r.iter().map(|x| x.per_s).collect());
+        let traps = median(
+            results[1]
+                .iter()
+                .filter_map(|x| x.traps_per_lookup)
+                .collect(),
+        );
+        let lost = results[1]
+            .iter()
+            .filter_map(|x| x.lost)
+            .reduce(f64::max)
+            .unwrap_or(f64::NAN);
+        writeln!(
+            doc,
+            "| {} | {:.0} | {:.0} | {ratio:.3} | {miss_ratio:.2} | {traps:.4} | {lost:.0} |",
+            b.name,
+            speed(&results[0]),
+            speed(&results[1]),
+        )?;
+    }
+    Ok(())
 }
 
 /// `racewatch calibrate --json`, as a table.

@@ -7,6 +7,7 @@ mod dist;
 mod fuzz;
 mod setup;
 mod soak;
+mod zoo;
 
 use std::{path::PathBuf, process::Command};
 
