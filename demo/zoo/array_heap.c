@@ -1,7 +1,7 @@
 /* Shape: C, a fixed array of key/value pairs on the heap behind a pthread mutex; the cache is
  * the lookup's first argument. The lookup returns a long, -1 when the key is not there.
  *
- *     array_heap [SECONDS]        probes: cache_reset, cache_load, cache_get (--miss-ret -1)
+ *     array_heap [SECONDS [READER_PAUSE_US]]  probes: cache_reset, cache_load, cache_get (--miss-ret -1)
  *
  * A refresher empties the cache and reloads it 20 µs later, over and over; two readers look up
  * keys the reload always brings back, so every miss is one that landed in the empty window.
@@ -52,13 +52,19 @@ static volatile int stop;
 static long refreshes;
 struct counts { struct cache *c; long lookups, misses; };
 
-static void pause_us(long us) { struct timespec ts = {0, us * 1000}; nanosleep(&ts, 0); }
+static long reader_pause_us = 20;
+
+static void pause_us(long us) {
+    if (us <= 0) return;
+    struct timespec ts = {0, us * 1000};
+    nanosleep(&ts, 0);
+}
 
 static void *reader(void *arg) {
     struct counts *n = arg;
     for (long i = 0; !stop; i++, n->lookups++) {
         if (cache_get(n->c, i % SLOTS) == -1) n->misses++;
-        pause_us(20);
+        pause_us(reader_pause_us);
     }
     return 0;
 }
@@ -76,6 +82,7 @@ static void *refresher(void *arg) {
 
 int main(int argc, char **argv) {
     double secs = argc > 1 ? atof(argv[1]) : 2;
+    if (argc > 2) reader_pause_us = atol(argv[2]);
     struct cache *c = calloc(1, sizeof *c);
     pthread_mutex_init(&c->mu, 0);
     cache_load(c);

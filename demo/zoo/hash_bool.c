@@ -3,7 +3,7 @@
  * for that constant: .constprop). The lookup returns a stdbool `bool` and the value through an
  * out-parameter; false when the key is not there.
  *
- *     hash_bool [SECONDS]         probes: table_clear, table_refill, table_get (--miss-ret 0)
+ *     hash_bool [SECONDS [READER_PAUSE_US]]  probes: table_clear, table_refill, table_get (--miss-ret 0)
  *
  * A refresher empties the table and refills it 30 µs later, over and over; a reader looks up
  * keys the refill always brings back, so every miss is one that landed in the empty window.
@@ -58,13 +58,19 @@ __attribute__((noinline)) bool table_get(struct table *t, unsigned long key, lon
 static volatile bool stop;
 static long lookups, misses, refreshes;
 
-static void pause_us(long us) { struct timespec ts = {0, us * 1000}; nanosleep(&ts, 0); }
+static long reader_pause_us = 20;
+
+static void pause_us(long us) {
+    if (us <= 0) return;
+    struct timespec ts = {0, us * 1000};
+    nanosleep(&ts, 0);
+}
 
 static void *reader(void *arg) {
     long value;
     for (unsigned long k = 0; !stop; k = (k + 7) % KEYS, lookups++) {
         if (!table_get(&cache, k, &value)) misses++;
-        pause_us(10);
+        pause_us(reader_pause_us);
     }
     return arg;
 }
@@ -81,6 +87,7 @@ static void *refresher(void *arg) {
 
 int main(int argc, char **argv) {
     double secs = argc > 1 ? atof(argv[1]) : 2;
+    if (argc > 2) reader_pause_us = atol(argv[2]);
     table_refill(&cache, KEYS);
     pthread_t r, w;
     pthread_create(&r, 0, reader, 0);

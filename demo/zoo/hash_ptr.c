@@ -2,7 +2,7 @@
  * a second allocation, behind a pthread mutex; the table is the lookup's first argument. The
  * lookup returns a pointer to the entry, NULL when the key is not there.
  *
- *     hash_ptr [SECONDS]          probes: map_flush, map_rebuild, map_find (--miss-ret 0)
+ *     hash_ptr [SECONDS [READER_PAUSE_US]]  probes: map_flush, map_rebuild, map_find (--miss-ret 0)
  *
  * A refresher empties the table and rebuilds it 30 µs later, over and over; a reader looks up
  * keys the rebuild always brings back, so every miss is one that landed in the empty window.
@@ -50,12 +50,18 @@ __attribute__((noinline)) const struct entry *map_find(struct map *m, unsigned k
 static volatile int stop;
 static long lookups, misses, refreshes;
 
-static void pause_us(long us) { struct timespec ts = {0, us * 1000}; nanosleep(&ts, 0); }
+static long reader_pause_us = 20;
+
+static void pause_us(long us) {
+    if (us <= 0) return;
+    struct timespec ts = {0, us * 1000};
+    nanosleep(&ts, 0);
+}
 
 static void *reader(void *m) {
     for (unsigned k = 1; !stop; k = k % KEYS + 1, lookups++) {
         if (!map_find(m, k)) misses++;
-        pause_us(10);
+        pause_us(reader_pause_us);
     }
     return 0;
 }
@@ -72,6 +78,7 @@ static void *refresher(void *m) {
 
 int main(int argc, char **argv) {
     double secs = argc > 1 ? atof(argv[1]) : 2;
+    if (argc > 2) reader_pause_us = atol(argv[2]);
     struct map *m = malloc(sizeof *m);
     pthread_mutex_init(&m->mu, 0);
     m->mask = 127;

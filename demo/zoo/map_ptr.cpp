@@ -3,7 +3,7 @@
 // compiler may clone the methods for. The lookup returns `const long *`, nullptr when the key
 // is not there.
 //
-//     map_ptr [SECONDS]     probes: Prices::drop_all, Prices::load, Prices::find (--miss-ret 0)
+//     map_ptr [SECONDS [READER_PAUSE_US]]   probes: Prices::drop_all, Prices::load, Prices::find (--miss-ret 0)
 //
 // A refresher empties the map and loads it 30 µs later, over and over; a reader looks up keys
 // the load always brings back, so every miss is one that landed in the empty window.
@@ -44,12 +44,13 @@ static std::atomic<bool> stop{false};
 int main(int argc, char **argv) {
     using namespace std::chrono;
     double secs = argc > 1 ? std::atof(argv[1]) : 2;
+    long pause = argc > 2 ? std::atol(argv[2]) : 10;
     prices.load(IDS);
     long lookups = 0, misses = 0, refreshes = 0;
     std::thread reader([&] {
         for (long id = 0; !stop; id = (id + 5) % IDS, lookups++) {
             if (prices.find(id) == nullptr) misses++;
-            std::this_thread::sleep_for(microseconds(10));
+            if (pause > 0) std::this_thread::sleep_for(microseconds(pause));
         }
     });
     std::thread refresher([&] {

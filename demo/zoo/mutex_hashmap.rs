@@ -2,7 +2,7 @@
 //! object is `&self`. The lookup returns `Option<u64>`, `None` when the key is not there (the
 //! option comes back in rax:rdx, its discriminant in rax: 0 is `None`).
 //!
-//!     mutex_hashmap [SECONDS]   probes: Cache::clear, Cache::refill, Cache::lookup (--miss-ret 0)
+//!     mutex_hashmap [SECONDS [READER_PAUSE_US]]   probes: Cache::clear, Cache::refill, Cache::lookup (--miss-ret 0)
 //!
 //! A refresher empties the map and refills it 30 µs later, over and over; two readers look up
 //! keys the refill always brings back, so every miss is one that landed in the empty window.
@@ -43,6 +43,9 @@ impl Cache {
 
 fn main() {
     let secs: f64 = std::env::args().nth(1).map_or(2.0, |s| s.parse().expect("SECONDS"));
+    let pause: u64 = std::env::args()
+        .nth(2)
+        .map_or(20, |s| s.parse().expect("READER_PAUSE_US"));
     let cache = Arc::new(Cache { map: Mutex::new(HashMap::new()) });
     cache.refill(KEYS);
     let stop = Arc::new(AtomicBool::new(false));
@@ -59,7 +62,9 @@ fn main() {
                     }
                     lookups.fetch_add(1, Relaxed);
                     key = (key + 1) % KEYS;
-                    thread::sleep(Duration::from_micros(20));
+                    if pause > 0 {
+                        thread::sleep(Duration::from_micros(pause));
+                    }
                 }
             })
         })

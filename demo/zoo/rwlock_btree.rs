@@ -2,7 +2,7 @@
 //! read lock, the refresher the write lock); the object is `&self`, a constant address. The
 //! lookup returns `bool` and the value through a `&mut u64`; false when the key is not there.
 //!
-//!     rwlock_btree [SECONDS]   probes: Cache::invalidate, Cache::repopulate, Cache::get (--miss-ret 0)
+//!     rwlock_btree [SECONDS [READER_PAUSE_US]]   probes: Cache::invalidate, Cache::repopulate, Cache::get (--miss-ret 0)
 //!
 //! A refresher empties the map and repopulates it 30 µs later, over and over; a reader looks up
 //! keys the repopulation always brings back, so every miss is one that landed in the empty
@@ -54,8 +54,11 @@ static STOP: AtomicBool = AtomicBool::new(false);
 
 fn main() {
     let secs: f64 = std::env::args().nth(1).map_or(2.0, |s| s.parse().expect("SECONDS"));
+    let pause: u64 = std::env::args()
+        .nth(2)
+        .map_or(10, |s| s.parse().expect("READER_PAUSE_US"));
     CACHE.repopulate(KEYS);
-    let reader = thread::spawn(|| {
+    let reader = thread::spawn(move || {
         let (mut lookups, mut misses, mut value) = (0u64, 0u64, 0u64);
         let mut key = 0;
         while !STOP.load(Relaxed) {
@@ -64,7 +67,9 @@ fn main() {
             }
             lookups += 1;
             key = (key + 3) % KEYS;
-            thread::sleep(Duration::from_micros(10));
+            if pause > 0 {
+                thread::sleep(Duration::from_micros(pause));
+            }
         }
         (lookups, misses)
     });

@@ -2,7 +2,7 @@
 // std::lock_guard; the object is `this`, a constant the compiler may clone the methods for. The
 // lookup returns an int, -1 when the key is not there.
 //
-//     sentinel_int [SECONDS]   probes: Ranks::clear, Ranks::fill, Ranks::rank_of (--miss-ret -1)
+//     sentinel_int [SECONDS [READER_PAUSE_US]]   probes: Ranks::clear, Ranks::fill, Ranks::rank_of (--miss-ret -1)
 //
 // A refresher empties the map and fills it 30 µs later, over and over; a reader looks up keys
 // the fill always brings back, so every miss is one that landed in the empty window.
@@ -43,12 +43,13 @@ static std::atomic<bool> stop{false};
 int main(int argc, char **argv) {
     using namespace std::chrono;
     double secs = argc > 1 ? std::atof(argv[1]) : 2;
+    long pause = argc > 2 ? std::atol(argv[2]) : 10;
     ranks.fill(PLAYERS);
     long lookups = 0, misses = 0, refreshes = 0;
     std::thread reader([&] {
         for (int p = 0; !stop; p = (p + 1) % PLAYERS, lookups++) {
             if (ranks.rank_of(p) == -1) misses++;
-            std::this_thread::sleep_for(microseconds(10));
+            if (pause > 0) std::this_thread::sleep_for(microseconds(pause));
         }
     });
     std::thread refresher([&] {

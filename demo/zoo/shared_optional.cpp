@@ -3,7 +3,7 @@
 // `this`. The lookup returns std::optional<long>, std::nullopt when the key is not there (the
 // optional comes back in rax:rdx, its "engaged" flag in dl).
 //
-//     shared_optional [SECONDS]   probes: Config::wipe, Config::refresh, Config::get (--miss-ret 0)
+//     shared_optional [SECONDS [READER_PAUSE_US]]   probes: Config::wipe, Config::refresh, Config::get (--miss-ret 0)
 //
 // A refresher empties the map and refreshes it 30 µs later, over and over; two readers look up
 // keys the refresh always brings back, so every miss is one that landed in the empty window.
@@ -47,15 +47,16 @@ std::atomic<long> lookups{0}, misses{0};
 int main(int argc, char **argv) {
     using namespace std::chrono;
     double secs = argc > 1 ? std::atof(argv[1]) : 2;
+    long pause = argc > 2 ? std::atol(argv[2]) : 20;
     auto config = std::make_unique<Config>();
     config->refresh(KEYS);
     long refreshes = 0;
     std::vector<std::thread> threads;
     for (int r = 0; r < 2; r++)
-        threads.emplace_back([&config, r] {
+        threads.emplace_back([&config, r, pause] {
             for (long k = r; !stop; k = (k + 3) % KEYS, lookups++) {
                 if (!config->get(k)) misses++;
-                std::this_thread::sleep_for(microseconds(20));
+                if (pause > 0) std::this_thread::sleep_for(microseconds(pause));
             }
         });
     threads.emplace_back([&] {

@@ -2,7 +2,7 @@
 // taken with std::lock_guard; the object is `this`. The lookup returns bool and the value
 // through an out-parameter; false when the key is not there.
 //
-//     umap_bool [SECONDS]   probes: Sessions::reset, Sessions::reload, Sessions::get (--miss-ret 0)
+//     umap_bool [SECONDS [READER_PAUSE_US]]   probes: Sessions::reset, Sessions::reload, Sessions::get (--miss-ret 0)
 //
 // A refresher empties the map and reloads it 30 µs later, over and over; two readers look up
 // keys the reload always brings back, so every miss is one that landed in the empty window.
@@ -46,6 +46,7 @@ std::atomic<long> lookups{0}, misses{0};
 int main(int argc, char **argv) {
     using namespace std::chrono;
     double secs = argc > 1 ? std::atof(argv[1]) : 2;
+    long pause = argc > 2 ? std::atol(argv[2]) : 20;
     auto *sessions = new Sessions;
     sessions->reload(KEYS);
     long refreshes = 0;
@@ -55,7 +56,7 @@ int main(int argc, char **argv) {
             long value;
             for (long k = r; !stop; k = (k + 1) % KEYS, lookups++) {
                 if (!sessions->get(k, value)) misses++;
-                std::this_thread::sleep_for(microseconds(20));
+                if (pause > 0) std::this_thread::sleep_for(microseconds(pause));
             }
         });
     threads.emplace_back([&] {

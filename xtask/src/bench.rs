@@ -347,6 +347,20 @@ pub fn run(runs: usize, seconds: f64, baseline: Option<&Path>, soak_minutes: f64
             )?),
         ));
     }
+    let mut writer = vec![
+        unobserved(),
+        watch(
+            "racewatch watch --miss-ret -1 (miss path only)",
+            &["--miss-ret", "-1"],
+        ),
+    ];
+    if let Some(base) = baseline {
+        writer.push(racewatch_config(
+            &base.to_string_lossy(),
+            "baseline build: racewatch watch --miss-ret -1",
+            &[&["watch"][..], &probes, &["--miss-ret", "-1"]].concat(),
+        ));
+    }
     if let Some(strace) = tool("strace") {
         python.push(strace_config(strace.clone()));
         native.push(strace_config(strace));
@@ -379,13 +393,7 @@ pub fn run(runs: usize, seconds: f64, baseline: Option<&Path>, soak_minutes: f64
             truth_prefix: "cache_demo: ",
             rate: "refreshes",
             misses: "misses",
-            configs: vec![
-                unobserved(),
-                watch(
-                    "racewatch watch --miss-ret -1 (miss path only)",
-                    &["--miss-ret", "-1"],
-                ),
-            ],
+            configs: writer,
         },
     ];
     let workloads: Vec<Workload> = workloads
@@ -503,8 +511,8 @@ fn zoo(racewatch: &str, runs: usize, seconds: f64, doc: &mut String) -> Result<(
     writeln!(
         doc,
         "\n### The zoo (demo/zoo): lock-guarded caches in C, C++ and Rust\n\n\
-         Each cache as a release build makes it, watched as a user would: `racewatch watch` given \
-         its clear, update and lookup functions. Traps per lookup: lookup probe hits per lookup \
+         Each cache as a release build makes it, its readers looking up without a pause, watched \
+         as a user would: `racewatch watch` given its clear, update and lookup functions. Traps per lookup: lookup probe hits per lookup \
          (a miss path traps on misses alone; where a lookup's code has no instruction only misses \
          reach, racewatch probes it once where its result is known).\n\n\
          | build | lookups/s unobserved | lookups/s watched | ratio to unobserved | misses ratio | traps per lookup | events lost (most in a run) |\n\
@@ -515,7 +523,12 @@ fn zoo(racewatch: &str, runs: usize, seconds: f64, doc: &mut String) -> Result<(
         let w = Workload {
             title: b.name.clone(),
             short: b.name.clone(),
-            command: vec![b.binary.to_string_lossy().into_owned(), secs.clone()],
+            // Readers that do not pause between lookups: the cost shows in their rate.
+            command: vec![
+                b.binary.to_string_lossy().into_owned(),
+                secs.clone(),
+                "0".into(),
+            ],
             truth_prefix: "cache_demo: ",
             rate: "lookups",
             misses: "misses",
