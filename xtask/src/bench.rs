@@ -733,4 +733,14 @@ const FOOTER: &str = "
   over the target's CPU time.
 - `nopl` (5 bytes) is cheaper than any trap on kernels that optimize uprobes on it (6.16+ turn
   such a probe into a call); racewatch does not rely on it, since older kernels single-step it.
+- The zoo's readers never pause, so its table is a stress case more than a cost figure.
+  Unobserved, the two readers take the cache's lock so often that the refill waits for it and
+  the empty window lasts until it gets it: those runs miss millions of times a second, each miss
+  a cheap lookup of an empty table. A miss probe sits before the unlock (so that the window it
+  reads is the one the miss saw), and its trap inside the lock lets the refill in: windows
+  shrink, misses fall to 1-3% of the unobserved count (the misses ratio), and the readers spend
+  their time on hits, which cost more than misses. The lookup rate then moves with the race's
+  dynamics as much as with racewatch's cost; traps per lookup (0.1-1.5% on the miss path) is
+  racewatch's part. Builds probed once per lookup (traps per lookup 1.0: clang's
+  default-then-overwrite shapes, `std::optional`) pay a trap at every lookup: 0.01-0.06.
 ";
