@@ -72,6 +72,8 @@ fn a_tiny_ring_loses_events_and_counts_every_one() {
             + n(&s["lost_by_kind"]["native_stack"]),
         "{s}"
     );
+    // Stacks give way first: none is copied while the ring is over half full.
+    assert!(n(&s["stacks_shed"]) > 0, "no stack was shed: {s}");
     assert_eq!(n(&s["decode_errors"]), 0);
 }
 
