@@ -571,7 +571,7 @@ fn probes_go_past_endbr64_onto_emulated_instructions_and_the_miss_path() {
         err.lines()
             .any(|l| l.contains("lookup miss: Cache::lookup(long) at")
                 && l.contains("(jmp")
-                && l.contains("emulated), -1 returned in 8 byte(s), cache in RBP")),
+                && l.contains("emulated), -1 returned in 8 byte(s) of RAX, cache in RBP")),
         "{err}"
     );
 }

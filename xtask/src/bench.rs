@@ -742,5 +742,5 @@ const FOOTER: &str = "
   their time on hits, which cost more than misses. The lookup rate then moves with the race's
   dynamics as much as with racewatch's cost; traps per lookup (0.1-1.5% on the miss path) is
   racewatch's part. Builds probed once per lookup (traps per lookup 1.0: clang's
-  default-then-overwrite shapes, `std::optional`) pay a trap at every lookup: 0.01-0.06.
+  default-then-overwrite shapes) pay a trap at every lookup: 0.01-0.06.
 ";

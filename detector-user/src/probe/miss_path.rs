@@ -1,10 +1,12 @@
 //! The paths by which a lookup returns its miss value, found the way compilers build them:
 //! every path from a constant definition of the value is followed (both ways at each branch,
 //! across calls in callee-saved registers and stack slots, through the copies and widenings
-//! between registers of any width) to each `ret`, where the value must be in `rax` at the
-//! function's return width. Only misses pass such a definition, so a probe there traps on misses
-//! alone. Where the cache object is at that probe (a register or a stack slot) comes from a
-//! forward analysis of the whole function from the object argument at its entry.
+//! between registers of any width) to each `ret`, where the value must be in the return register
+//! at the function's return width (`rax`, or `rdx` for the second half of a two-register return:
+//! the "has a value" flag of a C++ `std::optional<long>`). Only misses pass such a definition, so
+//! a probe there traps on misses alone. Where the cache object is at that probe (a register or a
+//! stack slot) comes from a forward analysis of the whole function from the object argument at
+//! its entry.
 use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
 
 use iced_x86::{
@@ -23,6 +25,15 @@ const SITE_LOOKAHEAD: usize = 16;
 const PATH_BUDGET: usize = 20_000;
 /// `pt_regs` slot of `rsp`, through which a stack slot is read.
 const RSP_SLOT: u32 = 19;
+
+/// Where a lookup returns the value a miss is told by.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ReturnReg {
+    /// `rax`, at the width the function's code writes it.
+    Rax,
+    /// The low `bytes` of `rdx`, the second register of a two-register return.
+    Rdx { bytes: u8 },
+}
 
 /// Where a value lives: a full register, or a stack slot at this offset from `rsp` at the
 /// function's entry.
@@ -472,8 +483,20 @@ fn every_path_returns(
     st: State,
     miss: i64,
     width: u8,
+    reg: Register,
     seen: &mut HashSet<usize>,
 ) -> Result<(), String> {
+    // A `ret` is on the miss path by what it returns, not by any other place holding the value.
+    if d.instrs[def].flow_control() == FlowControl::Return {
+        return if matches_miss(st.vals.get(&Loc::Reg(reg)), miss, width) {
+            Ok(())
+        } else {
+            Err(format!(
+                "the ret at +{:#x} may return something else",
+                d.instrs[def].ip() - d.start
+            ))
+        };
+    }
     let mut factory = InstructionInfoFactory::new();
     let mut done: HashMap<(usize, State), ()> = HashMap::new();
     let mut stack: Vec<(usize, State)> = successors(d, def)
@@ -504,7 +527,7 @@ fn every_path_returns(
         seen.insert(i);
         let ins = &d.instrs[i];
         if ins.flow_control() == FlowControl::Return {
-            if matches_miss(st.vals.get(&Loc::Reg(Register::RAX)), miss, width) {
+            if matches_miss(st.vals.get(&Loc::Reg(reg)), miss, width) {
                 continue;
             }
             return Err(format!(
@@ -576,6 +599,7 @@ pub fn miss_sites(
     d: &Decoded,
     miss: i64,
     width: u8,
+    reg: Register,
     arg: Option<Register>,
 ) -> Result<Vec<MissSite>, String> {
     if d.indirect_jumps {
@@ -600,7 +624,7 @@ pub fn miss_sites(
             continue;
         }
         let mut seen = HashSet::new();
-        match every_path_returns(d, i, after, miss, width, &mut seen) {
+        match every_path_returns(d, i, after, miss, width, reg, &mut seen) {
             Ok(()) => {
                 on_miss_path.insert(i, seen);
             }
@@ -643,11 +667,11 @@ pub fn miss_sites(
         .copied()
         .filter(|a| !joined.iter().any(|b| b != a && on_miss_path[a].contains(b)))
         .collect();
-    let starts = match covers_every_miss(d, &states, &latest, miss, width, &is_miss) {
+    let starts = match covers_every_miss(d, &states, &latest, miss, width, reg, &is_miss) {
         Ok(()) => latest,
         Err(why) => {
             let first = entries(true);
-            covers_every_miss(d, &states, &first, miss, width, &is_miss).map_err(|_| why)?;
+            covers_every_miss(d, &states, &first, miss, width, reg, &is_miss).map_err(|_| why)?;
             first
         }
     };
@@ -668,6 +692,7 @@ pub fn result_site(
     d: &Decoded,
     miss: i64,
     width: u8,
+    reg: Register,
     arg: Option<Register>,
 ) -> Result<(MissSite, ObjectAt, u8), String> {
     if d.indirect_jumps {
@@ -717,7 +742,7 @@ pub fn result_site(
                 )]),
                 ..st.clone()
             };
-            let bytes = returns_result(d, i, start, width)?;
+            let bytes = returns_result(d, i, start, width, reg)?;
             // A narrower value widened with zeros is the miss only if the miss's upper bytes
             // are zero.
             let upper = (miss as u64 & mask(width)) >> (8 * u32::from(bytes.min(7)));
@@ -775,7 +800,7 @@ fn reaches(d: &Decoded, from: usize, to: usize) -> bool {
 
 /// Does every path from `i` (whose state before it is `st`) return the tracked result? With how
 /// many of its low bytes to compare (fewer than `width` where it is widened with zeros).
-fn returns_result(d: &Decoded, i: usize, st: State, width: u8) -> Option<u8> {
+fn returns_result(d: &Decoded, i: usize, st: State, width: u8, reg: Register) -> Option<u8> {
     let mut compare = width;
     let mut factory = InstructionInfoFactory::new();
     let mut done = HashSet::new();
@@ -789,7 +814,7 @@ fn returns_result(d: &Decoded, i: usize, st: State, width: u8) -> Option<u8> {
         }
         let ins = &d.instrs[n];
         if ins.flow_control() == FlowControl::Return {
-            match st.vals.get(&Loc::Reg(Register::RAX)) {
+            match st.vals.get(&Loc::Reg(reg)) {
                 Some(Val::Result { bytes, .. }) if *bytes >= width => {}
                 Some(Val::Result { bytes, zext: true }) => compare = compare.min(*bytes),
                 _ => return None,
@@ -821,6 +846,7 @@ fn covers_every_miss(
     starts: &[usize],
     miss: i64,
     width: u8,
+    reg: Register,
     is_miss: &dyn Fn(&Val) -> bool,
 ) -> Result<(), String> {
     let mut factory = InstructionInfoFactory::new();
@@ -868,7 +894,7 @@ fn covers_every_miss(
             }
             let ins = &d.instrs[i];
             if ins.flow_control() == FlowControl::Return {
-                if passed == 0 && matches_miss(st.vals.get(&Loc::Reg(Register::RAX)), miss, width) {
+                if passed == 0 && matches_miss(st.vals.get(&Loc::Reg(reg)), miss, width) {
                     return Err(format!(
                         "the miss value set at +{:#x} is returned at +{:#x} by a way where no \
                          instruction is on misses alone",
@@ -953,7 +979,13 @@ mod tests {
 
     fn sites(code: &[u8], miss: i64) -> Result<Vec<MissSite>, String> {
         let d = Decoded::decode(code, START).unwrap();
-        miss_sites(&d, miss, return_width(&d), Some(Register::RDI))
+        miss_sites(
+            &d,
+            miss,
+            return_width(&d),
+            Register::RAX,
+            Some(Register::RDI),
+        )
     }
 
     #[test]
@@ -972,6 +1004,24 @@ mod tests {
     fn no_miss_site_for_another_value() {
         let err = sites(&fixed_lookup(), 0).unwrap_err();
         assert!(err.contains("no path puts 0"), "{err}");
+    }
+
+    #[test]
+    fn an_optional_s_empty_flag_is_followed_in_dl_not_rax() {
+        // A std::optional<long> whose hits may hold 0: rax is 0 on both paths, dl only on the
+        // miss. cmpq $0,(%rdi); je miss; xor %eax,%eax; mov $1,%edx; ret;
+        // miss: xor %eax,%eax; xor %edx,%edx; ret
+        let code = [
+            0x48, 0x83, 0x3f, 0x00, 0x74, 0x08, 0x31, 0xc0, 0xba, 0x01, 0x00, 0x00, 0x00, 0xc3,
+            0x31, 0xc0, 0x31, 0xd2, 0xc3,
+        ];
+        let d = Decoded::decode(&code, START).unwrap();
+        let found = miss_sites(&d, 0, 1, Register::RDX, Some(Register::RDI)).unwrap();
+        assert_eq!(found.len(), 1, "{found:?}");
+        assert!(found[0].site.offset >= 14, "on the miss branch: {found:?}");
+        // Read in rax, the hit's 0 would count as a miss: a site on each path.
+        let in_rax = miss_sites(&d, 0, 8, Register::RAX, Some(Register::RDI)).unwrap();
+        assert_eq!(in_rax.len(), 2, "{in_rax:?}");
     }
 
     #[test]

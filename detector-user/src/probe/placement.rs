@@ -13,7 +13,7 @@ use crate::{
             ARG_REGS, Decoded, Site, code_of, describe, how, is_emulated, slot_name, slot_register,
             writes,
         },
-        miss_path,
+        miss_path::{self, ReturnReg},
         plan::{MissSite, ObjectAt, Placed, RefillProbe},
         symbols::{Function, SymbolTable},
     },
@@ -149,11 +149,12 @@ pub fn place_miss(
     f: &Function,
     arg: u32,
     object: Option<ObjectAt>,
-    value: i64,
+    (value, ret): (i64, ReturnReg),
     verbose: bool,
 ) -> Result<Vec<MissSite>, String> {
-    let (decoded, width, arrives, fixed) = lookup_code(binary, f, arg, object)?;
-    let found = miss_path::miss_sites(&decoded, value, width, arrives)?;
+    let c = lookup_code(binary, f, arg, object, ret)?;
+    let (width, reg, fixed) = (c.width, c.reg, c.fixed);
+    let found = miss_path::miss_sites(&c.decoded, value, width, reg, c.arrives)?;
     let mut sites = Vec::new();
     for m in found {
         let object = fixed
@@ -162,7 +163,7 @@ pub fn place_miss(
         if verbose {
             eprintln!(
                 "racewatch: lookup miss: {} at {:#x}+{:#x} ({}, {}), {value} returned in {width} \
-                 byte(s), cache {}",
+                 byte(s) of {reg:?}, cache {}",
                 escape(&f.display),
                 f.address,
                 m.site.offset,
@@ -182,15 +183,27 @@ pub fn place_miss(
     Ok(sites)
 }
 
-/// Lookup `f`'s decoded code and return width, and where its object arrives: the register of
-/// argument `arg`, a register a copy receives it in, or nowhere (a copy made for one global,
-/// `fixed`, which every site then names).
+/// A lookup's code as the miss analysis takes it.
+struct LookupCode {
+    decoded: Decoded,
+    /// The width and register of the value its miss is told by.
+    width: u8,
+    reg: Register,
+    /// Where its object arrives: the register of the object argument, or one a copy receives it
+    /// in; nowhere for a copy made for one global, `fixed`, which every site then names.
+    arrives: Option<Register>,
+    fixed: Option<ObjectAt>,
+}
+
+/// Lookup `f`'s code, for the object of argument `arg` (or of a copy, `object`), its miss told
+/// by `ret`.
 fn lookup_code(
     binary: &Path,
     f: &Function,
     arg: u32,
     object: Option<ObjectAt>,
-) -> Result<(Decoded, u8, Option<Register>, Option<ObjectAt>), String> {
+    ret: ReturnReg,
+) -> Result<LookupCode, String> {
     let (arrives, fixed) = match object {
         None => (ARG_REGS.get(arg as usize).copied(), None),
         Some(ObjectAt::Register(slot)) => (slot_register(slot), None),
@@ -198,8 +211,17 @@ fn lookup_code(
     };
     let code = code_of(binary, f)?;
     let decoded = Decoded::decode(&code, f.address)?;
-    let width = miss_path::return_width(&decoded);
-    Ok((decoded, width, arrives, fixed))
+    let (width, reg) = match ret {
+        ReturnReg::Rax => (miss_path::return_width(&decoded), Register::RAX),
+        ReturnReg::Rdx { bytes } => (bytes, Register::RDX),
+    };
+    Ok(LookupCode {
+        decoded,
+        width,
+        reg,
+        arrives,
+        fixed,
+    })
 }
 
 /// Where every call of lookup `f` (or of a copy, whose object is `object`) has its result, for
@@ -210,11 +232,12 @@ pub fn place_result(
     f: &Function,
     arg: u32,
     object: Option<ObjectAt>,
-    value: i64,
+    (value, ret): (i64, ReturnReg),
     verbose: bool,
 ) -> Result<MissSite, String> {
-    let (decoded, width, arrives, fixed) = lookup_code(binary, f, arg, object)?;
-    let (m, at, bytes) = miss_path::result_site(&decoded, value, width, arrives)?;
+    let c = lookup_code(binary, f, arg, object, ret)?;
+    let fixed = c.fixed;
+    let (m, at, bytes) = miss_path::result_site(&c.decoded, value, c.width, c.reg, c.arrives)?;
     let object = fixed
         .or(m.object)
         .expect("an object where the function has one");

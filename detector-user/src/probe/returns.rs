@@ -1,8 +1,9 @@
 //! What a function returns, from the file's DWARF: how wide its value is in `rax`, and for the
-//! types whose "not found" is plain (`bool`, a pointer, Rust's `Option`), which value that is.
-//! A return wider than `rax` (a C++ `std::optional<long>`, whose "empty" is a flag in `rdx`)
-//! cannot be read as one register value, and racewatch says so rather than compare the wrong
-//! half.
+//! types whose "not found" is plain (`bool`, a pointer, Rust's `Option`, C++'s `std::optional`),
+//! which value that is and in which register. A `std::optional` of a one-register value comes
+//! back in two registers, its value in `rax` and whether it has one in `dl`; any other return
+//! wider than `rax` cannot be read as one register value, and racewatch says so rather than
+//! compare the wrong half.
 use std::path::Path;
 
 use gimli::{AttributeValue, UnitOffset, constants as dw};
@@ -16,7 +17,10 @@ pub enum Returns {
     NotFoundIsZero { kind: &'static str, bytes: u8 },
     /// An integer of this many bytes (its miss value is the user's to give).
     Integer { bytes: u8 },
-    /// A value wider than `rax` (returned in `rax` and `rdx`, or in memory).
+    /// A C++ `std::optional` of a one-register value, returned in `rax` and `rdx`: empty is 0 in
+    /// `dl` (the flag after the value).
+    EmptyOptional,
+    /// Any other value wider than `rax` (returned in `rax` and `rdx`, or in memory).
     Wide { name: String, bytes: u64 },
 }
 
@@ -93,6 +97,13 @@ fn classify(
             }
             dw::DW_TAG_structure_type | dw::DW_TAG_class_type | dw::DW_TAG_union_type => {
                 let size = size.unwrap_or(0);
+                if name.starts_with("optional<")
+                    && size == 16
+                    && in_registers(&e)
+                    && template_value_bytes(unit, t)? == Some(8)
+                {
+                    return Ok(Some(Returns::EmptyOptional));
+                }
                 let option = name.starts_with("Option<");
                 return Ok(Some(match (option, size) {
                     // A niche-optimized Option<&T>: None is the null pointer.
@@ -116,6 +127,46 @@ fn classify(
             }
             _ => return Ok(None),
         }
+    }
+    Ok(None)
+}
+
+/// Whether a class is returned in registers: not when its DWARF says it is passed by reference
+/// (a non-trivial copy or destructor), which puts it in memory.
+fn in_registers(e: &gimli::DebuggingInformationEntry<R>) -> bool {
+    !matches!(
+        e.attr_value(dw::DW_AT_calling_convention),
+        Some(AttributeValue::CallingConvention(
+            dw::DW_CC_pass_by_reference
+        ))
+    )
+}
+
+/// The size of a class template's first type argument (`T` of `optional<T>`).
+fn template_value_bytes(unit: &gimli::Unit<R>, of: UnitOffset) -> gimli::Result<Option<u64>> {
+    let mut tree = unit.entries_tree(Some(of))?;
+    let mut children = tree.root()?.children();
+    while let Some(child) = children.next()? {
+        if child.entry().tag() != dw::DW_TAG_template_type_parameter {
+            continue;
+        }
+        let Some(AttributeValue::UnitRef(mut t)) = child.entry().attr_value(dw::DW_AT_type) else {
+            return Ok(None);
+        };
+        // Through typedefs and qualifiers to the sized type.
+        for _ in 0..8 {
+            let e = unit.entry(t)?;
+            match e.attr_value(dw::DW_AT_byte_size) {
+                Some(AttributeValue::Udata(n)) => return Ok(Some(n)),
+                Some(AttributeValue::Data1(n)) => return Ok(Some(u64::from(n))),
+                _ => {}
+            }
+            match e.attr_value(dw::DW_AT_type) {
+                Some(AttributeValue::UnitRef(next)) => t = next,
+                _ => return Ok(None),
+            }
+        }
+        return Ok(None);
     }
     Ok(None)
 }

@@ -5,6 +5,7 @@ use std::path::{Path, PathBuf};
 use crate::{
     probe::{
         copies::{self, Inlined},
+        miss_path::ReturnReg,
         placement,
         plan::{LookupProbe, MissSite, ObjectAt, Placed, Plan, Sample, copies_not_probed},
         returns::{self, Returns},
@@ -114,21 +115,39 @@ fn plan(
         with_copies(&binary, &table, "refill", refill, object_arg),
         with_copies(&binary, &table, "lookup", lookup, object_arg),
     );
-    // What the lookup returns, where its DWARF says: how wide, and for a bool, a pointer or an
-    // Option, that "not found" is 0.
+    // What the lookup returns, where its DWARF says: how wide, and for a bool, a pointer, an
+    // Option or a std::optional, that "not found" is 0 (for a std::optional, in `dl`).
     let returns = returns::of(&binary, lookups.named.address);
     let mut wide = None;
-    let miss_ret = match (&returns, w.miss_ret) {
+    let too_wide = |name: &str, bytes: u64| {
+        format!(
+            "the misses of {}: it returns {} ({bytes} bytes), wider than the one register \
+             racewatch reads a miss value from",
+            escape(&lookups.named.display),
+            escape(name)
+        )
+    };
+    let (miss_ret, ret) = match (&returns, w.miss_ret) {
         (Some(Returns::Wide { name, bytes }), _) => {
-            wide = Some(format!(
-                "the misses of {}: it returns {} ({bytes} bytes), wider than the one register \
-                 racewatch reads a miss value from",
-                escape(&lookups.named.display),
-                escape(name)
-            ));
-            None
+            wide = Some(too_wide(name, *bytes));
+            (None, ReturnReg::Rax)
         }
-        (_, Some(value)) => Some(value),
+        // Its miss is read where its code sets the flag; a probed return reads only `rax`.
+        (Some(Returns::EmptyOptional), None | Some(0)) if !probe_returns => {
+            if verbose {
+                eprintln!(
+                    "racewatch: lookup: {} returns a std::optional, empty when the low byte of \
+                     rdx is 0: --miss-ret 0 read there",
+                    escape(&lookups.named.display)
+                );
+            }
+            (Some(0), ReturnReg::Rdx { bytes: 1 })
+        }
+        (Some(Returns::EmptyOptional), _) => {
+            wide = Some(too_wide("a std::optional", 16));
+            (None, ReturnReg::Rax)
+        }
+        (_, Some(value)) => (Some(value), ReturnReg::Rax),
         (Some(Returns::NotFoundIsZero { kind, .. }), None) => {
             if verbose {
                 eprintln!(
@@ -136,9 +155,9 @@ fn plan(
                     escape(&lookups.named.display)
                 );
             }
-            Some(0)
+            (Some(0), ReturnReg::Rax)
         }
-        _ => None,
+        _ => (None, ReturnReg::Rax),
     };
     let miss_path = miss_ret.is_some() && !probe_returns;
     let handled: Vec<&Function> = [&clears, &refills, &lookups]
@@ -195,6 +214,7 @@ fn plan(
         .collect();
     let bytes = match returns {
         Some(Returns::NotFoundIsZero { bytes, .. } | Returns::Integer { bytes }) => bytes,
+        Some(Returns::EmptyOptional) => 1,
         _ => placement::return_bytes(&binary, &lookups.named),
     };
     let entry_and_return = |value| LookupProbe::EntryAndReturn {
@@ -209,6 +229,15 @@ fn plan(
             .collect(),
         bytes,
     };
+    let entries = || {
+        lookups
+            .each
+            .iter()
+            .map(|(f, object)| {
+                placement::place_entry(&binary, "lookup", f.clone(), object_arg, *object, verbose)
+            })
+            .collect()
+    };
     let lookup = match miss_ret {
         Some(value) if probe_returns => entry_and_return(value),
         Some(value) => {
@@ -216,7 +245,7 @@ fn plan(
                 .each
                 .iter()
                 .map(|(f, object)| {
-                    placement::place_miss(&binary, f, object_arg, *object, value, verbose)
+                    placement::place_miss(&binary, f, object_arg, *object, (value, ret), verbose)
                         .map_err(|why| (f, why))
                 })
                 .collect();
@@ -226,6 +255,17 @@ fn plan(
                     value,
                     bytes,
                 },
+                // A std::optional's flag is loaded into `dl` only after the unlock, where the
+                // window a miss saw may have closed: without a miss path, its misses go unread.
+                Err((_, why)) if ret != ReturnReg::Rax => {
+                    unprobed.push(format!(
+                        "the misses of {}: it returns a std::optional, and racewatch cannot tell \
+                         from its code where it returns one empty ({why}); its lookups in windows \
+                         are counted",
+                        escape(&lookups.named.display)
+                    ));
+                    LookupProbe::Entry(entries())
+                }
                 Err((f, why)) => {
                     // No instruction on misses alone: one trap per lookup where its result is
                     // known, else two (its entry and its return).
@@ -233,7 +273,14 @@ fn plan(
                         .each
                         .iter()
                         .map(|(f, object)| {
-                            placement::place_result(&binary, f, object_arg, *object, value, verbose)
+                            placement::place_result(
+                                &binary,
+                                f,
+                                object_arg,
+                                *object,
+                                (value, ret),
+                                verbose,
+                            )
                         })
                         .collect();
                     let (how, lookup) = match results {
@@ -259,22 +306,7 @@ fn plan(
                 }
             }
         }
-        None => LookupProbe::Entry(
-            lookups
-                .each
-                .iter()
-                .map(|(f, object)| {
-                    placement::place_entry(
-                        &binary,
-                        "lookup",
-                        f.clone(),
-                        object_arg,
-                        *object,
-                        verbose,
-                    )
-                })
-                .collect(),
-        ),
+        None => LookupProbe::Entry(entries()),
     };
     // At a probed return the lookup's own frame is gone: the stack starts in its caller.
     let returned_from = match &lookup {
