@@ -63,12 +63,7 @@ fn classify(
             Some(v) => dwarf.attr_string(unit, v)?.to_string_lossy().into_owned(),
             None => String::new(),
         };
-        let size = match e.attr_value(dw::DW_AT_byte_size) {
-            Some(AttributeValue::Udata(n)) => Some(n),
-            Some(AttributeValue::Data1(n)) => Some(u64::from(n)),
-            Some(AttributeValue::Data2(n)) => Some(u64::from(n)),
-            _ => None,
-        };
+        let size = byte_size(&e);
         match e.tag() {
             dw::DW_TAG_typedef | dw::DW_TAG_const_type | dw::DW_TAG_volatile_type => {
                 match e.attr_value(dw::DW_AT_type) {
@@ -131,6 +126,16 @@ fn classify(
     Ok(None)
 }
 
+/// A type's `DW_AT_byte_size`, in whichever form the compiler wrote it.
+fn byte_size(e: &gimli::DebuggingInformationEntry<R>) -> Option<u64> {
+    match e.attr_value(dw::DW_AT_byte_size)? {
+        AttributeValue::Udata(n) => Some(n),
+        AttributeValue::Data1(n) => Some(u64::from(n)),
+        AttributeValue::Data2(n) => Some(u64::from(n)),
+        _ => None,
+    }
+}
+
 /// Whether a class is returned in registers: not when its DWARF says it is passed by reference
 /// (a non-trivial copy or destructor), which puts it in memory.
 fn in_registers(e: &gimli::DebuggingInformationEntry<R>) -> bool {
@@ -156,10 +161,8 @@ fn template_value_bytes(unit: &gimli::Unit<R>, of: UnitOffset) -> gimli::Result<
         // Through typedefs and qualifiers to the sized type.
         for _ in 0..8 {
             let e = unit.entry(t)?;
-            match e.attr_value(dw::DW_AT_byte_size) {
-                Some(AttributeValue::Udata(n)) => return Ok(Some(n)),
-                Some(AttributeValue::Data1(n)) => return Ok(Some(u64::from(n))),
-                _ => {}
+            if let Some(n) = byte_size(&e) {
+                return Ok(Some(n));
             }
             match e.attr_value(dw::DW_AT_type) {
                 Some(AttributeValue::UnitRef(next)) => t = next,
@@ -189,11 +192,7 @@ fn discriminant_bytes(unit: &gimli::Unit<R>, of: UnitOffset) -> gimli::Result<Op
         let Some(AttributeValue::UnitRef(t)) = member.attr_value(dw::DW_AT_type) else {
             return Ok(None);
         };
-        return Ok(match unit.entry(t)?.attr_value(dw::DW_AT_byte_size) {
-            Some(AttributeValue::Udata(n)) => Some(n.min(8) as u8),
-            Some(AttributeValue::Data1(n)) => Some(n.min(8)),
-            _ => None,
-        });
+        return Ok(byte_size(&unit.entry(t)?).map(|n| n.min(8) as u8));
     }
     Ok(None)
 }
