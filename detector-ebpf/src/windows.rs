@@ -1,11 +1,12 @@
-//! Window boundaries: the clear opens a cache's window, the refill's return or exit closes it.
+//! Window boundaries: the clear opens a cache's window, the refill's return, exit or last call
+//! closes it.
 
 use aya_ebpf::{
     helpers::bpf_ktime_get_ns,
     macros::{uprobe, uretprobe},
     programs::{ProbeContext, RetProbeContext},
 };
-use detector_common::{EventKind, Stat, Window};
+use detector_common::{EventKind, ObjKey, Stat, Window};
 
 use crate::{
     maps::{GIL_HOLDS, PENDING_DICTS, REFILLS},
@@ -101,13 +102,32 @@ fn refill_done() -> u32 {
     if gil_handover() {
         let _ = GIL_HOLDS.remove(&tid);
     }
-    if let Some(w) = window(&cache).filter(|w| w.closes_on_refill(tid)) {
-        let closed = w.closed(unsafe { bpf_ktime_get_ns() });
-        store_window(&cache, &closed);
-        window_event(EventKind::WindowClose, &cache, &closed, tid);
-        if PENDING_DICTS.remove(&cache).is_ok() {
-            judge_pending(cache);
-        }
+    close(&cache, tid);
+    0
+}
+
+/// The refill's last call on a path to its return (for a lock-guarded cache, the unlock), the
+/// cache where the probe's configuration says: the refill has refilled, and the window its thread
+/// opened on that cache closes. No entry probe is needed (one would trap inside the window).
+#[uprobe]
+pub fn on_refill_close(ctx: ProbeContext) -> u32 {
+    bump(Stat::HitsRefillReturn);
+    if let Some((who, cache, _)) = watched_object(&ctx) {
+        // Left by the entry probe that holds the writer under `--provoke`.
+        let _ = REFILLS.remove(&who.tid);
+        close(&cache, who.tid);
     }
     0
+}
+
+/// Closes `cache`'s window when `tid` opened it.
+fn close(cache: &ObjKey, tid: u32) {
+    if let Some(w) = window(cache).filter(|w| w.closes_on_refill(tid)) {
+        let closed = w.closed(unsafe { bpf_ktime_get_ns() });
+        store_window(cache, &closed);
+        window_event(EventKind::WindowClose, cache, &closed, tid);
+        if PENDING_DICTS.remove(cache).is_ok() {
+            judge_pending(*cache);
+        }
+    }
 }

@@ -149,9 +149,9 @@ fn start(pid: Option<u32>, tag: &str) -> Running {
         Some(_) => args.extend(["-p", &pid_s]),
         None => args.extend(["--", demo, "--fixed", "--seconds", "60"]),
     }
-    // The demo's probes: clear and the refill's entry past endbr64, the refill's tail-call exit,
-    // and the lookup's miss path.
-    let programs = ["on_clear", "on_refill", "on_refill_exit", "on_lookup_miss"];
+    // The demo's probes: clear past endbr64, the refill's tail call to the unlock (its last
+    // call, where its window closes), and the lookup's miss path.
+    let programs = ["on_clear", "on_refill_close", "on_lookup_miss"];
     attach(&args, pid, out, &programs)
 }
 
@@ -258,7 +258,7 @@ fn each_signal_ends_a_launched_run_with_the_summary_and_frees_everything() {
         let (code, summary, ids) = run.finish();
         assert_eq!(summary["ended"], ended, "{summary}");
         assert!(
-            summary["probe_hits"]["refill_entry"].as_u64().unwrap() > 0,
+            summary["probe_hits"]["refill_return"].as_u64().unwrap() > 0,
             "{summary}"
         );
         assert_eq!(code, Some(0), "{summary}");
@@ -281,7 +281,7 @@ fn each_signal_detaches_from_a_pid_which_keeps_running() {
         let (code, summary, ids) = run.finish();
         assert_eq!(summary["ended"], ended, "{summary}");
         assert!(
-            summary["probe_hits"]["refill_entry"].as_u64().unwrap() > 0,
+            summary["probe_hits"]["refill_return"].as_u64().unwrap() > 0,
             "{summary}"
         );
         assert_eq!(code, Some(0));

@@ -323,7 +323,16 @@ enum Watched {
     MissesUnread,
 }
 
-fn watch(build: &Build, bin: &Path) -> Result<Watched, String> {
+/// Where the refill's window closed.
+#[derive(Debug)]
+enum Closes {
+    /// At the refill's last call, with no probe at its entry (`closing`).
+    AtLastCall,
+    /// Where the entry probe learnt the cache: the return or the tail calls.
+    AfterEntry,
+}
+
+fn watch(build: &Build, bin: &Path) -> Result<(Watched, Closes), String> {
     let c = build.cache;
     let out = temp_file("zoo.ndjson");
     let _ = std::fs::remove_file(&out);
@@ -363,7 +372,7 @@ fn watch(build: &Build, bin: &Path) -> Result<Watched, String> {
             o.status.code()
         ));
     }
-    let (_, misses, _) = demo_truth(&err);
+    let (_, misses, refreshes) = demo_truth(&err);
     let text = std::fs::read_to_string(&out).unwrap_or_default();
     let Some(summary) = text
         .lines()
@@ -401,6 +410,14 @@ fn watch(build: &Build, bin: &Path) -> Result<Watched, String> {
     if lost != 0 {
         wrong.push(format!("{lost} events lost"));
     }
+    // Every refresh opens a window and its refill closes it (a window left open would swallow
+    // the next clear), whether the refill is probed at its last call or at its entry.
+    if summary["windows"] != refreshes {
+        wrong.push(format!(
+            "{} windows, expected one per refresh ({refreshes})",
+            summary["windows"]
+        ));
+    }
     if o.status.code() != Some(expected_status) {
         wrong.push(format!(
             "exit {:?}, expected {expected_status} (unwatched: {unwatched})",
@@ -410,8 +427,13 @@ fn watch(build: &Build, bin: &Path) -> Result<Watched, String> {
     if err.contains(FALLBACK) {
         wrong.push("racewatch fell back to probing every lookup's entry and return".to_string());
     }
+    let closes = if summary["probe_hits"]["refill_entry"] == 0 {
+        Closes::AtLastCall
+    } else {
+        Closes::AfterEntry
+    };
     if wrong.is_empty() {
-        Ok(watched)
+        Ok((watched, closes))
     } else {
         fail(wrong.join(", "))
     }
@@ -441,7 +463,9 @@ fn every_build_of_every_cache_counts_every_miss_without_probing_entry_and_return
         .filter_map(|(build, bin)| {
             let result = bin.and_then(|bin| watch(build, &bin));
             match &result {
-                Ok(watched) => eprintln!("zoo: {}: ok, {watched:?}", build.name),
+                Ok((watched, closes)) => {
+                    eprintln!("zoo: {}: ok, {watched:?}, {closes:?}", build.name)
+                }
                 Err(_) => eprintln!("zoo: {}: FAILED", build.name),
             }
             result.err().map(|e| format!("{}: {e}", build.name))

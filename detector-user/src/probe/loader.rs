@@ -371,6 +371,17 @@ impl Loaded {
                         self.attach_one("on_refill_exit", "refill exit", bin, f, exit, c)?;
                     }
                 }
+                RefillProbe::Closes { entry: at, sites } => {
+                    if self.hold_at_refill {
+                        let c = &with_object(cfg, at.object);
+                        self.attach_one(entry, "refill", bin, &at.function, at.offset, c)?;
+                    }
+                    for s in sites {
+                        let c = &with_object(cfg, s.object);
+                        let f = &s.function;
+                        self.attach_one("on_refill_close", "refill close", bin, f, s.offset, c)?;
+                    }
+                }
             }
         }
         match &plan.lookup {

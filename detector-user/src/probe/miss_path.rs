@@ -337,12 +337,12 @@ fn on_edge(d: &Decoded, i: usize, to: usize, mut st: State) -> State {
 
 /// Where control goes after instruction `i`: the indices in the function, and whether it may also
 /// leave it (a tail call, a conditional jump elsewhere) or cannot be followed (a jump table).
-struct Successors {
-    inside: Vec<usize>,
-    leaves: bool,
+pub struct Successors {
+    pub inside: Vec<usize>,
+    pub leaves: bool,
 }
 
-fn successors(d: &Decoded, i: usize) -> Successors {
+pub fn successors(d: &Decoded, i: usize) -> Successors {
     let ins = &d.instrs[i];
     let next = (i + 1 < d.instrs.len()).then_some(i + 1);
     let target = || {
@@ -381,7 +381,7 @@ fn successors(d: &Decoded, i: usize) -> Successors {
 }
 
 /// The instructions control can come from to each instruction of `d`.
-fn predecessors(d: &Decoded) -> Vec<Vec<usize>> {
+pub fn predecessors(d: &Decoded) -> Vec<Vec<usize>> {
     let mut preds: Vec<Vec<usize>> = vec![Vec::new(); d.instrs.len()];
     for i in 0..d.instrs.len() {
         for s in successors(d, i).inside {
@@ -438,6 +438,13 @@ fn forward_states(
         }
     }
     states
+}
+
+/// Where the object, in register `arg` at the entry, is before each instruction of `d` on every
+/// path there (None: nowhere sure, or unreachable).
+pub fn object_before_each(d: &Decoded, arg: Register) -> Vec<Option<ObjectAt>> {
+    let states = forward_states(d, Some(arg), &|_| false);
+    (0..d.instrs.len()).map(|i| object_at(&states, i)).collect()
 }
 
 /// Where the probe can read the object before instruction `i`.

@@ -9,6 +9,7 @@ use iced_x86::{Decoder, DecoderOptions, FlowControl, InstructionInfoFactory, Reg
 
 use crate::{
     probe::{
+        closing,
         code::{
             ARG_REGS, Decoded, Site, code_of, describe, how, is_emulated, slot_name, slot_register,
             writes,
@@ -195,6 +196,16 @@ struct LookupCode {
     fixed: Option<ObjectAt>,
 }
 
+/// Where the object of argument `arg` (or of a copy, `object`) arrives: a register, or nowhere
+/// for a copy made for one global, which every site then names.
+fn arrival(arg: u32, object: Option<ObjectAt>) -> (Option<Register>, Option<ObjectAt>) {
+    match object {
+        None => (ARG_REGS.get(arg as usize).copied(), None),
+        Some(ObjectAt::Register(slot)) => (slot_register(slot), None),
+        Some(other) => (None, Some(other)),
+    }
+}
+
 /// Lookup `f`'s code, for the object of argument `arg` (or of a copy, `object`), its miss told
 /// by `ret`.
 fn lookup_code(
@@ -204,11 +215,7 @@ fn lookup_code(
     object: Option<ObjectAt>,
     ret: ReturnReg,
 ) -> Result<LookupCode, String> {
-    let (arrives, fixed) = match object {
-        None => (ARG_REGS.get(arg as usize).copied(), None),
-        Some(ObjectAt::Register(slot)) => (slot_register(slot), None),
-        Some(other) => (None, Some(other)),
-    };
+    let (arrives, fixed) = arrival(arg, object);
     let code = code_of(binary, f)?;
     let decoded = Decoded::decode(&code, f.address)?;
     let (width, reg) = match ret {
@@ -320,8 +327,9 @@ fn exits(decoded: &Decoded, is_fragment: &dyn Fn(u64) -> bool) -> Result<Vec<Sit
     Ok(found)
 }
 
-/// The cheapest sure way to probe refill `f`: its exits when they are all emulated instructions,
-/// else a return probe.
+/// The cheapest sure way to probe refill `f`: its last calls, each reading the cache (see
+/// `closing`); else its entry and its exits when they are all emulated instructions; else its
+/// entry and a return probe.
 pub fn place_refill(
     binary: &Path,
     table: &SymbolTable,
@@ -336,9 +344,54 @@ pub fn place_refill(
             .containing(addr)
             .is_some_and(|g| g.symbol.starts_with(&fragment_prefix))
     };
-    let plan = code_of(binary, &f).and_then(|code| {
+    // The code, and its exits: every plan below needs them.
+    let read = code_of(binary, &f).and_then(|code| {
         let decoded = Decoded::decode(&code, f.address)?;
         let exits = exits(&decoded, &is_fragment)?;
+        Ok((code, decoded, exits))
+    });
+    let closes = read
+        .as_ref()
+        .map_err(Clone::clone)
+        .and_then(|(_, decoded, _)| {
+            let (arrives, fixed) = arrival(arg, object);
+            closing::close_sites(decoded, arrives, fixed)
+        });
+    let why_not_closes = match closes {
+        Ok(sites) => {
+            if verbose {
+                eprintln!(
+                    "racewatch: update: {} closes its window at its last calls: {}",
+                    escape(&f.display),
+                    sites
+                        .iter()
+                        .map(|(s, o)| format!(
+                            "{:#x}+{:#x} ({}, emulated), cache {}",
+                            f.address,
+                            s.offset,
+                            s.instruction,
+                            describe_object(*o)
+                        ))
+                        .collect::<Vec<_>>()
+                        .join("; ")
+                );
+            }
+            return RefillProbe::Closes {
+                sites: sites
+                    .into_iter()
+                    .map(|(s, o)| Placed {
+                        function: f.clone(),
+                        offset: s.offset,
+                        emulated: true,
+                        object: Some(o),
+                    })
+                    .collect(),
+                entry: place_entry(binary, "update", f, arg, object, false),
+            };
+        }
+        Err(why) => why,
+    };
+    let plan = read.and_then(|(code, _, exits)| {
         if let Some(slow) = exits.iter().find(|e| !e.emulated) {
             return Err(format!(
                 "it returns by {} at +{:#x}, which the kernel single-steps",
@@ -352,7 +405,8 @@ pub fn place_refill(
         Ok((entry, exits)) => {
             if verbose {
                 eprintln!(
-                    "racewatch: update: {} at {:#x}+{:#x} ({}), and its exits at {} (emulated)",
+                    "racewatch: update: {} at {:#x}+{:#x} ({}), and its exits at {} (emulated), \
+                     its entry probed: {why_not_closes}",
                     escape(&f.display),
                     f.address,
                     entry.offset,
@@ -377,9 +431,14 @@ pub fn place_refill(
         Err(why) => {
             if verbose {
                 eprintln!(
-                    "racewatch: update: {} at its entry {:#x}, with its return probed: {why}",
+                    "racewatch: update: {} at its entry {:#x}, with its return probed: {}",
                     escape(&f.display),
-                    f.address
+                    f.address,
+                    if why == why_not_closes {
+                        why
+                    } else {
+                        format!("{why_not_closes}; {why}")
+                    }
                 );
             }
             RefillProbe::Return(Placed {

@@ -138,13 +138,26 @@ pub struct Plan {
     pub py_layout: Option<detector_common::PyLayout>,
 }
 
-/// How a refill is probed: at its entry (to learn which cache) and where it ends.
+/// How a refill is probed: where it ends, and at its entry when only the entry says which cache.
 pub enum RefillProbe {
     /// The entry, and the return through a return probe (which needs the entry's breakpoint).
     Return(Placed),
     /// An emulated prologue instruction, and every exit, each one emulated (tail calls): two
     /// cheap traps instead of the entry's and the return trampoline's.
     Exits { entry: Placed, exits: Vec<u64> },
+    /// The last call on each path (see `closing`), each with where the cache is there: one trap,
+    /// after the refill has refilled. The entry is probed only to hold the writer (`--provoke`).
+    Closes { entry: Placed, sites: Vec<Placed> },
+}
+
+impl RefillProbe {
+    pub fn function(&self) -> &Function {
+        match self {
+            RefillProbe::Return(p)
+            | RefillProbe::Exits { entry: p, .. }
+            | RefillProbe::Closes { entry: p, .. } => &p.function,
+        }
+    }
 }
 
 /// Finds, while a run goes on, what else to watch: the run attaches each plan it returns (a new
@@ -190,12 +203,12 @@ impl Plan {
             clear: self.clear.iter().all(|c| c.emulated),
             refill: self.refills.iter().all(|r| match r {
                 RefillProbe::Return(p) => p.emulated,
-                RefillProbe::Exits { .. } => true,
+                RefillProbe::Exits { .. } | RefillProbe::Closes { .. } => true,
             }),
             refill_exits: self
                 .refills
                 .iter()
-                .all(|r| matches!(r, RefillProbe::Exits { .. })),
+                .all(|r| !matches!(r, RefillProbe::Return(_))),
             lookup_entry,
             lookup_miss,
             lookup_sample: self.sample.as_ref().is_none_or(|s| s.at.emulated),

@@ -273,11 +273,7 @@ pub fn plan(
             table,
             &[("clear", &clear.function), ("KeyError", &keyerror)]
                 .into_iter()
-                .chain(refills.iter().map(|r| match r {
-                    RefillProbe::Return(p) | RefillProbe::Exits { entry: p, .. } => {
-                        ("refill", &p.function)
-                    }
-                }))
+                .chain(refills.iter().map(|r| ("refill", r.function())))
                 .collect::<Vec<_>>(),
             None,
             &[],

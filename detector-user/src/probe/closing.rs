@@ -1,0 +1,207 @@
+//! Where a refill's window closes without a probe at the refill's entry: at the refill's last
+//! call on each path to its return (for a lock-guarded cache, the unlock; a tail call counts),
+//! where it has refilled and still holds the cache in a register or a stack slot. A probe there
+//! reads the cache itself, so the refill needs no entry probe, whose trap would fall inside the
+//! window and widen it: more misses than the program has unobserved, and on a contended lock a
+//! convoy behind each of them.
+use iced_x86::{FlowControl, Instruction, Register};
+
+use crate::probe::{
+    code::{Decoded, Site, is_emulated},
+    miss_path::{object_before_each, predecessors, successors},
+    plan::ObjectAt,
+};
+
+/// A call that comes back.
+fn is_call(d: &Decoded, i: usize) -> bool {
+    matches!(
+        d.instrs[i].flow_control(),
+        FlowControl::Call | FlowControl::IndirectCall
+    ) && !successors(d, i).inside.is_empty()
+}
+
+/// A jump by which the function leaves for another: a tail call.
+fn is_tail_call(d: &Decoded, i: usize) -> bool {
+    let s = successors(d, i);
+    s.inside.is_empty()
+        && s.leaves
+        && matches!(
+            d.instrs[i].flow_control(),
+            FlowControl::UnconditionalBranch | FlowControl::IndirectBranch
+        )
+}
+
+fn at(d: &Decoded, ins: &Instruction) -> String {
+    format!("+{:#x}", ins.ip() - d.start)
+}
+
+/// The refill's close sites: on every path from its entry to a `ret`, the last call, and each
+/// tail call; after none of them does the function call anything else. The object arrives in
+/// `arg`, or is `fixed` (a copy made for one global). `Err` says why the refill's entry must be
+/// probed instead.
+pub fn close_sites(
+    d: &Decoded,
+    arg: Option<Register>,
+    fixed: Option<ObjectAt>,
+) -> Result<Vec<(Site, ObjectAt)>, String> {
+    if d.indirect_jumps {
+        return Err("the function jumps through a register (a jump table)".into());
+    }
+    let preds = predecessors(d);
+    let mut sites: Vec<usize> = Vec::new();
+    let mut seen = vec![false; d.instrs.len()];
+    for (i, ins) in d.instrs.iter().enumerate() {
+        if is_tail_call(d, i) {
+            sites.push(i);
+        } else if ins.flow_control() == FlowControl::Return {
+            // Back from the return to the last call of each path there.
+            let mut work = vec![i];
+            while let Some(n) = work.pop() {
+                if std::mem::replace(&mut seen[n], true) {
+                    continue;
+                }
+                if n == 0 {
+                    return Err(format!(
+                        "a path from its entry returns at {} without a call",
+                        at(d, ins)
+                    ));
+                }
+                for &p in &preds[n] {
+                    if is_call(d, p) {
+                        sites.push(p);
+                    } else {
+                        work.push(p);
+                    }
+                }
+            }
+        }
+    }
+    sites.sort_unstable();
+    sites.dedup();
+    if sites.is_empty() {
+        return Err("it never returns".into());
+    }
+    // A site must be the last call of every path through it: nothing is refilled after it.
+    for &s in sites.iter().filter(|s| is_call(d, **s)) {
+        let mut work = successors(d, s).inside;
+        let mut visited = vec![false; d.instrs.len()];
+        while let Some(n) = work.pop() {
+            if std::mem::replace(&mut visited[n], true) {
+                continue;
+            }
+            if is_call(d, n) || is_tail_call(d, n) {
+                return Err(format!(
+                    "it calls at {} after its call at {}",
+                    at(d, &d.instrs[n]),
+                    at(d, &d.instrs[s])
+                ));
+            }
+            work.extend(successors(d, n).inside);
+        }
+    }
+    let objects = arg.map(|r| object_before_each(d, r));
+    sites
+        .into_iter()
+        .map(|s| {
+            let ins = &d.instrs[s];
+            if !is_emulated(ins) {
+                return Err(format!(
+                    "its last call at {} is one the kernel single-steps",
+                    at(d, ins)
+                ));
+            }
+            let object = fixed
+                .or_else(|| objects.as_ref().and_then(|o| o[s]))
+                .ok_or_else(|| {
+                    format!(
+                        "the cache is in no register or stack slot at its last call at {}",
+                        at(d, ins)
+                    )
+                })?;
+            Ok((d.site(ins), object))
+        })
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::probe::code::{fixtures::START, pt_regs_slot};
+
+    fn sites(code: &[u8]) -> Result<Vec<(u64, ObjectAt)>, String> {
+        let d = Decoded::decode(code, START).unwrap();
+        close_sites(&d, Some(Register::RDI), None)
+            .map(|v| v.into_iter().map(|(s, o)| (s.offset, o)).collect())
+    }
+
+    fn reg(r: Register) -> ObjectAt {
+        ObjectAt::Register(pt_regs_slot(r).unwrap())
+    }
+
+    #[test]
+    fn the_unlock_before_the_epilogue_closes_with_the_cache_in_a_callee_saved_register() {
+        // 0: push %rbx; 1: mov %rdi,%rbx; 4: call lock; 9: call fill; e: mov %rbx,%rdi;
+        // 11: call unlock; 16: pop %rbx; 17: ret
+        let code = [
+            0x53, 0x48, 0x89, 0xfb, 0xe8, 0, 0, 0, 0, 0xe8, 0, 0, 0, 0, 0x48, 0x89, 0xdf, 0xe8, 0,
+            0, 0, 0, 0x5b, 0xc3,
+        ];
+        assert_eq!(sites(&code).unwrap(), vec![(0x11, reg(Register::RBX))]);
+    }
+
+    #[test]
+    fn a_tail_call_to_the_unlock_closes_where_the_cache_is_its_argument() {
+        // 0: push %rbx; 1: mov %rdi,%rbx; 4: call fill; 9: mov %rbx,%rdi; c: pop %rbx;
+        // d: jmp unlock
+        let code = [
+            0x53, 0x48, 0x89, 0xfb, 0xe8, 0, 0, 0, 0, 0x48, 0x89, 0xdf, 0x5b, 0xe9, 0, 0x10, 0, 0,
+        ];
+        assert_eq!(sites(&code).unwrap(), vec![(0xd, reg(Register::RDI))]);
+    }
+
+    #[test]
+    fn each_path_s_last_call_is_a_site() {
+        // 0: push %rbx; 1: mov %rdi,%rbx; 4: test %esi,%esi; 6: je 0x12; 8: call a;
+        // d: pop %rbx; e: ret; f: nop; 10: nop; 11: nop; 12: call b; 17: pop %rbx; 18: ret
+        let code = [
+            0x53, 0x48, 0x89, 0xfb, 0x85, 0xf6, 0x74, 0x0a, 0xe8, 0, 0, 0, 0, 0x5b, 0xc3, 0x90,
+            0x90, 0x90, 0xe8, 0, 0, 0, 0, 0x5b, 0xc3,
+        ];
+        assert_eq!(
+            sites(&code).unwrap(),
+            vec![(0x8, reg(Register::RBX)), (0x12, reg(Register::RBX))]
+        );
+    }
+
+    #[test]
+    fn a_path_that_returns_without_a_call_needs_the_entry() {
+        // 0: test %rdi,%rdi; 3: je 0xa; 5: call fill; a: ret
+        let code = [0x48, 0x85, 0xff, 0x74, 0x05, 0xe8, 0, 0, 0, 0, 0xc3];
+        let err = sites(&code).unwrap_err();
+        assert!(err.contains("without a call"), "{err}");
+    }
+
+    #[test]
+    fn a_call_in_the_refill_s_loop_is_not_its_last() {
+        // 0: push %rbx; 1: mov %rdi,%rbx; 4: call insert; 9: dec %esi; b: jne 4; d: pop %rbx;
+        // e: ret
+        let code = [
+            0x53, 0x48, 0x89, 0xfb, 0xe8, 0, 0, 0, 0, 0xff, 0xce, 0x75, 0xf7, 0x5b, 0xc3,
+        ];
+        let err = sites(&code).unwrap_err();
+        assert!(err.contains("after its call at +0x4"), "{err}");
+    }
+
+    #[test]
+    fn a_cache_no_longer_held_at_the_last_call_needs_the_entry() {
+        // 0: call fill (the argument register is the callee's to change); 5: call unlock; a: ret
+        let code = [0xe8, 0, 0, 0, 0, 0xe8, 0, 0, 0, 0, 0xc3];
+        let err = sites(&code).unwrap_err();
+        assert!(err.contains("no register or stack slot"), "{err}");
+        let d = Decoded::decode(&code, START).unwrap();
+        let global = ObjectAt::Static(0x4040);
+        let found = close_sites(&d, None, Some(global)).unwrap();
+        assert_eq!(found.len(), 1);
+        assert_eq!((found[0].0.offset, found[0].1), (5, global));
+    }
+}
