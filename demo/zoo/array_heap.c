@@ -1,10 +1,11 @@
 /* Shape: C, a fixed array of key/value pairs on the heap behind a pthread mutex; the cache is
  * the lookup's first argument. The lookup returns a long, -1 when the key is not there.
  *
- *     array_heap [SECONDS [READER_PAUSE_US]]  probes: cache_reset, cache_load, cache_get (--miss-ret -1)
+ *     array_heap [SECONDS [READER_PAUSE_US [GAP_US [WORK_NS]]]]  probes: cache_reset, cache_load, cache_get (--miss-ret -1)
  *
- * A refresher empties the cache and reloads it 20 µs later, over and over; two readers look up
+ * A refresher empties the cache and reloads it GAP_US (20) µs later, over and over; two readers look up
  * keys the reload always brings back, so every miss is one that landed in the empty window.
+ * Each reader sleeps READER_PAUSE_US (20) µs, then works WORK_NS (0) ns, after each lookup.
  * Ground truth on stderr at exit: cache_demo: lookups=N misses=M refreshes=R
  */
 #include <pthread.h>
@@ -52,7 +53,7 @@ static volatile int stop;
 static long refreshes;
 struct counts { struct cache *c; long lookups, misses; };
 
-static long reader_pause_us = 20;
+static long reader_pause_us = 20, gap_us = 20, work_ns;
 
 static void pause_us(long us) {
     if (us <= 0) return;
@@ -60,11 +61,21 @@ static void pause_us(long us) {
     nanosleep(&ts, 0);
 }
 
+/* A reader's own work after each lookup, as a request handler has: WORK_NS of computing. */
+static void work(long ns) {
+    struct timespec a, b;
+    if (ns <= 0) return;
+    clock_gettime(CLOCK_MONOTONIC, &a);
+    do clock_gettime(CLOCK_MONOTONIC, &b);
+    while ((b.tv_sec - a.tv_sec) * 1000000000L + (b.tv_nsec - a.tv_nsec) < ns);
+}
+
 static void *reader(void *arg) {
     struct counts *n = arg;
     for (long i = 0; !stop; i++, n->lookups++) {
         if (cache_get(n->c, i % SLOTS) == -1) n->misses++;
         pause_us(reader_pause_us);
+        work(work_ns);
     }
     return 0;
 }
@@ -72,7 +83,7 @@ static void *reader(void *arg) {
 static void *refresher(void *arg) {
     while (!stop) {
         cache_reset(arg);
-        pause_us(20);
+        pause_us(gap_us);
         cache_load(arg);
         refreshes++;
         pause_us(500);
@@ -83,6 +94,8 @@ static void *refresher(void *arg) {
 int main(int argc, char **argv) {
     double secs = argc > 1 ? atof(argv[1]) : 2;
     if (argc > 2) reader_pause_us = atol(argv[2]);
+    if (argc > 3) gap_us = atol(argv[3]);
+    if (argc > 4) work_ns = atol(argv[4]);
     struct cache *c = calloc(1, sizeof *c);
     pthread_mutex_init(&c->mu, 0);
     cache_load(c);

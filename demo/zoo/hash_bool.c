@@ -3,10 +3,11 @@
  * for that constant: .constprop). The lookup returns a stdbool `bool` and the value through an
  * out-parameter; false when the key is not there.
  *
- *     hash_bool [SECONDS [READER_PAUSE_US]]  probes: table_clear, table_refill, table_get (--miss-ret 0)
+ *     hash_bool [SECONDS [READER_PAUSE_US [GAP_US [WORK_NS]]]]  probes: table_clear, table_refill, table_get (--miss-ret 0)
  *
- * A refresher empties the table and refills it 30 µs later, over and over; a reader looks up
+ * A refresher empties the table and refills it GAP_US (30) µs later, over and over; a reader looks up
  * keys the refill always brings back, so every miss is one that landed in the empty window.
+ * Each reader sleeps READER_PAUSE_US (20) µs, then works WORK_NS (0) ns, after each lookup.
  * Ground truth on stderr at exit: cache_demo: lookups=N misses=M refreshes=R
  */
 #include <pthread.h>
@@ -58,7 +59,7 @@ __attribute__((noinline)) bool table_get(struct table *t, unsigned long key, lon
 static volatile bool stop;
 static long lookups, misses, refreshes;
 
-static long reader_pause_us = 20;
+static long reader_pause_us = 20, gap_us = 30, work_ns;
 
 static void pause_us(long us) {
     if (us <= 0) return;
@@ -66,11 +67,21 @@ static void pause_us(long us) {
     nanosleep(&ts, 0);
 }
 
+/* A reader's own work after each lookup, as a request handler has: WORK_NS of computing. */
+static void work(long ns) {
+    struct timespec a, b;
+    if (ns <= 0) return;
+    clock_gettime(CLOCK_MONOTONIC, &a);
+    do clock_gettime(CLOCK_MONOTONIC, &b);
+    while ((b.tv_sec - a.tv_sec) * 1000000000L + (b.tv_nsec - a.tv_nsec) < ns);
+}
+
 static void *reader(void *arg) {
     long value;
     for (unsigned long k = 0; !stop; k = (k + 7) % KEYS, lookups++) {
         if (!table_get(&cache, k, &value)) misses++;
         pause_us(reader_pause_us);
+        work(work_ns);
     }
     return arg;
 }
@@ -78,7 +89,7 @@ static void *reader(void *arg) {
 static void *refresher(void *arg) {
     for (; !stop; refreshes++) {
         table_clear(&cache);
-        pause_us(30);
+        pause_us(gap_us);
         table_refill(&cache, KEYS);
         pause_us(400);
     }
@@ -88,6 +99,8 @@ static void *refresher(void *arg) {
 int main(int argc, char **argv) {
     double secs = argc > 1 ? atof(argv[1]) : 2;
     if (argc > 2) reader_pause_us = atol(argv[2]);
+    if (argc > 3) gap_us = atol(argv[3]);
+    if (argc > 4) work_ns = atol(argv[4]);
     table_refill(&cache, KEYS);
     pthread_t r, w;
     pthread_create(&r, 0, reader, 0);

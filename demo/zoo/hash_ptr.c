@@ -2,10 +2,11 @@
  * a second allocation, behind a pthread mutex; the table is the lookup's first argument. The
  * lookup returns a pointer to the entry, NULL when the key is not there.
  *
- *     hash_ptr [SECONDS [READER_PAUSE_US]]  probes: map_flush, map_rebuild, map_find (--miss-ret 0)
+ *     hash_ptr [SECONDS [READER_PAUSE_US [GAP_US [WORK_NS]]]]  probes: map_flush, map_rebuild, map_find (--miss-ret 0)
  *
- * A refresher empties the table and rebuilds it 30 µs later, over and over; a reader looks up
+ * A refresher empties the table and rebuilds it GAP_US (30) µs later, over and over; a reader looks up
  * keys the rebuild always brings back, so every miss is one that landed in the empty window.
+ * Each reader sleeps READER_PAUSE_US (20) µs, then works WORK_NS (0) ns, after each lookup.
  * Ground truth on stderr at exit: cache_demo: lookups=N misses=M refreshes=R
  */
 #include <pthread.h>
@@ -50,7 +51,7 @@ __attribute__((noinline)) const struct entry *map_find(struct map *m, unsigned k
 static volatile int stop;
 static long lookups, misses, refreshes;
 
-static long reader_pause_us = 20;
+static long reader_pause_us = 20, gap_us = 30, work_ns;
 
 static void pause_us(long us) {
     if (us <= 0) return;
@@ -58,10 +59,20 @@ static void pause_us(long us) {
     nanosleep(&ts, 0);
 }
 
+/* A reader's own work after each lookup, as a request handler has: WORK_NS of computing. */
+static void work(long ns) {
+    struct timespec a, b;
+    if (ns <= 0) return;
+    clock_gettime(CLOCK_MONOTONIC, &a);
+    do clock_gettime(CLOCK_MONOTONIC, &b);
+    while ((b.tv_sec - a.tv_sec) * 1000000000L + (b.tv_nsec - a.tv_nsec) < ns);
+}
+
 static void *reader(void *m) {
     for (unsigned k = 1; !stop; k = k % KEYS + 1, lookups++) {
         if (!map_find(m, k)) misses++;
         pause_us(reader_pause_us);
+        work(work_ns);
     }
     return 0;
 }
@@ -69,7 +80,7 @@ static void *reader(void *m) {
 static void *refresher(void *m) {
     for (; !stop; refreshes++) {
         map_flush(m);
-        pause_us(30);
+        pause_us(gap_us);
         map_rebuild(m);
         pause_us(400);
     }
@@ -79,6 +90,8 @@ static void *refresher(void *m) {
 int main(int argc, char **argv) {
     double secs = argc > 1 ? atof(argv[1]) : 2;
     if (argc > 2) reader_pause_us = atol(argv[2]);
+    if (argc > 3) gap_us = atol(argv[3]);
+    if (argc > 4) work_ns = atol(argv[4]);
     struct map *m = malloc(sizeof *m);
     pthread_mutex_init(&m->mu, 0);
     m->mask = 127;

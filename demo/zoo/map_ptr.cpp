@@ -3,10 +3,11 @@
 // compiler may clone the methods for. The lookup returns `const long *`, nullptr when the key
 // is not there.
 //
-//     map_ptr [SECONDS [READER_PAUSE_US]]   probes: Prices::drop_all, Prices::load, Prices::find (--miss-ret 0)
+//     map_ptr [SECONDS [READER_PAUSE_US [GAP_US [WORK_NS]]]]   probes: Prices::drop_all, Prices::load, Prices::find (--miss-ret 0)
 //
-// A refresher empties the map and loads it 30 µs later, over and over; a reader looks up keys
+// A refresher empties the map and loads it GAP_US (30) µs later, over and over; a reader looks up keys
 // the load always brings back, so every miss is one that landed in the empty window.
+// Each reader sleeps READER_PAUSE_US (10) µs, then works WORK_NS (0) ns, after each lookup.
 // Ground truth on stderr at exit: cache_demo: lookups=N misses=M refreshes=R
 #include <atomic>
 #include <chrono>
@@ -45,18 +46,27 @@ int main(int argc, char **argv) {
     using namespace std::chrono;
     double secs = argc > 1 ? std::atof(argv[1]) : 2;
     long pause = argc > 2 ? std::atol(argv[2]) : 10;
+    long gap = argc > 3 ? std::atol(argv[3]) : 30;
+    long work_ns = argc > 4 ? std::atol(argv[4]) : 0;
+    // A reader's own work after each lookup, as a request handler has.
+    auto work = [work_ns] {
+        auto until = steady_clock::now() + nanoseconds(work_ns);
+        while (work_ns > 0 && steady_clock::now() < until) {
+        }
+    };
     prices.load(IDS);
     long lookups = 0, misses = 0, refreshes = 0;
     std::thread reader([&] {
         for (long id = 0; !stop; id = (id + 5) % IDS, lookups++) {
             if (prices.find(id) == nullptr) misses++;
             if (pause > 0) std::this_thread::sleep_for(microseconds(pause));
+            work();
         }
     });
     std::thread refresher([&] {
         for (; !stop; refreshes++) {
             prices.drop_all();
-            std::this_thread::sleep_for(microseconds(30));
+            if (gap > 0) std::this_thread::sleep_for(microseconds(gap));
             prices.load(IDS);
             std::this_thread::sleep_for(microseconds(400));
         }

@@ -2,10 +2,12 @@
 //! object is `&self`. The lookup returns `Option<u64>`, `None` when the key is not there (the
 //! option comes back in rax:rdx, its discriminant in rax: 0 is `None`).
 //!
-//!     mutex_hashmap [SECONDS [READER_PAUSE_US]]   probes: Cache::clear, Cache::refill, Cache::lookup (--miss-ret 0)
+//!     mutex_hashmap [SECONDS [READER_PAUSE_US [GAP_US [WORK_NS]]]]   probes: Cache::clear, Cache::refill, Cache::lookup (--miss-ret 0)
 //!
-//! A refresher empties the map and refills it 30 µs later, over and over; two readers look up
-//! keys the refill always brings back, so every miss is one that landed in the empty window.
+//! A refresher empties the map and refills it GAP_US (30) µs later, over and over; two readers
+//! look up keys the refill always brings back, so every miss is one that landed in the empty
+//! window. Each reader sleeps READER_PAUSE_US (20) µs, then works WORK_NS (0) ns, after each
+//! lookup.
 //! Ground truth on stderr at exit: cache_demo: lookups=N misses=M refreshes=R
 use std::{
     collections::HashMap,
@@ -41,11 +43,23 @@ impl Cache {
     }
 }
 
+/// A reader's own work after each lookup, as a request handler has: `ns` of computing.
+fn work(ns: u64) {
+    let start = std::time::Instant::now();
+    while start.elapsed().as_nanos() < u128::from(ns) {}
+}
+
 fn main() {
     let secs: f64 = std::env::args().nth(1).map_or(2.0, |s| s.parse().expect("SECONDS"));
     let pause: u64 = std::env::args()
         .nth(2)
         .map_or(20, |s| s.parse().expect("READER_PAUSE_US"));
+    let gap: u64 = std::env::args()
+        .nth(3)
+        .map_or(30, |s| s.parse().expect("GAP_US"));
+    let work_ns: u64 = std::env::args()
+        .nth(4)
+        .map_or(0, |s| s.parse().expect("WORK_NS"));
     let cache = Arc::new(Cache { map: Mutex::new(HashMap::new()) });
     cache.refill(KEYS);
     let stop = Arc::new(AtomicBool::new(false));
@@ -65,6 +79,7 @@ fn main() {
                     if pause > 0 {
                         thread::sleep(Duration::from_micros(pause));
                     }
+                    work(work_ns);
                 }
             })
         })
@@ -75,7 +90,9 @@ fn main() {
             let mut refreshes = 0u64;
             while !stop.load(Relaxed) {
                 cache.clear();
-                thread::sleep(Duration::from_micros(30));
+                if gap > 0 {
+                    thread::sleep(Duration::from_micros(gap));
+                }
                 cache.refill(KEYS);
                 refreshes += 1;
                 thread::sleep(Duration::from_micros(500));

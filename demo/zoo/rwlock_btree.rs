@@ -2,11 +2,12 @@
 //! read lock, the refresher the write lock); the object is `&self`, a constant address. The
 //! lookup returns `bool` and the value through a `&mut u64`; false when the key is not there.
 //!
-//!     rwlock_btree [SECONDS [READER_PAUSE_US]]   probes: Cache::invalidate, Cache::repopulate, Cache::get (--miss-ret 0)
+//!     rwlock_btree [SECONDS [READER_PAUSE_US [GAP_US [WORK_NS]]]]   probes: Cache::invalidate, Cache::repopulate, Cache::get (--miss-ret 0)
 //!
-//! A refresher empties the map and repopulates it 30 µs later, over and over; a reader looks up
-//! keys the repopulation always brings back, so every miss is one that landed in the empty
-//! window. Ground truth on stderr at exit: cache_demo: lookups=N misses=M refreshes=R
+//! A refresher empties the map and repopulates it GAP_US (30) µs later, over and over; a reader
+//! looks up keys the repopulation always brings back, so every miss is one that landed in the
+//! empty window. The reader sleeps READER_PAUSE_US (10) µs, then works WORK_NS (0) ns, after
+//! each lookup. Ground truth on stderr at exit: cache_demo: lookups=N misses=M refreshes=R
 use std::{
     collections::BTreeMap,
     sync::{
@@ -52,11 +53,23 @@ impl Cache {
 static CACHE: Cache = Cache { map: RwLock::new(BTreeMap::new()) };
 static STOP: AtomicBool = AtomicBool::new(false);
 
+/// A reader's own work after each lookup, as a request handler has: `ns` of computing.
+fn work(ns: u64) {
+    let start = std::time::Instant::now();
+    while start.elapsed().as_nanos() < u128::from(ns) {}
+}
+
 fn main() {
     let secs: f64 = std::env::args().nth(1).map_or(2.0, |s| s.parse().expect("SECONDS"));
     let pause: u64 = std::env::args()
         .nth(2)
         .map_or(10, |s| s.parse().expect("READER_PAUSE_US"));
+    let gap: u64 = std::env::args()
+        .nth(3)
+        .map_or(30, |s| s.parse().expect("GAP_US"));
+    let work_ns: u64 = std::env::args()
+        .nth(4)
+        .map_or(0, |s| s.parse().expect("WORK_NS"));
     CACHE.repopulate(KEYS);
     let reader = thread::spawn(move || {
         let (mut lookups, mut misses, mut value) = (0u64, 0u64, 0u64);
@@ -70,14 +83,17 @@ fn main() {
             if pause > 0 {
                 thread::sleep(Duration::from_micros(pause));
             }
+            work(work_ns);
         }
         (lookups, misses)
     });
-    let refresher = thread::spawn(|| {
+    let refresher = thread::spawn(move || {
         let mut refreshes = 0u64;
         while !STOP.load(Relaxed) {
             CACHE.invalidate();
-            thread::sleep(Duration::from_micros(30));
+            if gap > 0 {
+                thread::sleep(Duration::from_micros(gap));
+            }
             CACHE.repopulate(KEYS);
             refreshes += 1;
             thread::sleep(Duration::from_micros(400));

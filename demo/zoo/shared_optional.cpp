@@ -3,10 +3,11 @@
 // `this`. The lookup returns std::optional<long>, std::nullopt when the key is not there (the
 // optional comes back in rax:rdx, its "engaged" flag in dl).
 //
-//     shared_optional [SECONDS [READER_PAUSE_US]]   probes: Config::wipe, Config::refresh, Config::get (--miss-ret 0)
+//     shared_optional [SECONDS [READER_PAUSE_US [GAP_US [WORK_NS]]]]   probes: Config::wipe, Config::refresh, Config::get (--miss-ret 0)
 //
-// A refresher empties the map and refreshes it 30 µs later, over and over; two readers look up
+// A refresher empties the map and refreshes it GAP_US (30) µs later, over and over; two readers look up
 // keys the refresh always brings back, so every miss is one that landed in the empty window.
+// Each reader sleeps READER_PAUSE_US (20) µs, then works WORK_NS (0) ns, after each lookup.
 // Ground truth on stderr at exit: cache_demo: lookups=N misses=M refreshes=R
 #include <atomic>
 #include <chrono>
@@ -48,21 +49,30 @@ int main(int argc, char **argv) {
     using namespace std::chrono;
     double secs = argc > 1 ? std::atof(argv[1]) : 2;
     long pause = argc > 2 ? std::atol(argv[2]) : 20;
+    long gap = argc > 3 ? std::atol(argv[3]) : 30;
+    long work_ns = argc > 4 ? std::atol(argv[4]) : 0;
+    // A reader's own work after each lookup, as a request handler has.
+    auto work = [work_ns] {
+        auto until = steady_clock::now() + nanoseconds(work_ns);
+        while (work_ns > 0 && steady_clock::now() < until) {
+        }
+    };
     auto config = std::make_unique<Config>();
     config->refresh(KEYS);
     long refreshes = 0;
     std::vector<std::thread> threads;
     for (int r = 0; r < 2; r++)
-        threads.emplace_back([&config, r, pause] {
+        threads.emplace_back([&config, r, pause, work] {
             for (long k = r; !stop; k = (k + 3) % KEYS, lookups++) {
                 if (!config->get(k)) misses++;
                 if (pause > 0) std::this_thread::sleep_for(microseconds(pause));
+                work();
             }
         });
     threads.emplace_back([&] {
         for (; !stop; refreshes++) {
             config->wipe();
-            std::this_thread::sleep_for(microseconds(30));
+            if (gap > 0) std::this_thread::sleep_for(microseconds(gap));
             config->refresh(KEYS);
             std::this_thread::sleep_for(microseconds(500));
         }

@@ -2,10 +2,11 @@
 // taken with std::lock_guard; the object is `this`. The lookup returns bool and the value
 // through an out-parameter; false when the key is not there.
 //
-//     umap_bool [SECONDS [READER_PAUSE_US]]   probes: Sessions::reset, Sessions::reload, Sessions::get (--miss-ret 0)
+//     umap_bool [SECONDS [READER_PAUSE_US [GAP_US [WORK_NS]]]]   probes: Sessions::reset, Sessions::reload, Sessions::get (--miss-ret 0)
 //
-// A refresher empties the map and reloads it 30 µs later, over and over; two readers look up
+// A refresher empties the map and reloads it GAP_US (30) µs later, over and over; two readers look up
 // keys the reload always brings back, so every miss is one that landed in the empty window.
+// Each reader sleeps READER_PAUSE_US (20) µs, then works WORK_NS (0) ns, after each lookup.
 // Ground truth on stderr at exit: cache_demo: lookups=N misses=M refreshes=R
 #include <atomic>
 #include <chrono>
@@ -47,6 +48,14 @@ int main(int argc, char **argv) {
     using namespace std::chrono;
     double secs = argc > 1 ? std::atof(argv[1]) : 2;
     long pause = argc > 2 ? std::atol(argv[2]) : 20;
+    long gap = argc > 3 ? std::atol(argv[3]) : 30;
+    long work_ns = argc > 4 ? std::atol(argv[4]) : 0;
+    // A reader's own work after each lookup, as a request handler has.
+    auto work = [work_ns] {
+        auto until = steady_clock::now() + nanoseconds(work_ns);
+        while (work_ns > 0 && steady_clock::now() < until) {
+        }
+    };
     auto *sessions = new Sessions;
     sessions->reload(KEYS);
     long refreshes = 0;
@@ -57,12 +66,13 @@ int main(int argc, char **argv) {
             for (long k = r; !stop; k = (k + 1) % KEYS, lookups++) {
                 if (!sessions->get(k, value)) misses++;
                 if (pause > 0) std::this_thread::sleep_for(microseconds(pause));
+                work();
             }
         });
     threads.emplace_back([&] {
         for (; !stop; refreshes++) {
             sessions->reset();
-            std::this_thread::sleep_for(microseconds(30));
+            if (gap > 0) std::this_thread::sleep_for(microseconds(gap));
             sessions->reload(KEYS);
             std::this_thread::sleep_for(microseconds(500));
         }

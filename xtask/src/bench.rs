@@ -413,7 +413,7 @@ pub fn run(runs: usize, seconds: f64, baseline: Option<&Path>, soak_minutes: f64
             .collect();
         chart.push((w.short.as_str(), bars));
     }
-    zoo(&racewatch, runs, seconds, &mut doc)?;
+    zoo(&racewatch, baseline, runs, seconds, &mut doc)?;
     probe_costs(&racewatch, &mut doc)?;
     placements(&racewatch, &demo, &worker, &mut doc)?;
     capacity(&racewatch, &demo, &mut doc)?;
@@ -505,51 +505,152 @@ fn interpreter_workloads(racewatch: &str, worker: &str, secs: &str) -> Result<Ve
         .collect())
 }
 
+/// How the zoo's programs are run for a table: its title and what it measures, and the
+/// arguments after SECONDS (`READER_PAUSE_US [GAP_US [WORK_NS]]`).
+struct ZooLoad {
+    title: &'static str,
+    what: &'static str,
+    args: &'static [&'static str],
+}
+
+const ZOO_LOADS: [ZooLoad; 2] = [
+    ZooLoad {
+        title: "The zoo (demo/zoo): lock-guarded caches in C, C++ and Rust",
+        what: "Its readers never sleep and do 1 µs of their own work after each lookup, as a \
+               service's request handlers would; the refresher refills right after emptying, \
+               as the seed's code did.",
+        args: &["0", "0", "1000"],
+    },
+    ZooLoad {
+        title: "The zoo under stress: readers that only look up",
+        what: "Its readers look up as fast as they can, and the refresher waits 20-30 µs \
+               between emptying and refilling (see Reading the numbers).",
+        args: &["0"],
+    },
+];
+
+/// `cargo xtask bench --zoo`: the zoo's tables alone, put in docs/BENCHMARKS.md in place of the
+/// ones there.
+pub fn run_zoo(runs: usize, seconds: f64, baseline: Option<&Path>) -> Result<()> {
+    if !crate::is_root() {
+        bail!("the benchmark loads BPF programs: run it as root");
+    }
+    let racewatch = build_racewatch()?.to_string_lossy().into_owned();
+    let commit = String::from_utf8(
+        Command::new("git")
+            .args(["rev-parse", "--short", "HEAD"])
+            .current_dir(workspace_root())
+            .output()?
+            .stdout,
+    )?;
+    let mut tables = format!(
+        "\n### The zoo, measured apart\n\n\
+         The zoo's tables below were measured by `cargo xtask bench --zoo --runs {runs} --seconds \
+         {seconds}` at commit {}, after the rest of this page.\n",
+        commit.trim()
+    );
+    zoo(&racewatch, baseline, runs, seconds, &mut tables)?;
+    let path = workspace_root().join("docs/BENCHMARKS.md");
+    let doc = std::fs::read_to_string(&path)
+        .with_context(|| format!("cannot read {}", path.display()))?;
+    let start = doc
+        .find("\n### The zoo")
+        .context("docs/BENCHMARKS.md has no zoo table to replace: run the whole bench")?;
+    let end = start
+        + doc[start..]
+            .find(PROBE_COSTS_TITLE)
+            .context("docs/BENCHMARKS.md has no probe cost table after the zoo")?;
+    std::fs::write(&path, format!("{}{tables}{}", &doc[..start], &doc[end..]))?;
+    eprintln!("bench: wrote the zoo's tables into {}", path.display());
+    print!("{tables}");
+    Ok(())
+}
+
 /// Every zoo cache, unobserved and under `racewatch watch` given its three functions alone (and
-/// `--miss-ret` for a sentinel integer), in one table.
-fn zoo(racewatch: &str, runs: usize, seconds: f64, doc: &mut String) -> Result<()> {
+/// `--miss-ret` for a sentinel integer), and under the `baseline` build too when given, in one
+/// table per load.
+fn zoo(
+    racewatch: &str,
+    baseline: Option<&Path>,
+    runs: usize,
+    seconds: f64,
+    doc: &mut String,
+) -> Result<()> {
+    let builds = crate::zoo::builds()?;
+    let baseline = baseline.map(|b| b.to_string_lossy().into_owned());
+    // The baseline is measured on the first load, where a service would see a change; the
+    // stress table alone keeps the bench's length.
+    for (i, load) in ZOO_LOADS.iter().enumerate() {
+        let baseline = baseline.as_deref().filter(|_| i == 0);
+        zoo_table(racewatch, baseline, &builds, load, runs, seconds, doc)?;
+    }
+    Ok(())
+}
+
+fn zoo_table(
+    racewatch: &str,
+    baseline: Option<&str>,
+    builds: &[crate::zoo::Build],
+    load: &ZooLoad,
+    runs: usize,
+    seconds: f64,
+    doc: &mut String,
+) -> Result<()> {
+    let (base_head, base_rule) = if baseline.is_some() {
+        (
+            " baseline build: ratio | baseline build: traps per lookup |",
+            "---|---|",
+        )
+    } else {
+        ("", "")
+    };
     writeln!(
         doc,
-        "\n### The zoo (demo/zoo): lock-guarded caches in C, C++ and Rust\n\n\
-         Each cache as a release build makes it, its readers looking up without a pause, watched \
-         as a user would: `racewatch watch` given its clear, update and lookup functions. Traps per lookup: lookup probe hits per lookup \
-         (a miss path traps on misses alone; where a lookup's code has no instruction only misses \
-         reach, racewatch probes it once where its result is known).\n\n\
-         | build | lookups/s unobserved | lookups/s watched | ratio to unobserved | misses ratio | traps per lookup | events lost (most in a run) |\n\
-         |---|---|---|---|---|---|---|"
+        "\n### {}\n\n\
+         Each cache as a release build makes it, watched as a user would: `racewatch watch` given \
+         its clear, update and lookup functions. {} Traps per lookup: lookup probe hits per \
+         lookup (a miss path traps on misses alone; where a lookup's code has no instruction \
+         only misses reach, racewatch probes it once where its result is known).\n\n\
+         | build | lookups/s unobserved | lookups/s watched | ratio to unobserved | misses ratio | traps per lookup | events lost (most in a run) |{base_head}\n\
+         |---|---|---|---|---|---|---|{base_rule}",
+        load.title, load.what
     )?;
     let secs = seconds.to_string();
-    for b in crate::zoo::builds()? {
+    for b in builds {
         let w = Workload {
             title: b.name.clone(),
             short: b.name.clone(),
-            // Readers that do not pause between lookups: the cost shows in their rate.
-            command: vec![
-                b.binary.to_string_lossy().into_owned(),
-                secs.clone(),
-                "0".into(),
-            ],
+            command: [b.binary.to_string_lossy().into_owned(), secs.clone()]
+                .into_iter()
+                .chain(load.args.iter().map(|a| a.to_string()))
+                .collect(),
             truth_prefix: "cache_demo: ",
             rate: "lookups",
             misses: "misses",
-            configs: vec![
-                unobserved(),
-                racewatch_config(
-                    racewatch,
-                    &format!("racewatch watch on {}", b.name),
-                    &b.watch.iter().map(String::as_str).collect::<Vec<_>>(),
-                ),
-            ],
+            configs: std::iter::once(unobserved())
+                .chain(
+                    [("racewatch", Some(racewatch)), ("baseline build", baseline)]
+                        .into_iter()
+                        .filter_map(|(who, rw)| {
+                            Some(racewatch_config(
+                                rw?,
+                                &format!("{who}: racewatch watch on {}", b.name),
+                                &b.watch.iter().map(String::as_str).collect::<Vec<_>>(),
+                            ))
+                        }),
+                )
+                .collect(),
         };
         let results = measure(&w, runs, seconds)?;
-        let (ratio, miss_ratio) = ratios(&results)[1];
+        let ratios = ratios(&results);
+        let (ratio, miss_ratio) = ratios[1];
         let speed = |r: &[Sample]| median(r.iter().map(|x| x.per_s).collect());
-        let traps = median(
-            results[1]
-                .iter()
-                .filter_map(|x| x.traps_per_lookup)
-                .collect(),
-        );
+        let traps_of = |r: &[Sample]| median(r.iter().filter_map(|x| x.traps_per_lookup).collect());
+        let traps = traps_of(&results[1]);
+        let base = match (results.get(2), ratios.get(2)) {
+            (Some(r), Some((ratio, _))) => format!(" {ratio:.3} | {:.4} |", traps_of(r)),
+            _ => String::new(),
+        };
         let lost = results[1]
             .iter()
             .filter_map(|x| x.lost)
@@ -557,7 +658,7 @@ fn zoo(racewatch: &str, runs: usize, seconds: f64, doc: &mut String) -> Result<(
             .unwrap_or(f64::NAN);
         writeln!(
             doc,
-            "| {} | {:.0} | {:.0} | {ratio:.3} | {miss_ratio:.2} | {traps:.4} | {lost:.0} |",
+            "| {} | {:.0} | {:.0} | {ratio:.3} | {miss_ratio:.2} | {traps:.4} | {lost:.0} |{base}",
             b.name,
             speed(&results[0]),
             speed(&results[1]),
@@ -565,6 +666,8 @@ fn zoo(racewatch: &str, runs: usize, seconds: f64, doc: &mut String) -> Result<(
     }
     Ok(())
 }
+
+const PROBE_COSTS_TITLE: &str = "\n### What one probe hit costs, by probed instruction";
 
 /// `racewatch calibrate --json`, as a table.
 fn probe_costs(racewatch: &str, doc: &mut String) -> Result<()> {
@@ -579,10 +682,7 @@ fn probe_costs(racewatch: &str, doc: &mut String) -> Result<()> {
         )
     })?;
     let floor = v["emulated_floor_ns"].as_f64().unwrap_or(f64::NAN);
-    writeln!(
-        doc,
-        "\n### What one probe hit costs, by probed instruction\n"
-    )?;
+    writeln!(doc, "{PROBE_COSTS_TITLE}\n")?;
     writeln!(
         doc,
         "From `racewatch calibrate` (racewatch's own programs on functions of its own, each opening \
@@ -733,14 +833,17 @@ const FOOTER: &str = "
   over the target's CPU time.
 - `nopl` (5 bytes) is cheaper than any trap on kernels that optimize uprobes on it (6.16+ turn
   such a probe into a call); racewatch does not rely on it, since older kernels single-step it.
-- The zoo's readers never pause, so its table is a stress case more than a cost figure.
-  Unobserved, the two readers take the cache's lock so often that the refill waits for it and
-  the empty window lasts until it gets it: those runs miss millions of times a second, each miss
-  a cheap lookup of an empty table. A miss probe sits before the unlock (so that the window it
-  reads is the one the miss saw), and its trap inside the lock lets the refill in: windows
-  shrink, misses fall to 1-3% of the unobserved count (the misses ratio), and the readers spend
-  their time on hits, which cost more than misses. The lookup rate then moves with the race's
-  dynamics as much as with racewatch's cost; traps per lookup (0.1-1.5% on the miss path) is
-  racewatch's part. Builds probed once per lookup (traps per lookup 1.0: clang's
-  default-then-overwrite shapes) pay a trap at every lookup: 0.01-0.06.
+- The first zoo table is the cost a service would see: misses there are as rare as the race
+  makes them, so a miss path traps rarely, and a build probed once per lookup (traps per lookup
+  1.0: code with no instruction that only misses reach) pays a trap at every lookup. A miss site
+  the kernel must single-step (`mov`, where a compiler put nothing else on the miss path) costs
+  ~15 µs inside the lookup's lock.
+- The second zoo table is a stress case more than a cost figure. Unobserved, readers that only
+  look up take the cache's lock so often that the refill waits for it and the empty window
+  lasts until it gets it: those runs miss millions of times a second, each miss a cheap lookup
+  of an empty table. A miss probe sits before the unlock (so that the window it reads is the
+  one the miss saw), and its trap inside the lock lets the refill in: windows shrink, misses
+  fall to a few percent of the unobserved count (the misses ratio), and the readers spend their
+  time on hits, which cost more than misses. The lookup rate then moves with the race's
+  dynamics as much as with racewatch's cost.
 ";

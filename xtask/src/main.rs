@@ -56,6 +56,10 @@ enum Task {
         /// Minutes of the soak (system-wide, short-lived processes beside a long one; 0: none).
         #[arg(long, default_value_t = 10.0)]
         soak_minutes: f64,
+        /// Measure the zoo alone, and put its tables in docs/BENCHMARKS.md in place of the ones
+        /// there (saying at which commit).
+        #[arg(long)]
+        zoo: bool,
     },
 }
 
@@ -133,6 +137,14 @@ fn main() -> Result<()> {
             seconds,
             baseline,
             soak_minutes,
+            zoo: false,
         } => bench::run(runs, seconds, baseline.as_deref(), soak_minutes),
+        Task::Bench {
+            runs,
+            seconds,
+            baseline,
+            zoo: true,
+            ..
+        } => bench::run_zoo(runs, seconds, baseline.as_deref()),
     }
 }
