@@ -729,10 +729,9 @@ fn placements(racewatch: &str, demo: &str, worker: &str, doc: &mut String) -> Re
     for args in [&watch[..], &python[..]] {
         let out = Command::new(racewatch).args(args).output()?;
         writeln!(doc, "```")?;
-        for line in String::from_utf8_lossy(&out.stderr)
-            .lines()
-            .filter(|l| l.contains(" at 0x") || l.contains(" at its entry"))
-        {
+        for line in String::from_utf8_lossy(&out.stderr).lines().filter(|l| {
+            l.contains(" at 0x") || l.contains(" at its entry") || l.contains("closes its window")
+        }) {
             writeln!(doc, "{line}")?;
         }
         writeln!(doc, "```")?;
@@ -833,11 +832,17 @@ const FOOTER: &str = "
   over the target's CPU time.
 - `nopl` (5 bytes) is cheaper than any trap on kernels that optimize uprobes on it (6.16+ turn
   such a probe into a call); racewatch does not rely on it, since older kernels single-step it.
-- The first zoo table is the cost a service would see: misses there are as rare as the race
-  makes them, so a miss path traps rarely, and a build probed once per lookup (traps per lookup
-  1.0: code with no instruction that only misses reach) pays a trap at every lookup. A miss site
-  the kernel must single-step (`mov`, where a compiler put nothing else on the miss path) costs
-  ~15 µs inside the lookup's lock.
+- The first zoo table is the cost a service would see. A build probed once per lookup (traps
+  per lookup 1.0: code with no instruction that only misses reach, clang's
+  default-then-overwrite shapes) pays a trap at every lookup and keeps 0.2-0.46 of its rate. On
+  the miss path, readers keep 0.70-0.98: what remains is the race itself made more frequent (the
+  misses ratio, 10-600 times the unobserved misses). A miss probe traps inside the lookup's
+  critical section, before the unlock, so that the window it reads is the one the miss saw; the
+  refill waits behind it for the lock, the window lasts longer, and the other reader misses too
+  (a single-stepped miss site, a `mov` where the compiler put nothing else on the miss path,
+  costs ~15 µs there). The refill no longer adds to it: its window closes at its last call, and
+  with no trap at its entry (the baseline build's) the gcc builds went from 0.27-0.51 to
+  0.72-0.90. The Rust refills, whose unlock is inlined, are still probed at their entry.
 - The second zoo table is a stress case more than a cost figure. Unobserved, readers that only
   look up take the cache's lock so often that the refill waits for it and the empty window
   lasts until it gets it: those runs miss millions of times a second, each miss a cheap lookup
