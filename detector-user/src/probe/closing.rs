@@ -48,9 +48,20 @@ pub fn close_sites(
         return Err("the function jumps through a register (a jump table)".into());
     }
     let preds = predecessors(d);
+    // Code no branch reaches (a C++ landing pad, entered by the unwinder) does not refill.
+    let mut reached = vec![false; d.instrs.len()];
+    let mut work = vec![0];
+    while let Some(n) = work.pop() {
+        if !std::mem::replace(&mut reached[n], true) {
+            work.extend(successors(d, n).inside);
+        }
+    }
     let mut sites: Vec<usize> = Vec::new();
     let mut seen = vec![false; d.instrs.len()];
     for (i, ins) in d.instrs.iter().enumerate() {
+        if !reached[i] {
+            continue;
+        }
         if is_tail_call(d, i) {
             sites.push(i);
         } else if ins.flow_control() == FlowControl::Return {
@@ -66,7 +77,7 @@ pub fn close_sites(
                         at(d, ins)
                     ));
                 }
-                for &p in &preds[n] {
+                for &p in preds[n].iter().filter(|p| reached[**p]) {
                     if is_call(d, p) {
                         sites.push(p);
                     } else {
@@ -171,6 +182,17 @@ mod tests {
             sites(&code).unwrap(),
             vec![(0x8, reg(Register::RBX)), (0x12, reg(Register::RBX))]
         );
+    }
+
+    #[test]
+    fn a_landing_pad_s_call_is_not_a_last_call() {
+        // 0: push %rbx; 1: mov %rdi,%rbx; 4: call unlock; 9: jmp 0x13; b: mov %rax,%rdi;
+        // e: call _Unwind_Resume (reached by the unwinder alone); 13: pop %rbx; 14: ret
+        let code = [
+            0x53, 0x48, 0x89, 0xfb, 0xe8, 0, 0, 0, 0, 0xeb, 0x08, 0x48, 0x89, 0xc7, 0xe8, 0, 0, 0,
+            0, 0x5b, 0xc3,
+        ];
+        assert_eq!(sites(&code).unwrap(), vec![(0x4, reg(Register::RBX))]);
     }
 
     #[test]
