@@ -834,15 +834,15 @@ const FOOTER: &str = "
   such a probe into a call); racewatch does not rely on it, since older kernels single-step it.
 - The first zoo table is the cost a service would see. A build probed once per lookup (traps
   per lookup 1.0: code with no instruction that only misses reach, clang's
-  default-then-overwrite shapes) pays a trap at every lookup and keeps 0.2-0.46 of its rate. On
-  the miss path, readers keep 0.70-0.98: what remains is the race itself made more frequent (the
-  misses ratio, 10-600 times the unobserved misses). A miss probe traps inside the lookup's
+  default-then-overwrite shapes) pays a trap at every lookup and keeps 0.20-0.48 of its rate. On
+  the miss path, readers keep 0.64-0.97: what remains is the race itself made more frequent (the
+  misses ratio, most often 8-400 times the unobserved misses). A miss probe traps inside the lookup's
   critical section, before the unlock, so that the window it reads is the one the miss saw; the
   refill waits behind it for the lock, the window lasts longer, and the other reader misses too
   (a single-stepped miss site, a `mov` where the compiler put nothing else on the miss path,
   costs ~15 µs there). The refill no longer adds to it: its window closes at its last call, and
-  with no trap at its entry (the baseline build's) the gcc builds went from 0.27-0.51 to
-  0.72-0.90. The Rust refills, whose unlock is inlined, are still probed at their entry.
+  with no trap at its entry (the baseline build's) the gcc builds went from 0.27-0.56 to
+  0.73-0.85. The Rust refills, whose unlock is inlined, are still probed at their entry.
 - The second zoo table is a stress case more than a cost figure. Unobserved, readers that only
   look up take the cache's lock so often that the refill waits for it and the empty window
   lasts until it gets it: those runs miss millions of times a second, each miss a cheap lookup
