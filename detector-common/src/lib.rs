@@ -15,7 +15,9 @@ pub use event::*;
 pub use probe::{
     ARG_SLOTS, OBJECT_IN_MEMORY, OBJECT_IN_REGISTER, OBJECT_STATIC, ProbeConfig, REG_SLOTS,
 };
-pub use provoke::{GilHold, PROVOKE_BUDGET_PCT, PROVOKE_MAX_NS, ProvokeState, within_budget};
+pub use provoke::{
+    GilHold, PROVOKE_BUDGET_PCT, PROVOKE_MAX_NS, ProvokeState, request_wait_ns, within_budget,
+};
 pub use pykey::{UNKNOWN_HASH, key_hash};
 pub use window::{Window, WriterAt};
 
@@ -76,6 +78,9 @@ pub mod globals {
     pub const DROP_REQUEST_IN_THREAD: &str = "DROP_REQUEST_IN_THREAD";
     /// The bits of the drop request's word that ask for the GIL.
     pub const DROP_REQUEST_MASK: &str = "DROP_REQUEST_MASK";
+    /// CPython `--provoke`: the main interpreter's switch interval (µs) minus the clear probe's
+    /// address.
+    pub const SWITCH_INTERVAL_DELTA: &str = "SWITCH_INTERVAL_DELTA";
     /// Offset of `tgid` in the kernel's `struct task_struct` (from BTF), to tell a forked
     /// process from a new thread and to name it (0: forks are not followed).
     pub const TASK_TGID_OFFSET: &str = "TASK_TGID_OFFSET";

@@ -18,6 +18,13 @@ pub struct ProvokeState {
     pub windows: u64,
     /// Windows left alone because the budget was spent.
     pub refused: u64,
+    /// CPython: the longest switch interval read at a window's open, in µs.
+    pub switch_interval_us: u64,
+    /// CPython: windows held in which no reader asked for the GIL before the wait ended.
+    pub unanswered: u64,
+    /// CPython: windows left alone because a reader asks for the GIL only after waiting longer
+    /// than a hold may last.
+    pub beyond_reach: u64,
 }
 
 /// A CPython writer armed to hand the GIL over inside its window (`python --provoke`), by thread,
@@ -27,11 +34,27 @@ pub struct ProvokeState {
 pub struct GilHold {
     /// The dict whose window is open.
     pub cache: crate::ObjKey,
-    /// Until when the writer is kept from taking the GIL back.
+    /// Until when the writer waits, holding the GIL, for a reader to ask for it; once one has,
+    /// until when the writer is kept from taking it back.
     pub deadline_ns: u64,
+    /// How long the writer is kept from the GIL once it handed it over (`--provoke`).
+    pub hold_ns: u64,
     /// The word in the target's memory where a waiter asks for the GIL, and its bits that ask.
     pub drop_request: u64,
     pub drop_mask: u64,
+}
+
+/// How long a CPython writer holding the GIL in its window waits for a reader to ask for it, given
+/// the interpreter's switch interval: a waiting thread asks only once it has waited a whole
+/// interval, so the wait is twice the interval (a reader that starts waiting up to an interval
+/// after the window opened asks in time too), at least `hold_ns`, at most [`PROVOKE_MAX_NS`]; None
+/// when an interval that long is beyond any hold's reach.
+pub fn request_wait_ns(switch_interval_us: u64, hold_ns: u64) -> Option<u64> {
+    // Compared before multiplying: the BPF target has no 128-bit multiply to check one with.
+    (switch_interval_us < PROVOKE_MAX_NS / 1_000).then(|| {
+        let interval = switch_interval_us * 1_000;
+        (2 * interval).max(hold_ns).min(PROVOKE_MAX_NS)
+    })
 }
 
 /// Whether one CPU, having held writers `held_ns` in all, may hold one `hold_ns` more at
@@ -72,6 +95,20 @@ mod tests {
         assert!(!within_budget(500, 100, 0, 1, 1));
         assert!(!within_budget(0, u64::MAX, u64::MAX, 1, 1));
         assert!(!within_budget(0, u64::MAX, u64::MAX / 200, 0, 4));
+    }
+
+    #[test]
+    fn writers_wait_twice_the_switch_interval() {
+        // CPython's default 5 ms interval and `--provoke 1ms`: a reader asks after 5 ms.
+        assert_eq!(request_wait_ns(5_000, 1_000_000), Some(10_000_000));
+        // A short interval: the hold itself is the longest wait.
+        assert_eq!(request_wait_ns(100, 5_000_000), Some(5_000_000));
+        assert_eq!(request_wait_ns(3_000, 5_000_000), Some(6_000_000));
+        // Within reach but longer than a hold may last: the cap.
+        assert_eq!(request_wait_ns(40_000, 1_000_000), Some(PROVOKE_MAX_NS));
+        // Beyond reach, and absurd values never overflow.
+        assert_eq!(request_wait_ns(50_000, 1_000_000), None);
+        assert_eq!(request_wait_ns(u64::MAX, 1_000_000), None);
     }
 
     proptest::proptest! {

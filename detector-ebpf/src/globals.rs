@@ -33,6 +33,10 @@ pub(crate) static DROP_REQUEST_IN_THREAD: u64 = 0;
 /// The bits of the drop request's word that ask for the GIL (3.13+: bit 0 of eval_breaker).
 #[unsafe(no_mangle)]
 pub(crate) static DROP_REQUEST_MASK: u32 = u32::MAX;
+/// CPython `--provoke`: where the main interpreter's switch interval (µs) is, relative to the
+/// clear probe's address.
+#[unsafe(no_mangle)]
+pub(crate) static SWITCH_INTERVAL_DELTA: i64 = 0;
 
 /// Which stacks go with the events that reach userspace ([`StackMode`], set at load time).
 #[unsafe(no_mangle)]

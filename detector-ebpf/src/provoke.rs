@@ -7,12 +7,12 @@ use aya_ebpf::{
     macros::{uprobe, uretprobe},
     programs::{ProbeContext, RetProbeContext},
 };
-use detector_common::{GilHold, ObjKey, ProbeConfig, Stat, within_budget};
+use detector_common::{GilHold, ObjKey, ProbeConfig, Stat, request_wait_ns, within_budget};
 
 use crate::{
     globals::{
         DROP_REQUEST_DELTA, DROP_REQUEST_IN_THREAD, DROP_REQUEST_MASK, PROVOKE_CPUS, PROVOKE_NS,
-        PROVOKE_START_NS, global,
+        PROVOKE_START_NS, SWITCH_INTERVAL_DELTA, global,
     },
     maps::{GIL_HOLDS, PROVOKE},
     stacks::{Interp, py_tstate},
@@ -25,8 +25,8 @@ pub(crate) fn gil_handover() -> bool {
 }
 
 /// CPython `--provoke`, at `dict_clear`'s entry (configured by `cfg`): arms the
-/// handover (see on_clear_return and on_take_gil) if the budget allows, with the deadline of the
-/// whole hold.
+/// handover (see on_clear_return and on_take_gil) if the budget allows a wait for a reader to ask
+/// for the GIL (as long as the interpreter's switch interval, read now) and the hold after it.
 pub(crate) fn arm_gil_handover(
     ctx: &ProbeContext,
     cfg: &ProbeConfig,
@@ -38,10 +38,20 @@ pub(crate) fn arm_gil_handover(
     let Some(state) = PROVOKE.get_ptr_mut(0) else {
         return;
     };
+    // SAFETY: the context's registers are valid for the whole program.
+    let rip = unsafe { (*ctx.regs).rip };
+    let interval_us =
+        read_user::<u64>(rip.wrapping_add(global(&SWITCH_INTERVAL_DELTA) as u64)).unwrap_or(0);
+    // SAFETY: this CPU's slot of the per-CPU array, for the rest of the program.
+    let state = unsafe { &mut *state };
+    state.switch_interval_us = state.switch_interval_us.max(interval_us);
+    let Some(wait) = request_wait_ns(interval_us, hold) else {
+        state.beyond_reach += 1;
+        return;
+    };
     let (start_ns, cpus) = (global(&PROVOKE_START_NS), global(&PROVOKE_CPUS));
-    // SAFETY: this CPU's slot of the per-CPU array.
-    if !within_budget(start_ns, now, unsafe { (*state).held_ns }, hold, cpus) {
-        unsafe { (*state).refused += 1 };
+    if !within_budget(start_ns, now, state.held_ns, wait + hold, cpus) {
+        state.refused += 1;
         return;
     }
     // The main interpreter's static flag (3.11, 3.12), or the writer's own eval_breaker (3.13+).
@@ -53,13 +63,12 @@ pub(crate) fn arm_gil_handover(
         };
         tstate.wrapping_add(in_thread)
     } else {
-        // SAFETY: the context's registers are valid for the whole program.
-        let rip = unsafe { (*ctx.regs).rip };
         rip.wrapping_add(global(&DROP_REQUEST_DELTA) as u64)
     };
     let armed = GilHold {
         cache,
-        deadline_ns: now + hold,
+        deadline_ns: now + wait,
+        hold_ns: hold,
         drop_request,
         drop_mask: u64::from(global(&DROP_REQUEST_MASK)),
     };
@@ -71,16 +80,16 @@ pub(crate) fn arm_gil_handover(
 /// CPython's `static PyObject *dict_clear(PyDictObject *mp, PyObject *ignored)`, its return,
 /// attached with `python --provoke`: the window is open and the writer holds the GIL. It is kept
 /// here until a thread waiting for the GIL asks for it (sets the interpreter's
-/// `gil_drop_request`, as CPython does after the switch interval) or the deadline passes. Asked,
-/// the writer drops the GIL at the eval-breaker check that follows the call, inside the window;
-/// racewatch never writes to the target's memory.
+/// `gil_drop_request`, as CPython does after the switch interval) or the wait ends. Asked, the
+/// writer drops the GIL at the eval-breaker check that follows the call, inside the window, and
+/// is kept from taking it back for the hold; racewatch never writes to the target's memory.
 #[uretprobe]
 pub fn on_clear_return(_ctx: RetProbeContext) -> u32 {
     let Some(tid) = caller().map(|c| c.tid) else {
         return 0;
     };
     // SAFETY: copied out at once.
-    let Some(armed) = (unsafe { GIL_HOLDS.get(&tid).copied() }) else {
+    let Some(mut armed) = (unsafe { GIL_HOLDS.get(&tid).copied() }) else {
         return 0;
     };
     let handed_over = hold_until(
@@ -90,10 +99,17 @@ pub fn on_clear_return(_ctx: RetProbeContext) -> u32 {
         armed.drop_mask,
     );
     count_provoked();
-    if !handed_over {
+    if handed_over {
+        armed.deadline_ns = unsafe { bpf_ktime_get_ns() } + armed.hold_ns;
+        let _ = GIL_HOLDS.insert(&tid, &armed, 0);
+    } else {
         // Nobody asked for the GIL in time: the window was held that long, and goes on as it
         // would.
         let _ = GIL_HOLDS.remove(&tid);
+        if let Some(state) = PROVOKE.get_ptr_mut(0) {
+            // SAFETY: this CPU's slot of the per-CPU array.
+            unsafe { (*state).unanswered += 1 };
+        }
     }
     0
 }

@@ -341,6 +341,72 @@ fn provoke_hands_the_gil_over_in_the_window_and_every_keyerror_is_flagged() {
     assert_eq!(code, 1);
 }
 
+/// At CPython's default 5 ms switch interval a reader asks for the GIL only after waiting 5 ms, so
+/// a 1 ms `--provoke` waits for it (twice the interval), then holds: the rare race fires, and
+/// every KeyError is flagged.
+#[test]
+#[ignore = "root"]
+fn provoke_shorter_than_the_switch_interval_waits_for_a_reader_to_ask() {
+    let mut worker = vec!["--seconds", "5", "--switch-interval", "0.005"];
+    worker.extend(RARE_WORKER);
+    let (code, truth, text) = watch_worker_with(&["--provoke", "1ms"], &worker);
+    let summary = parse_ndjson(&text).1;
+    let keyerrors = truth["keyerrors"];
+    assert!(
+        keyerrors > 0,
+        "--provoke raised no KeyError: {truth:?}; {summary}"
+    );
+    assert_eq!(summary["misses_in_window"], keyerrors, "summary: {summary}");
+    let p = &summary["provoke"];
+    assert_eq!(p["hold_ns"], 1_000_000, "{p}");
+    assert_eq!(p["switch_interval_us"], 5_000, "{p}");
+    assert_eq!(p["request_wait_ns"], 10_000_000, "{p}");
+    assert_eq!(p["beyond_reach"], 0, "{p}");
+    // A window whose reader asked ran it: at most the rest went unanswered.
+    let windows = p["windows"].as_u64().unwrap();
+    assert!(p["unanswered"].as_u64().unwrap() < windows, "{p}");
+    assert_eq!(code, 1);
+}
+
+/// A switch interval longer than a hold may last (50 ms): no hold could hand the GIL over, so
+/// none is tried, and the summary says which interval would work.
+#[test]
+#[ignore = "root"]
+fn provoke_says_what_would_work_when_the_switch_interval_is_beyond_reach() {
+    let o = racewatch(&[
+        "python",
+        "--provoke",
+        "1ms",
+        "--",
+        "python3",
+        &worker(),
+        "--seconds",
+        "2",
+        "--switch-interval",
+        "0.1",
+        "--keys",
+        "50",
+        "--refresh-ms",
+        "200",
+        "--pause-ms",
+        "2",
+    ]);
+    let (out, err) = (String::from_utf8_lossy(&o.stdout), stderr(&o));
+    let truth = worker_truth(&err);
+    assert_eq!(truth["keyerrors"], 0, "{err}");
+    let windows = truth["refreshes"];
+    assert!(windows > 0, "{err}");
+    let line = format!(
+        "racewatch: --provoke left {windows} windows alone: the interpreter's switch interval is \
+         100.0 ms, and a thread waiting for the GIL asks for it only after waiting that long, \
+         longer than the 50.0 ms a hold may last; a shorter interval in the target \
+         (sys.setswitchinterval(0.005)) would let --provoke hand the GIL over"
+    );
+    assert!(out.contains(&line), "{out}");
+    assert!(!out.contains("racewatch: provoked"), "{out}");
+    assert_eq!(o.status.code(), Some(0), "{out}{err}");
+}
+
 #[test]
 #[ignore = "root"]
 fn build_then_swap_shows_nothing_under_provoke() {

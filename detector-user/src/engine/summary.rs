@@ -120,6 +120,16 @@ pub struct ProvokeJson {
     pub added_ns: u64,
     /// Windows left alone because the budget was spent.
     pub over_budget: u64,
+    /// How long each window is held (`--provoke`; 0: not asked for).
+    pub hold_ns: u64,
+    /// CPython: the interpreter's switch interval (µs), the longest read, and how long a writer
+    /// waits for a reader to ask for the GIL given it (None: no CPython window was provoked).
+    pub switch_interval_us: Option<u64>,
+    pub request_wait_ns: Option<u64>,
+    /// CPython: windows held in which no reader asked for the GIL.
+    pub unanswered: u64,
+    /// CPython: windows left alone because the switch interval is longer than a hold may last.
+    pub beyond_reach: u64,
 }
 
 #[derive(Clone, Debug, Default, Serialize)]

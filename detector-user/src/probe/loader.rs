@@ -71,6 +71,8 @@ pub struct Loaded {
     pub probes: usize,
     /// Attach cookies handed out so far: each indexes its configuration in `PROBES`.
     configs: u32,
+    /// How long `--provoke` holds each window (0: never).
+    pub provoke_ns: u64,
     /// Native `--provoke`: the refill's entry probe holds the writer.
     hold_at_refill: bool,
     /// Each plan's sampling probe site and its cookie, once attached; and their links while a
@@ -145,6 +147,11 @@ impl Loaded {
             .override_global(globals::DROP_REQUEST_DELTA, &drop_delta, true)
             .override_global(globals::DROP_REQUEST_IN_THREAD, &drop_in_thread, true)
             .override_global(globals::DROP_REQUEST_MASK, &drop_mask, true)
+            .override_global(
+                globals::SWITCH_INTERVAL_DELTA,
+                &plan.gil.as_ref().map_or(0, |g| g.switch_interval_delta),
+                true,
+            )
             .override_global(globals::STACK_MODE, &(opts.stack_mode as u32), true)
             .map_max_entries(EVENTS_MAP, opts.ring_bytes)
             .load(OBJECT)
@@ -153,6 +160,7 @@ impl Loaded {
             ebpf,
             probes: 0,
             configs: 0,
+            provoke_ns: opts.provoke_ns,
             hold_at_refill: opts.provoke_ns != 0 && plan.gil.is_none(),
             samples: Vec::new(),
             sample_links: Vec::new(),
@@ -502,6 +510,9 @@ impl Loaded {
                 held_ns: sum.held_ns + cpu.held_ns,
                 windows: sum.windows + cpu.windows,
                 refused: sum.refused + cpu.refused,
+                switch_interval_us: sum.switch_interval_us.max(cpu.switch_interval_us),
+                unanswered: sum.unanswered + cpu.unanswered,
+                beyond_reach: sum.beyond_reach + cpu.beyond_reach,
             }))
     }
 

@@ -96,6 +96,8 @@ pub struct GilHandover {
     pub clear: Function,
     pub take_gil: Placed,
     pub drop_request: DropRequest,
+    /// The main interpreter's switch interval, this far from the clear probe's address.
+    pub switch_interval_delta: i64,
 }
 
 /// Where a waiter asks for the GIL.

@@ -1,13 +1,15 @@
 //! Human lines: one per race (with both stacks for a pair's first), hazards, the summary.
 use std::io::{self, Write};
 
+use detector_common::PROVOKE_MAX_NS;
+
 use crate::{
     engine::{
         correlate::Alert,
         cost::SelfCost,
         hazard::Hazard,
         stack::Frame,
-        summary::{PairJson, Summary},
+        summary::{PairJson, ProvokeJson, Summary},
     },
     process::container::Identity,
     report::Sink,
@@ -105,6 +107,44 @@ fn pair_text(number: usize, p: &PairJson) -> String {
             .unwrap_or_else(|| "?".into()),
         top(p.writer_stack.as_deref()),
     )
+}
+
+/// What the CPython switch interval did to `--provoke`: a writer can hand the GIL over only once
+/// a reader asks for it, which a reader does only after waiting a whole interval.
+fn switch_interval_lines(p: &ProvokeJson) -> Vec<String> {
+    let Some(us) = p.switch_interval_us else {
+        return Vec::new();
+    };
+    let interval = fmt_ns(us.saturating_mul(1_000));
+    let mut lines = Vec::new();
+    if p.beyond_reach > 0 {
+        lines.push(format!(
+            "--provoke left {} windows alone: the interpreter's switch interval is {interval}, and a \
+             thread waiting for the GIL asks for it only after waiting that long, longer than the {} \
+             a hold may last; a shorter interval in the target (sys.setswitchinterval(0.005)) would \
+             let --provoke hand the GIL over",
+            p.beyond_reach,
+            fmt_ns(PROVOKE_MAX_NS)
+        ));
+    }
+    if let Some(wait) = p.request_wait_ns.filter(|&w| w > p.hold_ns) {
+        lines.push(format!(
+            "the interpreter's switch interval is {interval}: a thread waiting for the GIL asks for \
+             it only after waiting that long, so each provoked writer waited up to {} for a reader \
+             to ask before its {} hold",
+            fmt_ns(wait),
+            fmt_ns(p.hold_ns)
+        ));
+    }
+    if p.unanswered > 0 {
+        lines.push(format!(
+            "in {} of the provoked windows no reader asked for the GIL within {}, so none ran \
+             in them",
+            p.unanswered,
+            fmt_ns(p.request_wait_ns.unwrap_or(p.hold_ns))
+        ));
+    }
+    lines
 }
 
 pub struct HumanSink<W: Write> {
@@ -271,6 +311,9 @@ impl<W: Write> Sink for HumanSink<W> {
                 fmt_ns(p.added_ns),
                 p.over_budget
             )?;
+        }
+        for line in switch_interval_lines(p) {
+            writeln!(self.out, "racewatch: {line}")?;
         }
         if s.lost_events > 0 {
             let l = &s.lost_by_kind;

@@ -7,7 +7,7 @@ use std::{
 };
 
 use aya::maps::{MapData, RingBuf};
-use detector_common::{DecodeError, Event, Stat};
+use detector_common::{DecodeError, Event, Stat, request_wait_ns};
 use tokio::{
     io::unix::AsyncFd,
     signal::unix::{Signal, SignalKind, signal},
@@ -565,6 +565,13 @@ fn summary(
             windows: p.windows,
             added_ns: p.held_ns,
             over_budget: p.refused,
+            hold_ns: loaded.provoke_ns,
+            switch_interval_us: (p.switch_interval_us != 0).then_some(p.switch_interval_us),
+            request_wait_ns: (p.switch_interval_us != 0)
+                .then(|| request_wait_ns(p.switch_interval_us, loaded.provoke_ns))
+                .flatten(),
+            unanswered: p.unanswered,
+            beyond_reach: p.beyond_reach,
         },
         self_cost: None,
         sampling: None,

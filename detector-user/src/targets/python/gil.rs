@@ -18,23 +18,61 @@ const PATH: [(&str, &str); 3] = [
 
 /// The link-time address (ELF vaddr) of the main interpreter's `gil_drop_request` in `image`.
 pub fn find_gil_drop_request(image: &Path) -> Result<u64, SiteError> {
+    in_runtime(image, &PATH, |found| {
+        PATH.iter()
+            .zip(found)
+            .map(|((strukt, member), off)| {
+                off.ok_or_else(|| format!("struct {strukt}'s member {member}"))
+            })
+            .sum()
+    })
+}
+
+/// Members that lead from `_PyRuntime` to the main interpreter GIL's switch interval: in the
+/// interpreter's own `_gil` since 3.12, in the runtime's `ceval.gil` in 3.11.
+const INTERVAL: [(&str, &str); 5] = [
+    ("pyruntimestate", "_main_interpreter"),
+    ("_is", "_gil"),
+    ("pyruntimestate", "ceval"),
+    ("_ceval_runtime_state", "gil"),
+    ("_gil_runtime_state", "interval"),
+];
+
+/// The link-time address of the main interpreter's switch interval (`unsigned long`, in µs): a
+/// thread waiting for the GIL asks its holder for it only after waiting that long.
+pub fn find_switch_interval(image: &Path) -> Result<u64, SiteError> {
+    in_runtime(image, &INTERVAL, |found| {
+        let interval = found[4].ok_or("struct _gil_runtime_state's member interval")?;
+        match found {
+            [Some(interp), Some(gil), ..] | [_, _, Some(interp), Some(gil), _] => {
+                Ok(interp + gil + interval)
+            }
+            _ => Err("the main interpreter's GIL (struct _is's member _gil)".into()),
+        }
+    })
+}
+
+/// `_PyRuntime`'s address plus the offset `pick` makes of `members`' offsets (or names what is
+/// missing).
+fn in_runtime<const N: usize>(
+    image: &Path,
+    members: &[(&str, &str); N],
+    pick: impl FnOnce(&[Option<u64>; N]) -> Result<u64, String>,
+) -> Result<u64, SiteError> {
     let runtime = symbol(image, "_PyRuntime")?.ok_or_else(|| SiteError::NoGilState {
         path: image.into(),
         missing: "the symbol _PyRuntime".into(),
     })?;
     with_dwarf(image, |_, dpath, dwarf| {
-        let offsets = member_offsets(dwarf, &PATH).map_err(|source| SiteError::Dwarf {
+        let found = member_offsets(dwarf, members).map_err(|source| SiteError::Dwarf {
             path: dpath.into(),
             source,
         })?;
-        let mut found = [0u64; PATH.len()];
-        for (i, (strukt, member)) in PATH.iter().enumerate() {
-            found[i] = offsets[i].ok_or_else(|| SiteError::NoGilState {
-                path: dpath.into(),
-                missing: format!("struct {strukt}'s member {member}"),
-            })?;
-        }
-        Ok(runtime + found.iter().sum::<u64>())
+        let offset = pick(&found).map_err(|missing| SiteError::NoGilState {
+            path: dpath.into(),
+            missing,
+        })?;
+        Ok(runtime + offset)
     })
 }
 
@@ -69,22 +107,56 @@ mod tests {
             return;
         }
         let found = find_gil_drop_request(lib).unwrap();
-        let gdb = std::process::Command::new("gdb")
-            .args(["-batch", "-ex"])
-            .arg("print/x (long)&_PyRuntime._main_interpreter.ceval.gil_drop_request")
-            .arg(lib)
-            .output();
-        let Ok(gdb) = gdb else {
+        let Some(gdb) = gdb_address(
+            lib,
+            "&_PyRuntime._main_interpreter.ceval.gil_drop_request",
+        ) else {
             eprintln!("skipped: no gdb");
             return;
         };
+        assert_eq!(gdb, found);
+    }
+
+    /// The address gdb prints for `expr` in `lib`, None without gdb.
+    fn gdb_address(lib: &Path, expr: &str) -> Option<u64> {
+        let gdb = std::process::Command::new("gdb")
+            .args(["-batch", "-ex"])
+            .arg(format!("print/x (long){expr}"))
+            .arg(lib)
+            .output()
+            .ok()?;
         let text = String::from_utf8_lossy(&gdb.stdout);
         let addrs: Vec<u64> = text
             .lines()
             .filter_map(|l| l.split("0x").nth(1))
             .filter_map(|h| u64::from_str_radix(h.trim(), 16).ok())
             .collect();
-        assert_eq!(addrs, [found], "{text}");
+        assert_eq!(addrs.len(), 1, "{text}");
+        Some(addrs[0])
+    }
+
+    /// 3.11 keeps the GIL in the runtime, 3.12+ in each interpreter: both as gdb reads them.
+    #[test]
+    fn finds_the_switch_interval_in_either_layout() {
+        for (lib, expr) in [
+            (LIBPYTHON, "&_PyRuntime.ceval.gil.interval"),
+            (
+                "/root/.pyenv/versions/3.12.1/lib/libpython3.12.so.1.0",
+                "&_PyRuntime._main_interpreter._gil.interval",
+            ),
+        ] {
+            let lib = Path::new(lib);
+            if !lib.is_file() {
+                eprintln!("skipped: no {}", lib.display());
+                continue;
+            }
+            let found = find_switch_interval(lib).unwrap();
+            let Some(gdb) = gdb_address(lib, expr) else {
+                eprintln!("skipped: no gdb");
+                return;
+            };
+            assert_eq!(gdb, found, "{}", lib.display());
+        }
     }
 
     #[test]

@@ -290,13 +290,13 @@ pub fn plan(
             SiteError::NoDebugInfo { .. } => no_provoke("DWARF"),
             e => e.into(),
         };
+        let at = clear.function.address + clear.offset;
         // 3.13 moved the request from the interpreter into each thread's eval_breaker.
         let drop_request = if version >= (3, 13) {
             DropRequest::InThread {
                 offset: gil::find_eval_breaker(path).map_err(no_dwarf)?,
             }
         } else {
-            let at = clear.function.address + clear.offset;
             DropRequest::Static {
                 delta: gil::find_gil_drop_request(path)
                     .map_err(no_dwarf)?
@@ -311,6 +311,9 @@ pub fn plan(
             clear: clear.function.clone(),
             take_gil: placement(path, TAKE_GIL, take_gil, 0, None, verbose),
             drop_request,
+            switch_interval_delta: gil::find_switch_interval(path)
+                .map_err(no_dwarf)?
+                .wrapping_sub(at) as i64,
         })
     } else {
         None
