@@ -689,19 +689,21 @@ pub fn miss_sites(
 }
 
 /// Where every lookup's result can be read once it is known, for code with no instruction on
-/// misses alone: an instruction every path to a `ret` passes exactly once (no loop comes back to
-/// it), from which every path returns, at `width` bytes, the value some register or stack slot
-/// holds there. The first such instruction the kernel emulates (before the unlock, while the
-/// lookup still holds the cache's lock, so that the window it missed in is still open), else the
-/// first. Each lookup then traps once there, and the kernel compares the value with the miss
-/// value.
-pub fn result_site(
+/// misses alone: instructions such that every path to a `ret` passes exactly one of them (none
+/// comes back to itself or leads to another), from each of which every path returns, at `width`
+/// bytes, the value some register or stack slot holds there. One instruction that every path
+/// passes where there is one; else one for each `ret` (a lookup whose hits and misses leave by
+/// two epilogues, each with its own unlock). Each is the first the kernel emulates among those
+/// that qualify (before the unlock, while the lookup still holds the cache's lock, so that the
+/// window it missed in is still open), else the first. Each lookup then traps once, and the
+/// kernel compares the value with the miss value.
+pub fn result_sites(
     d: &Decoded,
     miss: i64,
     width: u8,
     reg: Register,
     arg: Option<Register>,
-) -> Result<(MissSite, ObjectAt, u8), String> {
+) -> Result<Vec<(MissSite, ObjectAt, u8)>, String> {
     if d.indirect_jumps {
         return Err("the function jumps through a register (a jump table)".into());
     }
@@ -722,16 +724,13 @@ pub fn result_site(
             candidates.push(slot);
         }
     }
-    let mut found: Option<(usize, (ObjectAt, u8))> = None;
-    for (i, st) in states.iter().enumerate() {
-        let Some(st) = st else { continue };
-        if (arg.is_some() && object_at(&states, i).is_none())
-            || !every_path_passes(d, i, &rets)
-            || reaches(d, i, i)
-        {
-            continue;
+    // Where instruction `i` (not in a loop, with the object known) holds the result, if it does.
+    let holds_result = |i: usize| -> Option<(ObjectAt, u8)> {
+        let st = states[i].as_ref()?;
+        if (arg.is_some() && object_at(&states, i).is_none()) || reaches(d, i, i) {
+            return None;
         }
-        let holds_result = candidates.iter().find_map(|&loc| {
+        candidates.iter().find_map(|&loc| {
             let readable = match loc {
                 Loc::Reg(r) => pt_regs_slot(r).map(ObjectAt::Register),
                 Loc::Slot(s) => st.rsp.map(|rsp| ObjectAt::Memory {
@@ -754,25 +753,56 @@ pub fn result_site(
             // are zero.
             let upper = (miss as u64 & mask(width)) >> (8 * u32::from(bytes.min(7)));
             (bytes >= width || upper == 0).then_some((readable, bytes))
-        });
-        if let Some(at) = holds_result {
-            let better =
-                found.is_none_or(|(f, _)| is_emulated(&d.instrs[i]) && !is_emulated(&d.instrs[f]));
-            if better {
-                found = Some((i, at));
-            }
-        }
+        })
+    };
+    // The instructions on every path to `to`, the emulated ones first, each in code order.
+    let on_every_path = |to: &[usize]| {
+        let mut on: Vec<usize> = (0..d.instrs.len())
+            .filter(|&i| states[i].is_some() && every_path_passes(d, i, to))
+            .collect();
+        on.sort_by_key(|&i| !is_emulated(&d.instrs[i]));
+        on
+    };
+    let site = |i: usize, (at, bytes): (ObjectAt, u8)| {
+        (
+            MissSite {
+                site: d.site(&d.instrs[i]),
+                object: arg.and_then(|_| object_at(&states, i)),
+            },
+            at,
+            bytes,
+        )
+    };
+    if let Some((i, at)) = on_every_path(&rets)
+        .into_iter()
+        .find_map(|i| holds_result(i).map(|at| (i, at)))
+    {
+        return Ok(vec![site(i, at)]);
     }
-    let (i, (at, bytes)) =
-        found.ok_or("no instruction every lookup passes once holds its result")?;
-    Ok((
-        MissSite {
-            site: d.site(&d.instrs[i]),
-            object: arg.and_then(|_| object_at(&states, i)),
-        },
-        at,
-        bytes,
-    ))
+    let mut chosen: Vec<(usize, (ObjectAt, u8))> = Vec::new();
+    for &r in &rets {
+        // A site already on every way to this ret covers it; one on only some of them leaves
+        // no room for another (the filter below then finds none).
+        if chosen.iter().any(|&(c, _)| every_path_passes(d, c, &[r])) {
+            continue;
+        }
+        let (i, at) = on_every_path(&[r])
+            .into_iter()
+            .filter(|&i| {
+                chosen
+                    .iter()
+                    .all(|&(c, _)| !reaches(d, c, i) && !reaches(d, i, c))
+            })
+            .find_map(|i| holds_result(i).map(|at| (i, at)))
+            .ok_or_else(|| {
+                format!(
+                    "no instruction on every way to the ret at +{:#x} holds its result",
+                    d.instrs[r].ip() - d.start
+                )
+            })?;
+        chosen.push((i, at));
+    }
+    Ok(chosen.into_iter().map(|(i, at)| site(i, at)).collect())
 }
 
 /// Does every path from the entry to one of `rets` pass instruction `i`?
@@ -993,6 +1023,52 @@ mod tests {
             Register::RAX,
             Some(Register::RDI),
         )
+    }
+
+    /// g++ -O2's `std::unordered_map::find` under a `unique_lock`, returning the iterator (a node
+    /// pointer, end() null): hits and misses leave by two epilogues, each with its own unlock, and
+    /// one miss reaches the first by a branch edge alone. (demo/zoo/iter_umap.cpp's Index::find.)
+    const ITERATOR_LOOKUP: [u8; 0xbb] = [
+        0x41, 0x54, 0x49, 0x89, 0xfc, 0x55, 0x48, 0x89, 0xf5, 0x53, 0xe8, 0x81, 0xf1, 0xff, 0xff,
+        0x85, 0xc0, 0x0f, 0x85, 0x9d, 0x00, 0x00, 0x00, 0x49, 0x83, 0x7c, 0x24, 0x40, 0x00, 0x74,
+        0x61, 0x49, 0x8b, 0x7c, 0x24, 0x30, 0x48, 0x89, 0xe8, 0x31, 0xd2, 0x48, 0xf7, 0xf7, 0x49,
+        0x8b, 0x44, 0x24, 0x28, 0x48, 0x8b, 0x1c, 0xd0, 0x49, 0x89, 0xd0, 0x48, 0x85, 0xdb, 0x74,
+        0x33, 0x48, 0x8b, 0x03, 0x48, 0x8b, 0x48, 0x08, 0x48, 0x39, 0xe9, 0x74, 0x24, 0x48, 0x8b,
+        0x30, 0x48, 0x85, 0xf6, 0x74, 0x5f, 0x48, 0x8b, 0x4e, 0x08, 0x48, 0x89, 0xc3, 0x31, 0xd2,
+        0x48, 0x89, 0xc8, 0x48, 0xf7, 0xf7, 0x49, 0x39, 0xd0, 0x75, 0x4b, 0x48, 0x89, 0xf0, 0x48,
+        0x39, 0xe9, 0x75, 0xdc, 0x48, 0x8b, 0x1b, 0x4c, 0x89, 0xe7, 0xe8, 0x68, 0xf0, 0xff, 0xff,
+        0x48, 0x89, 0xd8, 0x5b, 0x5d, 0x41, 0x5c, 0xc3, 0x49, 0x8b, 0x5c, 0x24, 0x38, 0x48, 0x85,
+        0xdb, 0x75, 0x0e, 0xeb, 0xe4, 0x0f, 0x1f, 0x40, 0x00, 0x48, 0x8b, 0x1b, 0x48, 0x85, 0xdb,
+        0x74, 0xd8, 0x48, 0x39, 0x6b, 0x08, 0x75, 0xf2, 0x4c, 0x89, 0xe7, 0xe8, 0x3a, 0xf0, 0xff,
+        0xff, 0x48, 0x89, 0xd8, 0x5b, 0x5d, 0x41, 0x5c, 0xc3, 0x66, 0x90, 0x31, 0xdb, 0xeb, 0xbc,
+        0x89, 0xc7, 0xe8, 0x15, 0xf0, 0xff, 0xff,
+    ];
+
+    #[test]
+    fn two_epilogues_get_a_result_site_each_before_their_unlock() {
+        let d = Decoded::decode(&ITERATOR_LOOKUP, START).unwrap();
+        let err = sites(&ITERATOR_LOOKUP, 0).unwrap_err();
+        assert!(err.contains("no instruction is on misses alone"), "{err}");
+        let found = result_sites(&d, 0, 8, Register::RAX, Some(Register::RDI)).unwrap();
+        let rbx = ObjectAt::Register(pt_regs_slot(Register::RBX).unwrap());
+        // The cache is in r12 and, handed to the unlock, in rdi.
+        let cache = Some(ObjectAt::Register(pt_regs_slot(Register::RDI).unwrap()));
+        let got: Vec<_> = found
+            .iter()
+            .map(|(m, at, bytes)| (m.site.offset, m.site.emulated, m.object, *at, *bytes))
+            .collect();
+        // The call to each unlock: the lock still held, the result in rbx.
+        assert_eq!(
+            got,
+            [(0x73, true, cache, rbx, 8), (0xa1, true, cache, rbx, 8)]
+        );
+    }
+
+    #[test]
+    fn one_result_site_where_every_path_passes_it() {
+        let d = Decoded::decode(&fixed_lookup(), START).unwrap();
+        let found = result_sites(&d, 0, 8, Register::RAX, Some(Register::RDI)).unwrap();
+        assert_eq!(found.len(), 1, "{found:?}");
     }
 
     #[test]

@@ -241,33 +241,37 @@ pub fn place_result(
     object: Option<ObjectAt>,
     (value, ret): (i64, ReturnReg),
     verbose: bool,
-) -> Result<MissSite, String> {
+) -> Result<Vec<MissSite>, String> {
     let c = lookup_code(binary, f, arg, object, ret)?;
     let fixed = c.fixed;
-    let (m, at, bytes) = miss_path::result_site(&c.decoded, value, c.width, c.reg, c.arrives)?;
-    let object = fixed
-        .or(m.object)
-        .expect("an object where the function has one");
-    if verbose {
-        eprintln!(
-            "racewatch: lookup result: {} at {:#x}+{:#x} ({}, {}), the low {bytes} byte(s) of its \
-             result {}, cache {}",
-            escape(&f.display),
-            f.address,
-            m.site.offset,
-            m.site.instruction,
-            how(m.site.emulated),
-            describe_object(at),
-            describe_object(object),
-        );
+    let found = miss_path::result_sites(&c.decoded, value, c.width, c.reg, c.arrives)?;
+    let mut sites = Vec::new();
+    for (m, at, bytes) in found {
+        let object = fixed
+            .or(m.object)
+            .expect("an object where the function has one");
+        if verbose {
+            eprintln!(
+                "racewatch: lookup result: {} at {:#x}+{:#x} ({}, {}), the low {bytes} byte(s) of \
+                 its result {}, cache {}",
+                escape(&f.display),
+                f.address,
+                m.site.offset,
+                m.site.instruction,
+                how(m.site.emulated),
+                describe_object(at),
+                describe_object(object),
+            );
+        }
+        sites.push(MissSite {
+            function: f.clone(),
+            offset: m.site.offset,
+            emulated: m.site.emulated,
+            object,
+            result: Some((at, bytes)),
+        });
     }
-    Ok(MissSite {
-        function: f.clone(),
-        offset: m.site.offset,
-        emulated: m.site.emulated,
-        object,
-        result: Some((at, bytes)),
-    })
+    Ok(sites)
 }
 
 /// How many low bytes of `rax` lookup `f` sets at its returns (8 when its code cannot be read).

@@ -269,7 +269,7 @@ fn plan(
                 Err((f, why)) => {
                     // No instruction on misses alone: one trap per lookup where its result is
                     // known, else two (its entry and its return).
-                    let results: Result<Vec<MissSite>, String> = lookups
+                    let results: Result<Vec<Vec<MissSite>>, String> = lookups
                         .each
                         .iter()
                         .map(|(f, object)| {
@@ -283,7 +283,7 @@ fn plan(
                             )
                         })
                         .collect();
-                    let (how, lookup) = match results {
+                    let (how, lookup) = match results.map(|r| r.concat()) {
                         Ok(sites) => (
                             "every lookup once, where its result is known".to_string(),
                             LookupProbe::Miss {

@@ -107,10 +107,8 @@ mod tests {
             return;
         }
         let found = find_gil_drop_request(lib).unwrap();
-        let Some(gdb) = gdb_address(
-            lib,
-            "&_PyRuntime._main_interpreter.ceval.gil_drop_request",
-        ) else {
+        let Some(gdb) = gdb_address(lib, "&_PyRuntime._main_interpreter.ceval.gil_drop_request")
+        else {
             eprintln!("skipped: no gdb");
             return;
         };
