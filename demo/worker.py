@@ -5,8 +5,8 @@ A refresher thread rebuilds a dict cache with clear() then update(); a reader th
 empty, and a lookup that lands there raises KeyError.
 
     worker.py [--fixed] [--seconds S] [--keys N] [--refresh-ms MS] [--switch-interval S]
-              [--gap-ms MS] [--pause-ms MS] [--absent-every N] [--other-dict] [--bug-on-signal]
-              [--workers N [--spawn]]
+              [--gap-ms MS] [--pause-ms MS] [--absent-every N] [--other-dict] [--scratch-dicts]
+              [--bug-on-signal] [--workers N [--spawn]]
 
 --fixed            refresh by build-then-swap: no empty window, no KeyError.
 --gap-ms MS        sleep between clear() and update(), as the seed's repro did: every refresh
@@ -16,6 +16,9 @@ empty, and a lookup that lands there raises KeyError.
 --absent-every N   every N lookups, also look up a key that never exists (a KeyError no window
                    causes).
 --other-dict       a second reader raises KeyErrors on another dict, all the time.
+--scratch-dicts    a thread empties throwaway dicts and drops them (windows no refill closes),
+                   while another raises KeyErrors on fresh dicts, which CPython gives the dropped
+                   dicts' addresses.
 --bug-on-signal    refresh build-then-swap until SIGUSR1, then clear-then-update for --seconds:
                    lets a tracer attach to a running worker before the bug starts.
 --workers N        a pre-fork pool, as gunicorn, uwsgi or celery run one: the process builds
@@ -24,7 +27,8 @@ empty, and a lookup that lands there raises KeyError.
                    multiprocessing's spawn does) instead of a fork.
 
 Ground truth, printed to stderr at exit by each worker:
-    worker: pid=P lookups=N keyerrors=M absent_keyerrors=A other_keyerrors=B refreshes=R
+    worker: pid=P lookups=N keyerrors=M absent_keyerrors=A other_keyerrors=B
+            scratch_keyerrors=C refreshes=R
 where keyerrors counts only misses of keys that always exist.
 """
 import argparse
@@ -64,6 +68,7 @@ def parse():
     ap.add_argument("--pause-ms", type=float, default=0.0)
     ap.add_argument("--absent-every", type=int, default=0)
     ap.add_argument("--other-dict", action="store_true")
+    ap.add_argument("--scratch-dicts", action="store_true")
     ap.add_argument("--bug-on-signal", action="store_true")
     ap.add_argument("--workers", type=int, default=0)
     ap.add_argument("--spawn", action="store_true")
@@ -115,7 +120,14 @@ def run(args, data=None, cache=None):
     racy = threading.Event()
     if not args.fixed and not args.bug_on_signal:
         racy.set()
-    counts = {"lookups": 0, "keyerrors": 0, "absent_keyerrors": 0, "other_keyerrors": 0, "refreshes": 0}
+    counts = {
+        "lookups": 0,
+        "keyerrors": 0,
+        "absent_keyerrors": 0,
+        "other_keyerrors": 0,
+        "scratch_keyerrors": 0,
+        "refreshes": 0,
+    }
 
     def reader():
         out = os.open(os.devnull, os.O_WRONLY)
@@ -151,6 +163,26 @@ def run(args, data=None, cache=None):
             time.sleep(0.0005)
         counts["other_keyerrors"] = misses
 
+    def scratch_clearer():
+        while not stop.is_set():
+            tmp = {"a": 1}
+            tmp.clear()
+            del tmp
+            time.sleep(0.0002)
+
+    def scratch_reader():
+        misses = 0
+        while not stop.is_set():
+            fresh = {}
+            for _ in range(10):
+                try:
+                    fresh["missing"]
+                except KeyError:
+                    misses += 1
+            del fresh
+            time.sleep(0.0001)
+        counts["scratch_keyerrors"] = misses
+
     def refresher():
         while not stop.is_set():
             cache.refresh(data, racy.is_set(), args.gap_ms / 1000)
@@ -160,6 +192,9 @@ def run(args, data=None, cache=None):
     threads = [threading.Thread(target=reader, name="reader"), threading.Thread(target=refresher, name="refresher")]
     if args.other_dict:
         threads.append(threading.Thread(target=other_reader, name="other-reader"))
+    if args.scratch_dicts:
+        threads.append(threading.Thread(target=scratch_clearer, name="scratch-clearer"))
+        threads.append(threading.Thread(target=scratch_reader, name="scratch-reader"))
     for t in threads:
         t.start()
     if args.bug_on_signal:

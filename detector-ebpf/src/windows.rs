@@ -27,7 +27,14 @@ pub fn on_clear(ctx: ProbeContext) -> u32 {
     let tid = who.tid;
     // SAFETY: the context's registers are valid for the whole program.
     let regs = unsafe { &*ctx.regs };
-    if let Some(w) = Window::on_clear(window(&cache).as_ref(), tid, unsafe { bpf_ktime_get_ns() }) {
+    let prev = window(&cache);
+    // Emptied again while still open (never refilled by the refill racewatch knows, or freed and
+    // its address reused): the KeyErrors it holds are judged against what the dict holds now,
+    // before it is emptied, which is what was filled in since.
+    if prev.is_some_and(|w| w.open != 0) && PENDING_DICTS.remove(&cache).is_ok() {
+        judge_pending(cache);
+    }
+    if let Some(w) = Window::on_clear(prev.as_ref(), tid, unsafe { bpf_ktime_get_ns() }) {
         // Stack and event first: a lookup that sees the stored window then reserves its own
         // event later in the ring, so userspace always reads a window's opening (and the
         // writer's stack, when it is sent now, just before it) before its lookups.

@@ -60,6 +60,11 @@ pub struct Counts {
     pub windows_with_misses: u64,
     /// KeyErrors in a window for keys the refill did not bring back either: not the window's.
     pub absent_keys_in_window: u64,
+    /// KeyErrors still awaiting a verdict at the end, in windows no refill closed while
+    /// racewatch watched (a dict emptied and not refilled by the refill racewatch knows, one freed
+    /// and its address given to a new dict, a writer that ended inside its window): nothing tells
+    /// whether a refill would have brought their keys back, so they are not counted as misses.
+    pub unrefilled_keyerrors: u64,
     /// Caches that had at least one window.
     pub caches: u64,
     /// Widest window seen closing, in ns.
@@ -171,8 +176,8 @@ impl Correlator {
     }
 
     /// Process `tgid` ended: what was kept for its objects and threads goes (its counts stay);
-    /// its KeyErrors still awaiting a verdict are window misses, as at the end of a run.
-    pub fn on_exit(&mut self, tgid: u32) -> Vec<Alert> {
+    /// its KeyErrors still awaiting a verdict are settled as at the end of a run.
+    pub fn on_exit(&mut self, tgid: u32) {
         self.last.retain(|obj, _| obj.tgid != tgid);
         self.caches.retain(|obj| obj.tgid != tgid);
         self.stacks.retain(|_, (pid, _, _)| *pid != tgid);
@@ -184,14 +189,10 @@ impl Correlator {
             .filter(|(obj, _, _)| obj.tgid == tgid)
             .copied()
             .collect();
-        let mut alerts: Vec<Alert> = keys
-            .iter()
-            .filter_map(|k| self.held.remove(k))
-            .flatten()
-            .collect();
-        alerts.sort_by_key(|a| a.lookup_ns);
-        for a in &alerts {
-            self.count_miss(a);
+        for k in keys {
+            if let Some(held) = self.held.remove(&k) {
+                self.unrefilled(k.0, held.len());
+            }
         }
         self.missed.retain(|obj, _| obj.tgid != tgid);
         if self.per_process.contains_key(&tgid) {
@@ -204,7 +205,6 @@ impl Correlator {
             self.processes_dropped += 1;
             self.dropped.push(old);
         }
-        alerts
     }
 
     /// The processes whose own counts were dropped since the last call.
@@ -283,15 +283,17 @@ impl Correlator {
         Vec::new()
     }
 
-    /// At the end of a run: KeyErrors still awaiting a verdict are window misses (their window
-    /// never closed while racewatch watched).
-    pub fn finish(&mut self) -> Vec<Alert> {
-        let mut alerts: Vec<Alert> = self.held.drain().flat_map(|(_, a)| a).collect();
-        alerts.sort_by_key(|a| a.lookup_ns);
-        for a in &alerts {
-            self.count_miss(a);
+    /// At the end of a run: KeyErrors still awaiting a verdict were in windows no refill closed
+    /// while racewatch watched. Whether one would have brought their keys back is unknown: they
+    /// are counted apart, never as misses.
+    pub fn finish(&mut self) {
+        for ((obj, _, _), held) in std::mem::take(&mut self.held) {
+            self.unrefilled(obj, held.len());
         }
-        alerts
+    }
+
+    fn unrefilled(&mut self, obj: ObjKey, n: usize) {
+        self.count(obj, |c| c.unrefilled_keyerrors += n as u64);
     }
 
     /// A lookup that missed in a window (a KeyError judged or never judged).
@@ -534,7 +536,8 @@ mod tests {
         assert_eq!(feed(&mut c, &[verdict(7, 70, KEY_PRESENT)]), [110, 120]);
         assert_eq!(c.counts().misses_in_window, 2);
         assert_eq!(c.counts().lookups_in_window, 2);
-        assert!(c.finish().is_empty());
+        c.finish();
+        assert_eq!(c.counts().unrefilled_keyerrors, 0);
     }
 
     #[test]
@@ -587,14 +590,17 @@ mod tests {
         assert_eq!(c.counts(), &Counts::default());
     }
 
+    /// No refill closed their window while racewatch watched: whether one would have brought
+    /// their keys back is unknown, so they are counted apart, not as misses.
     #[test]
-    fn unjudged_keyerrors_are_misses_at_the_end() {
+    fn keyerrors_still_unjudged_at_the_end_are_not_misses() {
         let mut c = Correlator::new(Vec::new(), None);
         feed(&mut c, &[keyerror(8, 80, 130), keyerror(7, 70, 110)]);
-        let left: Vec<u64> = c.finish().iter().map(|a| a.lookup_ns).collect();
-        assert_eq!(left, [110, 130]);
-        assert_eq!(c.counts().misses_in_window, 2);
-        assert!(c.finish().is_empty(), "flushed once");
+        c.finish();
+        assert_eq!(c.counts().misses_in_window, 0);
+        assert_eq!(c.counts().unrefilled_keyerrors, 2);
+        c.finish();
+        assert_eq!(c.counts().unrefilled_keyerrors, 2, "counted once");
     }
 
     fn window(kind: EventKind, open_ns: u64) -> Event {
@@ -726,8 +732,9 @@ mod tests {
         };
         k.reader_tid = k.writer_tid;
         feed(&mut c, &[Event::KeyError(k), verdict(7, 70, KEY_PRESENT)]);
-        assert!(c.finish().is_empty());
+        c.finish();
         assert_eq!(c.counts().misses_in_window, 0);
+        assert_eq!(c.counts().unrefilled_keyerrors, 0);
     }
 
     /// `e` moved to process `tgid`.
@@ -788,15 +795,44 @@ mod tests {
         c.on_event(&in_process(window(EventKind::WindowOpen, 100), 9));
         c.on_event(&in_process(keyerror(key, hash, 120), 9));
         // The process dies inside its window: the KeyError awaits a verdict that never comes.
-        let left = c.on_exit(9);
-        assert_eq!(left.len(), 1, "its pending KeyError is a window miss");
-        assert_eq!(c.per_process()[&9].misses_in_window, 1);
+        c.on_exit(9);
+        assert_eq!(c.per_process()[&9].misses_in_window, 0);
+        assert_eq!(c.per_process()[&9].unrefilled_keyerrors, 1);
         assert!(c.last.is_empty() && c.held.is_empty() && c.caches.is_empty());
         // A later process with the same pid and address starts afresh: no writer name from the
         // dead one.
         let alerts = c.on_event(&in_process(lookup(300, 100), 9));
         assert_eq!(alerts[0].writer_name, None);
-        assert_eq!(c.counts().misses_in_window, 1);
+        assert_eq!(c.counts().misses_in_window, 0);
+    }
+
+    /// A dict emptied, then emptied again with no refill between (refilled by assignment, or
+    /// freed and its address reused): the kernel judges its KeyErrors at the second clear
+    /// against what was filled in since.
+    #[test]
+    fn keyerrors_judged_at_a_second_clear_count_like_those_judged_at_a_refill() {
+        let mut c = Correlator::new(Vec::new(), None);
+        c.on_event(&window(EventKind::WindowOpen, 100));
+        feed(&mut c, &[keyerror(7, 70, 110), keyerror(8, 80, 120)]);
+        // The second clear: key 7 was filled in since, key 8 was not.
+        assert_eq!(
+            feed(
+                &mut c,
+                &[verdict(7, 70, KEY_PRESENT), verdict(8, 80, KEY_ABSENT)]
+            ),
+            [110]
+        );
+        feed(&mut c, &[keyerror(9, 90, 130)]);
+        c.finish();
+        let counts = c.counts();
+        assert_eq!(
+            (
+                counts.misses_in_window,
+                counts.absent_keys_in_window,
+                counts.unrefilled_keyerrors
+            ),
+            (1, 1, 1)
+        );
     }
 
     /// `e` moved to window `window` of the run.
@@ -891,7 +927,7 @@ mod tests {
     #[test]
     fn a_process_that_ends_without_a_window_gets_no_entry() {
         let mut c = Correlator::new(Vec::new(), None);
-        assert!(c.on_exit(9).is_empty());
+        c.on_exit(9);
         c.on_event(&verdict(7, 70, KEY_ABSENT));
         assert!(c.per_process().is_empty(), "{:?}", c.per_process());
     }

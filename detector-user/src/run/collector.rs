@@ -156,11 +156,10 @@ impl Consumers<'_> {
                     self.cpu.exited(x.tgid);
                     self.hazard.on_exit(x.tgid);
                     self.resolver.forget(x.tgid);
-                    let left = self.correlator.on_exit(x.tgid);
+                    self.correlator.on_exit(x.tgid);
                     for pid in self.correlator.take_dropped() {
                         self.processes.forget(pid);
                     }
-                    self.alerts(left)?;
                 }
                 Ok(event) => {
                     self.processes.seen(event.tgid());
@@ -351,8 +350,7 @@ impl Run<'_> {
         target.finish().await;
         // Events written before the end are still in the ring.
         feed.drain(ring.get_mut())?;
-        let left = feed.correlator.finish();
-        feed.alerts(left)?;
+        feed.correlator.finish();
         let sampled = sampler.as_ref().map(|s| s.sampled(Instant::now()));
         feed.report_hazards(loaded, started, sampled)?;
         let mut summary = summary(
@@ -582,7 +580,11 @@ fn summary(
         windows_by_name: windows_by_name(feed),
         forks: stat(Stat::Forks),
         processes_dropped: feed.correlator.processes_dropped(),
-        unwatched: unwatched(forks_unfollowed, stat(Stat::ForksUnwatched)),
+        unwatched: unwatched(
+            forks_unfollowed,
+            stat(Stat::ForksUnwatched),
+            feed.correlator.counts().unrefilled_keyerrors,
+        ),
         duration_s: elapsed.as_secs_f64(),
         ended,
     })
@@ -624,8 +626,20 @@ fn windows_by_name(feed: &Consumers) -> BTreeMap<String, WindowJson> {
 }
 
 /// What the run could not watch, for the summary.
-fn unwatched(forks_unfollowed: Option<&str>, forks_unwatched: u64) -> Vec<String> {
+fn unwatched(
+    forks_unfollowed: Option<&str>,
+    forks_unwatched: u64,
+    unrefilled_keyerrors: u64,
+) -> Vec<String> {
     let mut out = Vec::new();
+    if unrefilled_keyerrors > 0 {
+        out.push(format!(
+            "{unrefilled_keyerrors} KeyErrors in windows no refill closed while racewatch \
+             watched (a dict emptied and refilled some other way than the refill racewatch \
+             knows, one freed and its address given to a new dict, or a writer that ended inside \
+             its window): whether a refill would have brought their keys back is unknown"
+        ));
+    }
     if let Some(why) = forks_unfollowed {
         out.push(format!("processes the target forks: {why}"));
     }
