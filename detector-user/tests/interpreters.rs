@@ -269,6 +269,74 @@ fn launched_exact(build: Build) {
     assert_eq!(o.status.code(), Some(1));
 }
 
+/// demo/decoys.py under `build`: the writer's own KeyErrors, another dict's with the same key
+/// objects, a KeyError caught and re-raised, and two windows open at once, exact.
+fn decoys_exact(build: Build) {
+    let decoys = common::workspace().join("demo/decoys.py");
+    let script = match build.interpreter.as_deref() {
+        // Through chroot: the script copied into the root, named as it sees it.
+        Some(interpreter) => {
+            let root = interpreter.split("/usr/bin/").next().unwrap();
+            std::fs::copy(&decoys, format!("{root}/tmp/decoys.py")).expect("copy the decoys in");
+            "/tmp/decoys.py".to_string()
+        }
+        None => decoys.display().to_string(),
+    };
+    let out = temp_file(&format!(
+        "interp-decoys-{}.ndjson",
+        build.run.join("_").replace('/', "_")
+    ));
+    let mut args = vec!["python", "--json", "-o", out.to_str().unwrap()];
+    if let Some(i) = &build.interpreter {
+        args.extend(["--interpreter", i]);
+    }
+    args.push("--");
+    args.extend(build.run.iter().map(String::as_str));
+    args.extend([script.as_str(), "2"]);
+    let o = common::racewatch(&args);
+    let truth = worker_truth(&common::stderr(&o));
+    let (_, summary) = parse_ndjson(&std::fs::read_to_string(&out).unwrap());
+    let what = format!("{}: {truth:?}; {summary}", build.run.join(" "));
+    assert!(
+        truth["window_keyerrors"] > 0 && truth["writer_keyerrors"] > 0,
+        "{what}"
+    );
+    assert_eq!(
+        summary["misses_in_window"], truth["window_keyerrors"],
+        "{what}"
+    );
+    assert_eq!(summary["windows"], 2 * truth["refreshes"], "{what}");
+    for zero in [
+        "unrefilled_keyerrors",
+        "unplaced_keyerrors",
+        "unjudged_keys",
+        "lost_events",
+    ] {
+        assert_eq!(summary[zero], 0, "{zero}: {what}");
+    }
+    assert_eq!(o.status.code(), Some(1), "{what}");
+}
+
+#[test]
+#[ignore = "root"]
+fn the_decoys_are_exact_on_every_interpreter() {
+    for build in [
+        pyenv("3.11.7", "3.11"),
+        pyenv("3.12.1", "3.12"),
+        pyenv("3.13.0", "3.13"),
+        Build {
+            name: "debian",
+            run: vec!["/usr/bin/python3.11".into()],
+            worker: worker(),
+            interpreter: None,
+        },
+        debian("trixie", "python3.13"),
+        debian("sid", "python3.14"),
+    ] {
+        decoys_exact(build);
+    }
+}
+
 #[test]
 #[ignore = "root"]
 fn debian_12_stripped_3_11_launched_is_exact() {
