@@ -20,33 +20,22 @@ fn is_call(d: &Decoded, i: usize) -> bool {
     ) && !successors(d, i).inside.is_empty()
 }
 
-/// A jump by which the function leaves for another: a tail call.
-fn is_tail_call(d: &Decoded, i: usize) -> bool {
-    let s = successors(d, i);
-    s.inside.is_empty()
-        && s.leaves
-        && matches!(
-            d.instrs[i].flow_control(),
-            FlowControl::UnconditionalBranch | FlowControl::IndirectBranch
-        )
-}
-
 fn at(d: &Decoded, ins: &Instruction) -> String {
     format!("+{:#x}", ins.ip() - d.start)
 }
 
 /// The refill's close sites: on every path from its entry to a `ret`, the last call, and each
-/// tail call; after none of them does the function call anything else. The object arrives in
-/// `arg`, or is `fixed` (a copy made for one global). `Err` says why the refill's entry must be
-/// probed instead.
+/// tail call; after none of them does the function call anything else. `exits` are the
+/// function's (`Decoded::exits`): its `ret`s and tail calls. The object arrives in `arg`, or is
+/// `fixed` (a copy made for one global). `Err` says why the refill's entry must be probed instead.
 pub fn close_sites(
     d: &Decoded,
+    exits: &[usize],
     arg: Option<Register>,
     fixed: Option<ObjectAt>,
 ) -> Result<Vec<(Site, ObjectAt)>, String> {
-    if d.indirect_jumps {
-        return Err("the function jumps through a register (a jump table)".into());
-    }
+    let is_tail_call =
+        |i: usize| exits.contains(&i) && d.instrs[i].flow_control() != FlowControl::Return;
     let preds = predecessors(d);
     // Code no branch reaches (a C++ landing pad, entered by the unwinder) does not refill.
     let mut reached = vec![false; d.instrs.len()];
@@ -62,7 +51,7 @@ pub fn close_sites(
         if !reached[i] {
             continue;
         }
-        if is_tail_call(d, i) {
+        if is_tail_call(i) {
             sites.push(i);
         } else if ins.flow_control() == FlowControl::Return {
             // Back from the return to the last call of each path there.
@@ -100,7 +89,7 @@ pub fn close_sites(
             if std::mem::replace(&mut visited[n], true) {
                 continue;
             }
-            if is_call(d, n) || is_tail_call(d, n) {
+            if is_call(d, n) || is_tail_call(n) {
                 return Err(format!(
                     "it calls at {} after its call at {}",
                     at(d, &d.instrs[n]),
@@ -141,7 +130,7 @@ mod tests {
 
     fn sites(code: &[u8]) -> Result<Vec<(u64, ObjectAt)>, String> {
         let d = Decoded::decode(code, START).unwrap();
-        close_sites(&d, Some(Register::RDI), None)
+        close_sites(&d, &d.exits(&|_| false)?, Some(Register::RDI), None)
             .map(|v| v.into_iter().map(|(s, o)| (s.offset, o)).collect())
     }
 
@@ -222,7 +211,7 @@ mod tests {
         assert!(err.contains("no register or stack slot"), "{err}");
         let d = Decoded::decode(&code, START).unwrap();
         let global = ObjectAt::Static(0x4040);
-        let found = close_sites(&d, None, Some(global)).unwrap();
+        let found = close_sites(&d, &d.exits(&|_| false).unwrap(), None, Some(global)).unwrap();
         assert_eq!(found.len(), 1);
         assert_eq!((found[0].0.offset, found[0].1), (5, global));
     }

@@ -106,6 +106,47 @@ impl Decoded {
     pub fn is_join(&self, ins: &Instruction) -> bool {
         self.indirect_jumps || self.targets.contains(&ins.ip())
     }
+
+    /// The instructions by which the function leaves: `ret`s and tail calls, by index. `Err`
+    /// when a jump leaves for code that may come back (a `.cold` fragment of the function,
+    /// `is_fragment`) or goes through a jump table.
+    pub fn exits(&self, is_fragment: &dyn Fn(u64) -> bool) -> Result<Vec<usize>, String> {
+        if self.indirect_jumps {
+            return Err("the function jumps through a register (a jump table)".into());
+        }
+        let end = self.start + self.instrs.iter().map(|x| x.len() as u64).sum::<u64>();
+        let mut found = Vec::new();
+        for (i, ins) in self.instrs.iter().enumerate() {
+            let leaves = match ins.flow_control() {
+                FlowControl::Return | FlowControl::IndirectBranch => true,
+                FlowControl::UnconditionalBranch | FlowControl::ConditionalBranch => {
+                    let t = ins.near_branch_target();
+                    let outside = t < self.start || t >= end;
+                    if outside && is_fragment(t) {
+                        return Err(format!(
+                            "+{:#x} jumps to a fragment of the function placed elsewhere",
+                            ins.ip() - self.start
+                        ));
+                    }
+                    if outside && ins.flow_control() == FlowControl::ConditionalBranch {
+                        return Err(format!(
+                            "+{:#x} leaves the function conditionally",
+                            ins.ip() - self.start
+                        ));
+                    }
+                    outside
+                }
+                _ => false,
+            };
+            if leaves {
+                found.push(i);
+            }
+        }
+        if found.is_empty() {
+            return Err("the function never returns".into());
+        }
+        Ok(found)
+    }
 }
 
 /// How the kernel runs a probed instruction, for `-v`.
@@ -283,6 +324,7 @@ pub mod fixtures {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::probe::code::fixtures::{START, fixed_lookup};
 
     #[test]
     fn emulated_instructions_match_the_kernel() {
@@ -302,5 +344,25 @@ mod tests {
         ] {
             assert_eq!(is_emulated(&decode(bytes)), emulated, "{bytes:02x?}");
         }
+    }
+
+    #[test]
+    fn exits_are_the_rets_and_the_tail_calls() {
+        let decoded = Decoded::decode(&fixed_lookup(), START).unwrap();
+        let found = decoded.exits(&|_| false).unwrap();
+        assert_eq!(found.len(), 1);
+        let ret = decoded.site(&decoded.instrs[found[0]]);
+        assert_eq!(ret.offset, 0x2c, "the ret");
+        assert!(!ret.emulated);
+        // push %rbp; mov %rdi,%rbp; pop %rbp; jmp <elsewhere>: a tail call, emulated.
+        let tail = [0x55, 0x48, 0x89, 0xfd, 0x5d, 0xe9, 0x00, 0x10, 0x00, 0x00];
+        let decoded = Decoded::decode(&tail, START).unwrap();
+        let found = decoded.exits(&|_| false).unwrap();
+        assert_eq!(found.len(), 1);
+        let tail = decoded.site(&decoded.instrs[found[0]]);
+        assert_eq!(tail.offset, 5);
+        assert!(tail.emulated);
+        let err = decoded.exits(&|_| true).map(|_| ()).unwrap_err();
+        assert!(err.contains("fragment"), "{err}");
     }
 }

@@ -290,47 +290,6 @@ fn describe_object(object: ObjectAt) -> String {
     }
 }
 
-/// The instructions by which `decoded` leaves the function: `ret`s and tail calls. `Err` when a
-/// jump leaves for code that may come back (a `.cold` fragment of the function) or goes through a
-/// jump table.
-fn exits(decoded: &Decoded, is_fragment: &dyn Fn(u64) -> bool) -> Result<Vec<Site>, String> {
-    if decoded.indirect_jumps {
-        return Err("the function jumps through a register (a jump table)".into());
-    }
-    let end = decoded.start + decoded.instrs.iter().map(|x| x.len() as u64).sum::<u64>();
-    let mut found = Vec::new();
-    for ins in &decoded.instrs {
-        let leaves = match ins.flow_control() {
-            FlowControl::Return | FlowControl::IndirectBranch => true,
-            FlowControl::UnconditionalBranch | FlowControl::ConditionalBranch => {
-                let t = ins.near_branch_target();
-                let outside = t < decoded.start || t >= end;
-                if outside && is_fragment(t) {
-                    return Err(format!(
-                        "+{:#x} jumps to a fragment of the function placed elsewhere",
-                        ins.ip() - decoded.start
-                    ));
-                }
-                if outside && ins.flow_control() == FlowControl::ConditionalBranch {
-                    return Err(format!(
-                        "+{:#x} leaves the function conditionally",
-                        ins.ip() - decoded.start
-                    ));
-                }
-                outside
-            }
-            _ => false,
-        };
-        if leaves {
-            found.push(decoded.site(ins));
-        }
-    }
-    if found.is_empty() {
-        return Err("the function never returns".into());
-    }
-    Ok(found)
-}
-
 /// The cheapest sure way to probe refill `f`: its last calls, each reading the cache (see
 /// `closing`); else its entry and its exits when they are all emulated instructions; else its
 /// entry and a return probe.
@@ -351,15 +310,15 @@ pub fn place_refill(
     // The code, and its exits: every plan below needs them.
     let read = code_of(binary, &f).and_then(|code| {
         let decoded = Decoded::decode(&code, f.address)?;
-        let exits = exits(&decoded, &is_fragment)?;
+        let exits = decoded.exits(&is_fragment)?;
         Ok((code, decoded, exits))
     });
     let closes = read
         .as_ref()
         .map_err(Clone::clone)
-        .and_then(|(_, decoded, _)| {
+        .and_then(|(_, decoded, exits)| {
             let (arrives, fixed) = arrival(arg, object);
-            closing::close_sites(decoded, arrives, fixed)
+            closing::close_sites(decoded, exits, arrives, fixed)
         });
     let why_not_closes = match closes {
         Ok(sites) => {
@@ -395,7 +354,11 @@ pub fn place_refill(
         }
         Err(why) => why,
     };
-    let plan = read.and_then(|(code, _, exits)| {
+    let plan = read.and_then(|(code, decoded, exits)| {
+        let exits: Vec<Site> = exits
+            .iter()
+            .map(|&i| decoded.site(&decoded.instrs[i]))
+            .collect();
         if let Some(slow) = exits.iter().find(|e| !e.emulated) {
             return Err(format!(
                 "it returns by {} at +{:#x}, which the kernel single-steps",
@@ -491,23 +454,5 @@ mod tests {
         let code = [0x48, 0x89, 0xf8, 0x48, 0x83, 0xc0, 0x01, 0x75, 0xfa, 0xc3];
         let err = entry_site(&code, START, &[Register::RDI]).unwrap_err();
         assert!(err.contains("branch target"), "{err}");
-    }
-
-    #[test]
-    fn exits_are_the_rets_and_the_tail_calls() {
-        let decoded = Decoded::decode(&fixed_lookup(), START).unwrap();
-        let found = exits(&decoded, &|_| false).unwrap();
-        assert_eq!(found.len(), 1);
-        assert_eq!(found[0].offset, 0x2c, "the ret");
-        assert!(!found[0].emulated);
-        // push %rbp; mov %rdi,%rbp; pop %rbp; jmp <elsewhere>: a tail call, emulated.
-        let tail = [0x55, 0x48, 0x89, 0xfd, 0x5d, 0xe9, 0x00, 0x10, 0x00, 0x00];
-        let decoded = Decoded::decode(&tail, START).unwrap();
-        let found = exits(&decoded, &|_| false).unwrap();
-        assert_eq!(found.len(), 1);
-        assert_eq!(found[0].offset, 5);
-        assert!(found[0].emulated);
-        let err = exits(&decoded, &|_| true).map(|_| ()).unwrap_err();
-        assert!(err.contains("fragment"), "{err}");
     }
 }
