@@ -6,7 +6,7 @@ empty, and a lookup that lands there raises KeyError.
 
     worker.py [--fixed] [--seconds S] [--keys N] [--refresh-ms MS] [--switch-interval S]
               [--gap-ms MS] [--pause-ms MS] [--absent-every N] [--other-dict] [--scratch-dicts]
-              [--bug-on-signal] [--workers N [--spawn]]
+              [--subclass] [--bug-on-signal] [--workers N [--spawn]]
 
 --fixed            refresh by build-then-swap: no empty window, no KeyError.
 --gap-ms MS        sleep between clear() and update(), as the seed's repro did: every refresh
@@ -19,6 +19,7 @@ empty, and a lookup that lands there raises KeyError.
 --scratch-dicts    a thread empties throwaway dicts and drops them (windows no refill closes),
                    while another raises KeyErrors on fresh dicts, which CPython gives the dropped
                    dicts' addresses.
+--subclass         the cache is an instance of a subclass of dict.
 --bug-on-signal    refresh build-then-swap until SIGUSR1, then clear-then-update for --seconds:
                    lets a tracer attach to a running worker before the bug starts.
 --workers N        a pre-fork pool, as gunicorn, uwsgi or celery run one: the process builds
@@ -39,9 +40,13 @@ import threading
 import time
 
 
+class CacheDict(dict):
+    """--subclass: a dict with a name of its own, as applications subclass it."""
+
+
 class Cache:
-    def __init__(self, data):
-        self._cache = dict(data)
+    def __init__(self, data, kind=dict):
+        self._cache = kind(data)
 
     def get(self, key):
         return self._cache[key]
@@ -69,6 +74,7 @@ def parse():
     ap.add_argument("--absent-every", type=int, default=0)
     ap.add_argument("--other-dict", action="store_true")
     ap.add_argument("--scratch-dicts", action="store_true")
+    ap.add_argument("--subclass", action="store_true")
     ap.add_argument("--bug-on-signal", action="store_true")
     ap.add_argument("--workers", type=int, default=0)
     ap.add_argument("--spawn", action="store_true")
@@ -80,7 +86,7 @@ def pool(args):
     # Built before the fork, as a pre-fork server loads its data: every forked worker's cache
     # then sits at the same address, in its own copy of the memory.
     data = {f"k{i}": i for i in range(args.keys)}
-    cache = Cache(data)
+    cache = Cache(data, CacheDict if args.subclass else dict)
     children = []
     for _ in range(args.workers):
         if args.spawn:
@@ -114,7 +120,7 @@ def run(args, data=None, cache=None):
 
     if data is None:
         data = {f"k{i}": i for i in range(args.keys)}
-        cache = Cache(data)
+        cache = Cache(data, CacheDict if args.subclass else dict)
     keys = list(data)
     stop = threading.Event()
     racy = threading.Event()

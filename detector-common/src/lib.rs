@@ -70,17 +70,16 @@ pub mod globals {
     pub const PROVOKE_START_NS: &str = "PROVOKE_START_NS";
     /// CPUs that share the provocation budget.
     pub const PROVOKE_CPUS: &str = "PROVOKE_CPUS";
-    /// CPython `--provoke`: the main interpreter's `gil_drop_request` minus the clear probe's
-    /// address (0: hold native writers at the refill instead).
-    pub const DROP_REQUEST_DELTA: &str = "DROP_REQUEST_DELTA";
+    /// CPython `--provoke`: the file address of the main interpreter's `gil_drop_request`, placed
+    /// by each probe's own `vaddr` (0: hold native writers at the refill instead).
+    pub const DROP_REQUEST_VADDR: &str = "DROP_REQUEST_VADDR";
     /// CPython 3.13+ `--provoke`: the offset of `eval_breaker` in the writer's thread state, where
-    /// a waiter asks for the GIL (0: the static flag of DROP_REQUEST_DELTA).
+    /// a waiter asks for the GIL (0: the static flag of DROP_REQUEST_VADDR).
     pub const DROP_REQUEST_IN_THREAD: &str = "DROP_REQUEST_IN_THREAD";
     /// The bits of the drop request's word that ask for the GIL.
     pub const DROP_REQUEST_MASK: &str = "DROP_REQUEST_MASK";
-    /// CPython `--provoke`: the main interpreter's switch interval (µs) minus the clear probe's
-    /// address.
-    pub const SWITCH_INTERVAL_DELTA: &str = "SWITCH_INTERVAL_DELTA";
+    /// CPython `--provoke`: the file address of the main interpreter's switch interval (µs).
+    pub const SWITCH_INTERVAL_VADDR: &str = "SWITCH_INTERVAL_VADDR";
     /// Offset of `tgid` in the kernel's `struct task_struct` (from BTF), to tell a forked
     /// process from a new thread and to name it (0: forks are not followed).
     pub const TASK_TGID_OFFSET: &str = "TASK_TGID_OFFSET";

@@ -22,10 +22,10 @@ pub(crate) static PROVOKE_START_NS: u64 = 0;
 /// CPUs that share the provocation budget (set at load time).
 #[unsafe(no_mangle)]
 pub(crate) static PROVOKE_CPUS: u32 = 1;
-/// CPython `--provoke`: where the interpreter's `gil_drop_request` is, relative to the clear
-/// probe's address (0: native `--provoke`, which holds at the refill).
+/// CPython `--provoke`: the file address of the interpreter's `gil_drop_request` (0: native
+/// `--provoke`, which holds at the refill).
 #[unsafe(no_mangle)]
-pub(crate) static DROP_REQUEST_DELTA: i64 = 0;
+pub(crate) static DROP_REQUEST_VADDR: u64 = 0;
 /// CPython 3.13+ `--provoke`: the offset of `eval_breaker` in the writer's thread state, where a
 /// waiter asks for the GIL (0: the static flag above).
 #[unsafe(no_mangle)]
@@ -33,10 +33,9 @@ pub(crate) static DROP_REQUEST_IN_THREAD: u64 = 0;
 /// The bits of the drop request's word that ask for the GIL (3.13+: bit 0 of eval_breaker).
 #[unsafe(no_mangle)]
 pub(crate) static DROP_REQUEST_MASK: u32 = u32::MAX;
-/// CPython `--provoke`: where the main interpreter's switch interval (µs) is, relative to the
-/// clear probe's address.
+/// CPython `--provoke`: the file address of the main interpreter's switch interval (µs).
 #[unsafe(no_mangle)]
-pub(crate) static SWITCH_INTERVAL_DELTA: i64 = 0;
+pub(crate) static SWITCH_INTERVAL_VADDR: u64 = 0;
 
 /// Which stacks go with the events that reach userspace ([`StackMode`], set at load time).
 #[unsafe(no_mangle)]

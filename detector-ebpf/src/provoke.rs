@@ -11,8 +11,8 @@ use detector_common::{GilHold, ObjKey, ProbeConfig, Stat, request_wait_ns, withi
 
 use crate::{
     globals::{
-        DROP_REQUEST_DELTA, DROP_REQUEST_IN_THREAD, DROP_REQUEST_MASK, PROVOKE_CPUS, PROVOKE_NS,
-        PROVOKE_START_NS, SWITCH_INTERVAL_DELTA, global,
+        DROP_REQUEST_IN_THREAD, DROP_REQUEST_MASK, DROP_REQUEST_VADDR, PROVOKE_CPUS, PROVOKE_NS,
+        PROVOKE_START_NS, SWITCH_INTERVAL_VADDR, global,
     },
     maps::{GIL_HOLDS, PROVOKE},
     stacks::{Interp, py_tstate},
@@ -21,7 +21,7 @@ use crate::{
 
 /// Whether this run makes CPython writers hand the GIL over in their windows.
 pub(crate) fn gil_handover() -> bool {
-    global(&DROP_REQUEST_DELTA) != 0 || global(&DROP_REQUEST_IN_THREAD) != 0
+    global(&DROP_REQUEST_VADDR) != 0 || global(&DROP_REQUEST_IN_THREAD) != 0
 }
 
 /// CPython `--provoke`, at `dict_clear`'s entry (configured by `cfg`): arms the
@@ -38,10 +38,11 @@ pub(crate) fn arm_gil_handover(
     let Some(state) = PROVOKE.get_ptr_mut(0) else {
         return;
     };
+    // Where the interpreter's file is loaded: the probe's address less its file address.
     // SAFETY: the context's registers are valid for the whole program.
-    let rip = unsafe { (*ctx.regs).rip };
+    let bias = unsafe { (*ctx.regs).rip }.wrapping_sub(cfg.vaddr);
     let interval_us =
-        read_user::<u64>(rip.wrapping_add(global(&SWITCH_INTERVAL_DELTA) as u64)).unwrap_or(0);
+        read_user::<u64>(bias.wrapping_add(global(&SWITCH_INTERVAL_VADDR))).unwrap_or(0);
     // SAFETY: this CPU's slot of the per-CPU array, for the rest of the program.
     let state = unsafe { &mut *state };
     state.switch_interval_us = state.switch_interval_us.max(interval_us);
@@ -63,7 +64,7 @@ pub(crate) fn arm_gil_handover(
         };
         tstate.wrapping_add(in_thread)
     } else {
-        rip.wrapping_add(global(&DROP_REQUEST_DELTA) as u64)
+        bias.wrapping_add(global(&DROP_REQUEST_VADDR))
     };
     let armed = GilHold {
         cache,

@@ -21,6 +21,21 @@ use crate::{
     util::{bump, caller, comm, config, read_user, send, wakeup_flags, window},
 };
 
+/// `tp_flags` in a type object (the same in CPython 3.11 to 3.14), and its bit that marks `dict`
+/// and its subclasses (`Py_TPFLAGS_DICT_SUBCLASS`).
+const TP_FLAGS: u64 = 168;
+const DICT_SUBCLASS: u64 = 1 << 29;
+
+/// Whether `obj` is a dict or an instance of a subclass of dict (a class deriving from `dict`,
+/// `OrderedDict`): their `d[k]` is `dict_subscript`'s, which raises the KeyError.
+fn is_dict(obj: u64, dict_type: u64) -> bool {
+    let Some(ty) = read_user::<u64>(obj.wrapping_add(8)) else {
+        return false;
+    };
+    ty == dict_type
+        || read_user::<u64>(ty.wrapping_add(TP_FLAGS)).is_some_and(|f| f & DICT_SUBCLASS != 0)
+}
+
 /// The dict of a failed `d[k]`, from the value stack of the thread's innermost Python frame:
 /// `d[k]` (specialised or not, and `del d[k]`, `d.pop(k)`) leaves the dict in the slot below the
 /// key while it looks up. Slots above the stack's top may hold stale pairs, so every slot holding
@@ -58,7 +73,7 @@ fn dict_on_value_stack(py: Interp, key: u64) -> Option<u64> {
             continue;
         }
         let below = below & !l.tag_bits;
-        if read_user::<u64>(below.wrapping_add(8)) != Some(dict_type) {
+        if !is_dict(below, dict_type) {
             continue;
         }
         if found != 0 && found != below {

@@ -244,6 +244,30 @@ fn keyerrors_on_fresh_dicts_at_an_emptied_dict_s_address_are_not_misses() {
     }
 }
 
+/// A cache that is an instance of a subclass of dict: its `d[k]` is dict's, found on the value
+/// stack like a dict's, and counted exactly.
+#[test]
+#[ignore = "root"]
+fn a_dict_subclass_s_keyerrors_are_counted() {
+    let (code, truth, _, summary) = watch_worker(&[
+        "--seconds",
+        "2",
+        "--subclass",
+        "--gap-ms",
+        "0.05",
+        "--absent-every",
+        "20",
+    ]);
+    assert!(truth["keyerrors"] > 0, "{truth:?}");
+    assert_eq!(
+        summary["misses_in_window"], truth["keyerrors"],
+        "summary: {summary}; truth: {truth:?}"
+    );
+    assert_eq!(summary["unplaced_keyerrors"], 0, "{summary}");
+    assert_eq!(summary["lost_events"], 0, "{summary}");
+    assert_eq!(code, 1);
+}
+
 #[test]
 fn a_process_that_is_not_python_is_refused() {
     let mut sleeper = Command::new("sleep").arg("30").spawn().unwrap();

@@ -816,7 +816,8 @@ const FOOTER: &str = "
 ## Reading the numbers
 
 - `racewatch python` probes `dict_clear` (past its single-stepped `sub`), the refill's entry and
-  return (`dict_update`, `dict_ior`) and `_PyErr_SetKeyError`; the hazard report counts dict
+  return (`dict_update`, `dict_ior`; `OrderedDict`'s own clear and refills too) and
+  `_PyErr_SetKeyError`; the hazard report counts dict
   lookups in one burst a second, as long as the cost budget (`--budget`, 1% of the target's CPU
   time) allows. Ordinary dict lookups otherwise never trap, which is why the worker keeps near
   its unobserved rate; bpftrace probing every dict lookup does not.

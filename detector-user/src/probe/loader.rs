@@ -121,10 +121,10 @@ pub(crate) fn configure_in(
 impl Loaded {
     pub fn load(opts: &Options, plan: &Plan) -> Result<Loaded, LoadError> {
         let wakeup_bytes = u64::from(opts.ring_bytes / 2);
-        let (drop_delta, drop_in_thread, drop_mask) =
+        let (drop_vaddr, drop_in_thread, drop_mask) =
             match plan.gil.as_ref().map(|g| g.drop_request) {
-                None => (0i64, 0u64, u32::MAX),
-                Some(DropRequest::Static { delta }) => (delta, 0, u32::MAX),
+                None => (0u64, 0u64, u32::MAX),
+                Some(DropRequest::Static { vaddr }) => (vaddr, 0, u32::MAX),
                 Some(DropRequest::InThread { offset }) => (0, offset, 1),
             };
         // The provocation budget accrues from now, on the clock bpf_ktime_get_ns reads.
@@ -144,12 +144,12 @@ impl Loaded {
             .override_global(globals::PROVOKE_NS, &opts.provoke_ns, true)
             .override_global(globals::PROVOKE_START_NS, &start_ns, true)
             .override_global(globals::PROVOKE_CPUS, &cpus, true)
-            .override_global(globals::DROP_REQUEST_DELTA, &drop_delta, true)
+            .override_global(globals::DROP_REQUEST_VADDR, &drop_vaddr, true)
             .override_global(globals::DROP_REQUEST_IN_THREAD, &drop_in_thread, true)
             .override_global(globals::DROP_REQUEST_MASK, &drop_mask, true)
             .override_global(
-                globals::SWITCH_INTERVAL_DELTA,
-                &plan.gil.as_ref().map_or(0, |g| g.switch_interval_delta),
+                globals::SWITCH_INTERVAL_VADDR,
+                &plan.gil.as_ref().map_or(0, |g| g.switch_interval_vaddr),
                 true,
             )
             .override_global(globals::STACK_MODE, &(opts.stack_mode as u32), true)

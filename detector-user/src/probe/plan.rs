@@ -96,16 +96,15 @@ pub struct GilHandover {
     pub clear: Function,
     pub take_gil: Placed,
     pub drop_request: DropRequest,
-    /// The main interpreter's switch interval, this far from the clear probe's address.
-    pub switch_interval_delta: i64,
+    /// The file address of the main interpreter's switch interval.
+    pub switch_interval_vaddr: u64,
 }
 
 /// Where a waiter asks for the GIL.
 #[derive(Clone, Copy)]
 pub enum DropRequest {
-    /// The main interpreter's `ceval.gil_drop_request` (3.11, 3.12), this far from the clear
-    /// probe's address.
-    Static { delta: i64 },
+    /// The main interpreter's `ceval.gil_drop_request` (3.11, 3.12), at this file address.
+    Static { vaddr: u64 },
     /// Bit 0 (`_PY_GIL_DROP_REQUEST_BIT`) of `eval_breaker`, at this offset in the holder's thread
     /// state (3.13+).
     InThread { offset: u64 },

@@ -1,7 +1,8 @@
 //! The dict methods racewatch probes, found through the exported `PyDict_Type`: its method table
 //! holds `clear` and `update`, its number slots `|=`. A stripped build keeps the type and the
 //! tables it points at, so the static `dict_clear`, `dict_update` and `dict_ior` are found
-//! exactly without a symbol table. `PyTypeObject`'s head is the same from CPython 3.11 to 3.14.
+//! exactly without a symbol table; `OrderedDict`'s own, the same way through `PyODict_Type`.
+//! `PyTypeObject`'s head is the same from CPython 3.11 to 3.14.
 use crate::probe::symbols::Function;
 
 use super::image::Image;
@@ -38,55 +39,120 @@ pub struct DictTypeError {
 
 /// The dict methods of `image`, read from its `PyDict_Type`.
 pub fn dict_methods(image: &Image) -> Result<DictMethods, DictTypeError> {
-    let err = |what: String| DictTypeError {
-        what: format!("{}: {what}", image.path.display()),
-    };
-    let (dict_type, _) = image
-        .symbol("PyDict_Type")
-        .ok_or_else(|| err("it exports no PyDict_Type: is it a CPython interpreter?".into()))?;
-    let name = image
-        .pointer_at(dict_type + TP_NAME)
-        .and_then(|p| image.c_str_at(p));
-    if name != Some("dict") {
-        return Err(err(format!(
-            "PyDict_Type's tp_name reads {name:?}, not \"dict\": its type layout is not CPython \
-             3.11-3.14's"
-        )));
-    }
-    let mut clear = None;
-    let mut update = None;
-    let methods = image
-        .pointer_at(dict_type + TP_METHODS)
-        .ok_or_else(|| err("PyDict_Type has no method table".into()))?;
-    for i in 0..MAX_METHODS {
-        let def = methods + i * METHOD_DEF;
-        let Some(name_at) = image.pointer_at(def).filter(|&p| p != 0) else {
-            break;
+    let t = TypeObject::of(image, "PyDict_Type", "dict")?;
+    let [clear, update] = t.methods(["clear", "update"])?;
+    Ok(DictMethods {
+        clear: t.function(clear, "clear", "dict_clear")?,
+        update: t.function(update, "update", "dict_update")?,
+        ior: t.function(t.slot(TP_AS_NUMBER, NB_INPLACE_OR), "|=", "dict_ior")?,
+        subscript: t.function(t.slot(TP_AS_MAPPING, MP_SUBSCRIPT), "[]", "dict_subscript")?,
+    })
+}
+
+/// `collections.OrderedDict`'s own `clear()`, `update(...)` and `|=`, read from the exported
+/// `PyODict_Type`: an OrderedDict is emptied and refilled by these, not by dict's (its `d[k]` is
+/// dict's).
+#[derive(Debug)]
+pub struct OrderedDictMethods {
+    pub clear: Function,
+    pub update: Function,
+    pub ior: Function,
+}
+
+pub fn ordered_dict_methods(image: &Image) -> Result<OrderedDictMethods, DictTypeError> {
+    let t = TypeObject::of(image, "PyODict_Type", "collections.OrderedDict")?;
+    let [clear, update] = t.methods(["clear", "update"])?;
+    Ok(OrderedDictMethods {
+        clear: t.function(clear, "clear", "odict_clear")?,
+        update: t.function(update, "update", "mutablemapping_update")?,
+        ior: t.function(
+            t.slot(TP_AS_NUMBER, NB_INPLACE_OR),
+            "|=",
+            "odict_inplace_or",
+        )?,
+    })
+}
+
+/// An exported type object of `image`, checked by its `tp_name`.
+struct TypeObject<'a> {
+    image: &'a Image,
+    symbol: &'static str,
+    at: u64,
+}
+
+impl<'a> TypeObject<'a> {
+    fn of(
+        image: &'a Image,
+        symbol: &'static str,
+        name: &str,
+    ) -> Result<TypeObject<'a>, DictTypeError> {
+        let t = TypeObject {
+            image,
+            symbol,
+            at: 0,
         };
-        let slot = match image.c_str_at(name_at) {
-            Some("clear") => &mut clear,
-            Some("update") => &mut update,
-            _ => continue,
-        };
-        *slot = image.pointer_at(def + METHOD_FN);
+        let (at, _) = image.symbol(symbol).ok_or_else(|| {
+            t.err(format!(
+                "it exports no {symbol}: is it a CPython interpreter?"
+            ))
+        })?;
+        let found = image
+            .pointer_at(at + TP_NAME)
+            .and_then(|p| image.c_str_at(p));
+        if found != Some(name) {
+            return Err(t.err(format!(
+                "{symbol}'s tp_name reads {found:?}, not {name:?}: its type layout is not CPython \
+                 3.11-3.14's"
+            )));
+        }
+        Ok(TypeObject { at, ..t })
     }
-    let slot = |table: u64, slot: u64| {
-        image
-            .pointer_at(dict_type + table)
-            .and_then(|t| image.pointer_at(t + slot))
-    };
-    let function = |at: Option<u64>, method: &str, name: &str| {
-        let at = at.ok_or_else(|| err(format!("PyDict_Type has no `{method}`")))?;
-        image.function_at(at, name).ok_or_else(|| {
-            err(format!(
-                "PyDict_Type's `{method}` points outside its code, at {at:#x}"
+
+    fn err(&self, what: String) -> DictTypeError {
+        DictTypeError {
+            what: format!("{}: {what}", self.image.path.display()),
+        }
+    }
+
+    /// The functions of the method table's entries named `names`, where there are such entries.
+    fn methods<const N: usize>(&self, names: [&str; N]) -> Result<[Option<u64>; N], DictTypeError> {
+        let table = self
+            .image
+            .pointer_at(self.at + TP_METHODS)
+            .ok_or_else(|| self.err(format!("{} has no method table", self.symbol)))?;
+        let mut found = [None; N];
+        for i in 0..MAX_METHODS {
+            let def = table + i * METHOD_DEF;
+            let Some(name_at) = self.image.pointer_at(def).filter(|&p| p != 0) else {
+                break;
+            };
+            let name = self.image.c_str_at(name_at);
+            if let Some(n) = names.iter().position(|&m| Some(m) == name) {
+                found[n] = self.image.pointer_at(def + METHOD_FN);
+            }
+        }
+        Ok(found)
+    }
+
+    /// Slot `slot` of the table at `table` in the type (`tp_as_number`, `tp_as_mapping`).
+    fn slot(&self, table: u64, slot: u64) -> Option<u64> {
+        self.image
+            .pointer_at(self.at + table)
+            .and_then(|t| self.image.pointer_at(t + slot))
+    }
+
+    fn function(
+        &self,
+        at: Option<u64>,
+        method: &str,
+        name: &str,
+    ) -> Result<Function, DictTypeError> {
+        let at = at.ok_or_else(|| self.err(format!("{} has no `{method}`", self.symbol)))?;
+        self.image.function_at(at, name).ok_or_else(|| {
+            self.err(format!(
+                "{}'s `{method}` points outside its code, at {at:#x}",
+                self.symbol
             ))
         })
-    };
-    Ok(DictMethods {
-        clear: function(clear, "clear", "dict_clear")?,
-        update: function(update, "update", "dict_update")?,
-        ior: function(slot(TP_AS_NUMBER, NB_INPLACE_OR), "|=", "dict_ior")?,
-        subscript: function(slot(TP_AS_MAPPING, MP_SUBSCRIPT), "[]", "dict_subscript")?,
-    })
+    }
 }

@@ -250,8 +250,17 @@ pub fn plan(
     };
     let placement = crate::probe::placement::place_entry;
     let clear = placement(path, "clear", methods.clear, 0, None, verbose);
+    // OrderedDict empties and refills itself with its own methods; its d[k] is dict's.
+    let (ordered, no_ordered) = match dict_type::ordered_dict_methods(&image) {
+        Ok(o) => (Some(o), None),
+        Err(e) => (None, Some(format!("OrderedDict windows: {e}"))),
+    };
+    let ordered_clear = ordered
+        .as_ref()
+        .map(|o| placement(path, "OrderedDict clear", o.clear.clone(), 0, None, verbose));
     let refills: Vec<RefillProbe> = [methods.update, methods.ior]
         .into_iter()
+        .chain(ordered.into_iter().flat_map(|o| [o.update, o.ior]))
         .map(|f| {
             RefillProbe::Return(crate::probe::placement::at_entry(
                 path,
@@ -268,11 +277,12 @@ pub fn plan(
         .has_symtab()
         .then(|| SymbolTable::parse(path, image.data()).ok())
         .flatten();
-    let unprobed = match &table {
+    let mut unprobed = match &table {
         Some(table) => crate::probe::plan::copies_not_probed(
             table,
             &[("clear", &clear.function), ("KeyError", &keyerror)]
                 .into_iter()
+                .chain(ordered_clear.iter().map(|c| ("clear", &c.function)))
                 .chain(refills.iter().map(|r| ("refill", r.function())))
                 .collect::<Vec<_>>(),
             None,
@@ -280,6 +290,7 @@ pub fn plan(
         ),
         None => Vec::new(),
     };
+    unprobed.extend(no_ordered);
     let gil = if provoke {
         let no_provoke = |missing| PythonError::Provoke {
             image: path.clone(),
@@ -290,7 +301,6 @@ pub fn plan(
             SiteError::NoDebugInfo { .. } => no_provoke("DWARF"),
             e => e.into(),
         };
-        let at = clear.function.address + clear.offset;
         // 3.13 moved the request from the interpreter into each thread's eval_breaker.
         let drop_request = if version >= (3, 13) {
             DropRequest::InThread {
@@ -298,9 +308,7 @@ pub fn plan(
             }
         } else {
             DropRequest::Static {
-                delta: gil::find_gil_drop_request(path)
-                    .map_err(no_dwarf)?
-                    .wrapping_sub(at) as i64,
+                vaddr: gil::find_gil_drop_request(path).map_err(no_dwarf)?,
             }
         };
         let take_gil = table
@@ -311,9 +319,7 @@ pub fn plan(
             clear: clear.function.clone(),
             take_gil: placement(path, TAKE_GIL, take_gil, 0, None, verbose),
             drop_request,
-            switch_interval_delta: gil::find_switch_interval(path)
-                .map_err(no_dwarf)?
-                .wrapping_sub(at) as i64,
+            switch_interval_vaddr: gil::find_switch_interval(path).map_err(no_dwarf)?,
         })
     } else {
         None
@@ -349,7 +355,7 @@ pub fn plan(
         binary: path.clone(),
         object_arg: 0,
         window,
-        clear: vec![clear],
+        clear: [clear].into_iter().chain(ordered_clear).collect(),
         refills,
         lookup: LookupProbe::KeyError {
             function: keyerror_probe,
