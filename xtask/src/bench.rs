@@ -413,6 +413,7 @@ pub fn run(runs: usize, seconds: f64, baseline: Option<&Path>, soak_minutes: f64
             .collect();
         chart.push((w.short.as_str(), bars));
     }
+    crate::first_finding::run(&racewatch, &demo, &interpreter, &worker, runs, &mut doc)?;
     zoo(&racewatch, baseline, runs, seconds, &mut doc)?;
     probe_costs(&racewatch, &mut doc)?;
     placements(&racewatch, &demo, &worker, &mut doc)?;
@@ -563,6 +564,37 @@ pub fn run_zoo(runs: usize, seconds: f64, baseline: Option<&Path>) -> Result<()>
     std::fs::write(&path, format!("{}{tables}{}", &doc[..start], &doc[end..]))?;
     eprintln!("bench: wrote the zoo's tables into {}", path.display());
     print!("{tables}");
+    Ok(())
+}
+
+/// `cargo xtask bench --first-finding`: the time-to-first-finding table alone, put in
+/// docs/BENCHMARKS.md in place of the one there (or before the zoo's tables).
+pub fn run_first_finding(runs: usize) -> Result<()> {
+    if !crate::is_root() {
+        bail!("the benchmark loads BPF programs: run it as root");
+    }
+    let racewatch = build_racewatch()?.to_string_lossy().into_owned();
+    let demo = build_demos()?.to_string_lossy().into_owned();
+    let worker = workspace_root()
+        .join("demo/worker.py")
+        .to_string_lossy()
+        .into_owned();
+    let interpreter = ask_python("import sys; print(sys.executable)")?;
+    let mut section = String::new();
+    crate::first_finding::run(&racewatch, &demo, &interpreter, &worker, runs, &mut section)?;
+    let path = workspace_root().join("docs/BENCHMARKS.md");
+    let doc = std::fs::read_to_string(&path)
+        .with_context(|| format!("cannot read {}", path.display()))?;
+    let zoo = doc.find("\n### The zoo").context(
+        "docs/BENCHMARKS.md has no zoo table to put the section before: run the whole bench",
+    )?;
+    let start = doc.find(crate::first_finding::TITLE).unwrap_or(zoo);
+    std::fs::write(&path, format!("{}{section}{}", &doc[..start], &doc[zoo..]))?;
+    eprintln!(
+        "bench: wrote the time to the first finding into {}",
+        path.display()
+    );
+    print!("{section}");
     Ok(())
 }
 

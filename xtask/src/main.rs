@@ -4,6 +4,7 @@ mod bench;
 mod chart;
 mod demo;
 mod dist;
+mod first_finding;
 mod fuzz;
 mod setup;
 mod soak;
@@ -60,6 +61,10 @@ enum Task {
         /// there (saying at which commit).
         #[arg(long)]
         zoo: bool,
+        /// Measure the time to the first finding alone (hazard line, provoked miss), and put its
+        /// table in docs/BENCHMARKS.md in place of the one there.
+        #[arg(long, conflicts_with = "zoo")]
+        first_finding: bool,
     },
 }
 
@@ -134,11 +139,9 @@ fn main() -> Result<()> {
         Task::Test { args, fuzz_seconds } => test(&args, fuzz_seconds),
         Task::Bench {
             runs,
-            seconds,
-            baseline,
-            soak_minutes,
-            zoo: false,
-        } => bench::run(runs, seconds, baseline.as_deref(), soak_minutes),
+            first_finding: true,
+            ..
+        } => bench::run_first_finding(runs),
         Task::Bench {
             runs,
             seconds,
@@ -146,5 +149,12 @@ fn main() -> Result<()> {
             zoo: true,
             ..
         } => bench::run_zoo(runs, seconds, baseline.as_deref()),
+        Task::Bench {
+            runs,
+            seconds,
+            baseline,
+            soak_minutes,
+            ..
+        } => bench::run(runs, seconds, baseline.as_deref(), soak_minutes),
     }
 }
