@@ -168,7 +168,8 @@ pub fn run(
     writeln!(
         doc,
         "Targets that race about once an hour unobserved (tests/python.rs and tests/watch.rs \
-         check that they raise no miss in 10 s on their own), run under racewatch with \
+         check that they raise no miss in 10 s on their own, the Python worker at a 0.1 ms switch \
+         interval, which lets its reader in more often than this 5 ms), run under racewatch with \
          `--json --interval 1` and `--provoke`; each figure is from racewatch's start (loading \
          and attaching included) to its first hazard line with a forecast, and to its first \
          flagged miss, over {runs} runs (median, and the slowest).\n"
