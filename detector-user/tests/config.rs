@@ -60,6 +60,20 @@ fn watch_two_windows(watch_args: &[&str]) -> (i32, Truth, Vec<Value>, Value) {
     let text = std::fs::read_to_string(&out)
         .unwrap_or_else(|e| panic!("no output file ({e}); stderr:\n{err}"));
     let (alerts, summary) = parse_ndjson(&text);
+    // Each hazard line (one per cache, at the end) names its window, as the summary does.
+    let hazards: Vec<Value> = text
+        .lines()
+        .filter_map(|l| serde_json::from_str::<Value>(l).ok())
+        .filter(|v| v["type"] == "hazard")
+        .collect();
+    assert!(!hazards.is_empty(), "no hazard line:\n{text}");
+    for h in &hazards {
+        let name = h["window"].as_str().unwrap_or_default();
+        assert!(
+            summary["windows_by_name"].get(name).is_some(),
+            "a hazard line names no window of the run: {h}"
+        );
+    }
     let truth = truth(&err);
     assert_eq!(
         truth.len(),

@@ -37,6 +37,8 @@ pub struct Hazard {
     pub cache: u64,
     /// The process the cache belongs to.
     pub pid: u32,
+    /// Which of the run's windows the cache is watched as.
+    pub window: u32,
     /// Windows that closed while racewatch watched.
     pub windows: u64,
     pub windows_per_s: f64,
@@ -216,6 +218,7 @@ fn cache_hazard(
     Hazard {
         cache: obj.object,
         pid: obj.tgid,
+        window: obj.window,
         windows: c.widths.count(),
         windows_per_s: rate(c.widths.count() as f64, elapsed_s),
         window_p50_ns: c.widths.quantile(0.5),

@@ -214,7 +214,7 @@ impl<W: Write> Sink for HumanSink<W> {
         self.out.flush()
     }
 
-    fn hazard(&mut self, h: &Hazard, who: &Identity) -> io::Result<()> {
+    fn hazard(&mut self, h: &Hazard, who: &Identity, window: &str) -> io::Result<()> {
         let sampled = if h.sampled_fraction < 1.0 {
             format!(
                 " (lookups sampled {:.1}% of the time)",
@@ -235,7 +235,7 @@ impl<W: Write> Sink for HumanSink<W> {
         writeln!(
             self.out,
             "HAZARD cache {:#x} in {}: {} windows ({:.1}/s), width p50 {} p99 {} max {}, empty {:.4}% of \
-             the time; {forecast}{sampled}",
+             the time; {forecast}{sampled} (window {})",
             h.cache,
             pid_text(h.pid, who),
             h.windows,
@@ -244,6 +244,7 @@ impl<W: Write> Sink for HumanSink<W> {
             fmt_ns(h.window_p99_ns),
             fmt_ns(h.window_max_ns),
             h.time_in_window * 100.0,
+            escape(window),
         )?;
         if h.readers.is_empty() {
             writeln!(self.out, "  no reader's lookups were counted")?;

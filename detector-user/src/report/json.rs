@@ -52,7 +52,7 @@ impl<W: Write> Sink for JsonSink<W> {
         self.out.flush()
     }
 
-    fn hazard(&mut self, h: &Hazard, who: &Identity) -> io::Result<()> {
+    fn hazard(&mut self, h: &Hazard, who: &Identity, window: &str) -> io::Result<()> {
         let readers: Vec<_> = h
             .readers
             .iter()
@@ -70,6 +70,7 @@ impl<W: Write> Sink for JsonSink<W> {
             .collect();
         let line = json!({
             "type": "hazard",
+            "window": window,
             "cache": format!("{:#x}", h.cache),
             "pid": h.pid,
             "ns_pid": who.ns_pid,

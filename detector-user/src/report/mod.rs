@@ -28,7 +28,7 @@ pub trait Sink {
     /// the window it fell in.
     fn alert(&mut self, alert: &Alert, pair: usize, who: &Identity, window: &str)
     -> io::Result<()>;
-    fn hazard(&mut self, hazard: &Hazard, who: &Identity) -> io::Result<()>;
+    fn hazard(&mut self, hazard: &Hazard, who: &Identity, window: &str) -> io::Result<()>;
     /// Stack pair number `number` raced `new` more times since the last periodic report (a long
     /// run's account of the alerts it no longer prints).
     fn pair(&mut self, number: usize, pair: &PairJson, new: u64) -> io::Result<()>;

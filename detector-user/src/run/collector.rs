@@ -218,7 +218,9 @@ impl Consumers<'_> {
             .hazard
             .report(&loaded.readers()?, elapsed.as_secs_f64(), counted)
         {
-            self.sink.hazard(&h, self.processes.identity(h.pid))?;
+            let window = self.windows.get(&h.window).map_or("", String::as_str);
+            self.sink
+                .hazard(&h, self.processes.identity(h.pid), window)?;
         }
         Ok(())
     }
