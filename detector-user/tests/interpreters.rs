@@ -234,11 +234,21 @@ fn build_then_swap_is_clean_on_debian_13() {
     assert_eq!(code, Some(0), "{summary}");
 }
 
-/// Launched under racewatch (through `--interpreter` where the command is `chroot`), with both
-/// decoys: exact from the first instruction on.
-fn launched_exact(build: Build) {
+/// Launches `script` (as `build`'s interpreter sees it) with `script_args` under `racewatch python
+/// --json` (through `--interpreter` where the command is `chroot`): its exit status, the
+/// script's ground truth and racewatch's summary.
+fn launched(
+    build: &Build,
+    tag: &str,
+    script: &str,
+    script_args: &[&str],
+) -> (
+    Option<i32>,
+    std::collections::HashMap<String, u64>,
+    serde_json::Value,
+) {
     let out = temp_file(&format!(
-        "interp-launched-{}.ndjson",
+        "interp-{tag}-{}.ndjson",
         build.run.join("_").replace('/', "_")
     ));
     let mut args = vec!["python", "--json", "-o", out.to_str().unwrap()];
@@ -247,26 +257,28 @@ fn launched_exact(build: Build) {
     }
     args.push("--");
     args.extend(build.run.iter().map(String::as_str));
-    args.extend([
-        build.worker.as_str(),
-        "--seconds",
-        "2",
-        "--gap-ms",
-        "0.05",
-        "--pause-ms",
-        READER_PAUSE_MS,
-        "--absent-every",
-        ABSENT_EVERY,
-        "--other-dict",
-    ]);
+    args.push(script);
+    args.extend(script_args);
     let o = common::racewatch(&args);
     let truth = worker_truth(&common::stderr(&o));
     let (_, summary) = parse_ndjson(&std::fs::read_to_string(&out).unwrap());
+    (o.status.code(), truth, summary)
+}
+
+/// Launched under racewatch, with both decoys: exact from the first instruction on.
+fn launched_exact(build: Build) {
+    let (code, truth, summary) = launched(
+        &build,
+        "launched",
+        &build.worker,
+        // Racing from the start (the container's arguments less --bug-on-signal).
+        &[&["--seconds", "2"][..], &CONTAINER_WORKER[1..]].concat(),
+    );
     assert!(truth["keyerrors"] > 0, "no KeyError: {summary}");
     assert_eq!(summary["misses_in_window"], truth["keyerrors"], "{summary}");
     assert_eq!(summary["unplaced_keyerrors"], 0, "{summary}");
     assert_eq!(summary["lost_events"], 0, "{summary}");
-    assert_eq!(o.status.code(), Some(1));
+    assert_eq!(code, Some(1));
 }
 
 /// demo/decoys.py under `build`: the writer's own KeyErrors, another dict's with the same key
@@ -283,20 +295,7 @@ fn decoys_exact(build: Build) {
         }
         None => decoys.display().to_string(),
     };
-    let out = temp_file(&format!(
-        "interp-decoys-{}.ndjson",
-        build.run.join("_").replace('/', "_")
-    ));
-    let mut args = vec!["python", "--json", "-o", out.to_str().unwrap()];
-    if let Some(i) = &build.interpreter {
-        args.extend(["--interpreter", i]);
-    }
-    args.push("--");
-    args.extend(build.run.iter().map(String::as_str));
-    args.extend([script.as_str(), "2"]);
-    let o = common::racewatch(&args);
-    let truth = worker_truth(&common::stderr(&o));
-    let (_, summary) = parse_ndjson(&std::fs::read_to_string(&out).unwrap());
+    let (code, truth, summary) = launched(&build, "decoys", &script, &["2"]);
     let what = format!("{}: {truth:?}; {summary}", build.run.join(" "));
     assert!(
         truth["window_keyerrors"] > 0 && truth["writer_keyerrors"] > 0,
@@ -315,7 +314,7 @@ fn decoys_exact(build: Build) {
     ] {
         assert_eq!(summary[zero], 0, "{zero}: {what}");
     }
-    assert_eq!(o.status.code(), Some(1), "{what}");
+    assert_eq!(code, Some(1), "{what}");
 }
 
 #[test]

@@ -173,15 +173,26 @@ pub fn place_miss(
                 describe_object(object),
             );
         }
-        sites.push(MissSite {
-            function: f.clone(),
-            offset: m.site.offset,
-            emulated: m.site.emulated,
-            object,
-            result: None,
-        });
+        sites.push(planned(f, &m.site, object, None));
     }
     Ok(sites)
+}
+
+/// The plan's probe at `site` of lookup `f`, reading the object there and, for a result site,
+/// the result.
+fn planned(
+    f: &Function,
+    site: &Site,
+    object: ObjectAt,
+    result: Option<(ObjectAt, u8)>,
+) -> MissSite {
+    MissSite {
+        function: f.clone(),
+        offset: site.offset,
+        emulated: site.emulated,
+        object,
+        result,
+    }
 }
 
 /// A lookup's code as the miss analysis takes it.
@@ -263,13 +274,7 @@ pub fn place_result(
                 describe_object(object),
             );
         }
-        sites.push(MissSite {
-            function: f.clone(),
-            offset: m.site.offset,
-            emulated: m.site.emulated,
-            object,
-            result: Some((at, bytes)),
-        });
+        sites.push(planned(f, &m.site, object, Some((at, bytes))));
     }
     Ok(sites)
 }
