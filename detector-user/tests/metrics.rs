@@ -104,6 +104,21 @@ fn prometheus_scrapes_each_workers_misses() {
         "Prometheus's value; racewatch serves:\n{direct:?}"
     );
     let direct = direct.expect("racewatch answered /metrics");
+    // The by-window series hold the same misses as the by-process ones.
+    let sum = |metric: &str| -> u64 {
+        direct
+            .lines()
+            .filter(|l| l.starts_with(&format!("{metric}{{")))
+            .filter_map(|l| l.rsplit(' ').next()?.parse::<u64>().ok())
+            .sum()
+    };
+    let by_window = sum("racewatch_window_misses_in_window_total");
+    assert!(by_window >= truth["keyerrors"], "{direct}");
+    assert_eq!(
+        by_window,
+        sum("racewatch_misses_in_window_total"),
+        "{direct}"
+    );
     for name in [
         "racewatch_windows_total",
         "racewatch_lookups_in_window_total",

@@ -1,5 +1,6 @@
-//! Prometheus metrics (`--metrics ADDR`): a run's counts as counters, labelled by process, in the
-//! text exposition format a Prometheus server scrapes. Ended processes whose counts the run no
+//! Prometheus metrics (`--metrics ADDR`): a run's counts as counters, labelled by process (and
+//! again by the run's window, for a run of several), in the text exposition format a Prometheus
+//! server scrapes. Ended processes whose counts the run no
 //! longer keeps apart leave their series for one labelled `pid="0"`, `comm="(ended)"`, so the
 //! series stay bounded in a run left on for days and their sum stays the run's total.
 use std::collections::{BTreeMap, HashMap};
@@ -18,16 +19,25 @@ struct ProcessLabels {
     comm: String,
 }
 
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct WindowLabels {
+    window: String,
+}
+
 /// What a scrape reads; counters only ever grow, so each update adds what is new.
 pub struct Metrics {
     registry: Registry,
     windows: Family<ProcessLabels, Counter>,
     lookups: Family<ProcessLabels, Counter>,
     misses: Family<ProcessLabels, Counter>,
+    /// The same counts by window (its name).
+    by_window: [Family<WindowLabels, Counter>; 3],
     lost: Counter,
     watched: Gauge,
     /// What each process's counters already hold: (windows, lookups, misses), with its labels.
     exported: HashMap<u32, (ProcessLabels, (u64, u64, u64))>,
+    /// What each window's counters already hold, by window number.
+    window_exported: HashMap<u32, (WindowLabels, (u64, u64, u64))>,
     /// What the series of ended processes no longer kept apart holds.
     ended_exported: (u64, u64, u64),
     lost_exported: u64,
@@ -51,6 +61,20 @@ impl Default for Metrics {
         let windows = Family::<ProcessLabels, Counter>::default();
         let lookups = Family::<ProcessLabels, Counter>::default();
         let misses = Family::<ProcessLabels, Counter>::default();
+        let by_window: [Family<WindowLabels, Counter>; 3] = Default::default();
+        for (family, (name, help)) in by_window.iter().zip([
+            ("window_windows", "Windows seen, by the run's window"),
+            (
+                "window_lookups_in_window",
+                "Lookups by another thread in a window, by the run's window",
+            ),
+            (
+                "window_misses_in_window",
+                "Lookups in a window that missed, by the run's window",
+            ),
+        ]) {
+            registry.register(name, help, family.clone());
+        }
         let lost = Counter::default();
         let watched = Gauge::default();
         registry.register(
@@ -83,9 +107,11 @@ impl Default for Metrics {
             windows,
             lookups,
             misses,
+            by_window,
             lost,
             watched,
             exported: HashMap::new(),
+            window_exported: HashMap::new(),
             ended_exported: (0, 0, 0),
             lost_exported: 0,
         }
@@ -163,6 +189,38 @@ impl Metrics {
         self.watched.set(i64::try_from(watched).unwrap_or(i64::MAX));
     }
 
+    /// Brings the by-window series up to each window's counts; `name` names a window.
+    pub fn update_windows(
+        &mut self,
+        per_window: &BTreeMap<u32, Counts>,
+        name: impl Fn(u32) -> String,
+    ) {
+        for (&window, c) in per_window {
+            let now = triple(c);
+            let (labels, before) = match self.window_exported.get(&window) {
+                Some((_, before)) if *before == now => continue,
+                Some((labels, before)) => (labels.clone(), *before),
+                None => (
+                    WindowLabels {
+                        window: name(window),
+                    },
+                    (0, 0, 0),
+                ),
+            };
+            let [windows, lookups, misses] = &self.by_window;
+            windows
+                .get_or_create(&labels)
+                .inc_by(now.0.saturating_sub(before.0));
+            lookups
+                .get_or_create(&labels)
+                .inc_by(now.1.saturating_sub(before.1));
+            misses
+                .get_or_create(&labels)
+                .inc_by(now.2.saturating_sub(before.2));
+            self.window_exported.insert(window, (labels, now));
+        }
+    }
+
     /// The text exposition of every metric.
     pub fn render(&self) -> String {
         let mut out = String::new();
@@ -200,6 +258,27 @@ mod tests {
             "racewatch_misses_in_window_total{pid=\"7\",comm=\"worker\"} 8",
             "racewatch_events_lost_total 1",
             "racewatch_processes_watched 3",
+        ] {
+            assert!(text.lines().any(|l| l == line), "no {line:?} in:\n{text}");
+        }
+    }
+
+    #[test]
+    fn each_window_has_its_series() {
+        let mut m = Metrics::default();
+        let mut per = BTreeMap::new();
+        per.insert(0, counts(2, 5, 4));
+        per.insert(1, counts(3, 0, 0));
+        let names = |w: u32| ["prices", "rates"][w as usize].to_string();
+        m.update_windows(&per, names);
+        per.insert(0, counts(4, 7, 6));
+        m.update_windows(&per, names);
+        let text = m.render();
+        for line in [
+            "racewatch_window_windows_total{window=\"prices\"} 4",
+            "racewatch_window_misses_in_window_total{window=\"prices\"} 6",
+            "racewatch_window_windows_total{window=\"rates\"} 3",
+            "racewatch_window_misses_in_window_total{window=\"rates\"} 0",
         ] {
             assert!(text.lines().any(|l| l == line), "no {line:?} in:\n{text}");
         }

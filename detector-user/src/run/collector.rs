@@ -202,6 +202,11 @@ impl Consumers<'_> {
             lost,
             loaded.watched().unwrap_or(0),
         );
+        let windows = &self.windows;
+        self.metrics
+            .update_windows(self.correlator.per_window(), |w| {
+                windows.get(&w).cloned().unwrap_or_default()
+            });
         self.metrics.render()
     }
 
