@@ -867,9 +867,9 @@ const FOOTER: &str = "
   such a probe into a call); racewatch does not rely on it, since older kernels single-step it.
 - The first zoo table is the cost a service would see. A build probed once per lookup (traps
   per lookup 1.0: code with no instruction that only misses reach, clang's
-  default-then-overwrite shapes) pays a trap at every lookup and keeps 0.20-0.48 of its rate. On
-  the miss path, readers keep 0.64-0.97: what remains is the race itself made more frequent (the
-  misses ratio, most often 8-400 times the unobserved misses). A miss probe traps inside the lookup's
+  default-then-overwrite shapes) pays a trap at every lookup and keeps 0.18-0.44 of its rate. On
+  the miss path, readers keep 0.72-1.02: what remains is the race itself made more frequent (the
+  misses ratio, most often 15-460 times the unobserved misses). A miss probe traps inside the lookup's
   critical section, before the unlock, so that the window it reads is the one the miss saw; the
   refill waits behind it for the lock, the window lasts longer, and the other reader misses too
   (a single-stepped miss site, a `mov` where the compiler put nothing else on the miss path,
