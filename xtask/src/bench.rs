@@ -70,7 +70,7 @@ fn truth(stderr: &str, prefix: &str) -> Result<HashMap<String, f64>> {
         .collect())
 }
 
-fn median(mut v: Vec<f64>) -> f64 {
+pub(crate) fn median(mut v: Vec<f64>) -> f64 {
     v.retain(|x| !x.is_nan());
     v.sort_by(f64::total_cmp);
     match v.len() {
@@ -182,7 +182,7 @@ fn tool(name: &str) -> Option<String> {
         .map(|p| p.to_string_lossy().into_owned())
 }
 
-fn strings(v: &[&str]) -> Vec<String> {
+pub(crate) fn strings(v: &[&str]) -> Vec<String> {
     v.iter().map(|s| s.to_string()).collect()
 }
 

@@ -13,7 +13,10 @@ use std::{
 use anyhow::{Context as _, Result};
 use serde_json::Value;
 
-use crate::demo::DEMO_PROBES;
+use crate::{
+    bench::{median, strings},
+    demo::DEMO_PROBES,
+};
 
 /// The section's title in docs/BENCHMARKS.md.
 pub const TITLE: &str = "\n### Time to the first finding";
@@ -79,33 +82,24 @@ fn once(racewatch: &str, rare: &Rare) -> Result<Found> {
             _ => {}
         }
     }
-    // SAFETY: kill(2) on the group this function started; no memory is involved.
-    unsafe { libc_kill(-(child.id() as i32), 15) };
+    // The group this function started: racewatch and its target.
+    crate::kill(-(child.id() as i32), 15);
     child.wait()?;
     Ok(found)
 }
 
-unsafe extern "C" {
-    #[link_name = "kill"]
-    fn libc_kill(pid: i32, sig: i32) -> i32;
-}
-
-fn median(mut v: Vec<f64>) -> Option<f64> {
-    v.sort_by(f64::total_cmp);
-    (!v.is_empty()).then(|| v[v.len() / 2])
-}
-
 fn seconds(v: &[Option<Duration>]) -> String {
     let got: Vec<f64> = v.iter().flatten().map(Duration::as_secs_f64).collect();
-    match median(got.clone()) {
-        Some(m) => format!(
-            "{m:.1} s (max {:.1} s), {} of {} runs",
-            got.iter().copied().fold(0.0, f64::max),
-            got.len(),
-            v.len()
-        ),
-        None => format!("none within {} s in {} runs", LIMIT.as_secs(), v.len()),
+    if got.is_empty() {
+        return format!("none within {} s in {} runs", LIMIT.as_secs(), v.len());
     }
+    format!(
+        "{:.1} s (max {:.1} s), {} of {} runs",
+        median(got.clone()),
+        got.iter().copied().fold(0.0, f64::max),
+        got.len(),
+        v.len()
+    )
 }
 
 /// Measures each rare target `runs` times and writes the section.
@@ -117,7 +111,6 @@ pub fn run(
     runs: usize,
     doc: &mut String,
 ) -> Result<()> {
-    let strings = |v: &[&str]| v.iter().map(|s| s.to_string()).collect::<Vec<_>>();
     let rares = [
         Rare {
             what: "Python worker at CPython's default 5 ms switch interval \
@@ -142,15 +135,14 @@ pub fn run(
         Rare {
             what: "native demo (`--keys 64 --refresh-us 200000 --pause-us 2000`), \
                    `racewatch watch --miss-ret -1 --provoke 2ms`",
-            racewatch: [
-                &["watch"][..],
-                &DEMO_PROBES,
-                &["--miss-ret", "-1", "--provoke", "2ms"],
-            ]
-            .concat()
-            .iter()
-            .map(|s| s.to_string())
-            .collect(),
+            racewatch: strings(
+                &[
+                    &["watch"][..],
+                    &DEMO_PROBES,
+                    &["--miss-ret", "-1", "--provoke", "2ms"],
+                ]
+                .concat(),
+            ),
             command: strings(&[
                 demo,
                 "--seconds",

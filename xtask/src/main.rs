@@ -91,9 +91,17 @@ pub fn is_root() -> bool {
     unsafe { libc_geteuid() == 0 }
 }
 
+/// Sends `sig` to `pid` (a negative pid: its process group), as kill(2).
+pub fn kill(pid: i32, sig: i32) {
+    // SAFETY: kill(2) takes no memory; a process already gone is not an error here.
+    unsafe { libc_kill(pid, sig) };
+}
+
 unsafe extern "C" {
     #[link_name = "geteuid"]
     fn libc_geteuid() -> u32;
+    #[link_name = "kill"]
+    fn libc_kill(pid: i32, sig: i32) -> i32;
 }
 
 /// Builds racewatch in release mode and returns its path.

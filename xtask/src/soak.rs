@@ -91,8 +91,7 @@ pub fn run(racewatch: &str, demo: &str, minutes: f64, doc: &mut String) -> Resul
         })
         .and_then(|v| v.parse().ok())
         .with_context(|| format!("no ground truth from the long demo: {long_truth}"))?;
-    // SAFETY: plain kill(2) of our own child.
-    unsafe { libc_kill(rw.id() as i32, 2) };
+    crate::kill(rw.id() as i32, 2);
     rw.wait()?;
     let text = std::fs::read_to_string(&out)?;
     let summary: Value = serde_json::from_str(text.lines().last().context("no summary")?)?;
@@ -137,11 +136,6 @@ pub fn run(racewatch: &str, demo: &str, minutes: f64, doc: &mut String) -> Resul
         "bench: soak: {short} short-lived processes; RSS {early:.0} -> {middle:.0} -> {last:.0} KiB; long one {long_misses} misses, racewatch {long_counted:?}"
     );
     Ok(())
-}
-
-unsafe extern "C" {
-    #[link_name = "kill"]
-    fn libc_kill(pid: i32, sig: i32) -> i32;
 }
 
 #[cfg(test)]
