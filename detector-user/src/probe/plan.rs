@@ -101,7 +101,7 @@ pub struct GilHandover {
 }
 
 /// Where a waiter asks for the GIL.
-#[derive(Clone, Copy)]
+#[derive(Clone, Copy, Debug)]
 pub enum DropRequest {
     /// The main interpreter's `ceval.gil_drop_request` (3.11, 3.12), at this file address.
     Static { vaddr: u64 },

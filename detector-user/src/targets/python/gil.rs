@@ -8,87 +8,75 @@
 use std::path::Path;
 
 use super::dwarf::{SiteError, member_offsets, symbol, with_dwarf};
+use crate::probe::plan::DropRequest;
 
-/// (struct, member) pairs whose offsets lead from `_PyRuntime` to the flag.
-const PATH: [(&str, &str); 3] = [
+/// The (struct, member) pairs `--provoke` needs, read in one pass over the DWARF.
+const MEMBERS: [(&str, &str); 8] = [
+    // From `_PyRuntime` to the main interpreter's `ceval.gil_drop_request` (3.11, 3.12).
     ("pyruntimestate", "_main_interpreter"),
     ("_is", "ceval"),
     ("_ceval_state", "gil_drop_request"),
-];
-
-/// The link-time address (ELF vaddr) of the main interpreter's `gil_drop_request` in `image`.
-pub fn find_gil_drop_request(image: &Path) -> Result<u64, SiteError> {
-    in_runtime(image, &PATH, |found| {
-        PATH.iter()
-            .zip(found)
-            .map(|((strukt, member), off)| {
-                off.ok_or_else(|| format!("struct {strukt}'s member {member}"))
-            })
-            .sum()
-    })
-}
-
-/// Members that lead from `_PyRuntime` to the main interpreter GIL's switch interval: in the
-/// interpreter's own `_gil` since 3.12, in the runtime's `ceval.gil` in 3.11.
-const INTERVAL: [(&str, &str); 5] = [
-    ("pyruntimestate", "_main_interpreter"),
+    // To its GIL: the interpreter's own `_gil` since 3.12, the runtime's `ceval.gil` in 3.11.
     ("_is", "_gil"),
     ("pyruntimestate", "ceval"),
     ("_ceval_runtime_state", "gil"),
     ("_gil_runtime_state", "interval"),
+    // 3.13+: the request is bit 0 of the holder's `eval_breaker`.
+    ("_ts", "eval_breaker"),
 ];
 
-/// The link-time address of the main interpreter's switch interval (`unsigned long`, in µs): a
-/// thread waiting for the GIL asks its holder for it only after waiting that long.
-pub fn find_switch_interval(image: &Path) -> Result<u64, SiteError> {
-    in_runtime(image, &INTERVAL, |found| {
-        let interval = found[4].ok_or("struct _gil_runtime_state's member interval")?;
-        match found {
-            [Some(interp), Some(gil), ..] | [_, _, Some(interp), Some(gil), _] => {
-                Ok(interp + gil + interval)
-            }
-            _ => Err("the main interpreter's GIL (struct _is's member _gil)".into()),
-        }
-    })
+/// Where `--provoke` reads the GIL's state.
+#[derive(Debug)]
+pub struct GilState {
+    pub drop_request: DropRequest,
+    /// The link-time address (ELF vaddr) of the main interpreter's switch interval (`unsigned
+    /// long`, in µs): a thread waiting for the GIL asks its holder for it only after waiting that
+    /// long.
+    pub switch_interval_vaddr: u64,
 }
 
-/// `_PyRuntime`'s address plus the offset `pick` makes of `members`' offsets (or names what is
-/// missing).
-fn in_runtime<const N: usize>(
-    image: &Path,
-    members: &[(&str, &str); N],
-    pick: impl FnOnce(&[Option<u64>; N]) -> Result<u64, String>,
-) -> Result<u64, SiteError> {
+/// The GIL's state in `image`: with `in_thread` (3.13+), the drop request is in each thread
+/// state; before, it is the main interpreter's static flag.
+pub fn find_gil_state(image: &Path, in_thread: bool) -> Result<GilState, SiteError> {
     let runtime = symbol(image, "_PyRuntime")?.ok_or_else(|| SiteError::NoGilState {
         path: image.into(),
         missing: "the symbol _PyRuntime".into(),
     })?;
     with_dwarf(image, |_, dpath, dwarf| {
-        let found = member_offsets(dwarf, members).map_err(|source| SiteError::Dwarf {
+        let found = member_offsets(dwarf, &MEMBERS).map_err(|source| SiteError::Dwarf {
             path: dpath.into(),
             source,
         })?;
-        let offset = pick(&found).map_err(|missing| SiteError::NoGilState {
+        let missing = |missing: String| SiteError::NoGilState {
             path: dpath.into(),
             missing,
-        })?;
-        Ok(runtime + offset)
-    })
-}
-
-/// CPython 3.13+: the offset of `eval_breaker` in `PyThreadState` (`struct _ts`), whose bit 0 a
-/// thread waiting for the GIL sets in its holder's thread state.
-pub fn find_eval_breaker(image: &Path) -> Result<u64, SiteError> {
-    with_dwarf(image, |_, dpath, dwarf| {
-        let [offset] = member_offsets(dwarf, &[("_ts", "eval_breaker")]).map_err(|source| {
-            SiteError::Dwarf {
-                path: dpath.into(),
-                source,
+        };
+        let need = |i: usize| {
+            found[i].ok_or_else(|| {
+                let (strukt, member) = MEMBERS[i];
+                missing(format!("struct {strukt}'s member {member}"))
+            })
+        };
+        let drop_request = if in_thread {
+            DropRequest::InThread { offset: need(7)? }
+        } else {
+            DropRequest::Static {
+                vaddr: runtime + need(0)? + need(1)? + need(2)?,
             }
-        })?;
-        offset.ok_or_else(|| SiteError::NoGilState {
-            path: dpath.into(),
-            missing: "struct _ts's member eval_breaker".into(),
+        };
+        let gil = match found {
+            [Some(interp), _, _, Some(gil), ..] | [_, _, _, _, Some(interp), Some(gil), ..] => {
+                interp + gil
+            }
+            _ => {
+                return Err(missing(
+                    "the main interpreter's GIL (struct _is's member _gil)".into(),
+                ));
+            }
+        };
+        Ok(GilState {
+            drop_request,
+            switch_interval_vaddr: runtime + gil + need(6)?,
         })
     })
 }
@@ -106,7 +94,10 @@ mod tests {
             eprintln!("skipped: no {LIBPYTHON}");
             return;
         }
-        let found = find_gil_drop_request(lib).unwrap();
+        let DropRequest::Static { vaddr: found } = find_gil_state(lib, false).unwrap().drop_request
+        else {
+            panic!("3.11's drop request is static");
+        };
         let Some(gdb) = gdb_address(lib, "&_PyRuntime._main_interpreter.ceval.gil_drop_request")
         else {
             eprintln!("skipped: no gdb");
@@ -148,7 +139,7 @@ mod tests {
                 eprintln!("skipped: no {}", lib.display());
                 continue;
             }
-            let found = find_switch_interval(lib).unwrap();
+            let found = find_gil_state(lib, false).unwrap().switch_interval_vaddr;
             let Some(gdb) = gdb_address(lib, expr) else {
                 eprintln!("skipped: no gdb");
                 return;
@@ -159,7 +150,7 @@ mod tests {
 
     #[test]
     fn an_image_without_the_runtime_says_what_is_missing() {
-        let err = find_gil_drop_request(Path::new("/bin/true")).unwrap_err();
+        let err = find_gil_state(Path::new("/bin/true"), false).unwrap_err();
         assert!(
             err.to_string()
                 .contains("/bin/true does not describe the symbol _PyRuntime in its DWARF"),

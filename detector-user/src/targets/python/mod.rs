@@ -20,7 +20,7 @@ use std::{
 };
 
 use crate::probe::{
-    plan::{DropRequest, GilHandover, LookupProbe, Placed, Plan, RefillProbe, Sample},
+    plan::{GilHandover, LookupProbe, Placed, Plan, RefillProbe, Sample},
     symbols::SymbolTable,
 };
 
@@ -302,15 +302,7 @@ pub fn plan(
             e => e.into(),
         };
         // 3.13 moved the request from the interpreter into each thread's eval_breaker.
-        let drop_request = if version >= (3, 13) {
-            DropRequest::InThread {
-                offset: gil::find_eval_breaker(path).map_err(no_dwarf)?,
-            }
-        } else {
-            DropRequest::Static {
-                vaddr: gil::find_gil_drop_request(path).map_err(no_dwarf)?,
-            }
-        };
+        let state = gil::find_gil_state(path, version >= (3, 13)).map_err(no_dwarf)?;
         let take_gil = table
             .as_ref()
             .and_then(|t| t.resolve(TAKE_GIL).ok())
@@ -318,8 +310,8 @@ pub fn plan(
         Some(GilHandover {
             clear: clear.function.clone(),
             take_gil: placement(path, TAKE_GIL, take_gil, 0, None, verbose),
-            drop_request,
-            switch_interval_vaddr: gil::find_switch_interval(path).map_err(no_dwarf)?,
+            drop_request: state.drop_request,
+            switch_interval_vaddr: state.switch_interval_vaddr,
         })
     } else {
         None
