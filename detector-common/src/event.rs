@@ -160,7 +160,17 @@ pub struct ReaderState {
     pub comm: [u8; COMM_LEN],
 }
 
-/// A Python KeyError raised on a dict whose window was open.
+/// [`KeyErrorEvent::form`]: how a Python lookup missed. `d[k]` raised KeyError;
+pub const FORM_SUBSCRIPT: u32 = 0;
+/// `d.get(k)` returned its default;
+pub const FORM_GET: u32 = 1;
+/// `k in d` was false.
+pub const FORM_CONTAINS: u32 = 2;
+/// The forms' names in the summary's `misses_by_form`, by number.
+pub const FORM_NAMES: [&str; 3] = ["subscript", "get", "contains"];
+
+/// A Python lookup that missed on a dict whose window was open: a KeyError, or a quiet miss
+/// (`form`).
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct KeyErrorEvent {
@@ -172,7 +182,8 @@ pub struct KeyErrorEvent {
     pub raised_ns: u64,
     pub window_open_ns: u64,
     pub writer_tid: u32,
-    pub _pad: u32,
+    /// How it missed: [`FORM_SUBSCRIPT`], [`FORM_GET`] or [`FORM_CONTAINS`].
+    pub form: u32,
     /// The key's address, so userspace can tell a copy that failed from an empty one.
     pub key: u64,
     /// The key's hash ([`crate::key_hash`]), as its verdict will name it.
@@ -297,6 +308,12 @@ pub struct PyLayout {
     pub tag_bits: u64,
     /// 1 when an int keeps its digit count in `lv_tag` (3.12+), 0 in `ob_size`.
     pub long_tagged: u64,
+    /// Where a compact ASCII str's characters start, and any other compact str's.
+    pub ascii_data: u64,
+    pub compact_data: u64,
+    /// `_Py_HashSecret`'s address in the file, for hashing a str CPython has not hashed yet
+    /// (0: the build's str hash is not SipHash-1-3, or it exports no secret).
+    pub hash_secret: u64,
 }
 
 /// A key that raised KeyError in a dict's open window, to be judged when the window closes (the
@@ -357,10 +374,15 @@ pub enum Stat {
     /// Native stacks not copied because the ring was over half full: events before stacks, so
     /// that a burst costs alerts their frames, never their counts.
     StacksShed = 25,
+    /// `d.get(k)` and `k in d` probed (`--quiet-misses`).
+    HitsQuietLookup = 26,
+    /// `d.get(k)` or `k in d` in a window whose key the kernel could not hash or look up: each
+    /// may have missed, so a run that has any cannot report clean.
+    UnjudgedQuiet = 27,
 }
 
 impl Stat {
-    pub const COUNT: u32 = 26;
+    pub const COUNT: u32 = 28;
     /// Every kind of event the kernel could not deliver.
     pub const LOST: [Stat; 9] = [
         Stat::LostWindowOpen,
@@ -632,7 +654,7 @@ mod decode {
                 raised_ns: 3,
                 window_open_ns: 1,
                 writer_tid: 4,
-                _pad: 0,
+                form: FORM_GET,
                 key: 5,
                 hash: -7,
                 reader_comm: [0; COMM_LEN],

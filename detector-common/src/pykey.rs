@@ -1,16 +1,17 @@
 //! The hash CPython's dict lookup used for a KeyError's key, computed from the bytes the
 //! kernel copied into the [`KeyErrorEvent`](crate::KeyErrorEvent): the kernel and userspace apply
 //! the same function to the same bytes, so they name a pending key alike.
-use crate::{KEY_OBJ_LEN, TYPE_NAME_LEN};
-
 /// Not a hash: CPython reserves -1 for "not computed" and errors.
 pub const UNKNOWN_HASH: i64 = -1;
+/// Bytes of a key object that hold what its hash needs (a str's hash at +24, an int's digits
+/// from +24).
+pub const KEY_HEADER_LEN: usize = 32;
 
-fn word(obj: &[u8; KEY_OBJ_LEN], at: usize) -> Option<i64> {
+fn word(obj: &[u8], at: usize) -> Option<i64> {
     Some(i64::from_ne_bytes(obj.get(at..at + 8)?.try_into().ok()?))
 }
 
-fn digit(obj: &[u8; KEY_OBJ_LEN], at: usize) -> Option<i64> {
+fn digit(obj: &[u8], at: usize) -> Option<i64> {
     Some(i64::from(u32::from_ne_bytes(
         obj.get(at..at + 4)?.try_into().ok()?,
     )))
@@ -19,12 +20,9 @@ fn digit(obj: &[u8; KEY_OBJ_LEN], at: usize) -> Option<i64> {
 /// A str's cached hash (`PyASCIIObject.hash` at +24) or a small int's value, which is its hash
 /// (30-bit digits from +24; their count at +16: `ob_size` with the sign until 3.11, `lv_tag`'s
 /// bits from 3 up with the sign in its low two bits, 2 for negative, from 3.12 when
-/// `long_tagged`); [`UNKNOWN_HASH`] for other keys.
-pub fn key_hash(
-    type_name: &[u8; TYPE_NAME_LEN],
-    obj: &[u8; KEY_OBJ_LEN],
-    long_tagged: bool,
-) -> i64 {
+/// `long_tagged`); [`UNKNOWN_HASH`] for other keys. `type_name` needs its first 4 bytes and
+/// `obj` its first [`KEY_HEADER_LEN`].
+pub fn key_hash(type_name: &[u8], obj: &[u8], long_tagged: bool) -> i64 {
     let hash = || -> Option<i64> {
         // A live object has references: zero means its copy failed.
         if word(obj, 0)? == 0 {
@@ -55,9 +53,74 @@ pub fn key_hash(
     hash().unwrap_or(UNKNOWN_HASH)
 }
 
+/// Longest str data, in bytes, whose hash the kernel computes itself (a str whose hash CPython
+/// has not cached yet: one just built, as `d.get(f"k{i}")` builds it).
+pub const HASHED_STR_MAX: usize = 64;
+
+/// CPython's hash of a str whose data (`len` bytes of `data`, each character in its kind's
+/// width) it has not hashed yet: SipHash-1-3 keyed with `_Py_HashSecret`'s `k0` and `k1`, as
+/// `_Py_HashBytes` computes it (the default algorithm since 3.11, with no small-string cutoff).
+/// [`UNKNOWN_HASH`] past [`HASHED_STR_MAX`] bytes. Bounded loops, for the verifier.
+pub fn str_hash(k0: u64, k1: u64, data: &[u8; HASHED_STR_MAX], len: usize) -> i64 {
+    if len == 0 {
+        return 0;
+    }
+    if len > HASHED_STR_MAX {
+        return UNKNOWN_HASH;
+    }
+    let mut v = [
+        k0 ^ 0x736f_6d65_7073_6575,
+        k1 ^ 0x646f_7261_6e64_6f6d,
+        k0 ^ 0x6c79_6765_6e65_7261,
+        k1 ^ 0x7465_6462_7974_6573,
+    ];
+    let blocks = len / 8;
+    for (i, c) in data.chunks_exact(8).enumerate() {
+        if i >= blocks {
+            break;
+        }
+        let m = u64::from_le_bytes([c[0], c[1], c[2], c[3], c[4], c[5], c[6], c[7]]);
+        v[3] ^= m;
+        sip_round(&mut v);
+        v[0] ^= m;
+    }
+    let mut b = (len as u64) << 56;
+    for j in 0..7 {
+        let at = 8 * blocks + j;
+        if at < len {
+            b |= u64::from(data.get(at).copied().unwrap_or(0)) << (8 * j);
+        }
+    }
+    v[3] ^= b;
+    sip_round(&mut v);
+    v[0] ^= b;
+    v[2] ^= 0xff;
+    for _ in 0..3 {
+        sip_round(&mut v);
+    }
+    match ((v[0] ^ v[1]) ^ (v[2] ^ v[3])) as i64 {
+        -1 => -2,
+        h => h,
+    }
+}
+
+fn sip_round(v: &mut [u64; 4]) {
+    v[0] = v[0].wrapping_add(v[1]);
+    v[2] = v[2].wrapping_add(v[3]);
+    v[1] = v[1].rotate_left(13) ^ v[0];
+    v[3] = v[3].rotate_left(16) ^ v[2];
+    v[0] = v[0].rotate_left(32);
+    v[2] = v[2].wrapping_add(v[1]);
+    v[0] = v[0].wrapping_add(v[3]);
+    v[1] = v[1].rotate_left(17) ^ v[2];
+    v[3] = v[3].rotate_left(21) ^ v[0];
+    v[2] = v[2].rotate_left(32);
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::{KEY_OBJ_LEN, TYPE_NAME_LEN};
 
     fn obj(type_name: &str, fields: &[(usize, &[u8])]) -> ([u8; TYPE_NAME_LEN], [u8; KEY_OBJ_LEN]) {
         let mut t = [0; TYPE_NAME_LEN];
@@ -117,5 +180,41 @@ mod tests {
         assert_eq!(key_hash(&t, &o, false), UNKNOWN_HASH);
         let (t, _) = obj("str", &[]);
         assert_eq!(key_hash(&t, &[0; KEY_OBJ_LEN], false), UNKNOWN_HASH);
+    }
+
+    fn hashed(k: (u64, u64), bytes: &[u8]) -> i64 {
+        let mut data = [0xaa; HASHED_STR_MAX];
+        data[..bytes.len()].copy_from_slice(bytes);
+        str_hash(k.0, k.1, &data, bytes.len())
+    }
+
+    /// Each str's `hash()` in CPython 3.11 under PYTHONHASHSEED=0 (a zero secret) and 42 (the
+    /// secret read from `_Py_HashSecret`), its data in its kind's width: latin-1, UTF-16.
+    #[test]
+    fn str_hash_is_cpython_s() {
+        // "é-non-ascii" in latin-1, "日本" in UTF-16.
+        let latin1 = b"\xe9-non-ascii";
+        let wide = [0xe5, 0x65, 0x2c, 0x67];
+        let cases: [(&[u8], i64, i64); 9] = [
+            (b"a", 4644417185603328019, -123207753977932514),
+            (b"k1", 5694439087064056704, 994116093276727647),
+            (b"absent-17", 2016151931126899725, 152616919742922398),
+            (b"k19999", 4157667587800922176, 6448132926277561998),
+            (b"exactly8", -7020876967557843569, 5167394326330128376),
+            (b"sixteen-chars-ab", 894512054207387698, 6025933530421777657),
+            (latin1, -3165500192021935701, 5748263746656713203),
+            (&wide, 6243316497235261705, -7192152084576530731),
+            (&[b'a'; 40], 2012732711654038980, -6547373411814126374),
+        ];
+        let seed42 = (0xdc504fd368cd90af, 0xb920bb9ffe99e9c1);
+        for (bytes, zero, forty_two) in cases {
+            assert_eq!(hashed((0, 0), bytes), zero, "{bytes:?}");
+            assert_eq!(hashed(seed42, bytes), forty_two, "{bytes:?}");
+        }
+        assert_eq!(hashed(seed42, b""), 0);
+        assert_eq!(
+            str_hash(0, 0, &[0; HASHED_STR_MAX], HASHED_STR_MAX + 1),
+            UNKNOWN_HASH
+        );
     }
 }

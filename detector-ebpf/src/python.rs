@@ -11,8 +11,9 @@ use aya_ebpf::{
     programs::ProbeContext,
 };
 use detector_common::{
-    EventKind, KEY_ABSENT, KEY_PRESENT, KEY_UNKNOWN, KeyErrorEvent, KeyVerdict, ObjKey, PendingKey,
-    ProbeConfig, STACK_SLOTS, Stat, UNKNOWN_HASH, Window, key_hash,
+    EventKind, FORM_CONTAINS, FORM_GET, FORM_SUBSCRIPT, HASHED_STR_MAX, KEY_ABSENT, KEY_HEADER_LEN,
+    KEY_PRESENT, KEY_UNKNOWN, KeyErrorEvent, KeyVerdict, ObjKey, PendingKey, ProbeConfig,
+    STACK_SLOTS, Stat, UNKNOWN_HASH, Window, key_hash, str_hash,
 };
 
 use crate::{
@@ -154,10 +155,6 @@ fn verdict(dict: &ObjKey, key: u64, hash: i64, present: u32) {
         },
     );
 }
-
-/// Bytes of a str or small int object that hold its hash (a str's at +24, an int's digits from
-/// +24).
-const KEY_HEADER_LEN: usize = 32;
 
 /// Probes per key before giving up. A refilled dict is at most 2/3 full, so most keys take 1-3,
 /// but an absent key takes more than k with odds near (2/3)^k: at 16, one absent key in a few
@@ -318,14 +315,11 @@ pub fn on_keyerror_inline(ctx: ProbeContext) -> u32 {
     0
 }
 
-/// A failed `d[k]` for `key`: reports the KeyError when another thread's window is open on that
-/// dict, with the key's bytes, and keeps the key to be judged at the window's close (or sends an
-/// unknown verdict at once).
+/// A failed `d[k]` for `key`: finds its dict on the Python frame's value stack and reports it.
 fn keyerror(ctx: &ProbeContext, cfg: &ProbeConfig, key: u64) {
     let Some(who) = caller() else {
         return;
     };
-    let tid = who.tid;
     // SAFETY: the context's registers are valid for the whole program.
     let regs = unsafe { &*ctx.regs };
     let Some(py) = Interp::at(regs, cfg) else {
@@ -333,7 +327,7 @@ fn keyerror(ctx: &ProbeContext, cfg: &ProbeConfig, key: u64) {
     };
     let Some(object) = dict_on_value_stack(py, key) else {
         // A KeyError racewatch cannot place, while a window is open: it may be the window's.
-        if window_open_in(who.tgid, tid) {
+        if window_open_in(who.tgid, who.tid) {
             bump(Stat::UnplacedKeyErrors);
         }
         return;
@@ -343,9 +337,168 @@ fn keyerror(ctx: &ProbeContext, cfg: &ProbeConfig, key: u64) {
         tgid: who.tgid,
         window: cfg.window,
     };
-    let Some(w) = window(&dict).filter(|w| w.overlaps(tid, None)) else {
+    if let Some(w) = window(&dict).filter(|w| w.overlaps(who.tid, None)) {
+        missed(
+            regs,
+            who.tid,
+            cfg,
+            py,
+            &w,
+            dict,
+            key,
+            UNKNOWN_HASH,
+            FORM_SUBSCRIPT,
+        );
+    }
+}
+
+/// `d.get(k)`, `dict_get(self, args, nargs)` (METH_FASTCALL: the key is `args[0]`), at its entry
+/// (`--quiet-misses`).
+#[uprobe]
+pub fn on_dict_get(ctx: ProbeContext) -> u32 {
+    let key = ctx
+        .arg::<u64>(1)
+        .and_then(read_user::<u64>)
+        .unwrap_or_default();
+    quiet_lookup(&ctx, key, UNKNOWN_HASH, FORM_GET);
+    0
+}
+
+/// `k in d`, the dict type's `sq_contains(self, key)`, at its entry (`--quiet-misses`).
+#[uprobe]
+pub fn on_dict_contains(ctx: ProbeContext) -> u32 {
+    let key = ctx.arg::<u64>(1).unwrap_or_default();
+    quiet_lookup(&ctx, key, UNKNOWN_HASH, FORM_CONTAINS);
+    0
+}
+
+/// `k in d` inlined into the eval loop, at its call to the dict lookup `(dict, key, hash, ...)`
+/// (`--quiet-misses`).
+#[uprobe]
+pub fn on_dict_contains_call(ctx: ProbeContext) -> u32 {
+    let key = ctx.arg::<u64>(1).unwrap_or_default();
+    quiet_lookup(
+        &ctx,
+        key,
+        ctx.arg::<i64>(2).unwrap_or(UNKNOWN_HASH),
+        FORM_CONTAINS,
+    );
+    0
+}
+
+/// A `.get` or `in` about to look `key` up in the dict of argument 0 (with `hash`, where the
+/// caller computed it already): when another thread's window is open on it and the key is not in
+/// it, the lookup will miss (the GIL holds the dict still until it does), so it is reported as
+/// `d[k]`'s KeyError is.
+fn quiet_lookup(ctx: &ProbeContext, key: u64, hash: i64, form: u32) {
+    bump(Stat::HitsQuietLookup);
+    let (Some(cfg), Some(who), Some(object)) = (config(ctx), caller(), ctx.arg::<u64>(0)) else {
         return;
     };
+    let dict = ObjKey {
+        object,
+        tgid: who.tgid,
+        window: cfg.window,
+    };
+    let Some(w) = window(&dict).filter(|w| w.overlaps(who.tid, None)) else {
+        return;
+    };
+    // SAFETY: the context's registers are valid for the whole program.
+    let regs = unsafe { &*ctx.regs };
+    let Some(py) = Interp::at(regs, &cfg) else {
+        return;
+    };
+    let hash = match hash {
+        UNKNOWN_HASH => lookup_hash(key, py),
+        known => known,
+    };
+    let present = match hash {
+        UNKNOWN_HASH => KEY_UNKNOWN,
+        hash => DictKeys::of(object).map_or(KEY_UNKNOWN, |k| k.lookup(hash)),
+    };
+    match present {
+        KEY_ABSENT => missed(regs, who.tid, &cfg, py, &w, dict, key, hash, form),
+        KEY_UNKNOWN => bump(Stat::UnjudgedQuiet),
+        _ => {}
+    }
+}
+
+/// The hash the lookup of `key` is about to use: [`key_hash`] from the key's type name and
+/// header, or, for a str CPython has not hashed yet, its hash computed here. Not inlined: its
+/// buffers would add to the stack of every frame below.
+#[inline(never)]
+fn lookup_hash(key: u64, py: Interp) -> i64 {
+    // ob_type at +8, then tp_name at +24 in the type object.
+    let (Some(ty), Some(header)) = (
+        read_user::<u64>(key.wrapping_add(8)),
+        read_user::<[u8; KEY_HEADER_LEN]>(key),
+    ) else {
+        return UNKNOWN_HASH;
+    };
+    let mut name = [0u8; 4];
+    let Some(p) = read_user::<u64>(ty.wrapping_add(24)) else {
+        return UNKNOWN_HASH;
+    };
+    // SAFETY: reads at most 4 bytes into `name`.
+    if unsafe { bpf_probe_read_user_str_bytes(p as *const u8, &mut name) }.is_err() {
+        return UNKNOWN_HASH;
+    }
+    match key_hash(&name, &header, py.layout.long_tagged != 0) {
+        UNKNOWN_HASH if &name == b"str\0" => fresh_str_hash(key, &header, py),
+        hash => hash,
+    }
+}
+
+/// `PyASCIIObject`: the length at +16, the `state` bits at +32 (kind from bit 2, compact 5,
+/// ascii 6).
+const STR_LENGTH: usize = 16;
+const STR_STATE: u64 = 32;
+
+/// The hash of a compact str of at most [`HASHED_STR_MAX`] bytes that CPython has not hashed
+/// yet ([`str_hash`], keyed with the interpreter's `_Py_HashSecret`).
+fn fresh_str_hash(key: u64, header: &[u8; KEY_HEADER_LEN], py: Interp) -> i64 {
+    let l = py.layout;
+    let state = read_user::<u32>(key.wrapping_add(STR_STATE)).unwrap_or(0);
+    let (kind, compact, ascii) = (
+        (state >> 2) & 7,
+        state & (1 << 5) != 0,
+        state & (1 << 6) != 0,
+    );
+    let mut len = [0u8; 8];
+    len.copy_from_slice(&header[STR_LENGTH..STR_LENGTH + 8]);
+    let bytes = i64::from_ne_bytes(len).wrapping_mul(i64::from(kind));
+    if l.hash_secret == 0 || !compact || !(0..=HASHED_STR_MAX as i64).contains(&bytes) {
+        return UNKNOWN_HASH;
+    }
+    let Some([k0, k1]) = read_user::<[u64; 2]>(py.bias.wrapping_add(l.hash_secret)) else {
+        return UNKNOWN_HASH;
+    };
+    let data = key.wrapping_add(if ascii { l.ascii_data } else { l.compact_data });
+    // The whole buffer: bytes past the str's are read but not hashed.
+    match read_user::<[u8; HASHED_STR_MAX]>(data) {
+        Some(buf) => str_hash(k0, k1, &buf, bytes as usize),
+        None => UNKNOWN_HASH,
+    }
+}
+
+/// A lookup of `key` that missed on `dict` in window `w` (`form` says how): reports it with the
+/// reader's frames and the key's bytes, and keeps the key to be judged at the window's close (or
+/// sends an unknown verdict at once). `hash` is the key's, where the caller computed it, else
+/// [`UNKNOWN_HASH`]: then [`key_hash`] of the bytes copied. Inlined: BPF calls take five
+/// arguments at most.
+#[inline(always)]
+#[allow(clippy::too_many_arguments)]
+fn missed(
+    regs: &aya_ebpf::bindings::pt_regs,
+    tid: u32,
+    cfg: &ProbeConfig,
+    py: Interp,
+    w: &Window,
+    dict: ObjKey,
+    key: u64,
+    hash: i64,
+    form: u32,
+) {
     let raised_ns = unsafe { bpf_ktime_get_ns() };
     stack(regs, tid, raised_ns, cfg, w.open_ns);
     let Some(mut entry) = EVENTS.reserve::<KeyErrorEvent>(0) else {
@@ -353,19 +506,19 @@ fn keyerror(ctx: &ProbeContext, cfg: &ProbeConfig, key: u64) {
         return;
     };
     let e = entry.as_mut_ptr();
-    let hash;
+    let mut hash = hash;
     // SAFETY: `e` points at reserved ring-buffer memory of the event's size; every field is set
     // (failed reads leave zeros) before submit.
     unsafe {
         (*e).kind = EventKind::KeyError as u32;
         (*e).reader_tid = tid;
-        (*e).tgid = who.tgid;
+        (*e).tgid = dict.tgid;
         (*e).window = cfg.window;
-        (*e).dict = object;
+        (*e).dict = dict.object;
         (*e).raised_ns = raised_ns;
         (*e).window_open_ns = w.open_ns;
         (*e).writer_tid = w.writer_tid;
-        (*e)._pad = 0;
+        (*e).form = form;
         (*e).key = key;
         (*e).reader_comm = comm();
         (*e).key_type = [0; detector_common::TYPE_NAME_LEN];
@@ -382,11 +535,13 @@ fn keyerror(ctx: &ProbeContext, cfg: &ProbeConfig, key: u64) {
             let header = &mut (&mut (*e).key_obj)[..KEY_HEADER_LEN];
             let _ = bpf_probe_read_user_buf(key as *const u8, header);
         }
-        hash = key_hash(&(*e).key_type, &(*e).key_obj, py.layout.long_tagged != 0);
+        if hash == UNKNOWN_HASH {
+            hash = key_hash(&(*e).key_type, &(*e).key_obj, py.layout.long_tagged != 0);
+        }
         (*e).hash = hash;
     }
     entry.submit(wakeup_flags());
-    // Reserved after the KeyError, so userspace reads the verdict after it.
+    // Reserved after the event, so userspace reads the verdict after it.
     if !add_pending(dict, key, hash) {
         verdict(&dict, key, hash, KEY_UNKNOWN);
     }

@@ -185,6 +185,12 @@ pub struct PythonArgs {
     /// windows) instead of sampling them 20 ms of every second: each `d[k]` then pays a trap.
     #[arg(long)]
     pub every_lookup: bool,
+    /// Also count the quiet misses in a window: `d.get(k)` returning its default and `k in d`
+    /// false, for keys the refill brings back. Probes every `.get` and `in` on a dict (a trap
+    /// each, which a reader doing little else pays in speed: see docs/BENCHMARKS.md); off, only
+    /// the `d[k]` that raise KeyError are counted.
+    #[arg(long)]
+    pub quiet_misses: bool,
     /// The interpreter file to probe (the python executable, or the libpython it links), for a
     /// command that is not python itself: a wrapper that execs it (`chroot`, `env`) or a server
     /// that embeds it (uwsgi). Without it, racewatch asks the command's python where it lives.

@@ -2,6 +2,8 @@
 
 use std::{path::Path, process::ExitCode};
 
+use detector_common::FORM_NAMES;
+
 use clap::{CommandFactory as _, Parser as _};
 
 use detector_user::{
@@ -78,14 +80,16 @@ fn python_plan(
     window: u32,
     args: &PythonArgs,
 ) -> Result<(Plan, python::layout::Layout), Failure> {
-    python::plan(
-        interp,
-        window,
-        args.provoke.is_some(),
-        args.every_lookup,
-        args.run.verbose,
-    )
-    .map_err(Failure::usage)
+    python::plan(interp, window, &python_options(args)).map_err(Failure::usage)
+}
+
+fn python_options(args: &PythonArgs) -> python::Options {
+    python::Options {
+        provoke: args.provoke.is_some(),
+        every_lookup: args.every_lookup,
+        quiet_misses: args.quiet_misses,
+        verbose: args.run.verbose,
+    }
 }
 
 /// A system-wide run: every interpreter file the host's CPython processes map, each a window;
@@ -95,8 +99,7 @@ fn python_on_host(
     args: &PythonArgs,
     unwatched: &mut Vec<String>,
 ) -> Result<(Vec<Plan>, python::host::Host), Failure> {
-    let mut host =
-        python::host::Host::new(args.provoke.is_some(), args.every_lookup, args.run.verbose);
+    let mut host = python::host::Host::new(python_options(args));
     let (mut plans, refused) = host.scan().map_err(Failure::usage)?;
     unwatched.extend(refused);
     if plans.is_empty() {
@@ -129,13 +132,19 @@ async fn python(args: PythonArgs) -> Result<ExitCode, Failure> {
     preflight::check().map_err(Failure::usage)?;
     // Each KeyError's key is read with its window's interpreter's object layout.
     let objects = layouts.clone();
+    let forms: &[&str] = if args.quiet_misses {
+        &FORM_NAMES
+    } else {
+        &FORM_NAMES[..1]
+    };
     let correlator = Correlator::new(
         Vec::new(),
         Some(Box::new(move |k| {
             let layout = *objects.borrow().get(k.window as usize)?;
             python::key::render(k, &layout.objects)
         })),
-    );
+    )
+    .counting_forms(forms);
     let provoke_ns = args.provoke.map_or(0, |d| d.as_nanos() as u64);
     let front = session::Front {
         plans,

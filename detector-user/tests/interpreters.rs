@@ -235,11 +235,12 @@ fn build_then_swap_is_clean_on_debian_13() {
 }
 
 /// Launches `script` (as `build`'s interpreter sees it) with `script_args` under `racewatch python
-/// --json` (through `--interpreter` where the command is `chroot`): its exit status, the
-/// script's ground truth and racewatch's summary.
+/// --json` and `flags` (through `--interpreter` where the command is `chroot`): its exit status,
+/// the script's ground truth and racewatch's summary.
 fn launched(
     build: &Build,
     tag: &str,
+    flags: &[&str],
     script: &str,
     script_args: &[&str],
 ) -> (
@@ -252,6 +253,7 @@ fn launched(
         build.run.join("_").replace('/', "_")
     ));
     let mut args = vec!["python", "--json", "-o", out.to_str().unwrap()];
+    args.extend(flags);
     if let Some(i) = &build.interpreter {
         args.extend(["--interpreter", i]);
     }
@@ -270,6 +272,7 @@ fn launched_exact(build: Build) {
     let (code, truth, summary) = launched(
         &build,
         "launched",
+        &[],
         &build.worker,
         // Racing from the start (the container's arguments less --bug-on-signal).
         &[&["--seconds", "2"][..], &CONTAINER_WORKER[1..]].concat(),
@@ -281,21 +284,25 @@ fn launched_exact(build: Build) {
     assert_eq!(code, Some(1));
 }
 
+/// `script` from demo/, copied into `build`'s root when it runs in one, as its interpreter sees it.
+fn demo_script(build: &Build, script: &str) -> String {
+    let path = common::workspace().join("demo").join(script);
+    match build.interpreter.as_deref() {
+        Some(interpreter) => {
+            let root = interpreter.split("/usr/bin/").next().unwrap();
+            std::fs::copy(&path, format!("{root}/tmp/{script}")).expect("copy the script in");
+            format!("/tmp/{script}")
+        }
+        None => path.display().to_string(),
+    }
+}
+
 /// demo/decoys.py under `build`: the writer's own KeyErrors, another dict's with the same key
 /// objects, a KeyError caught and re-raised, and three windows open at once (a dict, an instance
 /// of a dict subclass, an OrderedDict), exact.
 fn decoys_exact(build: Build) {
-    let decoys = common::workspace().join("demo/decoys.py");
-    let script = match build.interpreter.as_deref() {
-        // Through chroot: the script copied into the root, named as it sees it.
-        Some(interpreter) => {
-            let root = interpreter.split("/usr/bin/").next().unwrap();
-            std::fs::copy(&decoys, format!("{root}/tmp/decoys.py")).expect("copy the decoys in");
-            "/tmp/decoys.py".to_string()
-        }
-        None => decoys.display().to_string(),
-    };
-    let (code, truth, summary) = launched(&build, "decoys", &script, &["2"]);
+    let script = demo_script(&build, "decoys.py");
+    let (code, truth, summary) = launched(&build, "decoys", &[], &script, &["2"]);
     let what = format!("{}: {truth:?}; {summary}", build.run.join(" "));
     assert!(
         truth["window_keyerrors"] > 0 && truth["writer_keyerrors"] > 0,
@@ -317,10 +324,9 @@ fn decoys_exact(build: Build) {
     assert_eq!(code, Some(1), "{what}");
 }
 
-#[test]
-#[ignore = "root"]
-fn the_decoys_are_exact_on_every_interpreter() {
-    for build in [
+/// The six interpreters: pyenv's source builds with symbols, Debian's stripped LTO builds.
+fn every_interpreter() -> [Build; 6] {
+    [
         pyenv("3.11.7", "3.11"),
         pyenv("3.12.1", "3.12"),
         pyenv("3.13.0", "3.13"),
@@ -332,8 +338,75 @@ fn the_decoys_are_exact_on_every_interpreter() {
         },
         debian("trixie", "python3.13"),
         debian("sid", "python3.14"),
-    ] {
+    ]
+}
+
+#[test]
+#[ignore = "root"]
+fn the_decoys_are_exact_on_every_interpreter() {
+    for build in every_interpreter() {
         decoys_exact(build);
+    }
+}
+
+/// demo/quiet.py under `build` with `--quiet-misses`: every `d.get` that returned None and every
+/// `k in d` that said no for a key the refill brought back is counted, each by its form, and
+/// lookups of keys never there are not; with build-then-swap, nothing.
+fn quiet_exact(build: Build) {
+    let script = demo_script(&build, "quiet.py");
+    let flags = ["--quiet-misses"];
+    // A short sleep inside each window keeps the race firing on a loaded machine.
+    let args = ["--seconds", "2", "--gap-ms", "0.1", "--absent-every", "10"];
+    let (code, truth, summary) = launched(&build, "quiet", &flags, &script, &args);
+    let what = format!("{}: {truth:?}; {summary}", build.run.join(" "));
+    assert!(
+        truth["get_misses"] > 0 && truth["contains_misses"] > 0,
+        "{what}"
+    );
+    let forms = &summary["misses_by_form"];
+    assert_eq!(forms["get"], truth["get_misses"], "{what}");
+    assert_eq!(forms["contains"], truth["contains_misses"], "{what}");
+    assert_eq!(forms["subscript"], 0, "{what}");
+    assert_eq!(
+        summary["misses_in_window"],
+        truth["get_misses"] + truth["contains_misses"],
+        "{what}"
+    );
+    for zero in [
+        "unjudged_quiet_lookups",
+        "unrefilled_keyerrors",
+        "lost_events",
+    ] {
+        assert_eq!(summary[zero], 0, "{zero}: {what}");
+    }
+    assert_eq!(code, Some(1), "{what}");
+    let (code, truth, summary) = launched(
+        &build,
+        "quiet-fixed",
+        &flags,
+        &script,
+        &["--seconds", "1", "--fixed"],
+    );
+    let what = format!("--fixed {}: {truth:?}; {summary}", build.run.join(" "));
+    assert!(
+        truth["get_lookups"] > 0 && truth["contains_lookups"] > 0,
+        "{what}"
+    );
+    assert_eq!(summary["misses_in_window"], 0, "{what}");
+    assert_eq!(summary["windows"], 0, "{what}");
+    assert_eq!(code, Some(0), "{what}");
+}
+
+#[test]
+#[ignore = "root"]
+fn quiet_misses_are_exact_on_every_interpreter_but_3_14() {
+    // Debian sid's 3.14 is left out: in about half the runs, one `.get` miss of the run's first
+    // windows goes uncounted (README, "Quiet misses"), a bug still open.
+    for build in every_interpreter()
+        .into_iter()
+        .filter(|b| !b.run.iter().any(|a| a == "python3.14"))
+    {
+        quiet_exact(build);
     }
 }
 

@@ -268,6 +268,53 @@ fn a_dict_subclass_s_keyerrors_are_counted() {
     assert_eq!(code, 1);
 }
 
+/// demo/quiet.py under `racewatch python` with `flags`: (exit code, truth, stdout).
+fn watch_quiet(flags: &[&str]) -> (i32, std::collections::HashMap<String, u64>, String) {
+    let quiet = workspace().join("demo/quiet.py");
+    let mut args = vec!["python"];
+    args.extend(flags);
+    args.extend(["--", "python3", quiet.to_str().unwrap()]);
+    args.extend(["--seconds", "1", "--gap-ms", "0.1"]);
+    let o = racewatch(&args);
+    let out = String::from_utf8_lossy(&o.stdout).into_owned();
+    (
+        o.status.code().unwrap_or(-1),
+        worker_truth(&stderr(&o)),
+        out,
+    )
+}
+
+#[test]
+#[ignore = "root"]
+fn quiet_misses_are_named_by_their_form() {
+    let (code, truth, out) = watch_quiet(&["--quiet-misses"]);
+    let (get, contains) = (truth["get_misses"], truth["contains_misses"]);
+    assert!(get > 0 && contains > 0, "{truth:?}");
+    let race = |form: &str| {
+        out.lines()
+            .any(|l| l.starts_with("RACE cache ") && l.contains(&format!("' {form} while writer")))
+    };
+    assert!(race("with d.get") && race("with `in`"), "{out}");
+    let forms = format!("racewatch: misses by form: contains {contains}, get {get}, subscript 0");
+    assert!(out.lines().any(|l| l == forms), "no {forms:?} in\n{out}");
+    assert_eq!(code, 1);
+}
+
+#[test]
+#[ignore = "root"]
+fn without_quiet_misses_the_summary_says_they_are_not_watched() {
+    let (code, truth, out) = watch_quiet(&[]);
+    assert!(
+        truth["get_misses"] + truth["contains_misses"] > 0,
+        "{truth:?}"
+    );
+    assert!(!out.contains("RACE cache"), "{out}");
+    let hint = "racewatch: misses by form: subscript 0 (d.get and `in` are not watched: \
+                --quiet-misses counts them too)";
+    assert!(out.lines().any(|l| l == hint), "no {hint:?} in\n{out}");
+    assert_eq!(code, 0);
+}
+
 #[test]
 fn a_process_that_is_not_python_is_refused() {
     let mut sleeper = Command::new("sleep").arg("30").spawn().unwrap();

@@ -312,6 +312,11 @@ pub fn run(runs: usize, seconds: f64, baseline: Option<&Path>, soak_minutes: f64
             "racewatch python --every-lookup (every dict lookup counted)",
             &["python", "--every-lookup"],
         ),
+        racewatch_config(
+            &racewatch,
+            "racewatch python --quiet-misses (every d.get and `in` trapped)",
+            &["python", "--quiet-misses"],
+        ),
     ];
     if let Some(base) = baseline {
         let base = base.to_string_lossy().into_owned();
@@ -398,6 +403,7 @@ pub fn run(runs: usize, seconds: f64, baseline: Option<&Path>, soak_minutes: f64
     ];
     let workloads: Vec<Workload> = workloads
         .into_iter()
+        .chain([quiet_workload(&racewatch, &interpreter, &secs)])
         .chain(interpreter_workloads(&racewatch, &worker, &secs)?)
         .collect();
     let mut doc = header(runs, seconds)?;
@@ -529,6 +535,62 @@ const ZOO_LOADS: [ZooLoad; 2] = [
         args: &["0"],
     },
 ];
+
+const QUIET_TITLE: &str = "Python quiet readers (demo/quiet.py: `d.get` and `in`, no KeyError)";
+
+/// demo/quiet.py, whose readers miss only quietly, unobserved, under `racewatch python` and with
+/// `--quiet-misses`, which traps every `.get` and `in`.
+fn quiet_workload(racewatch: &str, interpreter: &str, secs: &str) -> Workload {
+    let quiet = workspace_root().join("demo/quiet.py");
+    Workload {
+        title: QUIET_TITLE.into(),
+        short: "python quiet readers".into(),
+        command: strings(&[interpreter, &quiet.to_string_lossy(), "--seconds", secs]),
+        truth_prefix: "worker: ",
+        rate: "get_lookups",
+        misses: "get_misses",
+        configs: vec![
+            unobserved(),
+            racewatch_config(racewatch, "racewatch python", &["python"]),
+            racewatch_config(
+                racewatch,
+                "racewatch python --quiet-misses (every d.get and `in` trapped)",
+                &["python", "--quiet-misses"],
+            ),
+        ],
+    }
+}
+
+/// `cargo xtask bench --quiet`: the quiet readers' table alone, put in docs/BENCHMARKS.md in
+/// place of the one there (or before the time to the first finding).
+pub fn run_quiet(runs: usize, seconds: f64) -> Result<()> {
+    if !crate::is_root() {
+        bail!("the benchmark loads BPF programs: run it as root");
+    }
+    let racewatch = build_racewatch()?.to_string_lossy().into_owned();
+    let interpreter = ask_python("import sys; print(sys.executable)")?;
+    let w = quiet_workload(&racewatch, &interpreter, &seconds.to_string());
+    let mut section = String::new();
+    table(&w, &measure(&w, runs, seconds)?, &mut section)?;
+    let path = workspace_root().join("docs/BENCHMARKS.md");
+    let doc = std::fs::read_to_string(&path)
+        .with_context(|| format!("cannot read {}", path.display()))?;
+    let next = doc.find(crate::first_finding::TITLE).context(
+        "docs/BENCHMARKS.md has no time to the first finding to put the table before: run the \
+         whole bench",
+    )?;
+    let start = doc.find(&format!("\n### {QUIET_TITLE}")).unwrap_or(next);
+    let end = doc[start + 1..]
+        .find("\n### ")
+        .map_or(next, |i| start + 1 + i);
+    std::fs::write(&path, format!("{}{section}{}", &doc[..start], &doc[end..]))?;
+    eprintln!(
+        "bench: wrote the quiet readers' table into {}",
+        path.display()
+    );
+    print!("{section}");
+    Ok(())
+}
 
 /// `cargo xtask bench --zoo`: the zoo's tables alone, put in docs/BENCHMARKS.md in place of the
 /// ones there.

@@ -65,6 +65,10 @@ enum Task {
         /// table in docs/BENCHMARKS.md in place of the one there.
         #[arg(long, conflicts_with = "zoo")]
         first_finding: bool,
+        /// Measure the quiet readers alone (demo/quiet.py, `racewatch python --quiet-misses`),
+        /// and put their table in docs/BENCHMARKS.md in place of the one there.
+        #[arg(long, conflicts_with_all = ["zoo", "first_finding"])]
+        quiet: bool,
     },
 }
 
@@ -150,6 +154,12 @@ fn main() -> Result<()> {
             first_finding: true,
             ..
         } => bench::run_first_finding(runs),
+        Task::Bench {
+            runs,
+            seconds,
+            quiet: true,
+            ..
+        } => bench::run_quiet(runs, seconds),
         Task::Bench {
             runs,
             seconds,

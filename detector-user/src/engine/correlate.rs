@@ -3,7 +3,7 @@
 use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
 
 use detector_common::{
-    Event, KEY_ABSENT, KeyErrorEvent, KeyVerdict, LookupEvent, ObjKey, WindowEvent,
+    Event, FORM_NAMES, KEY_ABSENT, KeyErrorEvent, KeyVerdict, LookupEvent, ObjKey, WindowEvent,
 };
 
 use crate::{engine::stack::Stack, text::comm_str};
@@ -28,6 +28,8 @@ pub struct Alert {
     pub miss: Option<bool>,
     /// The missing key, rendered (Python).
     pub key: Option<String>,
+    /// How a Python lookup missed: "subscript" (`d[k]` raised KeyError), "get", "contains".
+    pub form: Option<&'static str>,
     /// Where the reader looked up, innermost frame first; `None` when no stack was captured.
     pub reader_stack: Option<Stack>,
     /// Where the writer opened the window, innermost frame first.
@@ -129,6 +131,8 @@ pub struct Correlator {
     missed: HashMap<ObjKey, VecDeque<u64>>,
     /// KeyError alerts awaiting their key's verdict, by (dict, key address, key hash).
     held: HashMap<(ObjKey, u64, i64), Vec<Alert>>,
+    /// Python: the misses in a window by the form of the lookup, for each form watched.
+    by_form: Option<BTreeMap<&'static str, u64>>,
     counts: Counts,
     /// The same counts, per process that had a window.
     per_process: BTreeMap<u32, Counts>,
@@ -161,6 +165,7 @@ impl Correlator {
             caches: HashSet::new(),
             missed: HashMap::new(),
             held: HashMap::new(),
+            by_form: None,
             counts: Counts::default(),
             per_process: BTreeMap::new(),
             per_window: BTreeMap::new(),
@@ -168,6 +173,18 @@ impl Correlator {
             processes_dropped: 0,
             dropped: Vec::new(),
         }
+    }
+
+    /// Counts the misses in a window by form (Python), for each of `forms` (the summary shows a
+    /// form racewatch watched with none as 0, and one it did not watch not at all).
+    pub fn counting_forms(mut self, forms: &[&'static str]) -> Correlator {
+        self.by_form = Some(forms.iter().map(|f| (*f, 0)).collect());
+        self
+    }
+
+    /// The misses in a window by form, where forms are counted.
+    pub fn misses_by_form(&self) -> Option<&BTreeMap<&'static str, u64>> {
+        self.by_form.as_ref()
     }
 
     /// Processes that ended with a window and whose own counts were dropped to bound memory.
@@ -302,6 +319,9 @@ impl Correlator {
             c.lookups_in_window += 1;
             c.misses_in_window += 1;
         });
+        if let (Some(forms), Some(form)) = (&mut self.by_form, a.form) {
+            *forms.entry(form).or_default() += 1;
+        }
         self.count_window_missed(a.obj(), a.window_open_ns);
     }
 
@@ -409,6 +429,7 @@ impl Correlator {
             lookup_ns: l.lookup_ns,
             miss,
             key: None,
+            form: None,
             reader_stack: self.reader_stack(l.tgid, l.reader_tid, l.lookup_ns, l.window_open_ns),
             writer_stack,
         })
@@ -433,6 +454,7 @@ impl Correlator {
             lookup_ns: k.raised_ns,
             miss: Some(true),
             key: self.render_key.as_ref().and_then(|r| r(k)),
+            form: FORM_NAMES.get(k.form as usize).copied(),
             reader_stack,
             writer_stack,
         };
@@ -465,7 +487,8 @@ impl Correlator {
 mod tests {
     use super::*;
     use detector_common::{
-        COMM_LEN, EventKind, KEY_OBJ_LEN, KEY_PRESENT, KEY_UNKNOWN, TYPE_NAME_LEN, UNKNOWN_HASH,
+        COMM_LEN, EventKind, FORM_SUBSCRIPT, KEY_OBJ_LEN, KEY_PRESENT, KEY_UNKNOWN, TYPE_NAME_LEN,
+        UNKNOWN_HASH,
     };
 
     /// A 64-bit miss value.
@@ -499,7 +522,7 @@ mod tests {
             raised_ns,
             window_open_ns: 100,
             writer_tid: 1,
-            _pad: 0,
+            form: FORM_SUBSCRIPT,
             key,
             hash,
             reader_comm: [0; COMM_LEN],

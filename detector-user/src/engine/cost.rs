@@ -23,6 +23,8 @@ pub struct Traps {
     pub lookup_miss: bool,
     pub lookup_sample: bool,
     pub keyerror: bool,
+    /// `--quiet-misses`: CPython's `d.get` and `in`.
+    pub quiet_lookup: bool,
 }
 
 impl Traps {
@@ -36,6 +38,7 @@ impl Traps {
             lookup_miss: self.lookup_miss && o.lookup_miss,
             lookup_sample: self.lookup_sample && o.lookup_sample,
             keyerror: self.keyerror && o.keyerror,
+            quiet_lookup: self.quiet_lookup && o.quiet_lookup,
         }
     }
 }
@@ -69,6 +72,7 @@ pub fn required_ns(costs: &Costs, traps: &Traps, hits: &ProbeHits) -> f64 {
         + hits.lookup_return as f64 * costs.return_ns
         + hits.lookup_miss as f64 * trap(costs, traps.lookup_miss)
         + hits.keyerror as f64 * trap(costs, traps.keyerror)
+        + hits.quiet_lookup as f64 * trap(costs, traps.quiet_lookup)
 }
 
 /// What the hazard report's lookup sampling added.
@@ -87,6 +91,8 @@ pub struct ProbeHits {
     /// The lookup's entry during sampling bursts (hazard report).
     pub lookup_sample: u64,
     pub keyerror: u64,
+    /// `--quiet-misses`: every `d.get` and `in` on a dict.
+    pub quiet_lookup: u64,
 }
 
 /// The time racewatch's probes added to the target: each probe's hits times what one hit costs on
@@ -152,18 +158,21 @@ mod tests {
             lookup_miss: true,
             lookup_sample: true,
             keyerror: true,
+            quiet_lookup: false,
         };
         let hits = ProbeHits {
             clear: 10,
             refill_entry: 10,
             refill_return: 10,
             lookup_miss: 5,
+            quiet_lookup: 3,
             ..ProbeHits::default()
         };
-        // 10 emulated clears, 10 single-stepped refill entries, 10 returns, 5 emulated misses.
+        // 10 emulated clears, 10 single-stepped refill entries, 10 returns, 5 emulated misses,
+        // 3 single-stepped quiet lookups.
         assert_eq!(
             added_ns(&costs, &traps, &hits),
-            10_000.0 + 100_000.0 + 20_000.0 + 5_000.0
+            10_000.0 + 100_000.0 + 20_000.0 + 5_000.0 + 30_000.0
         );
     }
 

@@ -202,6 +202,7 @@ mod tests {
             lookup_ns: 20,
             miss,
             key: None,
+            form: None,
             reader_stack: reader,
             writer_stack: writer,
         }

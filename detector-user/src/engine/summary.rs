@@ -33,6 +33,9 @@ pub struct Summary {
     /// KeyErrors raised while a window of their process was open whose dict the kernel could
     /// not find: each may be a miss the run did not see (listed in `unwatched` too).
     pub unplaced_keyerrors: u64,
+    /// `--quiet-misses`: `d.get` and `in` in a window whose key the kernel could not hash or look
+    /// up, so could not tell whether it missed (listed in `unwatched` too).
+    pub unjudged_quiet_lookups: u64,
     /// Writers' stacks a reader landing in their window could not copy, the writer having left
     /// the window meanwhile: those alerts show no writer's stack.
     pub writer_stacks_unread: u64,
@@ -67,6 +70,11 @@ pub struct Summary {
     /// Processes that ended with a window and left `processes` to bound racewatch's memory
     /// (their counts stay in the totals).
     pub processes_dropped: u64,
+    /// Python: the misses in a window by how the lookup missed ("subscript": `d[k]` raised
+    /// KeyError; "get": `d.get(k)` returned its default; "contains": `k in d` was false), for
+    /// each form watched (`--quiet-misses` adds get and contains).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub misses_by_form: Option<BTreeMap<String, u64>>,
     /// What the run could not watch. A run with any entry here is no all-clear: racewatch exits 4
     /// instead of 0 when it also found no race.
     pub unwatched: Vec<String>,

@@ -433,8 +433,16 @@ impl Loaded {
                     self.attach_one("on_lookup_miss", "lookup miss", bin, f, site.offset, &miss)?;
                 }
             }
-            LookupProbe::KeyError { function, inline } => {
+            LookupProbe::KeyError {
+                function,
+                inline,
+                quiet,
+            } => {
                 self.attach_one("on_keyerror", "KeyError", bin, &function.function, 0, cfg)?;
+                for q in quiet {
+                    let at = q.at();
+                    self.attach_one(q.program(), "quiet miss", bin, &at.function, at.offset, cfg)?;
+                }
                 for (f, offsets) in inline {
                     for &offset in offsets {
                         self.attach_one("on_keyerror_inline", "KeyError", bin, f, offset, cfg)?;

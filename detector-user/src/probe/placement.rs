@@ -65,8 +65,22 @@ pub fn place_entry(
     object: Option<ObjectAt>,
     verbose: bool,
 ) -> Placed {
-    let site =
-        code_of(binary, &f).and_then(|code| entry_site(&code, f.address, &reads(arg, object)));
+    Placed {
+        object,
+        ..place_entry_reading(binary, role, f, &reads(arg, object), verbose)
+    }
+}
+
+/// Where a probe that reads registers `regs` as `f`'s entry left them goes: the first emulated
+/// prologue instruction before which they still hold them, or the entry itself.
+pub fn place_entry_reading(
+    binary: &Path,
+    role: &str,
+    f: Function,
+    regs: &[Register],
+    verbose: bool,
+) -> Placed {
+    let site = code_of(binary, &f).and_then(|code| entry_site(&code, f.address, regs));
     let (offset, emulated) = match site {
         Ok(site) => {
             if verbose {
@@ -96,7 +110,7 @@ pub fn place_entry(
         function: f,
         offset,
         emulated,
-        object,
+        object: None,
     }
 }
 

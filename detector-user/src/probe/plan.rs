@@ -87,7 +87,38 @@ pub enum LookupProbe {
         function: Placed,
         /// Where the KeyError is raised inline: each function and the offsets in it.
         inline: Vec<(Function, Vec<u64>)>,
+        /// `--quiet-misses`: the dict's `.get` and `in`, probed at every call.
+        quiet: Vec<Quiet>,
     },
+}
+
+/// A CPython dict lookup that misses without an exception, probed at its entry: the kernel tells
+/// a miss from the dict's table before the lookup runs.
+#[derive(Clone, Debug)]
+pub enum Quiet {
+    /// `d.get(k)`: `dict_get(self, args, nargs)`, the key `args[0]`.
+    Get(Placed),
+    /// `k in d`: the dict type's `sq_contains(self, key)`.
+    Contains(Placed),
+    /// `k in d` inlined into the eval loop: its call to the dict lookup `(dict, key, hash, ...)`.
+    ContainsCall(Placed),
+}
+
+impl Quiet {
+    pub fn at(&self) -> &Placed {
+        match self {
+            Quiet::Get(p) | Quiet::Contains(p) | Quiet::ContainsCall(p) => p,
+        }
+    }
+
+    /// The kernel program that watches it.
+    pub fn program(&self) -> &'static str {
+        match self {
+            Quiet::Get(_) => "on_dict_get",
+            Quiet::Contains(_) => "on_dict_contains",
+            Quiet::ContainsCall(_) => "on_dict_contains_call",
+        }
+    }
 }
 
 /// CPython `--provoke`: `dict_clear` (its return is probed), `take_gil`, and where a thread
@@ -193,12 +224,19 @@ impl LookupProbe {
 impl Plan {
     /// How each probe traps, for the estimate of the time racewatch adds.
     pub fn traps(&self) -> Traps {
-        let (lookup_entry, lookup_miss, keyerror) = match &self.lookup {
+        let (lookup_entry, lookup_miss, keyerror, quiet_lookup) = match &self.lookup {
             LookupProbe::Entry(p) | LookupProbe::EntryAndReturn { at: p, .. } => {
-                (p.iter().all(|p| p.emulated), true, true)
+                (p.iter().all(|p| p.emulated), true, true, true)
             }
-            LookupProbe::Miss { sites, .. } => (true, sites.iter().all(|s| s.emulated), true),
-            LookupProbe::KeyError { function, .. } => (true, true, function.emulated),
+            LookupProbe::Miss { sites, .. } => (true, sites.iter().all(|s| s.emulated), true, true),
+            LookupProbe::KeyError {
+                function, quiet, ..
+            } => (
+                true,
+                true,
+                function.emulated,
+                quiet.iter().all(|q| q.at().emulated),
+            ),
         };
         Traps {
             clear: self.clear.iter().all(|c| c.emulated),
@@ -214,6 +252,7 @@ impl Plan {
             lookup_miss,
             lookup_sample: self.sample.as_ref().is_none_or(|s| s.at.emulated),
             keyerror,
+            quiet_lookup,
         }
     }
 }

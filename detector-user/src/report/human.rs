@@ -174,14 +174,21 @@ impl<W: Write> Sink for HumanSink<W> {
             .as_deref()
             .map(|k| format!(" key {}", escape(k)))
             .unwrap_or_default();
+        // A quiet miss says how it looked up; a KeyError's line is the `d[k]` one.
+        let form = match a.form {
+            Some("get") => " with d.get",
+            Some("contains") => " with `in`",
+            _ => "",
+        };
         writeln!(
             self.out,
-            "RACE cache {:#x} in {}: reader {} ({}) looked up{} while writer {} ({}) had emptied it {} earlier: {} (window {})",
+            "RACE cache {:#x} in {}: reader {} ({}) looked up{}{} while writer {} ({}) had emptied it {} earlier: {} (window {})",
             a.cache,
             pid_text(a.pid, who),
             a.reader_tid,
             escape(&a.reader_name),
             key,
+            form,
             a.writer_tid,
             writer,
             fmt_ns(a.open_for_ns()),
@@ -287,7 +294,7 @@ impl<W: Write> Sink for HumanSink<W> {
         // Only Python runs judge keys; a watch run has nothing to say here.
         let absent = match c.absent_keys_in_window {
             0 => String::new(),
-            n => format!(" ({n} more KeyErrors in a window were for keys absent after it too)"),
+            n => format!(" ({n} more misses in a window were for keys absent after it too)"),
         };
         let windows = match c.windows {
             0 => "no cache was emptied (0 windows)".to_string(),
@@ -303,6 +310,19 @@ impl<W: Write> Sink for HumanSink<W> {
              {:.1} s, {}",
             c.lookups_in_window, c.misses_in_window, s.lost_events, s.duration_s, s.ended
         )?;
+        if let Some(forms) = &s.misses_by_form {
+            let counted: Vec<String> = forms.iter().map(|(f, n)| format!("{f} {n}")).collect();
+            let quiet = if forms.contains_key("get") {
+                ""
+            } else {
+                " (d.get and `in` are not watched: --quiet-misses counts them too)"
+            };
+            writeln!(
+                self.out,
+                "racewatch: misses by form: {}{quiet}",
+                counted.join(", ")
+            )?;
+        }
         let p = &s.provoke;
         if p.windows > 0 || p.over_budget > 0 {
             writeln!(

@@ -41,6 +41,7 @@ impl<W: Write> Sink for JsonSink<W> {
             "open_for_ns": a.open_for_ns(),
             "miss": a.miss,
             "key": a.key,
+            "form": a.form,
             "pair": pair,
             "reader_stack": a.reader_stack.as_deref(),
             "writer_stack": a.writer_stack.as_deref(),

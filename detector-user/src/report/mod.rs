@@ -78,6 +78,7 @@ mod tests {
             lookup_ns: 9,
             miss: Some(true),
             key: Some(name.to_string()),
+            form: Some("get"),
             reader_stack: None,
             writer_stack: None,
         }

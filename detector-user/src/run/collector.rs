@@ -377,6 +377,13 @@ impl Run<'_> {
                 summary.unplaced_keyerrors
             ));
         }
+        if summary.unjudged_quiet_lookups > 0 {
+            summary.unwatched.push(format!(
+                "{} d.get or `in` lookups in a window whose key racewatch could not hash (only \
+                 str and int keys are) or look up in the dict: each may have missed",
+                summary.unjudged_quiet_lookups
+            ));
+        }
         let cpu = target.cpu_used().map(|d| d.as_nanos() as u64);
         summary.self_cost =
             costs.map(|c| SelfCost::new(c, &traps, &summary.probe_hits, cpu, budget.share));
@@ -562,6 +569,7 @@ fn summary(
         pending_full: stat(Stat::PendingFull),
         unjudged_keys: stat(Stat::UnjudgedKeys),
         unplaced_keyerrors: stat(Stat::UnplacedKeyErrors),
+        unjudged_quiet_lookups: stat(Stat::UnjudgedQuiet),
         writer_stacks_unread: stat(Stat::WriterStacksUnread),
         stacks_shed: stat(Stat::StacksShed),
         decode_errors: feed.decode_errors,
@@ -587,6 +595,10 @@ fn summary(
         windows_by_name: windows_by_name(feed),
         forks: stat(Stat::Forks),
         processes_dropped: feed.correlator.processes_dropped(),
+        misses_by_form: feed
+            .correlator
+            .misses_by_form()
+            .map(|m| m.iter().map(|(f, n)| (f.to_string(), *n)).collect()),
         unwatched: unwatched(
             forks_unfollowed,
             stat(Stat::ForksUnwatched),
@@ -670,5 +682,6 @@ fn probe_hits(s: &[u64]) -> ProbeHits {
         lookup_miss: stat(Stat::HitsLookupMiss),
         lookup_sample: stat(Stat::HitsLookupSample),
         keyerror: stat(Stat::HitsKeyError),
+        quiet_lookup: stat(Stat::HitsQuietLookup),
     }
 }

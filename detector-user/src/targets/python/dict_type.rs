@@ -1,5 +1,6 @@
 //! The dict methods racewatch probes, found through the exported `PyDict_Type`: its method table
-//! holds `clear` and `update`, its number slots `|=`. A stripped build keeps the type and the
+//! holds `clear`, `update` and `get`, its number slots `|=`, its sequence slots `in`, its mapping
+//! slots `d[k]`. A stripped build keeps the type and the
 //! tables it points at, so the static `dict_clear`, `dict_update` and `dict_ior` are found
 //! exactly without a symbol table; `OrderedDict`'s own, the same way through `PyODict_Type`.
 //! `PyTypeObject`'s head is the same from CPython 3.11 to 3.14.
@@ -10,10 +11,13 @@ use super::image::Image;
 // PyTypeObject: tp_name, tp_as_number, tp_methods (PyVarObject head of 24 bytes first).
 const TP_NAME: u64 = 24;
 const TP_AS_NUMBER: u64 = 96;
+const TP_AS_SEQUENCE: u64 = 104;
 const TP_AS_MAPPING: u64 = 112;
 const TP_METHODS: u64 = 232;
-/// PyNumberMethods' `nb_inplace_or`, PyMappingMethods' `mp_subscript`.
+/// PyNumberMethods' `nb_inplace_or`, PySequenceMethods' `sq_contains`, PyMappingMethods'
+/// `mp_subscript`.
 const NB_INPLACE_OR: u64 = 224;
+const SQ_CONTAINS: u64 = 56;
 const MP_SUBSCRIPT: u64 = 8;
 /// PyMethodDef: name, function, flags, doc.
 const METHOD_DEF: u64 = 32;
@@ -21,14 +25,16 @@ const METHOD_FN: u64 = 8;
 /// More methods than any dict type has: the walk stops at the table's NULL name first.
 const MAX_METHODS: u64 = 64;
 
-/// The dict functions `d.clear()`, `d.update(...)`, `d |= x` and a `d[k]` not yet specialised
-/// call.
+/// The dict functions `d.clear()`, `d.update(...)`, `d |= x`, a `d[k]` not yet specialised,
+/// `d.get(k)` and `k in d` call.
 #[derive(Debug)]
 pub struct DictMethods {
     pub clear: Function,
     pub update: Function,
     pub ior: Function,
     pub subscript: Function,
+    pub get: Function,
+    pub contains: Function,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -40,12 +46,14 @@ pub struct DictTypeError {
 /// The dict methods of `image`, read from its `PyDict_Type`.
 pub fn dict_methods(image: &Image) -> Result<DictMethods, DictTypeError> {
     let t = TypeObject::of(image, "PyDict_Type", "dict")?;
-    let [clear, update] = t.methods(["clear", "update"])?;
+    let [clear, update, get] = t.methods(["clear", "update", "get"])?;
     Ok(DictMethods {
         clear: t.function(clear, "clear", "dict_clear")?,
         update: t.function(update, "update", "dict_update")?,
         ior: t.function(t.slot(TP_AS_NUMBER, NB_INPLACE_OR), "|=", "dict_ior")?,
         subscript: t.function(t.slot(TP_AS_MAPPING, MP_SUBSCRIPT), "[]", "dict_subscript")?,
+        get: t.function(get, "get", "dict_get")?,
+        contains: t.function(t.slot(TP_AS_SEQUENCE, SQ_CONTAINS), "in", "dict_contains")?,
     })
 }
 

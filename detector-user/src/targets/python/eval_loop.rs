@@ -3,6 +3,10 @@
 //! yet specialised) inline `_PyErr_SetKeyError`: they pack `(key,)` with a call, then load
 //! `PyExc_KeyError` as an argument of the call that raises it. No symbol marks that code, but the
 //! load does: it reads the exported `PyExc_KeyError` pointer.
+//!
+//! The same builds inline `k in d` (3.13's CONTAINS_OP_DICT calls `PyDict_Contains`) into the
+//! eval loop: there, the call to the dict's lookup function whose result is then told apart as
+//! an error (-3) and as "no entry" (-1) is that `in`.
 use iced_x86::{Decoder, DecoderOptions, FlowControl, Instruction, Mnemonic, OpKind, Register};
 
 use super::image::Image;
@@ -114,6 +118,138 @@ fn writes_rax(ins: &Instruction) -> bool {
         && !matches!(ins.mnemonic(), Mnemonic::Test | Mnemonic::Cmp)
 }
 
+/// Where the interpreter runs `k in d` on a dict besides the dict type's `in`.
+#[derive(Debug, PartialEq, Eq)]
+pub enum InlineContains {
+    /// Its eval loop calls the dict's `in` (the function probed already).
+    Called,
+    /// Link-time optimisation inlined `PyDict_Contains` (into the eval loop's CONTAINS_OP_DICT
+    /// and into C code): the addresses of those copies' calls to the dict's lookup function,
+    /// where the dict, the key and its hash are the call's first three arguments.
+    At(Vec<u64>),
+    /// Neither could be found: why.
+    Unknown(String),
+}
+
+/// How the interpreter in `image` runs `k in d` where it does not call `contains` (the dict
+/// type's `in`; `get` is its `.get`, and the lookup function is the one both call).
+pub fn inline_contains(image: &Image, contains: &Function, get: &Function) -> InlineContains {
+    // Direct calls, through a PLT stub to a function of the file too.
+    let calls = |instrs: &[Instruction]| -> Vec<u64> {
+        instrs
+            .iter()
+            .filter(|i| i.mnemonic() == Mnemonic::Call && i.op0_kind() == OpKind::NearBranch64)
+            .map(|i| through_stub(image, i.near_branch64()))
+            .collect()
+    };
+    let exported = image.function("PyDict_Contains");
+    let eval = image.function("_PyEval_EvalFrameDefault");
+    if let Some(instrs) = eval.as_ref().and_then(|e| decode(image, e)) {
+        let called = calls(&instrs);
+        let probed = [Some(contains), exported.as_ref()];
+        if probed.iter().flatten().any(|f| called.contains(&f.address)) {
+            return InlineContains::Called;
+        }
+    }
+    let (Some(c), Some(g)) = (decode(image, contains), decode(image, get)) else {
+        return InlineContains::Unknown("its dict methods cannot be read".into());
+    };
+    let from_get = calls(&g);
+    let hash = image.symbol("PyObject_Hash").map(|s| s.0);
+    // The first both call (past the key's hash): later shared calls are error paths.
+    let Some(lookup) = calls(&c)
+        .into_iter()
+        .find(|t| from_get.contains(t) && Some(*t) != hash)
+    else {
+        return InlineContains::Unknown("its dict `in` and `.get` call no lookup in common".into());
+    };
+    // The functions probed at their entries already.
+    let probed: Vec<(u64, u64)> = [Some(contains), Some(get), exported.as_ref()]
+        .into_iter()
+        .flatten()
+        .map(|f| (f.address, f.address + f.size.max(1)))
+        .collect();
+    let mut sites = Vec::new();
+    for (start, code) in image.code_sections() {
+        let mut decoder = Decoder::with_ip(64, code, start, DecoderOptions::NONE);
+        for ins in decoder.iter() {
+            if ins.mnemonic() != Mnemonic::Call
+                || ins.op0_kind() != OpKind::NearBranch64
+                || ins.near_branch64() != lookup
+                || probed.iter().any(|&(a, b)| (a..b).contains(&ins.ip()))
+            {
+                continue;
+            }
+            let at = (ins.next_ip() - start) as usize;
+            let after: Vec<Instruction> =
+                Decoder::with_ip(64, &code[at..], ins.next_ip(), DecoderOptions::NONE)
+                    .iter()
+                    .take(RESULT_USE)
+                    .collect();
+            if tells_entry_apart(&after) {
+                sites.push(ins.ip());
+            }
+        }
+    }
+    if sites.is_empty() {
+        return InlineContains::Unknown(
+            "its eval loop calls no dict `in`, and no inlined copy of one was found".into(),
+        );
+    }
+    InlineContains::At(sites)
+}
+
+/// Instructions looked at after a lookup call for how its result is used.
+const RESULT_USE: usize = 8;
+
+/// Whether the code after a call to the dict lookup compares its result (`rax`, the entry's
+/// index) with -3 (an error) and then with -1 (no entry: `cmp $-1` or `add $1`), as
+/// `PyDict_Contains` does, rather than reading the value found (as `d[k]` does), before anything
+/// else is put in `rax`.
+fn tells_entry_apart(after: &[Instruction]) -> bool {
+    let on_rax = |i: &Instruction, m: Mnemonic, v: i64| {
+        i.mnemonic() == m
+            && i.op0_kind() == OpKind::Register
+            && i.op0_register() == Register::RAX
+            && matches!(
+                i.op1_kind(),
+                OpKind::Immediate8to64 | OpKind::Immediate32to64
+            )
+            && i.immediate(1) as i64 == v
+    };
+    let mut error_told = false;
+    for i in after.iter().take(RESULT_USE) {
+        if on_rax(i, Mnemonic::Cmp, -3) {
+            error_told = true;
+        } else if on_rax(i, Mnemonic::Cmp, -1) || on_rax(i, Mnemonic::Add, 1) {
+            return error_told;
+        }
+        if writes_rax(i) || i.flow_control() == FlowControl::Call {
+            return false;
+        }
+    }
+    false
+}
+
+/// The function a call to `at` runs: `at`, or where the PLT stub there jumps (through a GOT
+/// slot the file's relocations fill with a function of its own).
+fn through_stub(image: &Image, at: u64) -> u64 {
+    let Some(code) = image.bytes_at(at, 16) else {
+        return at;
+    };
+    Decoder::with_ip(64, code, at, DecoderOptions::NONE)
+        .iter()
+        .take(2)
+        .find(|i| {
+            i.mnemonic() == Mnemonic::Jmp
+                && i.op0_kind() == OpKind::Memory
+                && i.is_ip_rel_memory_operand()
+        })
+        .and_then(|jmp| image.pointer_at(jmp.ip_rel_memory_address()))
+        .filter(|&target| target != 0)
+        .unwrap_or(at)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -208,5 +344,50 @@ mod tests {
         );
         assert!(!check(&[0x49, 0x81, 0x79, 0x10, 0x40, 0xc8, 0x9f, 0x00]).0);
         assert!(!check(&[0x49, 0x81, 0x79, 0x08, 0x40, 0xc8, 0x9f, 0x01]).0);
+    }
+
+    fn after_call(bytes: &[u8]) -> bool {
+        let i: Vec<Instruction> = Decoder::with_ip(64, bytes, START, DecoderOptions::NONE)
+            .iter()
+            .collect();
+        tells_entry_apart(&i)
+    }
+
+    /// Debian 13's CONTAINS_OP_DICT after its lookup call: -3, then -1; its BINARY_SUBSCR_DICT
+    /// reads the value found instead.
+    #[test]
+    fn the_inlined_in_is_told_from_d_k() {
+        let contains = [
+            0x44, 0x8b, 0x1c, 0x24, // mov (%rsp),%r11d
+            0x48, 0x83, 0xf8, 0xfd, // cmp $-3,%rax
+            0x0f, 0x84, 0x35, 0x7d, 0x00, 0x00, // je
+            0xc7, 0x04, 0x24, 0x00, 0x00, 0x00, 0x00, // movl $0,(%rsp)
+            0x48, 0x83, 0xf8, 0xff, // cmp $-1,%rax
+            0x0f, 0x85, 0x75, 0x5a, 0x00, 0x00, // jne
+        ];
+        assert!(after_call(&contains));
+        let subscript = [
+            0x4c, 0x8b, 0x0c, 0x24, // mov (%rsp),%r9
+            0x48, 0x83, 0xf8, 0xfd, // cmp $-3,%rax
+            0x0f, 0x84, 0xa9, 0x78, 0x00, 0x00, // je
+            0x4c, 0x8b, 0xac, 0x24, 0xe0, 0x00, 0x00, 0x00, // mov 0xe0(%rsp),%r13
+            0x4d, 0x85, 0xed, // test %r13,%r13
+            0x0f, 0x85, 0x4f, 0x5b, 0x00, 0x00, // jne
+        ];
+        assert!(!after_call(&subscript));
+        // Debian sid's 3.14 tests the index with `add $1`.
+        let add_one = [
+            0x48, 0x83, 0xf8, 0xfd, // cmp $-3,%rax
+            0x0f, 0x84, 0x35, 0x7d, 0x00, 0x00, // je
+            0x31, 0xd2, // xor %edx,%edx
+            0x48, 0x83, 0xc0, 0x01, // add $1,%rax
+            0x0f, 0x85, 0x75, 0x5a, 0x00, 0x00, // jne
+        ];
+        assert!(after_call(&add_one));
+        // -1 tested before -3, or after rax is overwritten: not `in`'s.
+        let mut reordered = contains;
+        reordered[7] = 0xff;
+        reordered[24] = 0xfd;
+        assert!(!after_call(&reordered));
     }
 }

@@ -11,7 +11,7 @@ use std::{
     rc::Rc,
 };
 
-use super::{Interpreter, PythonError, for_pid, layout::Layout, plan};
+use super::{Interpreter, Options, PythonError, for_pid, layout::Layout, plan};
 use crate::probe::plan::{Discover, Plan};
 
 /// How often a run on the host looks for new interpreter files, in seconds (the run loop's
@@ -30,10 +30,8 @@ struct Met {
 }
 
 pub struct Host {
-    /// `--provoke`: its handover is set up for the first window's interpreter alone.
-    provoke: bool,
-    every_lookup: bool,
-    verbose: bool,
+    /// Its `--provoke` handover is set up for the first window's interpreter alone.
+    options: Options,
     layouts: Layouts,
     /// Each interpreter file met so far, by (device, inode).
     files: HashSet<(u64, u64)>,
@@ -49,11 +47,9 @@ fn processes(pids: &[u32]) -> String {
 }
 
 impl Host {
-    pub fn new(provoke: bool, every_lookup: bool, verbose: bool) -> Host {
+    pub fn new(options: Options) -> Host {
         Host {
-            provoke,
-            every_lookup,
-            verbose,
+            options,
             layouts: Layouts::default(),
             files: HashSet::new(),
             seen: HashMap::new(),
@@ -108,7 +104,7 @@ impl Host {
     pub fn scan(&mut self) -> Result<(Vec<Plan>, Vec<String>), PythonError> {
         let met = self.meet();
         let first = self.layouts.borrow().is_empty();
-        if self.provoke && first && met.len() > 1 {
+        if self.options.provoke && first && met.len() > 1 {
             return Err(PythonError::ProvokeOnHost {
                 files: met.iter().map(|m| m.interp.image.clone()).collect(),
             });
@@ -128,7 +124,7 @@ impl Host {
                 ));
                 continue;
             }
-            if self.provoke && !first {
+            if self.options.provoke && !first {
                 unwatched.push(format!(
                     "{who}: they run {}, another interpreter, started after racewatch: \
                      --provoke watches one interpreter per run",
@@ -136,13 +132,7 @@ impl Host {
                 ));
                 continue;
             }
-            match plan(
-                &m.interp,
-                window,
-                self.provoke,
-                self.every_lookup,
-                self.verbose,
-            ) {
+            match plan(&m.interp, window, &self.options) {
                 Ok((p, layout)) => {
                     self.layouts.borrow_mut().push(layout);
                     plans.push(p);
@@ -172,13 +162,7 @@ impl Host {
             self.files.insert((meta.dev(), meta.ino()));
         }
         let window = self.layouts.borrow().len() as u32;
-        let (p, layout) = plan(
-            &interp,
-            window,
-            self.provoke,
-            self.every_lookup,
-            self.verbose,
-        )?;
+        let (p, layout) = plan(&interp, window, &self.options)?;
         self.layouts.borrow_mut().push(layout);
         Ok(p)
     }

@@ -101,11 +101,13 @@ impl Image {
                 };
                 let value = match (r_type, r.target()) {
                     (elf::R_X86_64_RELATIVE, _) => Some(r.addend() as u64),
-                    (elf::R_X86_64_64, RelocationTarget::Symbol(i)) => file
-                        .dynamic_symbol_table()
-                        .and_then(|t| t.symbol_by_index(i).ok())
-                        .filter(|s| !s.is_undefined())
-                        .map(|s| s.address().wrapping_add(r.addend() as u64)),
+                    // A PLT's GOT slot: the function the stub jumps to, when the file defines it.
+                    (elf::R_X86_64_64 | elf::R_X86_64_JUMP_SLOT, RelocationTarget::Symbol(i)) => {
+                        file.dynamic_symbol_table()
+                            .and_then(|t| t.symbol_by_index(i).ok())
+                            .filter(|s| !s.is_undefined())
+                            .map(|s| s.address().wrapping_add(r.addend() as u64))
+                    }
                     _ => None,
                 };
                 if let Some(value) = value {
@@ -161,6 +163,16 @@ impl Image {
         let s = self.sections.iter().find(|s| s.name == name)?;
         self.data
             .get(s.offset as usize..(s.offset + s.size) as usize)
+    }
+
+    /// Each section of code: its address and its bytes.
+    pub fn code_sections(&self) -> impl Iterator<Item = (u64, &[u8])> {
+        self.sections.iter().filter(|s| s.text).filter_map(|s| {
+            let bytes = self
+                .data
+                .get(s.offset as usize..(s.offset + s.size) as usize)?;
+            Some((s.address, bytes))
+        })
     }
 
     /// The pointer stored at `vaddr` once the file is loaded (without the load bias).

@@ -126,7 +126,7 @@ mod tests {
             raised_ns: 3,
             window_open_ns: 1,
             writer_tid: 4,
-            _pad: 0,
+            form: 0,
             key: 0x1000,
             hash: 0,
             reader_comm: [0; COMM_LEN],

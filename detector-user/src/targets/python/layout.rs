@@ -337,6 +337,35 @@ pub fn objects(version: (u32, u32)) -> ObjectLayout {
 /// The layout of the interpreter in `image`, whose version its `_Py_DebugOffsets` gives, else
 /// its file name, else the version string (`PY_VERSION`) in its read-only data.
 pub fn layout(image: &Image) -> Result<Layout, LayoutError> {
+    let mut l = read_layout(image)?;
+    l.kernel.ascii_data = l.objects.ascii_data as u64;
+    l.kernel.compact_data = l.objects.compact_data as u64;
+    l.kernel.hash_secret = if hashes_with_siphash13(image) {
+        image.symbol("_Py_HashSecret").map_or(0, |s| s.0)
+    } else {
+        0
+    };
+    Ok(l)
+}
+
+/// Whether the build's str hash is SipHash-1-3 (the default since 3.11; `--with-hash-algorithm`
+/// may pick SipHash-2-4 or FNV): its `PyHash_FuncDef` names the one algorithm it was built with
+/// (the linker packs strings, so a name may follow other bytes without a NUL between).
+fn hashes_with_siphash13(image: &Image) -> bool {
+    image.section(".rodata").is_some_and(|data| {
+        let names: Vec<&[u8]> = data
+            .split(|&b| b == 0)
+            .filter_map(|s| {
+                [&b"siphash13"[..], b"siphash24", b"fnv"]
+                    .into_iter()
+                    .find(|n| s.ends_with(n))
+            })
+            .collect();
+        !names.is_empty() && names.iter().all(|n| *n == b"siphash13")
+    })
+}
+
+fn read_layout(image: &Image) -> Result<Layout, LayoutError> {
     let path = image.path.display().to_string();
     let debug = DebugOffsets::read(image).map_err(|what| LayoutError::DebugOffsets {
         path: path.clone(),

@@ -19,8 +19,10 @@ use std::{
     process::Command,
 };
 
+use iced_x86::Register;
+
 use crate::probe::{
-    plan::{GilHandover, LookupProbe, Placed, Plan, RefillProbe, Sample},
+    plan::{GilHandover, LookupProbe, Placed, Plan, Quiet, RefillProbe, Sample},
     symbols::SymbolTable,
 };
 
@@ -219,15 +221,81 @@ fn inline_lookup_sample(
     })
 }
 
+/// What `racewatch python` was asked to watch, beyond the windows and their KeyErrors.
+#[derive(Clone, Copy, Debug)]
+pub struct Options {
+    /// `--provoke`: how to make a writer hand the GIL over.
+    pub provoke: bool,
+    /// `--every-lookup`: count every `d[k]`, not in bursts.
+    pub every_lookup: bool,
+    /// `--quiet-misses`: every `d.get` and `in` on a dict.
+    pub quiet_misses: bool,
+    pub verbose: bool,
+}
+
+/// `--quiet-misses`: `d.get` and `in` at their entries, where the dict and the key are still in
+/// the argument registers; and where 3.13+ specialised `in` (CONTAINS_OP_DICT) into the eval
+/// loop with link-time optimisation, its calls to the lookup there. The second value says what
+/// could not be found.
+fn quiet_probes(
+    image: &image::Image,
+    version: (u32, u32),
+    methods: &dict_type::DictMethods,
+    verbose: bool,
+) -> (Vec<Quiet>, Option<String>) {
+    let args = [Register::RDI, Register::RSI];
+    let place = |role, f: &crate::probe::symbols::Function| {
+        crate::probe::placement::place_entry_reading(&image.path, role, f.clone(), &args, verbose)
+    };
+    let mut quiet = vec![
+        Quiet::Get(place("d.get", &methods.get)),
+        Quiet::Contains(place("in", &methods.contains)),
+    ];
+    if version < (3, 13) {
+        return (quiet, None);
+    }
+    match eval_loop::inline_contains(image, &methods.contains, &methods.get) {
+        eval_loop::InlineContains::Called => (quiet, None),
+        eval_loop::InlineContains::At(sites) => {
+            for at in sites {
+                let Some(function) = image.function_at(at, "PyDict_Contains (inlined)") else {
+                    continue;
+                };
+                if verbose {
+                    eprintln!("racewatch: in: an inlined PyDict_Contains's lookup call at {at:#x}");
+                }
+                quiet.push(Quiet::ContainsCall(Placed {
+                    function,
+                    offset: 0,
+                    emulated: true,
+                    object: None,
+                }));
+            }
+            (quiet, None)
+        }
+        eval_loop::InlineContains::Unknown(why) => (
+            quiet,
+            Some(format!(
+                "`k in d` where {} specialised it (CONTAINS_OP_DICT): {why}",
+                image.path.display()
+            )),
+        ),
+    }
+}
+
 /// What to probe in `interp`, as the run's window `window`, and where its threads keep their
-/// frames; with `provoke`, also how to make a writer hand the GIL over.
+/// frames.
 pub fn plan(
     interp: &Interpreter,
     window: u32,
-    provoke: bool,
-    every_lookup: bool,
-    verbose: bool,
+    options: &Options,
 ) -> Result<(Plan, Layout), PythonError> {
+    let Options {
+        provoke,
+        every_lookup,
+        quiet_misses,
+        verbose,
+    } = *options;
     let path = &interp.image;
     let image = image::Image::load(path)?;
     let layout = layout::layout(&image)?;
@@ -242,6 +310,11 @@ pub fn plan(
         );
     }
     let methods = dict_type::dict_methods(&image)?;
+    let (quiet, no_quiet) = if quiet_misses {
+        quiet_probes(&image, version, &methods, verbose)
+    } else {
+        (Vec::new(), None)
+    };
     let exported = |symbol: &'static str| {
         image.function(symbol).ok_or_else(|| PythonError::Missing {
             image: path.clone(),
@@ -284,6 +357,12 @@ pub fn plan(
                 .into_iter()
                 .chain(ordered_clear.iter().map(|c| ("clear", &c.function)))
                 .chain(refills.iter().map(|r| ("refill", r.function())))
+                .chain(
+                    quiet
+                        .iter()
+                        .filter(|q| !matches!(q, Quiet::ContainsCall(_)))
+                        .map(|q| ("quiet miss", &q.at().function)),
+                )
                 .collect::<Vec<_>>(),
             None,
             &[],
@@ -291,6 +370,7 @@ pub fn plan(
         None => Vec::new(),
     };
     unprobed.extend(no_ordered);
+    unprobed.extend(no_quiet);
     let gil = if provoke {
         let no_provoke = |missing| PythonError::Provoke {
             image: path.clone(),
@@ -352,6 +432,7 @@ pub fn plan(
         lookup: LookupProbe::KeyError {
             function: keyerror_probe,
             inline,
+            quiet,
         },
         sample: Some(sample),
         sample_always: every_lookup,

@@ -1,0 +1,123 @@
+"""racewatch's Python demo of the quiet misses: lookups that find a dict empty and say nothing.
+
+A refresher thread rebuilds a dict cache with clear() then update(), as the seed's worker did.
+Its readers never raise: one asks `cache.get(key)` and takes the None it gets in the window for a
+default, another asks `key in cache` and takes the False for "no such key". Both serve a wrong
+answer and log nothing.
+
+    quiet.py [--fixed] [--seconds S] [--keys N] [--refresh-ms MS] [--switch-interval S]
+             [--gap-ms MS] [--absent-every N]
+
+--fixed            refresh by build-then-swap: no empty window, no quiet miss.
+--gap-ms MS        sleep between clear() and update(), as the seed's repro did: every refresh
+                   then lets the readers in.
+--absent-every N   every N lookups, each reader also asks for a key that never exists (a miss no
+                   window causes).
+
+Ground truth, printed to stderr at exit:
+    worker: pid=P get_lookups=N get_misses=M contains_lookups=N contains_misses=M
+            absent_lookups=A refreshes=R
+where the misses count only keys that always exist (every one of them landed in a window).
+"""
+import argparse
+import os
+import sys
+import threading
+import time
+
+
+class Cache:
+    def __init__(self, data):
+        self._cache = dict(data)
+
+    def refresh(self, data, racy, gap):
+        if racy:
+            self._cache.clear()  # the window opens: the cache is empty until update() returns
+            if gap:
+                time.sleep(gap)  # the seed's repro: widen the window on purpose
+            self._cache.update(data)
+        else:
+            self._cache = dict(data)  # build, then swap: no empty window
+
+
+def parse():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--fixed", action="store_true")
+    ap.add_argument("--seconds", type=float, default=3.0)
+    ap.add_argument("--keys", type=int, default=20000)
+    ap.add_argument("--refresh-ms", type=float, default=5.0)
+    ap.add_argument("--switch-interval", type=float, default=1e-4)
+    ap.add_argument("--gap-ms", type=float, default=0.0)
+    ap.add_argument("--absent-every", type=int, default=0)
+    return ap.parse_args()
+
+
+def main():
+    args = parse()
+    sys.setswitchinterval(args.switch_interval)
+    data = {f"k{i}": i for i in range(args.keys)}
+    keys = list(data)
+    cache = Cache(data)
+    stop = threading.Event()
+    counts = {
+        "get_lookups": 0,
+        "get_misses": 0,
+        "contains_lookups": 0,
+        "contains_misses": 0,
+        "absent_lookups": 0,
+        "refreshes": 0,
+    }
+    lock = threading.Lock()
+
+    def reader(form):
+        out = os.open(os.devnull, os.O_WRONLY)
+        n = len(keys)
+        i = lookups = misses = absent = 0
+        every = args.absent_every
+        while not stop.is_set():
+            # Every other key is built afresh, as code that formats its keys does: a str whose
+            # hash CPython has yet to compute when the lookup begins.
+            key = keys[i % n] if i % 2 else f"k{i % n}"
+            if form == "get":
+                if cache._cache.get(key) is None:
+                    misses += 1
+            elif key not in cache._cache:
+                misses += 1
+            if every and i % every == 0:
+                # Never there: these miss in and out of windows alike, and are no window's doing.
+                if form == "get":
+                    cache._cache.get(f"absent-{i}")
+                else:
+                    f"absent-{i}" in cache._cache
+                absent += 1
+            os.write(out, b"x")
+            i += 1
+            lookups += 1
+        with lock:
+            counts[f"{form}_lookups"] = lookups
+            counts[f"{form}_misses"] = misses
+            counts["absent_lookups"] += absent
+
+    def refresher():
+        while not stop.is_set():
+            cache.refresh(data, not args.fixed, args.gap_ms / 1000)
+            counts["refreshes"] += 1
+            time.sleep(args.refresh_ms / 1000)
+
+    threads = [
+        threading.Thread(target=reader, args=("get",), name="get-reader"),
+        threading.Thread(target=reader, args=("contains",), name="in-reader"),
+        threading.Thread(target=refresher, name="refresher"),
+    ]
+    for t in threads:
+        t.start()
+    time.sleep(args.seconds)
+    stop.set()
+    for t in threads:
+        t.join()
+    line = f"worker: pid={os.getpid()} " + " ".join(f"{k}={v}" for k, v in counts.items())
+    os.write(2, (line + "\n").encode())
+
+
+if __name__ == "__main__":
+    main()
