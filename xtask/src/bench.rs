@@ -579,10 +579,16 @@ pub fn run_quiet(runs: usize, seconds: f64) -> Result<()> {
         "docs/BENCHMARKS.md has no time to the first finding to put the table before: run the \
          whole bench",
     )?;
-    let start = doc.find(&format!("\n### {QUIET_TITLE}")).unwrap_or(next);
-    let end = doc[start + 1..]
-        .find("\n### ")
-        .map_or(next, |i| start + 1 + i);
+    // In place of the table there, else before the time to the first finding.
+    let (start, end) = match doc.find(&format!("\n### {QUIET_TITLE}")) {
+        Some(start) => (
+            start,
+            doc[start + 1..]
+                .find("\n### ")
+                .map_or(next, |i| start + 1 + i),
+        ),
+        None => (next, next),
+    };
     std::fs::write(&path, format!("{}{section}{}", &doc[..start], &doc[end..]))?;
     eprintln!(
         "bench: wrote the quiet readers' table into {}",
