@@ -3,12 +3,16 @@
 A refresher thread rebuilds a dict cache with clear() then update(), as the seed's worker did.
 Its readers never raise: one asks `cache.get(key)` and takes the None it gets in the window for a
 default, another asks `key in cache` and takes the False for "no such key". Both serve a wrong
-answer and log nothing.
+answer and log nothing. A third reads `cache[key]`: on a `Counter` or a `defaultdict(int)`
+(`--kind`) the window answers 0 without a KeyError; on a dict it raises one.
 
-    quiet.py [--fixed] [--seconds S] [--keys N] [--refresh-ms MS] [--switch-interval S]
-             [--gap-ms MS] [--absent-every N]
+    quiet.py [--fixed] [--kind dict|counter|defaultdict] [--seconds S] [--keys N]
+             [--refresh-ms MS] [--switch-interval S] [--gap-ms MS] [--absent-every N]
 
 --fixed            refresh by build-then-swap: no empty window, no quiet miss.
+--kind K           the cache's type: dict (default), collections.Counter, or
+                   collections.defaultdict(int), whose `__missing__` answers 0 (and, for the
+                   defaultdict, inserts it).
 --gap-ms MS        sleep between clear() and update(), as the seed's repro did: every refresh
                    then lets the readers in.
 --absent-every N   every N lookups, each reader also asks for a key that never exists (a miss no
@@ -16,19 +20,28 @@ answer and log nothing.
 
 Ground truth, printed to stderr at exit:
     worker: pid=P get_lookups=N get_misses=M contains_lookups=N contains_misses=M
-            absent_lookups=A refreshes=R
+            subscript_lookups=N subscript_misses=M absent_lookups=A refreshes=R
 where the misses count only keys that always exist (every one of them landed in a window).
 """
 import argparse
+import collections
 import os
 import sys
 import threading
 import time
 
 
+KINDS = {
+    "dict": dict,
+    "counter": collections.Counter,
+    "defaultdict": lambda data: collections.defaultdict(int, data),
+}
+
+
 class Cache:
-    def __init__(self, data):
-        self._cache = dict(data)
+    def __init__(self, data, kind):
+        self._kind = kind
+        self._cache = kind(data)
 
     def refresh(self, data, racy, gap):
         if racy:
@@ -37,12 +50,13 @@ class Cache:
                 time.sleep(gap)  # the seed's repro: widen the window on purpose
             self._cache.update(data)
         else:
-            self._cache = dict(data)  # build, then swap: no empty window
+            self._cache = self._kind(data)  # build, then swap: no empty window
 
 
 def parse():
     ap = argparse.ArgumentParser()
     ap.add_argument("--fixed", action="store_true")
+    ap.add_argument("--kind", choices=sorted(KINDS), default="dict")
     ap.add_argument("--seconds", type=float, default=3.0)
     ap.add_argument("--keys", type=int, default=20000)
     ap.add_argument("--refresh-ms", type=float, default=5.0)
@@ -55,15 +69,18 @@ def parse():
 def main():
     args = parse()
     sys.setswitchinterval(args.switch_interval)
-    data = {f"k{i}": i for i in range(args.keys)}
+    # Values from 1: a 0 from a Counter or a defaultdict is its `__missing__`'s answer.
+    data = {f"k{i}": i + 1 for i in range(args.keys)}
     keys = list(data)
-    cache = Cache(data)
+    cache = Cache(data, KINDS[args.kind])
     stop = threading.Event()
     counts = {
         "get_lookups": 0,
         "get_misses": 0,
         "contains_lookups": 0,
         "contains_misses": 0,
+        "subscript_lookups": 0,
+        "subscript_misses": 0,
         "absent_lookups": 0,
         "refreshes": 0,
     }
@@ -81,9 +98,16 @@ def main():
             if form == "get":
                 if cache._cache.get(key) is None:
                     misses += 1
-            elif key not in cache._cache:
-                misses += 1
-            if every and i % every == 0:
+            elif form == "contains":
+                if key not in cache._cache:
+                    misses += 1
+            else:
+                try:
+                    if cache._cache[key] == 0:
+                        misses += 1
+                except KeyError:
+                    misses += 1
+            if every and i % every == 0 and form != "subscript":
                 # Never there: these miss in and out of windows alike, and are no window's doing.
                 if form == "get":
                     cache._cache.get(f"absent-{i}")
@@ -107,6 +131,7 @@ def main():
     threads = [
         threading.Thread(target=reader, args=("get",), name="get-reader"),
         threading.Thread(target=reader, args=("contains",), name="in-reader"),
+        threading.Thread(target=reader, args=("subscript",), name="subscript-reader"),
         threading.Thread(target=refresher, name="refresher"),
     ]
     for t in threads:

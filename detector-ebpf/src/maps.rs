@@ -6,9 +6,9 @@ use aya_ebpf::{
     maps::{Array, HashMap, LruHashMap, PerCpuArray, RingBuf},
 };
 use detector_common::{
-    EVENTS_BYTES_DEFAULT, GilHold, Inflight, MAX_CACHES, MAX_INFLIGHT, MAX_PENDING, MAX_PROBES,
-    MAX_READERS, MAX_WATCHED, MAX_WINDOWS, ObjKey, PendingKey, ProbeConfig, ProvokeState, PyLayout,
-    ReaderKey, ReaderState, STACK_SLOTS, Stat, Window, WriterAt,
+    EVENTS_BYTES_DEFAULT, GilHold, HASHED_STR_MAX, Inflight, MAX_CACHES, MAX_INFLIGHT, MAX_PENDING,
+    MAX_PROBES, MAX_READERS, MAX_WATCHED, MAX_WINDOWS, ObjKey, PendingKey, ProbeConfig,
+    ProvokeState, PyLayout, ReaderKey, ReaderState, STACK_SLOTS, Stat, Window, WriterAt,
 };
 
 /// What each attachment does, indexed by its attach cookie (filled before any attach).
@@ -82,3 +82,15 @@ pub(crate) static READER_STACKS: LruHashMap<u32, u64> =
 #[map(name = "READER_FRAMES")]
 pub(crate) static READER_FRAMES: LruHashMap<u32, [u64; 2]> =
     LruHashMap::with_max_entries(MAX_INFLIGHT, 0);
+
+/// `--quiet-misses`: the miss a thread's `d[k]` on a dict subclass was just counted for at its
+/// entry, `[dict, key]`, so that the KeyError that follows (a subclass without `__missing__`)
+/// is not counted again.
+#[map(name = "SUBSCRIPT_MISSES")]
+pub(crate) static SUBSCRIPT_MISSES: LruHashMap<u32, [u64; 2]> =
+    LruHashMap::with_max_entries(MAX_INFLIGHT, 0);
+
+/// A str's characters, read to be hashed (`--quiet-misses`): too large for the BPF stack beside
+/// the rest of a lookup's program.
+#[map(name = "STR_DATA")]
+pub(crate) static STR_DATA: PerCpuArray<[u8; HASHED_STR_MAX]> = PerCpuArray::with_max_entries(1, 0);

@@ -4,7 +4,7 @@
 use aya_ebpf::{
     cty::c_void,
     helpers::{
-        bpf_ktime_get_ns, bpf_probe_read_user, bpf_probe_read_user_buf,
+        bpf_get_current_pid_tgid, bpf_ktime_get_ns, bpf_probe_read_user, bpf_probe_read_user_buf,
         bpf_probe_read_user_str_bytes, generated::bpf_for_each_map_elem,
     },
     macros::uprobe,
@@ -17,7 +17,7 @@ use detector_common::{
 };
 
 use crate::{
-    maps::{EVENTS, PENDING, PENDING_DICTS, VALUE_STACK, WINDOWS},
+    maps::{EVENTS, PENDING, PENDING_DICTS, STR_DATA, SUBSCRIPT_MISSES, VALUE_STACK, WINDOWS},
     stacks::{Interp, py_current_frame, stack},
     util::{bump, caller, comm, config, read_user, send, wakeup_flags, window},
 };
@@ -337,6 +337,12 @@ fn keyerror(ctx: &ProbeContext, cfg: &ProbeConfig, key: u64) {
         tgid: who.tgid,
         window: cfg.window,
     };
+    // Counted already at the subclass's `d[k]` entry (`--quiet-misses`).
+    // SAFETY: copied out at once.
+    if unsafe { SUBSCRIPT_MISSES.get(&who.tid) }.is_some_and(|m| *m == [object, key]) {
+        let _ = SUBSCRIPT_MISSES.remove(&who.tid);
+        return;
+    }
     if let Some(w) = window(&dict).filter(|w| w.overlaps(who.tid, None)) {
         missed(
             regs,
@@ -364,6 +370,32 @@ pub fn on_dict_get(ctx: ProbeContext) -> u32 {
     0
 }
 
+/// `d[k]` on an instance of a dict subclass, `dict_subscript(self, key)` (its `mp_subscript`,
+/// which `d[k]` on an exact dict reaches only unspecialised, and then raises its KeyError), at
+/// its entry (`--quiet-misses`): a `Counter`'s or a `defaultdict`'s `__missing__` answers the
+/// miss without a KeyError.
+#[uprobe]
+pub fn on_dict_subscript(ctx: ProbeContext) -> u32 {
+    let (Some(cfg), Some(dict)) = (config(&ctx), ctx.arg::<u64>(0)) else {
+        return 0;
+    };
+    // SAFETY: the context's registers are valid for the whole program.
+    let Some(py) = Interp::at(unsafe { &*ctx.regs }, &cfg) else {
+        return 0;
+    };
+    if read_user::<u64>(dict.wrapping_add(8)) == Some(py.bias.wrapping_add(py.layout.dict_type)) {
+        return 0;
+    }
+    let key = ctx.arg::<u64>(1).unwrap_or_default();
+    let tid = bpf_get_current_pid_tgid() as u32;
+    if quiet_lookup(&ctx, key, UNKNOWN_HASH, FORM_SUBSCRIPT) {
+        let _ = SUBSCRIPT_MISSES.insert(&tid, &[dict, key], 0);
+    } else {
+        let _ = SUBSCRIPT_MISSES.remove(&tid);
+    }
+    0
+}
+
 /// `k in d`, the dict type's `sq_contains(self, key)`, at its entry (`--quiet-misses`).
 #[uprobe]
 pub fn on_dict_contains(ctx: ProbeContext) -> u32 {
@@ -386,14 +418,14 @@ pub fn on_dict_contains_call(ctx: ProbeContext) -> u32 {
     0
 }
 
-/// A `.get` or `in` about to look `key` up in the dict of argument 0 (with `hash`, where the
-/// caller computed it already): when another thread's window is open on it and the key is not in
-/// it, the lookup will miss (the GIL holds the dict still until it does), so it is reported as
-/// `d[k]`'s KeyError is.
-fn quiet_lookup(ctx: &ProbeContext, key: u64, hash: i64, form: u32) {
+/// A `.get`, `in` or subclass `d[k]` about to look `key` up in the dict of argument 0 (with
+/// `hash`, where the caller computed it already): when another thread's window is open on it
+/// and the key is not in it, the lookup will miss (the GIL holds the dict still until it does),
+/// so it is reported as `d[k]`'s KeyError is. Whether it was.
+fn quiet_lookup(ctx: &ProbeContext, key: u64, hash: i64, form: u32) -> bool {
     bump(Stat::HitsQuietLookup);
     let (Some(cfg), Some(who), Some(object)) = (config(ctx), caller(), ctx.arg::<u64>(0)) else {
-        return;
+        return false;
     };
     let dict = ObjKey {
         object,
@@ -401,12 +433,12 @@ fn quiet_lookup(ctx: &ProbeContext, key: u64, hash: i64, form: u32) {
         window: cfg.window,
     };
     let Some(w) = window(&dict).filter(|w| w.overlaps(who.tid, None)) else {
-        return;
+        return false;
     };
     // SAFETY: the context's registers are valid for the whole program.
     let regs = unsafe { &*ctx.regs };
     let Some(py) = Interp::at(regs, &cfg) else {
-        return;
+        return false;
     };
     let hash = match hash {
         UNKNOWN_HASH => lookup_hash(key, py),
@@ -417,10 +449,14 @@ fn quiet_lookup(ctx: &ProbeContext, key: u64, hash: i64, form: u32) {
         hash => DictKeys::of(object).map_or(KEY_UNKNOWN, |k| k.lookup(hash)),
     };
     match present {
-        KEY_ABSENT => missed(regs, who.tid, &cfg, py, &w, dict, key, hash, form),
+        KEY_ABSENT => {
+            missed(regs, who.tid, &cfg, py, &w, dict, key, hash, form);
+            return true;
+        }
         KEY_UNKNOWN => bump(Stat::UnjudgedQuiet),
         _ => {}
     }
+    false
 }
 
 /// The hash the lookup of `key` is about to use: [`key_hash`] from the key's type name and
@@ -474,10 +510,15 @@ fn fresh_str_hash(key: u64, header: &[u8; KEY_HEADER_LEN], py: Interp) -> i64 {
         return UNKNOWN_HASH;
     };
     let data = key.wrapping_add(if ascii { l.ascii_data } else { l.compact_data });
+    let Some(buf) = STR_DATA.get_ptr_mut(0) else {
+        return UNKNOWN_HASH;
+    };
+    // SAFETY: the per-CPU value is this program's alone while it runs.
+    let buf = unsafe { &mut *buf };
     // The whole buffer: bytes past the str's are read but not hashed.
-    match read_user::<[u8; HASHED_STR_MAX]>(data) {
-        Some(buf) => str_hash(k0, k1, &buf, bytes as usize),
-        None => UNKNOWN_HASH,
+    match unsafe { bpf_probe_read_user_buf(data as *const u8, buf) } {
+        Ok(()) => str_hash(k0, k1, buf, bytes as usize),
+        Err(_) => UNKNOWN_HASH,
     }
 }
 

@@ -349,27 +349,37 @@ fn the_decoys_are_exact_on_every_interpreter() {
     }
 }
 
-/// demo/quiet.py under `build` with `--quiet-misses`: every `d.get` that returned None and every
-/// `k in d` that said no for a key the refill brought back is counted, each by its form, and
-/// lookups of keys never there are not; with build-then-swap, nothing.
-fn quiet_exact(build: Build) {
-    let script = demo_script(&build, "quiet.py");
+/// demo/quiet.py under `build` with `--quiet-misses`, its cache a `kind` (dict, counter): every `d.get` that returned None, every `k in d` that said no and every `d[k]`
+/// that raised KeyError or got `__missing__`'s 0, for a key the refill brought back, is counted,
+/// each by its form, and lookups of keys never there are not; with build-then-swap, nothing.
+fn quiet_exact(build: &Build, kind: &str) {
+    let script = demo_script(build, "quiet.py");
     let flags = ["--quiet-misses"];
     // A short sleep inside each window keeps the race firing on a loaded machine.
-    let args = ["--seconds", "2", "--gap-ms", "0.1", "--absent-every", "10"];
-    let (code, truth, summary) = launched(&build, "quiet", &flags, &script, &args);
-    let what = format!("{}: {truth:?}; {summary}", build.run.join(" "));
-    assert!(
-        truth["get_misses"] > 0 && truth["contains_misses"] > 0,
-        "{what}"
+    let args = [
+        "--seconds",
+        "2",
+        "--gap-ms",
+        "0.1",
+        "--absent-every",
+        "10",
+        "--kind",
+        kind,
+    ];
+    let (code, truth, summary) = launched(build, "quiet", &flags, &script, &args);
+    let what = format!(
+        "{} --kind {kind}: {truth:?}; {summary}",
+        build.run.join(" ")
     );
     let forms = &summary["misses_by_form"];
-    assert_eq!(forms["get"], truth["get_misses"], "{what}");
-    assert_eq!(forms["contains"], truth["contains_misses"], "{what}");
-    assert_eq!(forms["subscript"], 0, "{what}");
+    for form in ["get", "contains", "subscript"] {
+        let misses = truth[&format!("{form}_misses")];
+        assert!(misses > 0, "no {form} miss: {what}");
+        assert_eq!(forms[form], misses, "{form}: {what}");
+    }
     assert_eq!(
         summary["misses_in_window"],
-        truth["get_misses"] + truth["contains_misses"],
+        truth["get_misses"] + truth["contains_misses"] + truth["subscript_misses"],
         "{what}"
     );
     for zero in [
@@ -380,8 +390,11 @@ fn quiet_exact(build: Build) {
         assert_eq!(summary[zero], 0, "{zero}: {what}");
     }
     assert_eq!(code, Some(1), "{what}");
+    if kind != "dict" {
+        return;
+    }
     let (code, truth, summary) = launched(
-        &build,
+        build,
         "quiet-fixed",
         &flags,
         &script,
@@ -406,7 +419,11 @@ fn quiet_misses_are_exact_on_every_interpreter_but_3_14() {
         .into_iter()
         .filter(|b| !b.run.iter().any(|a| a == "python3.14"))
     {
-        quiet_exact(build);
+        // A defaultdict's `d[k]` is left out: a few in thousands of its misses go uncounted
+        // (README, "Quiet misses"), a bug still open.
+        for kind in ["dict", "counter"] {
+            quiet_exact(&build, kind);
+        }
     }
 }
 

@@ -100,6 +100,9 @@ pub enum Quiet {
     Get(Placed),
     /// `k in d`: the dict type's `sq_contains(self, key)`.
     Contains(Placed),
+    /// `d[k]` on a dict subclass (a `Counter`'s, a `defaultdict`'s `__missing__` answers it):
+    /// the dict type's `mp_subscript(self, key)`.
+    Subscript(Placed),
     /// `k in d` inlined into the eval loop: its call to the dict lookup `(dict, key, hash, ...)`.
     ContainsCall(Placed),
 }
@@ -107,7 +110,7 @@ pub enum Quiet {
 impl Quiet {
     pub fn at(&self) -> &Placed {
         match self {
-            Quiet::Get(p) | Quiet::Contains(p) | Quiet::ContainsCall(p) => p,
+            Quiet::Get(p) | Quiet::Contains(p) | Quiet::Subscript(p) | Quiet::ContainsCall(p) => p,
         }
     }
 
@@ -116,6 +119,7 @@ impl Quiet {
         match self {
             Quiet::Get(_) => "on_dict_get",
             Quiet::Contains(_) => "on_dict_contains",
+            Quiet::Subscript(_) => "on_dict_subscript",
             Quiet::ContainsCall(_) => "on_dict_contains_call",
         }
     }

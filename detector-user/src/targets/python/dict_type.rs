@@ -26,7 +26,8 @@ const METHOD_FN: u64 = 8;
 const MAX_METHODS: u64 = 64;
 
 /// The dict functions `d.clear()`, `d.update(...)`, `d |= x`, a `d[k]` not yet specialised,
-/// `d.get(k)` and `k in d` call.
+/// `d.get(k)` and `k in d` call; `k in d` on a subclass defined in Python calls the method
+/// `__contains__` (its type's `sq_contains` is the generic slot that looks the method up).
 #[derive(Debug)]
 pub struct DictMethods {
     pub clear: Function,
@@ -35,6 +36,7 @@ pub struct DictMethods {
     pub subscript: Function,
     pub get: Function,
     pub contains: Function,
+    pub contains_method: Function,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -46,7 +48,8 @@ pub struct DictTypeError {
 /// The dict methods of `image`, read from its `PyDict_Type`.
 pub fn dict_methods(image: &Image) -> Result<DictMethods, DictTypeError> {
     let t = TypeObject::of(image, "PyDict_Type", "dict")?;
-    let [clear, update, get] = t.methods(["clear", "update", "get"])?;
+    let [clear, update, get, contains_method] =
+        t.methods(["clear", "update", "get", "__contains__"])?;
     Ok(DictMethods {
         clear: t.function(clear, "clear", "dict_clear")?,
         update: t.function(update, "update", "dict_update")?,
@@ -54,6 +57,7 @@ pub fn dict_methods(image: &Image) -> Result<DictMethods, DictTypeError> {
         subscript: t.function(t.slot(TP_AS_MAPPING, MP_SUBSCRIPT), "[]", "dict_subscript")?,
         get: t.function(get, "get", "dict_get")?,
         contains: t.function(t.slot(TP_AS_SEQUENCE, SQ_CONTAINS), "in", "dict_contains")?,
+        contains_method: t.function(contains_method, "__contains__", "dict___contains__")?,
     })
 }
 

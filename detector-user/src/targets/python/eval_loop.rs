@@ -132,8 +132,14 @@ pub enum InlineContains {
 }
 
 /// How the interpreter in `image` runs `k in d` where it does not call `contains` (the dict
-/// type's `in`; `get` is its `.get`, and the lookup function is the one both call).
-pub fn inline_contains(image: &Image, contains: &Function, get: &Function) -> InlineContains {
+/// type's `in`; `get` is its `.get`, and the lookup function is the one both call). Copies
+/// inside `probed` (functions probed at their entries) are not counted again.
+pub fn inline_contains(
+    image: &Image,
+    contains: &Function,
+    get: &Function,
+    probed: &[&Function],
+) -> InlineContains {
     // Direct calls, through a PLT stub to a function of the file too.
     let calls = |instrs: &[Instruction]| -> Vec<u64> {
         instrs
@@ -164,9 +170,10 @@ pub fn inline_contains(image: &Image, contains: &Function, get: &Function) -> In
         return InlineContains::Unknown("its dict `in` and `.get` call no lookup in common".into());
     };
     // The functions probed at their entries already.
-    let probed: Vec<(u64, u64)> = [Some(contains), Some(get), exported.as_ref()]
-        .into_iter()
-        .flatten()
+    let probed: Vec<(u64, u64)> = probed
+        .iter()
+        .copied()
+        .chain(exported.as_ref())
         .map(|f| (f.address, f.address + f.size.max(1)))
         .collect();
     let mut sites = Vec::new();
@@ -229,6 +236,17 @@ fn tells_entry_apart(after: &[Instruction]) -> bool {
         }
     }
     false
+}
+
+/// Whether `f` calls `target` (or jumps to it, a tail call), directly or through a PLT stub.
+pub fn reaches(image: &Image, f: &Function, target: u64) -> bool {
+    decode(image, f).is_some_and(|instrs| {
+        instrs.iter().any(|i| {
+            matches!(i.mnemonic(), Mnemonic::Call | Mnemonic::Jmp)
+                && i.op0_kind() == OpKind::NearBranch64
+                && through_stub(image, i.near_branch64()) == target
+        })
+    })
 }
 
 /// The function a call to `at` runs: `at`, or where the PLT stub there jumps (through a GOT

@@ -250,11 +250,20 @@ fn quiet_probes(
     let mut quiet = vec![
         Quiet::Get(place("d.get", &methods.get)),
         Quiet::Contains(place("in", &methods.contains)),
+        Quiet::Subscript(place("d[k] (dict subclasses)", &methods.subscript)),
     ];
+    // `in` on a subclass calls the method; where the method calls the type's `in` (3.13+), that
+    // probe counts it already.
+    if !eval_loop::reaches(image, &methods.contains_method, methods.contains.address) {
+        let method = place("in (dict subclasses)", &methods.contains_method);
+        quiet.push(Quiet::Contains(method));
+    }
     if version < (3, 13) {
         return (quiet, None);
     }
-    match eval_loop::inline_contains(image, &methods.contains, &methods.get) {
+    let probed: Vec<&crate::probe::symbols::Function> =
+        quiet.iter().map(|q| &q.at().function).collect();
+    match eval_loop::inline_contains(image, &methods.contains, &methods.get, &probed) {
         eval_loop::InlineContains::Called => (quiet, None),
         eval_loop::InlineContains::At(sites) => {
             for at in sites {
