@@ -4,7 +4,9 @@ A refresher thread rebuilds a dict cache with clear() then update(), as the seed
 Its readers never raise: one asks `cache.get(key)` and takes the None it gets in the window for a
 default, another asks `key in cache` and takes the False for "no such key". Both serve a wrong
 answer and log nothing. A third reads `cache[key]`: on a `Counter` or a `defaultdict(int)`
-(`--kind`) the window answers 0 without a KeyError; on a dict it raises one.
+(`--kind`) the window answers 0 without a KeyError; on a dict it raises one. The same refresh
+empties a list of the values with clear() and refills it with extend(); a fourth reader's
+`values[i]` raises IndexError in that window.
 
     quiet.py [--fixed] [--kind dict|counter|defaultdict] [--seconds S] [--keys N]
              [--refresh-ms MS] [--switch-interval S] [--gap-ms MS] [--absent-every N]
@@ -20,7 +22,8 @@ answer and log nothing. A third reads `cache[key]`: on a `Counter` or a `default
 
 Ground truth, printed to stderr at exit:
     worker: pid=P get_lookups=N get_misses=M contains_lookups=N contains_misses=M
-            subscript_lookups=N subscript_misses=M absent_lookups=A refreshes=R
+            subscript_lookups=N subscript_misses=M index_lookups=N index_misses=M
+            absent_lookups=A refreshes=R
 where the misses count only keys that always exist (every one of them landed in a window).
 """
 import argparse
@@ -42,15 +45,19 @@ class Cache:
     def __init__(self, data, kind):
         self._kind = kind
         self._cache = kind(data)
+        self._values = list(data.values())
 
     def refresh(self, data, racy, gap):
         if racy:
             self._cache.clear()  # the window opens: the cache is empty until update() returns
+            self._values.clear()
             if gap:
                 time.sleep(gap)  # the seed's repro: widen the window on purpose
             self._cache.update(data)
+            self._values.extend(data.values())
         else:
             self._cache = self._kind(data)  # build, then swap: no empty window
+            self._values = list(data.values())
 
 
 def parse():
@@ -81,6 +88,8 @@ def main():
         "contains_misses": 0,
         "subscript_lookups": 0,
         "subscript_misses": 0,
+        "index_lookups": 0,
+        "index_misses": 0,
         "absent_lookups": 0,
         "refreshes": 0,
     }
@@ -101,13 +110,18 @@ def main():
             elif form == "contains":
                 if key not in cache._cache:
                     misses += 1
+            elif form == "index":
+                try:
+                    cache._values[i % n]
+                except IndexError:
+                    misses += 1
             else:
                 try:
                     if cache._cache[key] == 0:
                         misses += 1
                 except KeyError:
                     misses += 1
-            if every and i % every == 0 and form != "subscript":
+            if every and i % every == 0 and form in ("get", "contains"):
                 # Never there: these miss in and out of windows alike, and are no window's doing.
                 if form == "get":
                     cache._cache.get(f"absent-{i}")
@@ -132,6 +146,7 @@ def main():
         threading.Thread(target=reader, args=("get",), name="get-reader"),
         threading.Thread(target=reader, args=("contains",), name="in-reader"),
         threading.Thread(target=reader, args=("subscript",), name="subscript-reader"),
+        threading.Thread(target=reader, args=("index",), name="index-reader"),
         threading.Thread(target=refresher, name="refresher"),
     ]
     for t in threads:

@@ -18,7 +18,7 @@ pub use probe::{
 pub use provoke::{
     GilHold, PROVOKE_BUDGET_PCT, PROVOKE_MAX_NS, ProvokeState, request_wait_ns, within_budget,
 };
-pub use pykey::{HASHED_STR_MAX, KEY_HEADER_LEN, UNKNOWN_HASH, key_hash, str_hash};
+pub use pykey::{HASHED_STR_MAX, KEY_HEADER_LEN, UNKNOWN_HASH, key_hash, small_int, str_hash};
 pub use window::{Window, WriterAt};
 
 /// Ring buffer that carries events to userspace.

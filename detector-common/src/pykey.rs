@@ -30,27 +30,31 @@ pub fn key_hash(type_name: &[u8], obj: &[u8], long_tagged: bool) -> i64 {
         }
         match type_name.get(..4)? {
             b"str\0" => word(obj, 24),
-            b"int\0" => {
-                let size = word(obj, 16)?;
-                let (digits, negative) = if long_tagged {
-                    ((size as u64) >> 3, size & 3 == 2)
-                } else {
-                    (size.unsigned_abs(), size < 0)
-                };
-                let v = match digits {
-                    0 => 0,
-                    1 => digit(obj, 24)?,
-                    2 => digit(obj, 24)? | digit(obj, 28)? << 30,
-                    _ => return None,
-                };
-                let v = if negative { -v } else { v };
-                // hash(-1) is -2: -1 is the error return.
-                Some(if v == -1 { -2 } else { v })
-            }
+            // hash(-1) is -2: -1 is the error return.
+            b"int\0" => small_int(obj, long_tagged).map(|v| if v == -1 { -2 } else { v }),
             _ => None,
         }
     };
     hash().unwrap_or(UNKNOWN_HASH)
+}
+
+/// The value of an int of at most two 30-bit digits from its header (its first
+/// [`KEY_HEADER_LEN`] bytes: the digit count at +16, `ob_size` with the sign until 3.11, `lv_tag`
+/// from 3.12 when `long_tagged`; the digits from +24); `None` for a larger one.
+pub fn small_int(obj: &[u8], long_tagged: bool) -> Option<i64> {
+    let size = word(obj, 16)?;
+    let (digits, negative) = if long_tagged {
+        ((size as u64) >> 3, size & 3 == 2)
+    } else {
+        (size.unsigned_abs(), size < 0)
+    };
+    let v = match digits {
+        0 => 0,
+        1 => digit(obj, 24)?,
+        2 => digit(obj, 24)? | digit(obj, 28)? << 30,
+        _ => return None,
+    };
+    Some(if negative { -v } else { v })
 }
 
 /// Longest str data, in bytes, whose hash the kernel computes itself (a str whose hash CPython

@@ -91,6 +91,8 @@ pub(crate) static SUBSCRIPT_MISSES: LruHashMap<u32, [u64; 2]> =
     LruHashMap::with_max_entries(MAX_INFLIGHT, 0);
 
 /// A str's characters, read to be hashed (`--quiet-misses`): too large for the BPF stack beside
-/// the rest of a lookup's program.
+/// the rest of a lookup's program. Twice what is hashed, so that a read's masked length is
+/// within it.
 #[map(name = "STR_DATA")]
-pub(crate) static STR_DATA: PerCpuArray<[u8; HASHED_STR_MAX]> = PerCpuArray::with_max_entries(1, 0);
+pub(crate) static STR_DATA: PerCpuArray<[u8; 2 * HASHED_STR_MAX]> =
+    PerCpuArray::with_max_entries(1, 0);

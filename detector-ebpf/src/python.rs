@@ -11,9 +11,9 @@ use aya_ebpf::{
     programs::ProbeContext,
 };
 use detector_common::{
-    EventKind, FORM_CONTAINS, FORM_GET, FORM_SUBSCRIPT, HASHED_STR_MAX, KEY_ABSENT, KEY_HEADER_LEN,
-    KEY_PRESENT, KEY_UNKNOWN, KeyErrorEvent, KeyVerdict, ObjKey, PendingKey, ProbeConfig,
-    STACK_SLOTS, Stat, UNKNOWN_HASH, Window, key_hash, str_hash,
+    EventKind, FORM_CONTAINS, FORM_GET, FORM_INDEX, FORM_SUBSCRIPT, HASHED_STR_MAX, KEY_ABSENT,
+    KEY_HEADER_LEN, KEY_PRESENT, KEY_UNKNOWN, KeyErrorEvent, KeyVerdict, ObjKey, PendingKey,
+    ProbeConfig, STACK_SLOTS, Stat, UNKNOWN_HASH, Window, key_hash, small_int, str_hash,
 };
 
 use crate::{
@@ -22,10 +22,35 @@ use crate::{
     util::{bump, caller, comm, config, read_user, send, wakeup_flags, window},
 };
 
-/// `tp_flags` in a type object (the same in CPython 3.11 to 3.14), and its bit that marks `dict`
-/// and its subclasses (`Py_TPFLAGS_DICT_SUBCLASS`).
+/// `tp_flags` in a type object (the same in CPython 3.11 to 3.14), and its bits that mark `dict`
+/// and `list` and their subclasses (`Py_TPFLAGS_DICT_SUBCLASS`, `Py_TPFLAGS_LIST_SUBCLASS`).
 const TP_FLAGS: u64 = 168;
 const DICT_SUBCLASS: u64 = 1 << 29;
+const LIST_SUBCLASS: u64 = 1 << 25;
+/// A list's length (`ob_size`).
+const OB_SIZE: u64 = 16;
+
+/// Whether `obj` is a list or an instance of a subclass of list.
+fn is_list(obj: u64) -> bool {
+    read_user::<u64>(obj.wrapping_add(8))
+        .and_then(|ty| read_user::<u64>(ty.wrapping_add(TP_FLAGS)))
+        .is_some_and(|f| f & LIST_SUBCLASS != 0)
+}
+
+/// Whether index `i` (negative from the end) is in a list of `len` items.
+fn in_range(i: i64, len: i64) -> bool {
+    if i >= 0 { i < len } else { i >= -len }
+}
+
+/// A list index kept where a key's hash is ([`FORM_INDEX`]): negative ones one lower, so that
+/// none is -1, which means "no hash".
+fn index_as_hash(i: i64) -> i64 {
+    if i < 0 { i - 1 } else { i }
+}
+
+fn hash_as_index(h: i64) -> i64 {
+    if h < 0 { h + 1 } else { h }
+}
 
 /// Whether `obj` is a dict or an instance of a subclass of dict (a class deriving from `dict`,
 /// `OrderedDict`): their `d[k]` is `dict_subscript`'s, which raises the KeyError.
@@ -242,6 +267,8 @@ impl DictKeys {
 struct Judge {
     dict: ObjKey,
     keys: DictKeys,
+    /// A list's length now (its misses are indexes, kept as their hash), or -1 for a dict.
+    list_len: i64,
 }
 
 /// `bpf_for_each_map_elem` callback over `PENDING`: judges and drops the keys of one dict.
@@ -254,7 +281,16 @@ extern "C" fn judge_key(
     // SAFETY: the helper passes a live key, and `judge` from judge_pending's stack.
     let (p, judge) = unsafe { (*pending, &*judge) };
     if p.dict == judge.dict {
-        verdict(&p.dict, p.key, p.hash, judge.keys.lookup(p.hash));
+        let present = if judge.list_len >= 0 {
+            if in_range(hash_as_index(p.hash), judge.list_len) {
+                KEY_PRESENT
+            } else {
+                KEY_ABSENT
+            }
+        } else {
+            judge.keys.lookup(p.hash)
+        };
+        verdict(&p.dict, p.key, p.hash, present);
         let _ = PENDING.remove(&p);
     }
     0
@@ -263,9 +299,15 @@ extern "C" fn judge_key(
 /// At a window's close, tells userspace whether each key that raised KeyError inside it is in the
 /// dict just refilled: a key absent even now was not the window's doing.
 pub(crate) fn judge_pending(dict: ObjKey) {
+    let list_len = if is_list(dict.object) {
+        read_user::<i64>(dict.object.wrapping_add(OB_SIZE)).unwrap_or(-1)
+    } else {
+        -1
+    };
     let judge = Judge {
         dict,
         keys: DictKeys::of(dict.object).unwrap_or(DictKeys::UNREADABLE),
+        list_len,
     };
     // SAFETY: PENDING is #[repr(transparent)] over its map definition, which is what the helper
     // takes; the callback's signature is the one the helper calls.
@@ -396,6 +438,61 @@ pub fn on_dict_subscript(ctx: ProbeContext) -> u32 {
     0
 }
 
+/// `lst[i]`, the list type's `mp_subscript(self, item)` (which `lst[i]` reaches once the
+/// specialised code found `i` out of range, to raise IndexError), at its entry
+/// (`--quiet-misses`): an int index out of the list's range while another thread's window is
+/// open on it is a miss, judged at the close by the list's length then.
+#[uprobe]
+pub fn on_list_subscript(ctx: ProbeContext) -> u32 {
+    bump(Stat::HitsQuietLookup);
+    let (Some(cfg), Some(who), Some(list), Some(item)) =
+        (config(&ctx), caller(), ctx.arg::<u64>(0), ctx.arg::<u64>(1))
+    else {
+        return 0;
+    };
+    let obj = ObjKey {
+        object: list,
+        tgid: who.tgid,
+        window: cfg.window,
+    };
+    let Some(w) = window(&obj).filter(|w| w.overlaps(who.tid, None)) else {
+        return 0;
+    };
+    // SAFETY: the context's registers are valid for the whole program.
+    let regs = unsafe { &*ctx.regs };
+    let Some(py) = Interp::at(regs, &cfg) else {
+        return 0;
+    };
+    // A small int (a slice, or an int past two digits, is no index a list holds).
+    let (Some(ty), Some(header)) = (
+        read_user::<u64>(item.wrapping_add(8)),
+        read_user::<[u8; KEY_HEADER_LEN]>(item),
+    ) else {
+        return 0;
+    };
+    let mut name = [0u8; 4];
+    let Some(p) = read_user::<u64>(ty.wrapping_add(24)) else {
+        return 0;
+    };
+    // SAFETY: reads at most 4 bytes into `name`.
+    if unsafe { bpf_probe_read_user_str_bytes(p as *const u8, &mut name) }.is_err()
+        || &name != b"int\0"
+    {
+        return 0;
+    }
+    let Some(index) = small_int(&header, py.layout.long_tagged != 0) else {
+        return 0;
+    };
+    let Some(len) = read_user::<i64>(list.wrapping_add(OB_SIZE)) else {
+        return 0;
+    };
+    if !in_range(index, len) {
+        let hash = index_as_hash(index);
+        missed(regs, who.tid, &cfg, py, &w, obj, item, hash, FORM_INDEX);
+    }
+    0
+}
+
 /// `k in d`, the dict type's `sq_contains(self, key)`, at its entry (`--quiet-misses`).
 #[uprobe]
 pub fn on_dict_contains(ctx: ProbeContext) -> u32 {
@@ -515,11 +612,19 @@ fn fresh_str_hash(key: u64, header: &[u8; KEY_HEADER_LEN], py: Interp) -> i64 {
     };
     // SAFETY: the per-CPU value is this program's alone while it runs.
     let buf = unsafe { &mut *buf };
-    // The whole buffer: bytes past the str's are read but not hashed.
-    match unsafe { bpf_probe_read_user_buf(data as *const u8, buf) } {
-        Ok(()) => str_hash(k0, k1, buf, bytes as usize),
-        Err(_) => UNKNOWN_HASH,
+    // The str's bytes alone (a read past them could cross into an unmapped page). Masked after a
+    // volatile read, so that LLVM keeps the mask the verifier needs to see the length within the
+    // buffer (`bytes` <= HASHED_STR_MAX already).
+    let len = unsafe { core::ptr::read_volatile(&(bytes as usize)) } & (2 * HASHED_STR_MAX - 1);
+    let Some(read) = buf.get_mut(..len) else {
+        return UNKNOWN_HASH;
+    };
+    if unsafe { bpf_probe_read_user_buf(data as *const u8, read) }.is_err() {
+        return UNKNOWN_HASH;
     }
+    // SAFETY: the buffer holds 2 * HASHED_STR_MAX bytes; its first HASHED_STR_MAX are hashed.
+    let hashed = unsafe { &*(buf.as_ptr() as *const [u8; HASHED_STR_MAX]) };
+    str_hash(k0, k1, hashed, bytes as usize)
 }
 
 /// A lookup of `key` that missed on `dict` in window `w` (`form` says how): reports it with the

@@ -185,10 +185,13 @@ pub struct PythonArgs {
     /// windows) instead of sampling them 20 ms of every second: each `d[k]` then pays a trap.
     #[arg(long)]
     pub every_lookup: bool,
-    /// Also count the quiet misses in a window: `d.get(k)` returning its default and `k in d`
-    /// false, for keys the refill brings back. Probes every `.get` and `in` on a dict (a trap
-    /// each, which a reader doing little else pays in speed: see docs/BENCHMARKS.md); off, only
-    /// the `d[k]` that raise KeyError are counted.
+    /// Also count the quiet misses in a window: `d.get(k)` returning its default, `k in d` false,
+    /// `d[k]` answered by a subclass's `__missing__` (Counter, defaultdict), for keys the refill
+    /// brings back; and a list's windows (`clear()` to `extend()` or `+=`) with the `lst[i]` out
+    /// of range in them. Probes every `.get`, `in` and subclass `d[k]` on a dict, and the
+    /// `lst[i]` that leave the specialised path (a trap each, which a reader doing little else
+    /// pays in speed: see docs/BENCHMARKS.md); off, only the `d[k]` that raise KeyError are
+    /// counted.
     #[arg(long)]
     pub quiet_misses: bool,
     /// The interpreter file to probe (the python executable, or the libpython it links), for a

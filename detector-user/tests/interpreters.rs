@@ -349,9 +349,11 @@ fn the_decoys_are_exact_on_every_interpreter() {
     }
 }
 
-/// demo/quiet.py under `build` with `--quiet-misses`, its cache a `kind` (dict, counter): every `d.get` that returned None, every `k in d` that said no and every `d[k]`
-/// that raised KeyError or got `__missing__`'s 0, for a key the refill brought back, is counted,
-/// each by its form, and lookups of keys never there are not; with build-then-swap, nothing.
+/// demo/quiet.py under `build` with `--quiet-misses`, its cache a `kind` (dict, counter):
+/// every `d.get` that returned None, every `k in d` that said no, every `d[k]` that raised
+/// KeyError or got `__missing__`'s 0 and every `values[i]` that raised IndexError, for a key or
+/// an index the refill brought back, is counted, each by its form, and lookups of keys never
+/// there are not; with build-then-swap, nothing.
 fn quiet_exact(build: &Build, kind: &str) {
     let script = demo_script(build, "quiet.py");
     let flags = ["--quiet-misses"];
@@ -372,14 +374,17 @@ fn quiet_exact(build: &Build, kind: &str) {
         build.run.join(" ")
     );
     let forms = &summary["misses_by_form"];
-    for form in ["get", "contains", "subscript"] {
+    for form in ["get", "contains", "subscript", "index"] {
         let misses = truth[&format!("{form}_misses")];
         assert!(misses > 0, "no {form} miss: {what}");
         assert_eq!(forms[form], misses, "{form}: {what}");
     }
     assert_eq!(
         summary["misses_in_window"],
-        truth["get_misses"] + truth["contains_misses"] + truth["subscript_misses"],
+        ["get", "contains", "subscript", "index"]
+            .iter()
+            .map(|f| truth[&format!("{f}_misses")])
+            .sum::<u64>(),
         "{what}"
     );
     for zero in [

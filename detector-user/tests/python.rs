@@ -289,15 +289,25 @@ fn watch_quiet(flags: &[&str]) -> (i32, std::collections::HashMap<String, u64>, 
 fn quiet_misses_are_named_by_their_form() {
     let (code, truth, out) = watch_quiet(&["--quiet-misses"]);
     let (get, contains) = (truth["get_misses"], truth["contains_misses"]);
-    let subscript = truth["subscript_misses"];
-    assert!(get > 0 && contains > 0 && subscript > 0, "{truth:?}");
+    let (subscript, index) = (truth["subscript_misses"], truth["index_misses"]);
+    assert!(
+        get > 0 && contains > 0 && subscript > 0 && index > 0,
+        "{truth:?}"
+    );
     let race = |form: &str| {
         out.lines()
             .any(|l| l.starts_with("RACE cache ") && l.contains(&format!("' {form} while writer")))
     };
     assert!(race("with d.get") && race("with `in`"), "{out}");
-    let forms =
-        format!("racewatch: misses by form: contains {contains}, get {get}, subscript {subscript}");
+    assert!(
+        out.lines()
+            .any(|l| l.starts_with("RACE cache ") && l.contains(" with lst[i] while writer")),
+        "{out}"
+    );
+    let forms = format!(
+        "racewatch: misses by form: contains {contains}, get {get}, index {index}, subscript \
+         {subscript}"
+    );
     assert!(out.lines().any(|l| l == forms), "no {forms:?} in\n{out}");
     assert_eq!(code, 1);
 }
@@ -316,7 +326,7 @@ fn without_quiet_misses_the_summary_says_they_are_not_watched() {
     );
     // The KeyErrors of the `d[k]` reader alone.
     let hint = format!(
-        "racewatch: misses by form: subscript {} (d.get and `in` are not watched: \
+        "racewatch: misses by form: subscript {} (d.get, `in` and lst[i] are not watched: \
          --quiet-misses counts them too)",
         truth["subscript_misses"]
     );

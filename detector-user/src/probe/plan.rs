@@ -105,12 +105,18 @@ pub enum Quiet {
     Subscript(Placed),
     /// `k in d` inlined into the eval loop: its call to the dict lookup `(dict, key, hash, ...)`.
     ContainsCall(Placed),
+    /// `lst[i]` out of range: the list type's `mp_subscript(self, item)`.
+    Index(Placed),
 }
 
 impl Quiet {
     pub fn at(&self) -> &Placed {
         match self {
-            Quiet::Get(p) | Quiet::Contains(p) | Quiet::Subscript(p) | Quiet::ContainsCall(p) => p,
+            Quiet::Get(p)
+            | Quiet::Contains(p)
+            | Quiet::Subscript(p)
+            | Quiet::ContainsCall(p)
+            | Quiet::Index(p) => p,
         }
     }
 
@@ -121,6 +127,7 @@ impl Quiet {
             Quiet::Contains(_) => "on_dict_contains",
             Quiet::Subscript(_) => "on_dict_subscript",
             Quiet::ContainsCall(_) => "on_dict_contains_call",
+            Quiet::Index(_) => "on_list_subscript",
         }
     }
 }

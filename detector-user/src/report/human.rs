@@ -178,6 +178,7 @@ impl<W: Write> Sink for HumanSink<W> {
         let form = match a.form {
             Some("get") => " with d.get",
             Some("contains") => " with `in`",
+            Some("index") => " with lst[i]",
             _ => "",
         };
         writeln!(
@@ -315,7 +316,7 @@ impl<W: Write> Sink for HumanSink<W> {
             let quiet = if forms.contains_key("get") {
                 ""
             } else {
-                " (d.get and `in` are not watched: --quiet-misses counts them too)"
+                " (d.get, `in` and lst[i] are not watched: --quiet-misses counts them too)"
             };
             writeln!(
                 self.out,

@@ -1,4 +1,5 @@
-//! The dict methods racewatch probes, found through the exported `PyDict_Type`: its method table
+//! The dict and list methods racewatch probes, found through the exported `PyDict_Type` (and
+//! `PyList_Type`, for `--quiet-misses`): its method table
 //! holds `clear`, `update` and `get`, its number slots `|=`, its sequence slots `in`, its mapping
 //! slots `d[k]`. A stripped build keeps the type and the
 //! tables it points at, so the static `dict_clear`, `dict_update` and `dict_ior` are found
@@ -14,10 +15,11 @@ const TP_AS_NUMBER: u64 = 96;
 const TP_AS_SEQUENCE: u64 = 104;
 const TP_AS_MAPPING: u64 = 112;
 const TP_METHODS: u64 = 232;
-/// PyNumberMethods' `nb_inplace_or`, PySequenceMethods' `sq_contains`, PyMappingMethods'
-/// `mp_subscript`.
+/// PyNumberMethods' `nb_inplace_or`, PySequenceMethods' `sq_contains` and `sq_inplace_concat`,
+/// PyMappingMethods' `mp_subscript`.
 const NB_INPLACE_OR: u64 = 224;
 const SQ_CONTAINS: u64 = 56;
+const SQ_INPLACE_CONCAT: u64 = 64;
 const MP_SUBSCRIPT: u64 = 8;
 /// PyMethodDef: name, function, flags, doc.
 const METHOD_DEF: u64 = 32;
@@ -82,6 +84,31 @@ pub fn ordered_dict_methods(image: &Image) -> Result<OrderedDictMethods, DictTyp
             "|=",
             "odict_inplace_or",
         )?,
+    })
+}
+
+/// A list's `clear()`, `extend(...)`, `+=` and `lst[i]` (reached, once specialised code finds
+/// the index out of range, to raise IndexError), read from the exported `PyList_Type`.
+#[derive(Debug)]
+pub struct ListMethods {
+    pub clear: Function,
+    pub extend: Function,
+    pub inplace_concat: Function,
+    pub subscript: Function,
+}
+
+pub fn list_methods(image: &Image) -> Result<ListMethods, DictTypeError> {
+    let t = TypeObject::of(image, "PyList_Type", "list")?;
+    let [clear, extend] = t.methods(["clear", "extend"])?;
+    Ok(ListMethods {
+        clear: t.function(clear, "clear", "list_clear")?,
+        extend: t.function(extend, "extend", "list_extend")?,
+        inplace_concat: t.function(
+            t.slot(TP_AS_SEQUENCE, SQ_INPLACE_CONCAT),
+            "+=",
+            "list_inplace_concat",
+        )?,
+        subscript: t.function(t.slot(TP_AS_MAPPING, MP_SUBSCRIPT), "[]", "list_subscript")?,
     })
 }
 

@@ -22,6 +22,7 @@ use std::{
 use iced_x86::Register;
 
 use crate::probe::{
+    placement::place_entry,
     plan::{GilHandover, LookupProbe, Placed, Plan, Quiet, RefillProbe, Sample},
     symbols::SymbolTable,
 };
@@ -319,18 +320,37 @@ pub fn plan(
         );
     }
     let methods = dict_type::dict_methods(&image)?;
-    let (quiet, no_quiet) = if quiet_misses {
+    let (mut quiet, no_quiet) = if quiet_misses {
         quiet_probes(&image, version, &methods, verbose)
     } else {
         (Vec::new(), None)
     };
+    // `--quiet-misses` watches lists too: their windows, and `lst[i]` out of range in them.
+    let (lists, no_lists) = match quiet_misses.then(|| dict_type::list_methods(&image)) {
+        Some(Ok(l)) => (Some(l), None),
+        Some(Err(e)) => (None, Some(format!("list windows: {e}"))),
+        None => (None, None),
+    };
+    let list_clear = lists
+        .as_ref()
+        .map(|l| place_entry(path, "list clear", l.clear.clone(), 0, None, verbose));
+    if let Some(l) = &lists {
+        let args = [Register::RDI, Register::RSI];
+        quiet.push(Quiet::Index(crate::probe::placement::place_entry_reading(
+            path,
+            "lst[i]",
+            l.subscript.clone(),
+            &args,
+            verbose,
+        )));
+    }
     let exported = |symbol: &'static str| {
         image.function(symbol).ok_or_else(|| PythonError::Missing {
             image: path.clone(),
             symbol,
         })
     };
-    let placement = crate::probe::placement::place_entry;
+    let placement = place_entry;
     let clear = placement(path, "clear", methods.clear, 0, None, verbose);
     // OrderedDict empties and refills itself with its own methods; its d[k] is dict's.
     let (ordered, no_ordered) = match dict_type::ordered_dict_methods(&image) {
@@ -343,6 +363,7 @@ pub fn plan(
     let refills: Vec<RefillProbe> = [methods.update, methods.ior]
         .into_iter()
         .chain(ordered.into_iter().flat_map(|o| [o.update, o.ior]))
+        .chain(lists.into_iter().flat_map(|l| [l.extend, l.inplace_concat]))
         .map(|f| {
             RefillProbe::Return(crate::probe::placement::at_entry(
                 path,
@@ -380,6 +401,7 @@ pub fn plan(
     };
     unprobed.extend(no_ordered);
     unprobed.extend(no_quiet);
+    unprobed.extend(no_lists);
     let gil = if provoke {
         let no_provoke = |missing| PythonError::Provoke {
             image: path.clone(),
@@ -436,7 +458,11 @@ pub fn plan(
         binary: path.clone(),
         object_arg: 0,
         window,
-        clear: [clear].into_iter().chain(ordered_clear).collect(),
+        clear: [clear]
+            .into_iter()
+            .chain(ordered_clear)
+            .chain(list_clear)
+            .collect(),
         refills,
         lookup: LookupProbe::KeyError {
             function: keyerror_probe,
