@@ -466,22 +466,9 @@ pub fn on_list_subscript(ctx: ProbeContext) -> u32 {
         return 0;
     };
     // A small int (a slice, or an int past two digits, is no index a list holds).
-    let (Some(ty), Some(header)) = (
-        read_user::<u64>(item.wrapping_add(8)),
-        read_user::<[u8; KEY_HEADER_LEN]>(item),
-    ) else {
+    let Some(([b'i', b'n', b't', 0], header)) = type_and_header(item) else {
         return 0;
     };
-    let mut name = [0u8; 4];
-    let Some(p) = read_user::<u64>(ty.wrapping_add(24)) else {
-        return 0;
-    };
-    // SAFETY: reads at most 4 bytes into `name`.
-    if unsafe { bpf_probe_read_user_str_bytes(p as *const u8, &mut name) }.is_err()
-        || &name != b"int\0"
-    {
-        return 0;
-    }
     let Some(index) = small_int(&header, py.layout.long_tagged != 0) else {
         return 0;
     };
@@ -563,25 +550,26 @@ fn quiet_lookup(ctx: &ProbeContext, key: u64, hash: i64, form: u32) -> bool {
 /// buffers would add to the stack of every frame below.
 #[inline(never)]
 fn lookup_hash(key: u64, py: Interp) -> i64 {
-    // ob_type at +8, then tp_name at +24 in the type object.
-    let (Some(ty), Some(header)) = (
-        read_user::<u64>(key.wrapping_add(8)),
-        read_user::<[u8; KEY_HEADER_LEN]>(key),
-    ) else {
+    let Some((name, header)) = type_and_header(key) else {
         return UNKNOWN_HASH;
     };
-    let mut name = [0u8; 4];
-    let Some(p) = read_user::<u64>(ty.wrapping_add(24)) else {
-        return UNKNOWN_HASH;
-    };
-    // SAFETY: reads at most 4 bytes into `name`.
-    if unsafe { bpf_probe_read_user_str_bytes(p as *const u8, &mut name) }.is_err() {
-        return UNKNOWN_HASH;
-    }
     match key_hash(&name, &header, py.layout.long_tagged != 0) {
         UNKNOWN_HASH if &name == b"str\0" => fresh_str_hash(key, &header, py),
         hash => hash,
     }
+}
+
+/// The first 4 bytes of `obj`'s type name (`ob_type` at +8, then `tp_name` at +24 in the type
+/// object: enough to tell `str` and `int`) and the object's header ([`key_hash`]'s bytes).
+#[inline(always)]
+fn type_and_header(obj: u64) -> Option<([u8; 4], [u8; KEY_HEADER_LEN])> {
+    let ty = read_user::<u64>(obj.wrapping_add(8))?;
+    let header = read_user::<[u8; KEY_HEADER_LEN]>(obj)?;
+    let name_at = read_user::<u64>(ty.wrapping_add(24))?;
+    let mut name = [0u8; 4];
+    // SAFETY: reads at most 4 bytes into `name`.
+    unsafe { bpf_probe_read_user_str_bytes(name_at as *const u8, &mut name) }.ok()?;
+    Some((name, header))
 }
 
 /// `PyASCIIObject`: the length at +16, the `state` bits at +32 (kind from bit 2, compact 5,

@@ -4,9 +4,9 @@
 //! `PyExc_KeyError` as an argument of the call that raises it. No symbol marks that code, but the
 //! load does: it reads the exported `PyExc_KeyError` pointer.
 //!
-//! The same builds inline `k in d` (3.13's CONTAINS_OP_DICT calls `PyDict_Contains`) into the
-//! eval loop: there, the call to the dict's lookup function whose result is then told apart as
-//! an error (-3) and as "no entry" (-1) is that `in`.
+//! The same builds inline `k in d` (`PyDict_Contains`, which 3.13's CONTAINS_OP_DICT calls) into
+//! the eval loop and into C code: there, the call to the dict's lookup function whose result is
+//! then told apart as an error (-3) and as "no entry" (-1) is that `in`.
 use iced_x86::{Decoder, DecoderOptions, FlowControl, Instruction, Mnemonic, OpKind, Register};
 
 use super::image::Image;
@@ -140,13 +140,8 @@ pub fn inline_contains(
     get: &Function,
     probed: &[&Function],
 ) -> InlineContains {
-    // Direct calls, through a PLT stub to a function of the file too.
     let calls = |instrs: &[Instruction]| -> Vec<u64> {
-        instrs
-            .iter()
-            .filter(|i| i.mnemonic() == Mnemonic::Call && i.op0_kind() == OpKind::NearBranch64)
-            .map(|i| through_stub(image, i.near_branch64()))
-            .collect()
+        targets(image, instrs, &[Mnemonic::Call]).collect()
     };
     let exported = image.function("PyDict_Contains");
     let eval = image.function("_PyEval_EvalFrameDefault");
@@ -241,12 +236,20 @@ fn tells_entry_apart(after: &[Instruction]) -> bool {
 /// Whether `f` calls `target` (or jumps to it, a tail call), directly or through a PLT stub.
 pub fn reaches(image: &Image, f: &Function, target: u64) -> bool {
     decode(image, f).is_some_and(|instrs| {
-        instrs.iter().any(|i| {
-            matches!(i.mnemonic(), Mnemonic::Call | Mnemonic::Jmp)
-                && i.op0_kind() == OpKind::NearBranch64
-                && through_stub(image, i.near_branch64()) == target
-        })
+        targets(image, &instrs, &[Mnemonic::Call, Mnemonic::Jmp]).any(|t| t == target)
     })
+}
+
+/// The functions `instrs` branch to directly by one of `branches` (a PLT stub's, through it).
+fn targets<'a>(
+    image: &'a Image,
+    instrs: &'a [Instruction],
+    branches: &'a [Mnemonic],
+) -> impl Iterator<Item = u64> + 'a {
+    instrs
+        .iter()
+        .filter(|i| branches.contains(&i.mnemonic()) && i.op0_kind() == OpKind::NearBranch64)
+        .map(|i| through_stub(image, i.near_branch64()))
 }
 
 /// The function a call to `at` runs: `at`, or where the PLT stub there jumps (through a GOT

@@ -160,19 +160,20 @@ impl Image {
 
     /// A section's contents in the file.
     pub fn section(&self, name: &str) -> Option<&[u8]> {
-        let s = self.sections.iter().find(|s| s.name == name)?;
-        self.data
-            .get(s.offset as usize..(s.offset + s.size) as usize)
+        self.bytes_of(self.sections.iter().find(|s| s.name == name)?)
     }
 
     /// Each section of code: its address and its bytes.
     pub fn code_sections(&self) -> impl Iterator<Item = (u64, &[u8])> {
-        self.sections.iter().filter(|s| s.text).filter_map(|s| {
-            let bytes = self
-                .data
-                .get(s.offset as usize..(s.offset + s.size) as usize)?;
-            Some((s.address, bytes))
-        })
+        self.sections
+            .iter()
+            .filter(|s| s.text)
+            .filter_map(|s| Some((s.address, self.bytes_of(s)?)))
+    }
+
+    fn bytes_of(&self, s: &Section) -> Option<&[u8]> {
+        self.data
+            .get(s.offset as usize..(s.offset + s.size) as usize)
     }
 
     /// The pointer stored at `vaddr` once the file is loaded (without the load bias).

@@ -229,19 +229,21 @@ pub struct Options {
     pub provoke: bool,
     /// `--every-lookup`: count every `d[k]`, not in bursts.
     pub every_lookup: bool,
-    /// `--quiet-misses`: every `d.get` and `in` on a dict.
+    /// `--quiet-misses`: every `d.get`, `in` and subclass `d[k]` on a dict, and lists' windows
+    /// with their `lst[i]` out of range.
     pub quiet_misses: bool,
     pub verbose: bool,
 }
 
-/// `--quiet-misses`: `d.get` and `in` at their entries, where the dict and the key are still in
-/// the argument registers; and where 3.13+ specialised `in` (CONTAINS_OP_DICT) into the eval
-/// loop with link-time optimisation, its calls to the lookup there. The second value says what
-/// could not be found.
+/// `--quiet-misses`: `d.get`, `in`, a subclass's `d[k]` and `lst[i]` (of `lists`, where found)
+/// at their entries, where the object and the key are still in the argument registers; and
+/// where link-time optimisation inlined `PyDict_Contains` (3.13+), its calls to the lookup there.
+/// The second value says what could not be found.
 fn quiet_probes(
     image: &image::Image,
     version: (u32, u32),
     methods: &dict_type::DictMethods,
+    lists: Option<&dict_type::ListMethods>,
     verbose: bool,
 ) -> (Vec<Quiet>, Option<String>) {
     let args = [Register::RDI, Register::RSI];
@@ -253,6 +255,7 @@ fn quiet_probes(
         Quiet::Contains(place("in", &methods.contains)),
         Quiet::Subscript(place("d[k] (dict subclasses)", &methods.subscript)),
     ];
+    quiet.extend(lists.map(|l| Quiet::Index(place("lst[i]", &l.subscript))));
     // `in` on a subclass calls the method; where the method calls the type's `in` (3.13+), that
     // probe counts it already.
     if !eval_loop::reaches(image, &methods.contains_method, methods.contains.address) {
@@ -320,38 +323,27 @@ pub fn plan(
         );
     }
     let methods = dict_type::dict_methods(&image)?;
-    let (mut quiet, no_quiet) = if quiet_misses {
-        quiet_probes(&image, version, &methods, verbose)
-    } else {
-        (Vec::new(), None)
-    };
     // `--quiet-misses` watches lists too: their windows, and `lst[i]` out of range in them.
     let (lists, no_lists) = match quiet_misses.then(|| dict_type::list_methods(&image)) {
         Some(Ok(l)) => (Some(l), None),
         Some(Err(e)) => (None, Some(format!("list windows: {e}"))),
         None => (None, None),
     };
+    let (quiet, no_quiet) = if quiet_misses {
+        quiet_probes(&image, version, &methods, lists.as_ref(), verbose)
+    } else {
+        (Vec::new(), None)
+    };
     let list_clear = lists
         .as_ref()
         .map(|l| place_entry(path, "list clear", l.clear.clone(), 0, None, verbose));
-    if let Some(l) = &lists {
-        let args = [Register::RDI, Register::RSI];
-        quiet.push(Quiet::Index(crate::probe::placement::place_entry_reading(
-            path,
-            "lst[i]",
-            l.subscript.clone(),
-            &args,
-            verbose,
-        )));
-    }
     let exported = |symbol: &'static str| {
         image.function(symbol).ok_or_else(|| PythonError::Missing {
             image: path.clone(),
             symbol,
         })
     };
-    let placement = place_entry;
-    let clear = placement(path, "clear", methods.clear, 0, None, verbose);
+    let clear = place_entry(path, "clear", methods.clear, 0, None, verbose);
     // OrderedDict empties and refills itself with its own methods; its d[k] is dict's.
     let (ordered, no_ordered) = match dict_type::ordered_dict_methods(&image) {
         Ok(o) => (Some(o), None),
@@ -359,7 +351,7 @@ pub fn plan(
     };
     let ordered_clear = ordered
         .as_ref()
-        .map(|o| placement(path, "OrderedDict clear", o.clear.clone(), 0, None, verbose));
+        .map(|o| place_entry(path, "OrderedDict clear", o.clear.clone(), 0, None, verbose));
     let refills: Vec<RefillProbe> = [methods.update, methods.ior]
         .into_iter()
         .chain(ordered.into_iter().flat_map(|o| [o.update, o.ior]))
@@ -420,7 +412,7 @@ pub fn plan(
             .ok_or_else(|| no_provoke("symbol take_gil"))?;
         Some(GilHandover {
             clear: clear.function.clone(),
-            take_gil: placement(path, TAKE_GIL, take_gil, 0, None, verbose),
+            take_gil: place_entry(path, TAKE_GIL, take_gil, 0, None, verbose),
             drop_request: state.drop_request,
             switch_interval_vaddr: state.switch_interval_vaddr,
         })
@@ -432,7 +424,7 @@ pub fn plan(
     } else {
         LOOKUP_3_11
     };
-    let keyerror_probe = placement(path, "KeyError", keyerror, 0, None, verbose);
+    let keyerror_probe = place_entry(path, "KeyError", keyerror, 0, None, verbose);
     let inline = eval_loop::inline_raises(&image, &[&methods.subscript]);
     if verbose {
         for (f, offsets) in &inline {
@@ -447,7 +439,7 @@ pub fn plan(
     let sample = match inline_lookup_sample(&image, &inline, verbose) {
         Some(s) => s,
         None => Sample::at_entry(
-            placement(path, "lookup sample", exported(lookup)?, 0, None, verbose),
+            place_entry(path, "lookup sample", exported(lookup)?, 0, None, verbose),
             0,
         ),
     };
