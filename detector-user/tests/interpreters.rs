@@ -8,7 +8,9 @@ mod common;
 
 use std::process::{Command, Stdio};
 
-use common::{parse_ndjson, spawn_attached, temp_file, worker, worker_truth};
+use common::{
+    parse_ndjson, spawn_attached, spawn_attached_with_lines, temp_file, worker, worker_truth,
+};
 
 /// One lookup in this many is of a key that never exists: enough decoys to prove them uncounted.
 const ABSENT_EVERY: &str = "500";
@@ -105,8 +107,9 @@ fn attached(
     cmd.args(&build.run[1..])
         .arg(&build.worker)
         .args([
+            // racewatch takes up to 3 s to verify its probes and attach (a debug build).
             "--seconds",
-            "3",
+            "6",
             "--gap-ms",
             "0.05",
             "--pause-ms",
@@ -121,7 +124,7 @@ fn attached(
     std::thread::sleep(std::time::Duration::from_millis(700));
     // chroot execs the interpreter in the same process, so the pid is the worker's.
     let out = temp_file(&format!("interp-{}-{pid}.ndjson", build.name));
-    let (mut rw, line) = spawn_attached(&[
+    let (mut rw, line, lines) = spawn_attached_with_lines(&[
         "python",
         "--json",
         "-o",
@@ -137,7 +140,13 @@ fn attached(
     let worker_out = worker.wait_with_output().unwrap();
     let status = rw.wait().unwrap();
     let truth = worker_truth(&String::from_utf8_lossy(&worker_out.stderr));
-    let (alerts, summary) = parse_ndjson(&std::fs::read_to_string(&out).unwrap());
+    let text = std::fs::read_to_string(&out).unwrap();
+    assert!(
+        !text.is_empty(),
+        "racewatch wrote nothing and exited with {status}: {}",
+        lines.iter().collect::<Vec<_>>().join("\n")
+    );
+    let (alerts, summary) = parse_ndjson(&text);
     (truth, alerts, summary, status.code())
 }
 

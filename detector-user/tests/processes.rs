@@ -427,3 +427,49 @@ fn left_on_the_output_file_is_reopened_on_sighup_for_logrotate() {
     assert_eq!(summary["misses_in_window"], truth["keyerrors"], "{summary}");
     assert_eq!(code, Some(1), "{summary}");
 }
+
+#[test]
+#[ignore = "root"]
+fn a_process_that_exits_while_the_probes_go_in_is_not_reported_clean() {
+    let mut target = Command::new("python3")
+        .args(["-c", "import time; time.sleep(60)"])
+        .spawn()
+        .unwrap();
+    // Once the interpreter maps its files.
+    std::thread::sleep(Duration::from_millis(500));
+    let out = temp_file("exited-early.ndjson");
+    let rw = Command::new(RACEWATCH)
+        .args(["python", "--json", "-o", out.to_str().unwrap(), "-p"])
+        .arg(target.id().to_string())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    // racewatch holds the target's pidfd from before its probes go in, which take a second or
+    // more (verifying and calibrating them): the target ends in between.
+    let pidfd = || {
+        std::fs::read_dir(format!("/proc/{}/fd", rw.id()))
+            .into_iter()
+            .flatten()
+            .filter_map(|e| std::fs::read_link(e.ok()?.path()).ok())
+            .any(|l| l.to_string_lossy().contains("pidfd"))
+    };
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    while !pidfd() {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "racewatch never opened a pidfd"
+        );
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    target.kill().unwrap();
+    let o = rw.wait_with_output().unwrap();
+    target.wait().unwrap();
+    let err = stderr(&o);
+    let (_, summary) = parse_ndjson(&std::fs::read_to_string(&out).unwrap());
+    let unwatched = summary["unwatched"].to_string();
+    assert!(
+        unwatched.contains("exited before every probe was attached"),
+        "{summary}\n{err}"
+    );
+    assert_eq!(o.status.code(), Some(4), "{summary}\n{err}");
+}

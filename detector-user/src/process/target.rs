@@ -40,6 +40,19 @@ impl PidWatch {
         })
     }
 
+    /// Whether the process has exited already (its pidfd is readable now).
+    pub fn has_exited(&self) -> bool {
+        use std::os::fd::AsRawFd as _;
+        let mut poll = libc::pollfd {
+            fd: self.fd.get_ref().as_raw_fd(),
+            events: libc::POLLIN,
+            revents: 0,
+        };
+        // SAFETY: one valid pollfd, no wait.
+        let ready = unsafe { libc::poll(&mut poll, 1, 0) };
+        ready > 0
+    }
+
     pub async fn exited(&self) {
         // A pidfd becomes readable when the process exits; errors mean it is gone too.
         let _ = self.fd.readable().await;

@@ -181,6 +181,12 @@ pub async fn run(
         (None, false) if !host => Some(Held::spawn(&args.command).map_err(Failure::usage)?),
         _ => None,
     };
+    // Held from before the probes go in, so a process that exits while they do ends the run
+    // with its summary rather than leaving nothing to watch.
+    let watch = match (args.pid, args.dry_run) {
+        (Some(pid), false) => Some(PidWatch::new(pid).map_err(Failure::usage)?),
+        _ => None,
+    };
     let pid = args.pid.or(held.as_ref().map(Held::pid)).unwrap_or(0);
     // The processes the target forks are watched too, where the kernel tells a fork's child.
     let tgid_offset = crate::probe::kernel::task_tgid_offset();
@@ -254,10 +260,18 @@ pub async fn run(
     if args.dry_run {
         return Ok(None);
     }
-    let mut target = match held {
-        Some(h) => Target::Launched(h.release().map_err(Failure::usage)?),
-        None if host => Target::Host,
-        None => Target::Attached(PidWatch::new(pid).map_err(Failure::usage)?),
+    let mut target = match (held, watch) {
+        (Some(h), _) => Target::Launched(h.release().map_err(Failure::usage)?),
+        (None, Some(watch)) => Target::Attached(watch),
+        (None, None) => Target::Host,
+    };
+    // Exited while the probes went in: whatever it did before the last one was in went unseen.
+    let exited_early = match &target {
+        Target::Attached(watch) if watch.has_exited() => Some(format!(
+            "process {pid}: it exited before every probe was attached, so its run was not watched \
+             (attach while it runs)"
+        )),
+        _ => None,
     };
     let metrics = start
         .metrics
@@ -294,6 +308,7 @@ pub async fn run(
             .iter()
             .flat_map(|p| p.unprobed.iter().cloned())
             .chain(unwatched)
+            .chain(exited_early)
             .collect(),
     };
     run.run(&mut target)
