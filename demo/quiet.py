@@ -5,8 +5,9 @@ Its readers never raise: one asks `cache.get(key)` and takes the None it gets in
 default, another asks `key in cache` and takes the False for "no such key". Both serve a wrong
 answer and log nothing. A third reads `cache[key]`: on a `Counter` or a `defaultdict(int)`
 (`--kind`) the window answers 0 without a KeyError; on a dict it raises one. The same refresh
-empties a list of the values with clear() and refills it with extend(); a fourth reader's
-`values[i]` raises IndexError in that window.
+empties a list of the values with clear() and refills it with extend(), and a set of the keys
+with clear() and update(); a fourth reader's `values[i]` raises IndexError in that window, and a
+fifth reader's `key in ids` says no.
 
     quiet.py [--fixed] [--kind dict|counter|defaultdict] [--seconds S] [--keys N]
              [--refresh-ms MS] [--switch-interval S] [--gap-ms MS] [--absent-every N]
@@ -23,7 +24,7 @@ empties a list of the values with clear() and refills it with extend(); a fourth
 Ground truth, printed to stderr at exit:
     worker: pid=P get_lookups=N get_misses=M contains_lookups=N contains_misses=M
             subscript_lookups=N subscript_misses=M index_lookups=N index_misses=M
-            absent_lookups=A refreshes=R
+            member_lookups=N member_misses=M absent_lookups=A refreshes=R
 where the misses count only keys that always exist (every one of them landed in a window).
 """
 import argparse
@@ -46,18 +47,22 @@ class Cache:
         self._kind = kind
         self._cache = kind(data)
         self._values = list(data.values())
+        self._ids = set(data)
 
     def refresh(self, data, racy, gap):
         if racy:
             self._cache.clear()  # the window opens: the cache is empty until update() returns
             self._values.clear()
+            self._ids.clear()
             if gap:
                 time.sleep(gap)  # the seed's repro: widen the window on purpose
             self._cache.update(data)
             self._values.extend(data.values())
+            self._ids.update(data)
         else:
             self._cache = self._kind(data)  # build, then swap: no empty window
             self._values = list(data.values())
+            self._ids = set(data)
 
 
 def parse():
@@ -90,6 +95,8 @@ def main():
         "subscript_misses": 0,
         "index_lookups": 0,
         "index_misses": 0,
+        "member_lookups": 0,
+        "member_misses": 0,
         "absent_lookups": 0,
         "refreshes": 0,
     }
@@ -110,6 +117,9 @@ def main():
             elif form == "contains":
                 if key not in cache._cache:
                     misses += 1
+            elif form == "member":
+                if key not in cache._ids:
+                    misses += 1
             elif form == "index":
                 try:
                     cache._values[i % n]
@@ -121,12 +131,14 @@ def main():
                         misses += 1
                 except KeyError:
                     misses += 1
-            if every and i % every == 0 and form in ("get", "contains"):
+            if every and i % every == 0 and form in ("get", "contains", "member"):
                 # Never there: these miss in and out of windows alike, and are no window's doing.
                 if form == "get":
                     cache._cache.get(f"absent-{i}")
-                else:
+                elif form == "contains":
                     f"absent-{i}" in cache._cache
+                else:
+                    f"absent-{i}" in cache._ids
                 absent += 1
             os.write(out, b"x")
             i += 1
@@ -147,6 +159,7 @@ def main():
         threading.Thread(target=reader, args=("contains",), name="in-reader"),
         threading.Thread(target=reader, args=("subscript",), name="subscript-reader"),
         threading.Thread(target=reader, args=("index",), name="index-reader"),
+        threading.Thread(target=reader, args=("member",), name="member-reader"),
         threading.Thread(target=refresher, name="refresher"),
     ]
     for t in threads:

@@ -25,6 +25,8 @@ use crate::{
 /// `tp_flags` in a type object (the same in CPython 3.11 to 3.14), and its bits that mark `dict`
 /// and `list` and their subclasses (`Py_TPFLAGS_DICT_SUBCLASS`, `Py_TPFLAGS_LIST_SUBCLASS`).
 const TP_FLAGS: u64 = 168;
+/// `tp_base`, the type's base class.
+const TP_BASE: u64 = 256;
 const DICT_SUBCLASS: u64 = 1 << 29;
 const LIST_SUBCLASS: u64 = 1 << 25;
 /// A list's length (`ob_size`).
@@ -189,20 +191,21 @@ const MAX_PROBES: usize = 64;
 /// A `PyDictKeysObject` (the same in CPython 3.11 to 3.14's GIL builds), enough of it to look a
 /// hash up.
 struct DictKeys {
+    /// The `PyDictKeysObject`: its index table at +32, the entries after it.
+    keys: u64,
     log2_size: u8,
+    log2_index_bytes: u8,
     /// `dk_kind` 0: entries carry their hash; 1 and 2 (str keys): the key object caches it.
     general: bool,
-    indices: u64,
-    entries: u64,
 }
 
 impl DictKeys {
     /// For a dict whose keys cannot be read: every read fails, so every key is judged unknown.
     const UNREADABLE: DictKeys = DictKeys {
+        keys: 0,
         log2_size: 0,
+        log2_index_bytes: 0,
         general: true,
-        indices: 0,
-        entries: 0,
     };
 
     /// `ma_keys` at +32 of the dict; `dk_log2_size`, `dk_log2_index_bytes`, `dk_kind` at +8.
@@ -213,29 +216,30 @@ impl DictKeys {
         if log2_size >= 32 || log2_index_bytes >= 64 {
             return None;
         }
-        let indices = keys + 32;
         Some(DictKeys {
+            keys,
             log2_size,
+            log2_index_bytes,
             general: kind == 0,
-            indices,
-            entries: indices + (1u64 << log2_index_bytes),
         })
     }
 
     /// Slot `i` of the index table: an entry number, -1 empty, -2 deleted.
     fn index(&self, i: u64) -> Option<i64> {
+        let indices = self.keys + 32;
         match self.log2_size {
-            0..8 => read_user::<i8>(self.indices + i).map(i64::from),
-            8..16 => read_user::<i16>(self.indices + 2 * i).map(i64::from),
-            _ => read_user::<i32>(self.indices + 4 * i).map(i64::from),
+            0..8 => read_user::<i8>(indices + i).map(i64::from),
+            8..16 => read_user::<i16>(indices + 2 * i).map(i64::from),
+            _ => read_user::<i32>(indices + 4 * i).map(i64::from),
         }
     }
 
     fn entry_hash(&self, ix: u64) -> Option<i64> {
+        let entries = self.keys + 32 + (1u64 << self.log2_index_bytes);
         if self.general {
-            read_user(self.entries + 24 * ix)
+            read_user(entries + 24 * ix)
         } else {
-            read_user(read_user::<u64>(self.entries + 16 * ix)? + 24)
+            read_user(read_user::<u64>(entries + 16 * ix)? + 24)
         }
     }
 
@@ -262,13 +266,98 @@ impl DictKeys {
     }
 }
 
+/// Rounds of a set's probe sequence before giving up: each looks at up to
+/// [`SET_LINEAR_PROBES`] + 1 neighbouring entries, and a set is at most 3/5 full, so an absent
+/// key stops at an empty one within the first round but for odds near (3/5)^10, and within 8
+/// rounds but for odds below one in 10^14.
+const SET_ROUNDS: usize = 3;
+/// CPython's `LINEAR_PROBES` (the same in 3.11 to 3.14).
+const SET_LINEAR_PROBES: u64 = 9;
+
+/// A `PySetObject`'s table (the same in CPython 3.11 to 3.14's GIL builds): `mask` at +32, the
+/// entries `{key, hash}` at `table`, +40.
+#[derive(Clone, Copy)]
+struct SetTable {
+    mask: u64,
+    table: u64,
+}
+
+impl SetTable {
+    /// For a set whose table cannot be read: every read fails, so every key is judged unknown.
+    const UNREADABLE: SetTable = SetTable { mask: 0, table: 1 };
+    /// Not a set.
+    const NONE: SetTable = SetTable { mask: 0, table: 0 };
+
+    fn of(set: u64) -> Option<SetTable> {
+        let [mask, table] = read_user::<[u64; 2]>(set.wrapping_add(32))?;
+        Some(SetTable { mask, table })
+    }
+
+    /// CPython's `set_lookkey`: runs of neighbouring entries, then a jump as dicts make; an entry
+    /// with an equal hash counts as the key, an empty one (`hash` 0, `key` NULL) ends the search.
+    fn lookup(&self, hash: i64) -> u32 {
+        let mut i = hash as u64 & self.mask;
+        let mut perturb = hash as u64;
+        for _ in 0..SET_ROUNDS {
+            let run = if i + SET_LINEAR_PROBES <= self.mask {
+                SET_LINEAR_PROBES
+            } else {
+                0
+            };
+            for j in 0..=SET_LINEAR_PROBES {
+                if j > run {
+                    break;
+                }
+                let at = self.table.wrapping_add(16 * (i + j));
+                match read_user::<[i64; 2]>(at) {
+                    None => return KEY_UNKNOWN,
+                    Some([0, 0]) => return KEY_ABSENT,
+                    Some([_, h]) if h == hash => return KEY_PRESENT,
+                    _ => {}
+                }
+            }
+            perturb >>= 5;
+            i = i.wrapping_mul(5).wrapping_add(1).wrapping_add(perturb) & self.mask;
+        }
+        KEY_UNKNOWN
+    }
+}
+
+/// Whether `obj` is a set, or an instance of a class deriving from `set` directly: its type's
+/// name, or its base's, is `set` (no `tp_flags` bit marks sets).
+fn is_set(obj: u64) -> bool {
+    let named_set = |ty: u64| {
+        let mut name = [0u8; 4];
+        read_user::<u64>(ty.wrapping_add(24)).is_some_and(|at| {
+            // SAFETY: reads at most 4 bytes into `name`.
+            unsafe { bpf_probe_read_user_str_bytes(at as *const u8, &mut name) }.is_ok()
+                && &name == b"set\0"
+        })
+    };
+    read_user::<u64>(obj.wrapping_add(8)).is_some_and(|ty| {
+        named_set(ty) || read_user::<u64>(ty.wrapping_add(TP_BASE)).is_some_and(named_set)
+    })
+}
+
+/// Whether `hash` is in `object`'s table, a set's or a dict's.
+fn present_in(object: u64, hash: i64, set: bool) -> u32 {
+    if set {
+        SetTable::of(object).map_or(KEY_UNKNOWN, |t| t.lookup(hash))
+    } else {
+        DictKeys::of(object).map_or(KEY_UNKNOWN, |k| k.lookup(hash))
+    }
+}
+
 /// The callback's context. No `Option` in it: the verifier refuses the uninitialised payload
 /// LLVM stores for `None`.
 struct Judge {
     dict: ObjKey,
     keys: DictKeys,
-    /// A list's length now (its misses are indexes, kept as their hash), or -1 for a dict.
+    /// A list's length now (its misses are indexes, kept as their hash), or -1 for a dict or a
+    /// set.
     list_len: i64,
+    /// A set's table, or [`SetTable::NONE`] for a dict or a list.
+    set: SetTable,
 }
 
 /// `bpf_for_each_map_elem` callback over `PENDING`: judges and drops the keys of one dict.
@@ -287,6 +376,8 @@ extern "C" fn judge_key(
             } else {
                 KEY_ABSENT
             }
+        } else if judge.set.table != 0 {
+            judge.set.lookup(p.hash)
         } else {
             judge.keys.lookup(p.hash)
         };
@@ -304,10 +395,16 @@ pub(crate) fn judge_pending(dict: ObjKey) {
     } else {
         -1
     };
+    let set = if list_len < 0 && is_set(dict.object) {
+        SetTable::of(dict.object).unwrap_or(SetTable::UNREADABLE)
+    } else {
+        SetTable::NONE
+    };
     let judge = Judge {
         dict,
         keys: DictKeys::of(dict.object).unwrap_or(DictKeys::UNREADABLE),
         list_len,
+        set,
     };
     // SAFETY: PENDING is #[repr(transparent)] over its map definition, which is what the helper
     // takes; the callback's signature is the one the helper calls.
@@ -408,7 +505,7 @@ pub fn on_dict_get(ctx: ProbeContext) -> u32 {
         .arg::<u64>(1)
         .and_then(read_user::<u64>)
         .unwrap_or_default();
-    quiet_lookup(&ctx, key, UNKNOWN_HASH, FORM_GET);
+    quiet_lookup(&ctx, key, UNKNOWN_HASH, FORM_GET, false);
     0
 }
 
@@ -432,7 +529,7 @@ pub fn on_dict_subscript(ctx: ProbeContext) -> u32 {
     }
     let key = ctx.arg::<u64>(1).unwrap_or_default();
     let tid = bpf_get_current_pid_tgid() as u32;
-    if quiet_lookup(&ctx, key, UNKNOWN_HASH, FORM_SUBSCRIPT) {
+    if quiet_lookup(&ctx, key, UNKNOWN_HASH, FORM_SUBSCRIPT, false) {
         let _ = SUBSCRIPT_MISSES.insert(&tid, &[dict, key], 0);
     } else {
         let _ = SUBSCRIPT_MISSES.remove(&tid);
@@ -486,7 +583,7 @@ pub fn on_list_subscript(ctx: ProbeContext) -> u32 {
 #[uprobe]
 pub fn on_dict_contains(ctx: ProbeContext) -> u32 {
     let key = ctx.arg::<u64>(1).unwrap_or_default();
-    quiet_lookup(&ctx, key, UNKNOWN_HASH, FORM_CONTAINS);
+    quiet_lookup(&ctx, key, UNKNOWN_HASH, FORM_CONTAINS, false);
     0
 }
 
@@ -500,15 +597,40 @@ pub fn on_dict_contains_call(ctx: ProbeContext) -> u32 {
         key,
         ctx.arg::<i64>(2).unwrap_or(UNKNOWN_HASH),
         FORM_CONTAINS,
+        false,
     );
     0
 }
 
-/// A `.get`, `in` or subclass `d[k]` about to look `key` up in the dict of argument 0 (with
-/// `hash`, where the caller computed it already): when another thread's window is open on it
-/// and the key is not in it, the lookup will miss (the GIL holds the dict still until it does),
-/// so it is reported as `d[k]`'s KeyError is. Whether it was.
-fn quiet_lookup(ctx: &ProbeContext, key: u64, hash: i64, form: u32) -> bool {
+/// `k in s`, the set type's `sq_contains(self, key)` (or the function it jumps to, which the
+/// eval loop's specialised `in` calls too), at its entry (`--quiet-misses`).
+#[uprobe]
+pub fn on_set_contains(ctx: ProbeContext) -> u32 {
+    let key = ctx.arg::<u64>(1).unwrap_or_default();
+    quiet_lookup(&ctx, key, UNKNOWN_HASH, FORM_CONTAINS, true);
+    0
+}
+
+/// `k in s` inlined into the eval loop, at its call to the set lookup `(set, key, hash)`
+/// (`--quiet-misses`).
+#[uprobe]
+pub fn on_set_contains_call(ctx: ProbeContext) -> u32 {
+    let key = ctx.arg::<u64>(1).unwrap_or_default();
+    quiet_lookup(
+        &ctx,
+        key,
+        ctx.arg::<i64>(2).unwrap_or(UNKNOWN_HASH),
+        FORM_CONTAINS,
+        true,
+    );
+    0
+}
+
+/// A `.get`, `in` or subclass `d[k]` about to look `key` up in the dict (or, with `set`, the
+/// set) of argument 0 (with `hash`, where the caller computed it already): when another thread's
+/// window is open on it and the key is not in it, the lookup will miss (the GIL holds the object
+/// still until it does), so it is reported as `d[k]`'s KeyError is. Whether it was.
+fn quiet_lookup(ctx: &ProbeContext, key: u64, hash: i64, form: u32, set: bool) -> bool {
     bump(Stat::HitsQuietLookup);
     let (Some(cfg), Some(who), Some(object)) = (config(ctx), caller(), ctx.arg::<u64>(0)) else {
         return false;
@@ -532,7 +654,7 @@ fn quiet_lookup(ctx: &ProbeContext, key: u64, hash: i64, form: u32) -> bool {
     };
     let present = match hash {
         UNKNOWN_HASH => KEY_UNKNOWN,
-        hash => DictKeys::of(object).map_or(KEY_UNKNOWN, |k| k.lookup(hash)),
+        hash => present_in(object, hash, set),
     };
     match present {
         KEY_ABSENT => {

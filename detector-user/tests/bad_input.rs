@@ -482,8 +482,9 @@ fn command_that_exits_at_once() {
 #[test]
 #[ignore = "root"]
 fn pid_that_exits_mid_run() {
+    // Longer than racewatch takes to attach (up to 3 s, a debug build): it exits mid-run.
     let demo = std::process::Command::new(cache_demo())
-        .args(["--fixed", "--seconds", "1"])
+        .args(["--fixed", "--seconds", "5"])
         .stderr(std::process::Stdio::piped())
         .spawn()
         .unwrap();
@@ -500,6 +501,7 @@ fn pid_that_exits_mid_run() {
     assert!(err.contains(&format!("watching pid {pid}")), "{err}");
     assert!(lookups > 0);
     assert!(out.ends_with(", target exited\n"), "{out}");
+    assert!(!out.contains("not watched"), "{out}");
     assert_eq!(o.status.code(), Some(0), "{err}");
 }
 

@@ -359,10 +359,10 @@ fn the_decoys_are_exact_on_every_interpreter() {
 }
 
 /// demo/quiet.py under `build` with `--quiet-misses`, its cache a `kind` (dict, counter):
-/// every `d.get` that returned None, every `k in d` that said no, every `d[k]` that raised
-/// KeyError or got `__missing__`'s 0 and every `values[i]` that raised IndexError, for a key or
-/// an index the refill brought back, is counted, each by its form, and lookups of keys never
-/// there are not; with build-then-swap, nothing.
+/// every `d.get` that returned None, every `k in d` and `k in s` that said no, every `d[k]` that
+/// raised KeyError or got `__missing__`'s 0 and every `values[i]` that raised IndexError, for a
+/// key or an index the refill brought back, is counted, each by its form, and lookups of keys
+/// never there are not; with build-then-swap, nothing.
 fn quiet_exact(build: &Build, kind: &str) {
     let script = demo_script(build, "quiet.py");
     let flags = ["--quiet-misses"];
@@ -382,18 +382,27 @@ fn quiet_exact(build: &Build, kind: &str) {
         "{} --kind {kind}: {truth:?}; {summary}",
         build.run.join(" ")
     );
+    // The demo's readers, each with the form its misses count as: `in` on the set is a contains.
+    let readers = [
+        ("get", "get"),
+        ("contains", "contains"),
+        ("member", "contains"),
+        ("subscript", "subscript"),
+        ("index", "index"),
+    ];
+    let mut want: std::collections::BTreeMap<&str, u64> = Default::default();
+    for (reader, form) in readers {
+        let misses = truth[&format!("{reader}_misses")];
+        assert!(misses > 0, "no {reader} miss: {what}");
+        *want.entry(form).or_default() += misses;
+    }
     let forms = &summary["misses_by_form"];
-    for form in ["get", "contains", "subscript", "index"] {
-        let misses = truth[&format!("{form}_misses")];
-        assert!(misses > 0, "no {form} miss: {what}");
-        assert_eq!(forms[form], misses, "{form}: {what}");
+    for (form, misses) in &want {
+        assert_eq!(forms[form], *misses, "{form}: {what}");
     }
     assert_eq!(
         summary["misses_in_window"],
-        ["get", "contains", "subscript", "index"]
-            .iter()
-            .map(|f| truth[&format!("{f}_misses")])
-            .sum::<u64>(),
+        want.values().sum::<u64>(),
         "{what}"
     );
     for zero in [
@@ -416,11 +425,13 @@ fn quiet_exact(build: &Build, kind: &str) {
     );
     let what = format!("--fixed {}: {truth:?}; {summary}", build.run.join(" "));
     assert!(
-        truth["get_lookups"] > 0 && truth["contains_lookups"] > 0,
+        truth["get_lookups"] > 0 && truth["contains_lookups"] > 0 && truth["member_lookups"] > 0,
         "{what}"
     );
     assert_eq!(summary["misses_in_window"], 0, "{what}");
-    assert_eq!(summary["windows"], 0, "{what}");
+    // The demo's objects open none; the interpreter's exit may: 3.11 and 3.12's
+    // `threading._shutdown` empties its `_shutdown_locks` set.
+    assert!(summary["windows"].as_u64() <= Some(1), "{what}");
     assert_eq!(code, Some(0), "{what}");
 }
 

@@ -288,10 +288,19 @@ fn watch_quiet(flags: &[&str]) -> (i32, std::collections::HashMap<String, u64>, 
 #[ignore = "root"]
 fn quiet_misses_are_named_by_their_form() {
     let (code, truth, out) = watch_quiet(&["--quiet-misses"]);
-    let (get, contains) = (truth["get_misses"], truth["contains_misses"]);
-    let (subscript, index) = (truth["subscript_misses"], truth["index_misses"]);
+    let (get, subscript, index) = (
+        truth["get_misses"],
+        truth["subscript_misses"],
+        truth["index_misses"],
+    );
+    // `k in d` and `k in s` alike.
+    let contains = truth["contains_misses"] + truth["member_misses"];
     assert!(
-        get > 0 && contains > 0 && subscript > 0 && index > 0,
+        get > 0
+            && truth["contains_misses"] > 0
+            && truth["member_misses"] > 0
+            && subscript > 0
+            && index > 0,
         "{truth:?}"
     );
     let race = |form: &str| {

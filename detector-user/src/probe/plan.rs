@@ -92,8 +92,8 @@ pub enum LookupProbe {
     },
 }
 
-/// A CPython dict lookup that misses without an exception, probed at its entry: the kernel tells
-/// a miss from the dict's table before the lookup runs.
+/// A CPython dict, list or set lookup that misses without an exception, probed at its entry:
+/// the kernel tells a miss from the object's table before the lookup runs.
 #[derive(Clone, Debug)]
 pub enum Quiet {
     /// `d.get(k)`: `dict_get(self, args, nargs)`, the key `args[0]`.
@@ -107,6 +107,10 @@ pub enum Quiet {
     ContainsCall(Placed),
     /// `lst[i]` out of range: the list type's `mp_subscript(self, item)`.
     Index(Placed),
+    /// `k in s`: the set type's `sq_contains(self, key)`, or the function it jumps to.
+    SetContains(Placed),
+    /// `k in s` inlined into the eval loop: its call to the set lookup `(set, key, hash)`.
+    SetContainsCall(Placed),
 }
 
 impl Quiet {
@@ -116,7 +120,9 @@ impl Quiet {
             | Quiet::Contains(p)
             | Quiet::Subscript(p)
             | Quiet::ContainsCall(p)
-            | Quiet::Index(p) => p,
+            | Quiet::Index(p)
+            | Quiet::SetContains(p)
+            | Quiet::SetContainsCall(p) => p,
         }
     }
 
@@ -128,6 +134,8 @@ impl Quiet {
             Quiet::Subscript(_) => "on_dict_subscript",
             Quiet::ContainsCall(_) => "on_dict_contains_call",
             Quiet::Index(_) => "on_list_subscript",
+            Quiet::SetContains(_) => "on_set_contains",
+            Quiet::SetContainsCall(_) => "on_set_contains_call",
         }
     }
 }

@@ -1,5 +1,5 @@
-//! The dict and list methods racewatch probes, found through the exported `PyDict_Type` (and
-//! `PyList_Type`, for `--quiet-misses`): its method table
+//! The dict, list and set methods racewatch probes, found through the exported `PyDict_Type`
+//! (and `PyList_Type` and `PySet_Type`, for `--quiet-misses`): its method table
 //! holds `clear`, `update` and `get`, its number slots `|=`, its sequence slots `in`, its mapping
 //! slots `d[k]`. A stripped build keeps the type and the
 //! tables it points at, so the static `dict_clear`, `dict_update` and `dict_ior` are found
@@ -109,6 +109,27 @@ pub fn list_methods(image: &Image) -> Result<ListMethods, DictTypeError> {
             "list_inplace_concat",
         )?,
         subscript: t.function(t.slot(TP_AS_MAPPING, MP_SUBSCRIPT), "[]", "list_subscript")?,
+    })
+}
+
+/// A set's `clear()`, `update(...)`, `|=` and `k in s` (its `sq_contains`), read from the
+/// exported `PySet_Type`.
+#[derive(Debug)]
+pub struct SetMethods {
+    pub clear: Function,
+    pub update: Function,
+    pub ior: Function,
+    pub contains: Function,
+}
+
+pub fn set_methods(image: &Image) -> Result<SetMethods, DictTypeError> {
+    let t = TypeObject::of(image, "PySet_Type", "set")?;
+    let [clear, update] = t.methods(["clear", "update"])?;
+    Ok(SetMethods {
+        clear: t.function(clear, "clear", "set_clear")?,
+        update: t.function(update, "update", "set_update")?,
+        ior: t.function(t.slot(TP_AS_NUMBER, NB_INPLACE_OR), "|=", "set_ior")?,
+        contains: t.function(t.slot(TP_AS_SEQUENCE, SQ_CONTAINS), "in", "set_contains")?,
     })
 }
 

@@ -201,6 +201,116 @@ pub fn inline_contains(
     InlineContains::At(sites)
 }
 
+/// Where a set's `k in s` runs: `contains` (the set type's `sq_contains`), or the function it
+/// jumps straight on to (3.14's `set_contains` is a jump to `_PySet_Contains`, which the eval
+/// loop calls as well).
+pub fn jumped_to(image: &Image, contains: &Function) -> Option<Function> {
+    let code = image.bytes_at(contains.address, 16)?;
+    let first: Vec<Instruction> =
+        Decoder::with_ip(64, code, contains.address, DecoderOptions::NONE)
+            .iter()
+            .take(2)
+            .collect();
+    let jmp = first
+        .iter()
+        .find(|i| i.mnemonic() != Mnemonic::Endbr64)
+        .filter(|i| i.mnemonic() == Mnemonic::Jmp && i.op0_kind() == OpKind::NearBranch64)?;
+    let target = through_stub(image, jmp.near_branch64());
+    image.function_at(target, &format!("{} (jumped to)", contains.display))
+}
+
+/// Where the eval loop's specialised `k in s` (CONTAINS_OP_SET, 3.13+) looks a key up. Where
+/// code calls `contains` (through the PLT or not: 3.14's eval loop is a function of its own,
+/// unnamed), that probe sees it. Where link-time optimisation inlined `contains` into the
+/// eval loop instead, the copy calls a function `contains` reaches within two calls (the set
+/// lookup, `(set, key, hash)`) and tests the entry it returns for NULL and then for an empty
+/// key: those calls.
+pub fn inline_set_contains(image: &Image, contains: &Function) -> InlineContains {
+    if called_anywhere(image, contains.address) {
+        return InlineContains::Called;
+    }
+    let Some(eval) = image.function("_PyEval_EvalFrameDefault") else {
+        return InlineContains::Unknown("it exports no _PyEval_EvalFrameDefault".into());
+    };
+    let (Some(instrs), Some(c)) = (decode(image, &eval), decode(image, contains)) else {
+        return InlineContains::Unknown("its eval loop or its set `in` cannot be read".into());
+    };
+    let called = |instrs: &[Instruction]| -> Vec<u64> {
+        targets(image, instrs, &[Mnemonic::Call, Mnemonic::Jmp]).collect()
+    };
+    let hash = image.symbol("PyObject_Hash").map(|s| s.0);
+    let mut reached = called(&c);
+    for t in reached.clone() {
+        if let Some(inner) = image.function_at(t, "").and_then(|f| decode(image, &f)) {
+            reached.extend(called(&inner));
+        }
+    }
+    reached.retain(|&t| Some(t) != hash);
+    let sites: Vec<u64> = instrs
+        .iter()
+        .enumerate()
+        .filter(|(_, ins)| {
+            ins.mnemonic() == Mnemonic::Call
+                && ins.op0_kind() == OpKind::NearBranch64
+                && reached.contains(&through_stub(image, ins.near_branch64()))
+        })
+        .filter(|&(i, _)| tests_set_entry(&instrs[i + 1..]))
+        .map(|(_, ins)| ins.ip())
+        .collect();
+    if sites.is_empty() {
+        return InlineContains::Unknown(
+            "its eval loop calls no set `in`, and no inlined copy of one was found".into(),
+        );
+    }
+    InlineContains::At(sites)
+}
+
+/// Whether a call anywhere in `image`'s code goes to `target`, directly or through its PLT stub.
+fn called_anywhere(image: &Image, target: u64) -> bool {
+    image.code_sections().any(|(start, code)| {
+        Decoder::with_ip(64, code, start, DecoderOptions::NONE)
+            .iter()
+            .any(|i| {
+                i.mnemonic() == Mnemonic::Call
+                    && i.op0_kind() == OpKind::NearBranch64
+                    && through_stub(image, i.near_branch64()) == target
+            })
+    })
+}
+
+/// Whether the code after a call to the set lookup tests its result (`rax`, an entry) for NULL
+/// and then reads whether the entry's key is NULL (`cmpq $0, (%rax)`), as `set_contains_key`
+/// does, before anything else is put in `rax`.
+fn tests_set_entry(after: &[Instruction]) -> bool {
+    let mut null_told = false;
+    for i in after.iter().take(RESULT_USE) {
+        if i.mnemonic() == Mnemonic::Test
+            && i.op0_kind() == OpKind::Register
+            && i.op0_register() == Register::RAX
+            && i.op1_kind() == OpKind::Register
+            && i.op1_register() == Register::RAX
+        {
+            null_told = true;
+        } else if i.mnemonic() == Mnemonic::Cmp
+            && i.op0_kind() == OpKind::Memory
+            && i.memory_base() == Register::RAX
+            && i.memory_index() == Register::None
+            && i.memory_displacement64() == 0
+            && matches!(
+                i.op1_kind(),
+                OpKind::Immediate8to64 | OpKind::Immediate32to64
+            )
+            && i.immediate(1) == 0
+        {
+            return null_told;
+        }
+        if writes_rax(i) || i.flow_control() == FlowControl::Call {
+            return false;
+        }
+    }
+    false
+}
+
 /// Instructions looked at after a lookup call for how its result is used.
 const RESULT_USE: usize = 8;
 
@@ -376,6 +486,39 @@ mod tests {
 
     /// Debian 13's CONTAINS_OP_DICT after its lookup call: -3, then -1; its BINARY_SUBSCR_DICT
     /// reads the value found instead.
+    #[test]
+    fn the_inlined_set_in_is_told_from_other_set_lookups() {
+        let after = |bytes: &[u8]| {
+            let instrs: Vec<Instruction> = Decoder::with_ip(64, bytes, START, DecoderOptions::NONE)
+                .iter()
+                .collect();
+            tests_set_entry(&instrs)
+        };
+        // Debian 13's CONTAINS_OP_SET after its call to set_lookkey.
+        let contains = [
+            0x44, 0x8b, 0x1c, 0x24, // mov (%rsp),%r11d
+            0x48, 0x85, 0xc0, // test %rax,%rax
+            0x0f, 0x84, 0x77, 0x54, 0x00, 0x00, // je
+            0x48, 0x83, 0x38, 0x00, // cmpq $0,(%rax)
+            0x0f, 0x95, 0xc0, // setne %al
+        ];
+        assert!(after(&contains));
+        // A discard reads the entry's key into a register first.
+        let discard = [
+            0x48, 0x85, 0xc0, // test %rax,%rax
+            0x0f, 0x84, 0x77, 0x54, 0x00, 0x00, // je
+            0x48, 0x8b, 0x10, // mov (%rax),%rdx
+            0x48, 0x85, 0xd2, // test %rdx,%rdx
+        ];
+        assert!(!after(&discard));
+        // Without the NULL test first, the entry is some other use of the result.
+        let unchecked = [
+            0x48, 0x83, 0x38, 0x00, // cmpq $0,(%rax)
+            0x0f, 0x95, 0xc0, // setne %al
+        ];
+        assert!(!after(&unchecked));
+    }
+
     #[test]
     fn the_inlined_in_is_told_from_d_k() {
         let contains = [

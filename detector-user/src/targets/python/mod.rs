@@ -28,6 +28,7 @@ use crate::probe::{
 };
 
 use dwarf::SiteError;
+use eval_loop::InlineContains;
 use layout::Layout;
 
 const KEYERROR: &str = "_PyErr_SetKeyError";
@@ -235,17 +236,18 @@ pub struct Options {
     pub verbose: bool,
 }
 
-/// `--quiet-misses`: `d.get`, `in`, a subclass's `d[k]` and `lst[i]` (of `lists`, where found)
-/// at their entries, where the object and the key are still in the argument registers; and
-/// where link-time optimisation inlined `PyDict_Contains` (3.13+), its calls to the lookup there.
-/// The second value says what could not be found.
+/// `--quiet-misses`: `d.get`, `in`, a subclass's `d[k]`, `lst[i]` (of `lists`, where found)
+/// and `k in s` (of `sets`) at their entries, where the object and the key are still in the
+/// argument registers; and where link-time optimisation inlined `PyDict_Contains` or the set's
+/// `in` (3.13+), their calls to the lookup there. The second value says what could not be found.
 fn quiet_probes(
     image: &image::Image,
     version: (u32, u32),
     methods: &dict_type::DictMethods,
     lists: Option<&dict_type::ListMethods>,
+    sets: Option<&dict_type::SetMethods>,
     verbose: bool,
-) -> (Vec<Quiet>, Option<String>) {
+) -> (Vec<Quiet>, Vec<String>) {
     let args = [Register::RDI, Register::RSI];
     let place = |role, f: &crate::probe::symbols::Function| {
         crate::probe::placement::place_entry_reading(&image.path, role, f.clone(), &args, verbose)
@@ -262,38 +264,61 @@ fn quiet_probes(
         let method = place("in (dict subclasses)", &methods.contains_method);
         quiet.push(Quiet::Contains(method));
     }
+    let set_contains = sets
+        .map(|s| eval_loop::jumped_to(image, &s.contains).unwrap_or_else(|| s.contains.clone()));
+    quiet.extend(
+        set_contains
+            .as_ref()
+            .map(|c| Quiet::SetContains(place("k in s", c))),
+    );
+    let mut unwatched = Vec::new();
     if version < (3, 13) {
-        return (quiet, None);
+        return (quiet, unwatched);
     }
+    // Where the eval loop's specialised `in` (CONTAINS_OP_DICT, CONTAINS_OP_SET) calls none of
+    // the functions probed, the calls to the lookup that its inlined copy makes.
+    let inlined = |sites: InlineContains, (what, op): (&str, &str), unwatched: &mut Vec<String>| {
+        match sites {
+            InlineContains::Called => Vec::new(),
+            InlineContains::At(sites) => sites
+                .into_iter()
+                .filter_map(|at| {
+                    let function = image.function_at(at, &format!("{what} (inlined)"))?;
+                    if verbose {
+                        eprintln!("racewatch: {what}: an inlined copy's lookup call at {at:#x}");
+                    }
+                    Some(Placed {
+                        function,
+                        offset: 0,
+                        emulated: true,
+                        object: None,
+                    })
+                })
+                .collect(),
+            InlineContains::Unknown(why) => {
+                unwatched.push(format!(
+                    "`{what}` where {} specialised it ({op}): {why}",
+                    image.path.display()
+                ));
+                Vec::new()
+            }
+        }
+    };
     let probed: Vec<&crate::probe::symbols::Function> =
         quiet.iter().map(|q| &q.at().function).collect();
-    match eval_loop::inline_contains(image, &methods.contains, &methods.get, &probed) {
-        eval_loop::InlineContains::Called => (quiet, None),
-        eval_loop::InlineContains::At(sites) => {
-            for at in sites {
-                let Some(function) = image.function_at(at, "PyDict_Contains (inlined)") else {
-                    continue;
-                };
-                if verbose {
-                    eprintln!("racewatch: in: an inlined PyDict_Contains's lookup call at {at:#x}");
-                }
-                quiet.push(Quiet::ContainsCall(Placed {
-                    function,
-                    offset: 0,
-                    emulated: true,
-                    object: None,
-                }));
-            }
-            (quiet, None)
-        }
-        eval_loop::InlineContains::Unknown(why) => (
-            quiet,
-            Some(format!(
-                "`k in d` where {} specialised it (CONTAINS_OP_DICT): {why}",
-                image.path.display()
-            )),
+    let dict_sites = eval_loop::inline_contains(image, &methods.contains, &methods.get, &probed);
+    let dict_calls = inlined(dict_sites, ("k in d", "CONTAINS_OP_DICT"), &mut unwatched);
+    let set_calls = match &set_contains {
+        Some(c) => inlined(
+            eval_loop::inline_set_contains(image, c),
+            ("k in s", "CONTAINS_OP_SET"),
+            &mut unwatched,
         ),
-    }
+        None => Vec::new(),
+    };
+    quiet.extend(dict_calls.into_iter().map(Quiet::ContainsCall));
+    quiet.extend(set_calls.into_iter().map(Quiet::SetContainsCall));
+    (quiet, unwatched)
 }
 
 /// What to probe in `interp`, as the run's window `window`, and where its threads keep their
@@ -329,14 +354,30 @@ pub fn plan(
         Some(Err(e)) => (None, Some(format!("list windows: {e}"))),
         None => (None, None),
     };
+    // And sets: their windows, and `k in s` false in them.
+    let (sets, no_sets) = match quiet_misses.then(|| dict_type::set_methods(&image)) {
+        Some(Ok(s)) => (Some(s), None),
+        Some(Err(e)) => (None, Some(format!("set windows: {e}"))),
+        None => (None, None),
+    };
     let (quiet, no_quiet) = if quiet_misses {
-        quiet_probes(&image, version, &methods, lists.as_ref(), verbose)
+        quiet_probes(
+            &image,
+            version,
+            &methods,
+            lists.as_ref(),
+            sets.as_ref(),
+            verbose,
+        )
     } else {
-        (Vec::new(), None)
+        (Vec::new(), Vec::new())
     };
     let list_clear = lists
         .as_ref()
         .map(|l| place_entry(path, "list clear", l.clear.clone(), 0, None, verbose));
+    let set_clear = sets
+        .as_ref()
+        .map(|s| place_entry(path, "set clear", s.clear.clone(), 0, None, verbose));
     let exported = |symbol: &'static str| {
         image.function(symbol).ok_or_else(|| PythonError::Missing {
             image: path.clone(),
@@ -356,6 +397,7 @@ pub fn plan(
         .into_iter()
         .chain(ordered.into_iter().flat_map(|o| [o.update, o.ior]))
         .chain(lists.into_iter().flat_map(|l| [l.extend, l.inplace_concat]))
+        .chain(sets.into_iter().flat_map(|s| [s.update, s.ior]))
         .map(|f| {
             RefillProbe::Return(crate::probe::placement::at_entry(
                 path,
@@ -382,7 +424,9 @@ pub fn plan(
                 .chain(
                     quiet
                         .iter()
-                        .filter(|q| !matches!(q, Quiet::ContainsCall(_)))
+                        .filter(|q| {
+                            !matches!(q, Quiet::ContainsCall(_) | Quiet::SetContainsCall(_))
+                        })
                         .map(|q| ("quiet miss", &q.at().function)),
                 )
                 .collect::<Vec<_>>(),
@@ -394,6 +438,7 @@ pub fn plan(
     unprobed.extend(no_ordered);
     unprobed.extend(no_quiet);
     unprobed.extend(no_lists);
+    unprobed.extend(no_sets);
     let gil = if provoke {
         let no_provoke = |missing| PythonError::Provoke {
             image: path.clone(),
@@ -454,6 +499,7 @@ pub fn plan(
             .into_iter()
             .chain(ordered_clear)
             .chain(list_clear)
+            .chain(set_clear)
             .collect(),
         refills,
         lookup: LookupProbe::KeyError {
