@@ -7,7 +7,9 @@ answer and log nothing. A third reads `cache[key]`: on a `Counter` or a `default
 (`--kind`) the window answers 0 without a KeyError; on a dict it raises one. The same refresh
 empties a list of the values with clear() and refills it with extend(), and a set of the keys
 with clear() and update(); a fourth reader's `values[i]` raises IndexError in that window, and a
-fifth reader's `key in ids` says no.
+fifth reader's `key in ids` says no. Two more dicts are refreshed the same way, each read by one
+reader of its own: `d.pop(key, None)` (the value put back after) and `d.setdefault(key, 0)`
+take their defaults in the window.
 
     quiet.py [--fixed] [--kind dict|counter|defaultdict] [--seconds S] [--keys N]
              [--refresh-ms MS] [--switch-interval S] [--gap-ms MS] [--absent-every N]
@@ -24,7 +26,8 @@ fifth reader's `key in ids` says no.
 Ground truth, printed to stderr at exit:
     worker: pid=P get_lookups=N get_misses=M contains_lookups=N contains_misses=M
             subscript_lookups=N subscript_misses=M index_lookups=N index_misses=M
-            member_lookups=N member_misses=M absent_lookups=A refreshes=R
+            member_lookups=N member_misses=M pop_lookups=N pop_misses=M
+            setdefault_lookups=N setdefault_misses=M absent_lookups=A refreshes=R
 where the misses count only keys that always exist (every one of them landed in a window).
 """
 import argparse
@@ -48,21 +51,29 @@ class Cache:
         self._cache = kind(data)
         self._values = list(data.values())
         self._ids = set(data)
+        self._popped = dict(data)
+        self._defaults = dict(data)
 
     def refresh(self, data, racy, gap):
         if racy:
             self._cache.clear()  # the window opens: the cache is empty until update() returns
             self._values.clear()
             self._ids.clear()
+            self._popped.clear()
+            self._defaults.clear()
             if gap:
                 time.sleep(gap)  # the seed's repro: widen the window on purpose
             self._cache.update(data)
             self._values.extend(data.values())
             self._ids.update(data)
+            self._popped.update(data)
+            self._defaults.update(data)
         else:
             self._cache = self._kind(data)  # build, then swap: no empty window
             self._values = list(data.values())
             self._ids = set(data)
+            self._popped = dict(data)
+            self._defaults = dict(data)
 
 
 def parse():
@@ -97,6 +108,10 @@ def main():
         "index_misses": 0,
         "member_lookups": 0,
         "member_misses": 0,
+        "pop_lookups": 0,
+        "pop_misses": 0,
+        "setdefault_lookups": 0,
+        "setdefault_misses": 0,
         "absent_lookups": 0,
         "refreshes": 0,
     }
@@ -119,6 +134,17 @@ def main():
                     misses += 1
             elif form == "member":
                 if key not in cache._ids:
+                    misses += 1
+            elif form == "pop":
+                # Its own dict, so no other reader sees the key gone before it is put back.
+                popped = cache._popped
+                value = popped.pop(key, None)
+                if value is None:
+                    misses += 1
+                else:
+                    popped[key] = value
+            elif form == "setdefault":
+                if cache._defaults.setdefault(key, 0) == 0:
                     misses += 1
             elif form == "index":
                 try:
@@ -160,6 +186,8 @@ def main():
         threading.Thread(target=reader, args=("subscript",), name="subscript-reader"),
         threading.Thread(target=reader, args=("index",), name="index-reader"),
         threading.Thread(target=reader, args=("member",), name="member-reader"),
+        threading.Thread(target=reader, args=("pop",), name="pop-reader"),
+        threading.Thread(target=reader, args=("setdefault",), name="setdefault-reader"),
         threading.Thread(target=refresher, name="refresher"),
     ]
     for t in threads:

@@ -166,10 +166,14 @@ pub const FORM_SUBSCRIPT: u32 = 0;
 pub const FORM_GET: u32 = 1;
 /// `k in d` was false.
 pub const FORM_CONTAINS: u32 = 2;
-/// `lst[i]` raised IndexError (the event's `hash` is the index).
+/// `lst[i]` raised IndexError (the event's `hash` is the index);
 pub const FORM_INDEX: u32 = 3;
+/// `d.pop(k, default)` returned its default;
+pub const FORM_POP: u32 = 4;
+/// `d.setdefault(k, default)` inserted and returned its default.
+pub const FORM_SETDEFAULT: u32 = 5;
 /// The forms' names in the summary's `misses_by_form`, by number.
-pub const FORM_NAMES: [&str; 4] = ["subscript", "get", "contains", "index"];
+pub const FORM_NAMES: [&str; 6] = ["subscript", "get", "contains", "index", "pop", "setdefault"];
 
 /// A Python lookup that missed on a dict whose window was open: a KeyError, or a quiet miss
 /// (`form`).
@@ -184,7 +188,7 @@ pub struct KeyErrorEvent {
     pub raised_ns: u64,
     pub window_open_ns: u64,
     pub writer_tid: u32,
-    /// How it missed: [`FORM_SUBSCRIPT`], [`FORM_GET`], [`FORM_CONTAINS`] or [`FORM_INDEX`].
+    /// How it missed: one of the `FORM_` numbers ([`FORM_NAMES`]).
     pub form: u32,
     /// The key's address, so userspace can tell a copy that failed from an empty one.
     pub key: u64,

@@ -11,9 +11,10 @@ use aya_ebpf::{
     programs::ProbeContext,
 };
 use detector_common::{
-    EventKind, FORM_CONTAINS, FORM_GET, FORM_INDEX, FORM_SUBSCRIPT, HASHED_STR_MAX, KEY_ABSENT,
-    KEY_HEADER_LEN, KEY_PRESENT, KEY_UNKNOWN, KeyErrorEvent, KeyVerdict, ObjKey, PendingKey,
-    ProbeConfig, STACK_SLOTS, Stat, UNKNOWN_HASH, Window, key_hash, small_int, str_hash,
+    EventKind, FORM_CONTAINS, FORM_GET, FORM_INDEX, FORM_POP, FORM_SETDEFAULT, FORM_SUBSCRIPT,
+    HASHED_STR_MAX, KEY_ABSENT, KEY_HEADER_LEN, KEY_PRESENT, KEY_UNKNOWN, KeyErrorEvent,
+    KeyVerdict, ObjKey, PendingKey, ProbeConfig, STACK_SLOTS, Stat, UNKNOWN_HASH, Window, key_hash,
+    small_int, str_hash,
 };
 
 use crate::{
@@ -506,6 +507,35 @@ pub fn on_dict_get(ctx: ProbeContext) -> u32 {
         .and_then(read_user::<u64>)
         .unwrap_or_default();
     quiet_lookup(&ctx, key, UNKNOWN_HASH, FORM_GET, false);
+    0
+}
+
+/// `d.pop(k, default)`, `dict_pop(self, args, nargs)` (METH_FASTCALL), at its entry
+/// (`--quiet-misses`): with a default, a miss returns it; without, it raises the KeyError that
+/// counts it.
+#[uprobe]
+pub fn on_dict_pop(ctx: ProbeContext) -> u32 {
+    if ctx.arg::<i64>(2).unwrap_or(0) < 2 {
+        bump(Stat::HitsQuietLookup);
+        return 0;
+    }
+    let key = ctx
+        .arg::<u64>(1)
+        .and_then(read_user::<u64>)
+        .unwrap_or_default();
+    quiet_lookup(&ctx, key, UNKNOWN_HASH, FORM_POP, false);
+    0
+}
+
+/// `d.setdefault(k[, default])`, `dict_setdefault(self, args, nargs)` (METH_FASTCALL), at its
+/// entry (`--quiet-misses`): a miss inserts the default and returns it.
+#[uprobe]
+pub fn on_dict_setdefault(ctx: ProbeContext) -> u32 {
+    let key = ctx
+        .arg::<u64>(1)
+        .and_then(read_user::<u64>)
+        .unwrap_or_default();
+    quiet_lookup(&ctx, key, UNKNOWN_HASH, FORM_SETDEFAULT, false);
     0
 }
 

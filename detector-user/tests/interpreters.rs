@@ -359,10 +359,10 @@ fn the_decoys_are_exact_on_every_interpreter() {
 }
 
 /// demo/quiet.py under `build` with `--quiet-misses`, its cache a `kind` (dict, counter):
-/// every `d.get` that returned None, every `k in d` and `k in s` that said no, every `d[k]` that
-/// raised KeyError or got `__missing__`'s 0 and every `values[i]` that raised IndexError, for a
-/// key or an index the refill brought back, is counted, each by its form, and lookups of keys
-/// never there are not; with build-then-swap, nothing.
+/// every `d.get`, `d.pop` and `d.setdefault` that took its default, every `k in d` and `k in s`
+/// that said no, every `d[k]` that raised KeyError or got `__missing__`'s 0 and every `values[i]`
+/// that raised IndexError, for a key or an index the refill brought back, is counted, each by its
+/// form, and lookups of keys never there are not; with build-then-swap, nothing.
 fn quiet_exact(build: &Build, kind: &str) {
     let script = demo_script(build, "quiet.py");
     let flags = ["--quiet-misses"];
@@ -389,6 +389,8 @@ fn quiet_exact(build: &Build, kind: &str) {
         ("member", "contains"),
         ("subscript", "subscript"),
         ("index", "index"),
+        ("pop", "pop"),
+        ("setdefault", "setdefault"),
     ];
     let mut want: std::collections::BTreeMap<&str, u64> = Default::default();
     for (reader, form) in readers {

@@ -288,11 +288,8 @@ fn watch_quiet(flags: &[&str]) -> (i32, std::collections::HashMap<String, u64>, 
 #[ignore = "root"]
 fn quiet_misses_are_named_by_their_form() {
     let (code, truth, out) = watch_quiet(&["--quiet-misses"]);
-    let (get, subscript, index) = (
-        truth["get_misses"],
-        truth["subscript_misses"],
-        truth["index_misses"],
-    );
+    let [get, subscript, index, pop, setdefault] =
+        ["get", "subscript", "index", "pop", "setdefault"].map(|f| truth[&format!("{f}_misses")]);
     // `k in d` and `k in s` alike.
     let contains = truth["contains_misses"] + truth["member_misses"];
     assert!(
@@ -300,22 +297,29 @@ fn quiet_misses_are_named_by_their_form() {
             && truth["contains_misses"] > 0
             && truth["member_misses"] > 0
             && subscript > 0
-            && index > 0,
+            && index > 0
+            && pop > 0
+            && setdefault > 0,
         "{truth:?}"
     );
     let race = |form: &str| {
         out.lines()
             .any(|l| l.starts_with("RACE cache ") && l.contains(&format!("' {form} while writer")))
     };
-    assert!(race("with d.get") && race("with `in`"), "{out}");
+    assert!(
+        ["with d.get", "with `in`", "with d.pop", "with d.setdefault"]
+            .iter()
+            .all(|f| race(f)),
+        "{out}"
+    );
     assert!(
         out.lines()
             .any(|l| l.starts_with("RACE cache ") && l.contains(" with lst[i] while writer")),
         "{out}"
     );
     let forms = format!(
-        "racewatch: misses by form: contains {contains}, get {get}, index {index}, subscript \
-         {subscript}"
+        "racewatch: misses by form: contains {contains}, get {get}, index {index}, pop {pop}, \
+         setdefault {setdefault}, subscript {subscript}"
     );
     assert!(out.lines().any(|l| l == forms), "no {forms:?} in\n{out}");
     assert_eq!(code, 1);
@@ -335,8 +339,8 @@ fn without_quiet_misses_the_summary_says_they_are_not_watched() {
     );
     // The KeyErrors of the `d[k]` reader alone.
     let hint = format!(
-        "racewatch: misses by form: subscript {} (d.get, `in` and lst[i] are not watched: \
-         --quiet-misses counts them too)",
+        "racewatch: misses by form: subscript {} (d.get, d.pop, d.setdefault, `in` and lst[i] \
+         are not watched: --quiet-misses counts them too)",
         truth["subscript_misses"]
     );
     assert!(out.lines().any(|l| l == hint), "no {hint:?} in\n{out}");

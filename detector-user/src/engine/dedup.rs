@@ -1,5 +1,5 @@
-//! One report per pair of stacks: the first alert of each (reader stack, writer stack) pair is
-//! printed, the others only counted, and reported again as counts in long runs. Bounded for
+//! One report per pair of stacks: the first alert of each (reader stack, writer stack) pair, for
+//! each form of lookup (a KeyError, `d.get`, `in`, ...), is printed, the others only counted, and reported again as counts in long runs. Bounded for
 //! runs left on for days: at most [`PAIRS_KEPT`] pairs, and new pairs' alerts printed at most
 //! [`ALERTS_PER_S`] a second; what either holds back is counted, never dropped silently. Pure:
 //! no I/O, no clock (the rate limit runs on the alerts' kernel timestamps).
@@ -16,9 +16,12 @@ pub const ALERTS_BURST: f64 = 100.0;
 
 use crate::engine::{correlate::Alert, stack::Stack};
 
-/// A distinct (reader stack, writer stack) pair and how often it raced.
+/// A distinct (reader stack, writer stack) pair and how often it raced, for one form of lookup.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Pair {
+    /// The lookup's form (`racewatch python --quiet-misses`), so that each form's first miss is
+    /// shown even where stacks could not be read and two forms share a pair of unknown stacks.
+    pub form: Option<&'static str>,
     pub reader_stack: Option<Stack>,
     pub writer_stack: Option<Stack>,
     /// Thread names of the pair's first alert.
@@ -67,11 +70,11 @@ impl Limit {
     }
 }
 
-type Key = (Option<Stack>, Option<Stack>);
+type Key = (Option<&'static str>, Option<Stack>, Option<Stack>);
 
 /// A stack's identity for the fast path: the resolver hands out one allocation per distinct
 /// stack, so most alerts of a pair share their stacks' addresses.
-type Ptrs = (usize, usize);
+type Ptrs = (Option<&'static str>, usize, usize);
 
 fn ptr(stack: &Option<Stack>) -> usize {
     stack
@@ -97,12 +100,20 @@ impl Pairs {
     /// Counts `alert` in its pair; returns the pair's number (from 1) when the alert is the
     /// pair's first and the rate limit lets it through: the one to print.
     pub fn observe(&mut self, alert: &Alert) -> Option<usize> {
-        let ptrs = (ptr(&alert.reader_stack), ptr(&alert.writer_stack));
+        let ptrs = (
+            alert.form,
+            ptr(&alert.reader_stack),
+            ptr(&alert.writer_stack),
+        );
         if let Some(&i) = self.by_ptr.get(&ptrs) {
             self.count(i, alert);
             return None;
         }
-        let key = (alert.reader_stack.clone(), alert.writer_stack.clone());
+        let key = (
+            alert.form,
+            alert.reader_stack.clone(),
+            alert.writer_stack.clone(),
+        );
         let (i, first) = match self.index.get(&key) {
             Some(&i) => (i, false),
             None if self.pairs.len() >= PAIRS_KEPT => {
@@ -111,8 +122,9 @@ impl Pairs {
             }
             None => {
                 self.pairs.push(Pair {
-                    reader_stack: key.0.clone(),
-                    writer_stack: key.1.clone(),
+                    form: key.0,
+                    reader_stack: key.1.clone(),
+                    writer_stack: key.2.clone(),
                     reader_name: alert.reader_name.clone(),
                     writer_name: alert.writer_name.clone(),
                     lookups: 0,
@@ -128,7 +140,7 @@ impl Pairs {
         };
         let p = &self.pairs[i];
         // Only when the alert's stacks are the pair's own allocations, which the pair keeps alive.
-        if ptrs == (ptr(&p.reader_stack), ptr(&p.writer_stack)) {
+        if ptrs == (p.form, ptr(&p.reader_stack), ptr(&p.writer_stack)) {
             self.by_ptr.insert(ptrs, i);
         }
         self.count(i, alert);
@@ -206,6 +218,21 @@ mod tests {
             reader_stack: reader,
             writer_stack: writer,
         }
+    }
+
+    #[test]
+    fn each_form_of_lookup_is_a_pair_of_its_own_even_without_stacks() {
+        let mut pairs = Pairs::default();
+        let quiet = |form| Alert {
+            form,
+            ..alert(None, None, Some(true))
+        };
+        assert_eq!(pairs.observe(&quiet(Some("get"))), Some(1));
+        assert_eq!(pairs.observe(&quiet(Some("get"))), None);
+        assert_eq!(pairs.observe(&quiet(Some("pop"))), Some(2));
+        assert_eq!(pairs.observe(&quiet(None)), Some(3));
+        let misses: Vec<u64> = pairs.pairs().iter().map(|p| p.misses).collect();
+        assert_eq!(misses, [2, 1, 1]);
     }
 
     #[test]

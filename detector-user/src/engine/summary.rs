@@ -142,6 +142,9 @@ pub struct ProvokeJson {
 
 #[derive(Clone, Debug, Default, Serialize)]
 pub struct PairJson {
+    /// How its lookups looked up (`racewatch python --quiet-misses`'s forms), where told.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub form: Option<&'static str>,
     pub reader_name: String,
     pub writer_name: Option<String>,
     pub lookups: u64,
@@ -160,6 +163,7 @@ pub struct PairJson {
 impl From<&Pair> for PairJson {
     fn from(p: &Pair) -> Self {
         PairJson {
+            form: p.form,
             reader_name: p.reader_name.clone(),
             writer_name: p.writer_name.clone(),
             lookups: p.lookups,

@@ -98,6 +98,10 @@ pub enum LookupProbe {
 pub enum Quiet {
     /// `d.get(k)`: `dict_get(self, args, nargs)`, the key `args[0]`.
     Get(Placed),
+    /// `d.pop(k, default)`: `dict_pop(self, args, nargs)`, the key `args[0]`.
+    Pop(Placed),
+    /// `d.setdefault(k, default)`: `dict_setdefault(self, args, nargs)`, the key `args[0]`.
+    SetDefault(Placed),
     /// `k in d`: the dict type's `sq_contains(self, key)`.
     Contains(Placed),
     /// `d[k]` on a dict subclass (a `Counter`'s, a `defaultdict`'s `__missing__` answers it):
@@ -117,6 +121,8 @@ impl Quiet {
     pub fn at(&self) -> &Placed {
         match self {
             Quiet::Get(p)
+            | Quiet::Pop(p)
+            | Quiet::SetDefault(p)
             | Quiet::Contains(p)
             | Quiet::Subscript(p)
             | Quiet::ContainsCall(p)
@@ -130,6 +136,8 @@ impl Quiet {
     pub fn program(&self) -> &'static str {
         match self {
             Quiet::Get(_) => "on_dict_get",
+            Quiet::Pop(_) => "on_dict_pop",
+            Quiet::SetDefault(_) => "on_dict_setdefault",
             Quiet::Contains(_) => "on_dict_contains",
             Quiet::Subscript(_) => "on_dict_subscript",
             Quiet::ContainsCall(_) => "on_dict_contains_call",

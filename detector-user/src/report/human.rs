@@ -94,11 +94,24 @@ fn top(stack: Option<&[Frame]>) -> String {
 }
 
 /// A stack pair's counts and both sides' innermost frames, on one line.
+/// How a quiet miss looked up; a KeyError's line is the `d[k]` one.
+fn form_phrase(form: Option<&str>) -> &'static str {
+    match form {
+        Some("get") => " with d.get",
+        Some("contains") => " with `in`",
+        Some("index") => " with lst[i]",
+        Some("pop") => " with d.pop",
+        Some("setdefault") => " with d.setdefault",
+        _ => "",
+    }
+}
+
 fn pair_text(number: usize, p: &PairJson) -> String {
     format!(
-        "pair #{number}: {} lookups in a window, {} missed: reader {} at {}; writer {} at {}",
+        "pair #{number}: {} lookups in a window, {} missed{}: reader {} at {}; writer {} at {}",
         p.lookups,
         p.misses,
+        form_phrase(p.form),
         escape(&p.reader_name),
         top(p.reader_stack.as_deref()),
         p.writer_name
@@ -174,13 +187,7 @@ impl<W: Write> Sink for HumanSink<W> {
             .as_deref()
             .map(|k| format!(" key {}", escape(k)))
             .unwrap_or_default();
-        // A quiet miss says how it looked up; a KeyError's line is the `d[k]` one.
-        let form = match a.form {
-            Some("get") => " with d.get",
-            Some("contains") => " with `in`",
-            Some("index") => " with lst[i]",
-            _ => "",
-        };
+        let form = form_phrase(a.form);
         writeln!(
             self.out,
             "RACE cache {:#x} in {}: reader {} ({}) looked up{}{} while writer {} ({}) had emptied it {} earlier: {} (window {})",
@@ -316,7 +323,8 @@ impl<W: Write> Sink for HumanSink<W> {
             let quiet = if forms.contains_key("get") {
                 ""
             } else {
-                " (d.get, `in` and lst[i] are not watched: --quiet-misses counts them too)"
+                " (d.get, d.pop, d.setdefault, `in` and lst[i] are not watched: --quiet-misses \
+                 counts them too)"
             };
             writeln!(
                 self.out,

@@ -28,7 +28,7 @@ const METHOD_FN: u64 = 8;
 const MAX_METHODS: u64 = 64;
 
 /// The dict functions `d.clear()`, `d.update(...)`, `d |= x`, a `d[k]` not yet specialised,
-/// `d.get(k)` and `k in d` call; `k in d` on a subclass defined in Python calls the method
+/// `d.get(k)`, `d.pop(k, default)`, `d.setdefault(k, default)` and `k in d` call; `k in d` on a subclass defined in Python calls the method
 /// `__contains__` (its type's `sq_contains` is the generic slot that looks the method up).
 #[derive(Debug)]
 pub struct DictMethods {
@@ -37,6 +37,8 @@ pub struct DictMethods {
     pub ior: Function,
     pub subscript: Function,
     pub get: Function,
+    pub pop: Function,
+    pub setdefault: Function,
     pub contains: Function,
     pub contains_method: Function,
 }
@@ -50,14 +52,22 @@ pub struct DictTypeError {
 /// The dict methods of `image`, read from its `PyDict_Type`.
 pub fn dict_methods(image: &Image) -> Result<DictMethods, DictTypeError> {
     let t = TypeObject::of(image, "PyDict_Type", "dict")?;
-    let [clear, update, get, contains_method] =
-        t.methods(["clear", "update", "get", "__contains__"])?;
+    let [clear, update, get, pop, setdefault, contains_method] = t.methods([
+        "clear",
+        "update",
+        "get",
+        "pop",
+        "setdefault",
+        "__contains__",
+    ])?;
     Ok(DictMethods {
         clear: t.function(clear, "clear", "dict_clear")?,
         update: t.function(update, "update", "dict_update")?,
         ior: t.function(t.slot(TP_AS_NUMBER, NB_INPLACE_OR), "|=", "dict_ior")?,
         subscript: t.function(t.slot(TP_AS_MAPPING, MP_SUBSCRIPT), "[]", "dict_subscript")?,
         get: t.function(get, "get", "dict_get")?,
+        pop: t.function(pop, "pop", "dict_pop")?,
+        setdefault: t.function(setdefault, "setdefault", "dict_setdefault")?,
         contains: t.function(t.slot(TP_AS_SEQUENCE, SQ_CONTAINS), "in", "dict_contains")?,
         contains_method: t.function(contains_method, "__contains__", "dict___contains__")?,
     })

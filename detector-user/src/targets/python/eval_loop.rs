@@ -265,6 +265,19 @@ pub fn inline_set_contains(image: &Image, contains: &Function) -> InlineContains
     InlineContains::At(sites)
 }
 
+/// The functions `f` calls (through their PLT stubs), as far as `.eh_frame` tells each one's
+/// extent.
+pub fn callees(image: &Image, f: &Function) -> Vec<Function> {
+    decode(image, f)
+        .map(|instrs| {
+            targets(image, &instrs, &[Mnemonic::Call])
+                .filter_map(|t| image.function_at(t, &format!("a callee of {}", f.display)))
+                .filter(|c| c.size > 0)
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
 /// Whether a call anywhere in `image`'s code goes to `target`, directly or through its PLT stub.
 fn called_anywhere(image: &Image, target: u64) -> bool {
     image.code_sections().any(|(start, code)| {

@@ -254,6 +254,8 @@ fn quiet_probes(
     };
     let mut quiet = vec![
         Quiet::Get(place("d.get", &methods.get)),
+        Quiet::Pop(place("d.pop", &methods.pop)),
+        Quiet::SetDefault(place("d.setdefault", &methods.setdefault)),
         Quiet::Contains(place("in", &methods.contains)),
         Quiet::Subscript(place("d[k] (dict subclasses)", &methods.subscript)),
     ];
@@ -304,8 +306,16 @@ fn quiet_probes(
             }
         }
     };
-    let probed: Vec<&crate::probe::symbols::Function> =
+    // The functions probed at their entries, and those they call: a lookup in `d.pop`'s or
+    // `d.setdefault`'s helper is theirs, counted at their entries, not an inlined `in`.
+    let entries: Vec<&crate::probe::symbols::Function> =
         quiet.iter().map(|q| &q.at().function).collect();
+    let callees: Vec<crate::probe::symbols::Function> = entries
+        .iter()
+        .flat_map(|f| eval_loop::callees(image, f))
+        .collect();
+    let probed: Vec<&crate::probe::symbols::Function> =
+        entries.into_iter().chain(&callees).collect();
     let dict_sites = eval_loop::inline_contains(image, &methods.contains, &methods.get, &probed);
     let dict_calls = inlined(dict_sites, ("k in d", "CONTAINS_OP_DICT"), &mut unwatched);
     let set_calls = match &set_contains {
