@@ -278,6 +278,49 @@ pub fn callees(image: &Image, f: &Function) -> Vec<Function> {
         .unwrap_or_default()
 }
 
+/// Where code compares a function pointer with one of `functions` (by its address, an immediate
+/// in a fixed-address executable or a `lea` of it in a position-independent one) to run an
+/// inlined copy of it instead of calling it: profile-guided optimisation's speculative
+/// devirtualization, as in Debian's 3.14, whose `method_vectorcall_FASTCALL` runs its own copy
+/// of `dict_get` for method calls not yet specialised. For each function, the first such
+/// comparison.
+pub fn speculated_copies(image: &Image, functions: &[&Function]) -> Vec<(usize, u64)> {
+    let mut found: Vec<(usize, u64)> = Vec::new();
+    let which = |address: u64| functions.iter().position(|f| f.address == address);
+    for (start, code) in image.code_sections() {
+        let mut decoder = Decoder::with_ip(64, code, start, DecoderOptions::NONE);
+        let mut loaded: Option<(Register, usize)> = None;
+        for ins in decoder.iter() {
+            let compared = match ins.mnemonic() {
+                Mnemonic::Cmp
+                    if matches!(
+                        ins.op1_kind(),
+                        OpKind::Immediate32to64 | OpKind::Immediate32
+                    ) =>
+                {
+                    which(ins.immediate(1))
+                }
+                Mnemonic::Cmp if ins.op_count() == 2 => loaded.and_then(|(r, i)| {
+                    [ins.op0_register(), ins.op1_register()]
+                        .contains(&r)
+                        .then_some(i)
+                }),
+                _ => None,
+            };
+            loaded = (ins.mnemonic() == Mnemonic::Lea && ins.is_ip_rel_memory_operand())
+                .then(|| which(ins.ip_rel_memory_address()).map(|i| (ins.op0_register(), i)))
+                .flatten()
+                .or(loaded.filter(|_| ins.mnemonic() != Mnemonic::Cmp));
+            if let Some(i) = compared
+                && !found.iter().any(|&(j, _)| j == i)
+            {
+                found.push((i, ins.ip()));
+            }
+        }
+    }
+    found
+}
+
 /// Whether a call anywhere in `image`'s code goes to `target`, directly or through its PLT stub.
 fn called_anywhere(image: &Image, target: u64) -> bool {
     image.code_sections().any(|(start, code)| {

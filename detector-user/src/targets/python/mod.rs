@@ -273,7 +273,21 @@ fn quiet_probes(
             .as_ref()
             .map(|c| Quiet::SetContains(place("k in s", c))),
     );
-    let mut unwatched = Vec::new();
+    // A copy profile-guided optimisation inlined where a caller checks the function pointer first
+    // runs without the probe: said, not watched.
+    let entries: Vec<&crate::probe::symbols::Function> =
+        quiet.iter().map(|q| &q.at().function).collect();
+    let mut unwatched: Vec<String> = eval_loop::speculated_copies(image, &entries)
+        .into_iter()
+        .map(|(i, at)| {
+            format!(
+                "{} where {} runs an inlined copy of it after checking the function pointer (at \
+                 {at:#x}, profile-guided optimisation): the calls that take that copy",
+                entries[i].display,
+                image.path.display()
+            )
+        })
+        .collect();
     if version < (3, 13) {
         return (quiet, unwatched);
     }
@@ -308,8 +322,6 @@ fn quiet_probes(
     };
     // The functions probed at their entries, and those they call: a lookup in `d.pop`'s or
     // `d.setdefault`'s helper is theirs, counted at their entries, not an inlined `in`.
-    let entries: Vec<&crate::probe::symbols::Function> =
-        quiet.iter().map(|q| &q.at().function).collect();
     let callees: Vec<crate::probe::symbols::Function> = entries
         .iter()
         .flat_map(|f| eval_loop::callees(image, f))
