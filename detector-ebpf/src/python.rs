@@ -502,12 +502,17 @@ fn keyerror(ctx: &ProbeContext, cfg: &ProbeConfig, key: u64) {
 /// (`--quiet-misses`).
 #[uprobe]
 pub fn on_dict_get(ctx: ProbeContext) -> u32 {
-    let key = ctx
-        .arg::<u64>(1)
-        .and_then(read_user::<u64>)
-        .unwrap_or_default();
+    let key = fastcall_key(&ctx);
     quiet_lookup(&ctx, key, UNKNOWN_HASH, FORM_GET, false);
     0
+}
+
+/// `args[0]` of a METH_FASTCALL method `(self, args, nargs)`: the key of `.get`, `.pop` and
+/// `.setdefault`.
+fn fastcall_key(ctx: &ProbeContext) -> u64 {
+    ctx.arg::<u64>(1)
+        .and_then(read_user::<u64>)
+        .unwrap_or_default()
 }
 
 /// `d.pop(k, default)`, `dict_pop(self, args, nargs)` (METH_FASTCALL), at its entry
@@ -519,10 +524,7 @@ pub fn on_dict_pop(ctx: ProbeContext) -> u32 {
         bump(Stat::HitsQuietLookup);
         return 0;
     }
-    let key = ctx
-        .arg::<u64>(1)
-        .and_then(read_user::<u64>)
-        .unwrap_or_default();
+    let key = fastcall_key(&ctx);
     quiet_lookup(&ctx, key, UNKNOWN_HASH, FORM_POP, false);
     0
 }
@@ -531,10 +533,7 @@ pub fn on_dict_pop(ctx: ProbeContext) -> u32 {
 /// entry (`--quiet-misses`): a miss inserts the default and returns it.
 #[uprobe]
 pub fn on_dict_setdefault(ctx: ProbeContext) -> u32 {
-    let key = ctx
-        .arg::<u64>(1)
-        .and_then(read_user::<u64>)
-        .unwrap_or_default();
+    let key = fastcall_key(&ctx);
     quiet_lookup(&ctx, key, UNKNOWN_HASH, FORM_SETDEFAULT, false);
     0
 }
@@ -621,14 +620,7 @@ pub fn on_dict_contains(ctx: ProbeContext) -> u32 {
 /// (`--quiet-misses`).
 #[uprobe]
 pub fn on_dict_contains_call(ctx: ProbeContext) -> u32 {
-    let key = ctx.arg::<u64>(1).unwrap_or_default();
-    quiet_lookup(
-        &ctx,
-        key,
-        ctx.arg::<i64>(2).unwrap_or(UNKNOWN_HASH),
-        FORM_CONTAINS,
-        false,
-    );
+    lookup_call(&ctx, false);
     0
 }
 
@@ -645,15 +637,16 @@ pub fn on_set_contains(ctx: ProbeContext) -> u32 {
 /// (`--quiet-misses`).
 #[uprobe]
 pub fn on_set_contains_call(ctx: ProbeContext) -> u32 {
-    let key = ctx.arg::<u64>(1).unwrap_or_default();
-    quiet_lookup(
-        &ctx,
-        key,
-        ctx.arg::<i64>(2).unwrap_or(UNKNOWN_HASH),
-        FORM_CONTAINS,
-        true,
-    );
+    lookup_call(&ctx, true);
     0
+}
+
+/// An inlined `in`'s call to the lookup of a dict (or, with `set`, a set): the object, the key
+/// and its hash in the first three arguments.
+fn lookup_call(ctx: &ProbeContext, set: bool) {
+    let key = ctx.arg::<u64>(1).unwrap_or_default();
+    let hash = ctx.arg::<i64>(2).unwrap_or(UNKNOWN_HASH);
+    quiet_lookup(ctx, key, hash, FORM_CONTAINS, set);
 }
 
 /// A `.get`, `in` or subclass `d[k]` about to look `key` up in the dict (or, with `set`, the
