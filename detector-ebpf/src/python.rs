@@ -620,7 +620,16 @@ pub fn on_dict_contains(ctx: ProbeContext) -> u32 {
 /// (`--quiet-misses`).
 #[uprobe]
 pub fn on_dict_contains_call(ctx: ProbeContext) -> u32 {
-    lookup_call(&ctx, false);
+    lookup_call(&ctx, FORM_CONTAINS, false);
+    0
+}
+
+/// `d.get(k)` where profile-guided optimisation inlined a copy of `dict_get` behind a check of
+/// the function pointer, at the copy's call to the dict lookup `(dict, key, hash, ...)`
+/// (`--quiet-misses`).
+#[uprobe]
+pub fn on_dict_get_call(ctx: ProbeContext) -> u32 {
+    lookup_call(&ctx, FORM_GET, false);
     0
 }
 
@@ -637,16 +646,16 @@ pub fn on_set_contains(ctx: ProbeContext) -> u32 {
 /// (`--quiet-misses`).
 #[uprobe]
 pub fn on_set_contains_call(ctx: ProbeContext) -> u32 {
-    lookup_call(&ctx, true);
+    lookup_call(&ctx, FORM_CONTAINS, true);
     0
 }
 
-/// An inlined `in`'s call to the lookup of a dict (or, with `set`, a set): the object, the key
-/// and its hash in the first three arguments.
-fn lookup_call(ctx: &ProbeContext, set: bool) {
+/// An inlined copy's call to the lookup of a dict (or, with `set`, a set) for a read of `form`:
+/// the object, the key and its hash in the first three arguments.
+fn lookup_call(ctx: &ProbeContext, form: u32, set: bool) {
     let key = ctx.arg::<u64>(1).unwrap_or_default();
     let hash = ctx.arg::<i64>(2).unwrap_or(UNKNOWN_HASH);
-    quiet_lookup(ctx, key, hash, FORM_CONTAINS, set);
+    quiet_lookup(ctx, key, hash, form, set);
 }
 
 /// A `.get`, `in` or subclass `d[k]` about to look `key` up in the dict (or, with `set`, the

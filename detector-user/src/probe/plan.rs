@@ -109,6 +109,9 @@ pub enum Quiet {
     Subscript(Placed),
     /// `k in d` inlined into the eval loop: its call to the dict lookup `(dict, key, hash, ...)`.
     ContainsCall(Placed),
+    /// `d.get(k)` where profile-guided optimisation inlined `dict_get` behind a check of the
+    /// function pointer: the copy's call to the dict lookup `(dict, key, hash, ...)`.
+    GetCall(Placed),
     /// `lst[i]` out of range: the list type's `mp_subscript(self, item)`.
     Index(Placed),
     /// `k in s`: the set type's `sq_contains(self, key)`, or the function it jumps to.
@@ -126,6 +129,7 @@ impl Quiet {
             | Quiet::Contains(p)
             | Quiet::Subscript(p)
             | Quiet::ContainsCall(p)
+            | Quiet::GetCall(p)
             | Quiet::Index(p)
             | Quiet::SetContains(p)
             | Quiet::SetContainsCall(p) => p,
@@ -141,6 +145,7 @@ impl Quiet {
             Quiet::Contains(_) => "on_dict_contains",
             Quiet::Subscript(_) => "on_dict_subscript",
             Quiet::ContainsCall(_) => "on_dict_contains_call",
+            Quiet::GetCall(_) => "on_dict_get_call",
             Quiet::Index(_) => "on_list_subscript",
             Quiet::SetContains(_) => "on_set_contains",
             Quiet::SetContainsCall(_) => "on_set_contains_call",

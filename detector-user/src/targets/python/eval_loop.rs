@@ -152,17 +152,9 @@ pub fn inline_contains(
             return InlineContains::Called;
         }
     }
-    let (Some(c), Some(g)) = (decode(image, contains), decode(image, get)) else {
-        return InlineContains::Unknown("its dict methods cannot be read".into());
-    };
-    let from_get = calls(&g);
-    let hash = image.symbol("PyObject_Hash").map(|s| s.0);
-    // The first both call (past the key's hash): later shared calls are error paths.
-    let Some(lookup) = calls(&c)
-        .into_iter()
-        .find(|t| from_get.contains(t) && Some(*t) != hash)
-    else {
-        return InlineContains::Unknown("its dict `in` and `.get` call no lookup in common".into());
+    let lookup = match dict_lookup(image, contains, get) {
+        Ok(lookup) => lookup,
+        Err(why) => return InlineContains::Unknown(why),
     };
     // The functions probed at their entries already.
     let probed: Vec<(u64, u64)> = probed
@@ -199,6 +191,19 @@ pub fn inline_contains(
         );
     }
     InlineContains::At(sites)
+}
+
+/// The dict lookup function: the first both `contains` (the dict type's `in`) and `get` (its
+/// `.get`) call, past the key's hash (later shared calls are error paths).
+pub fn dict_lookup(image: &Image, contains: &Function, get: &Function) -> Result<u64, String> {
+    let (Some(c), Some(g)) = (decode(image, contains), decode(image, get)) else {
+        return Err("its dict methods cannot be read".into());
+    };
+    let from_get: Vec<u64> = targets(image, &g, &[Mnemonic::Call]).collect();
+    let hash = image.symbol("PyObject_Hash").map(|s| s.0);
+    targets(image, &c, &[Mnemonic::Call])
+        .find(|t| from_get.contains(t) && Some(*t) != hash)
+        .ok_or_else(|| "its dict `in` and `.get` call no lookup in common".into())
 }
 
 /// Where a set's `k in s` runs: `contains` (the set type's `sq_contains`), or the function it
@@ -282,8 +287,8 @@ pub fn callees(image: &Image, f: &Function) -> Vec<Function> {
 /// in a fixed-address executable or a `lea` of it in a position-independent one) to run an
 /// inlined copy of it instead of calling it: profile-guided optimisation's speculative
 /// devirtualization, as in Debian's 3.14, whose `method_vectorcall_FASTCALL` runs its own copy
-/// of `dict_get` for method calls not yet specialised. For each function, the first such
-/// comparison.
+/// of `dict_get` for method calls not yet specialised. Each such comparison: which function,
+/// and where.
 pub fn speculated_copies(image: &Image, functions: &[&Function]) -> Vec<(usize, u64)> {
     let mut found: Vec<(usize, u64)> = Vec::new();
     let which = |address: u64| functions.iter().position(|f| f.address == address);
@@ -311,14 +316,62 @@ pub fn speculated_copies(image: &Image, functions: &[&Function]) -> Vec<(usize, 
                 .then(|| which(ins.ip_rel_memory_address()).map(|i| (ins.op0_register(), i)))
                 .flatten()
                 .or(loaded.filter(|_| ins.mnemonic() != Mnemonic::Cmp));
-            if let Some(i) = compared
-                && !found.iter().any(|&(j, _)| j == i)
-            {
-                found.push((i, ins.ip()));
-            }
+            found.extend(compared.map(|i| (i, ins.ip())));
         }
     }
     found
+}
+
+/// The calls to `lookup` in the copy a pointer check at `guard` (a `cmp` then `je` or `jne`, as
+/// [`speculated_copies`] finds) runs when the pointer is the function's: every instruction of
+/// the function holding the check reachable from its equal branch, its other branch left out.
+/// None where no such branch follows the check or the function's extent is not known.
+pub fn copy_calls(image: &Image, guard: u64, lookup: u64) -> Option<Vec<u64>> {
+    let f = image.function_containing(guard, "")?;
+    let instrs = decode(image, &f)?;
+    calls_in_copy(&instrs, guard, |target| {
+        through_stub(image, target) == lookup
+    })
+}
+
+/// [`copy_calls`] in `instrs`, a whole function: the calls `to` accepts the target of.
+fn calls_in_copy(instrs: &[Instruction], guard: u64, to: impl Fn(u64) -> bool) -> Option<Vec<u64>> {
+    let at = |ip: u64| instrs.binary_search_by_key(&ip, |i| i.ip()).ok();
+    let check = at(guard)?;
+    let branch = instrs.get(check + 1)?;
+    let taken = at(branch.near_branch_target());
+    let (start, other) = match branch.mnemonic() {
+        Mnemonic::Jne => (check + 2, taken?),
+        Mnemonic::Je => (taken?, check + 2),
+        _ => return None,
+    };
+    let mut seen = vec![false; instrs.len() + 1];
+    seen[other] = true;
+    let mut todo = vec![start];
+    let mut calls = Vec::new();
+    while let Some(i) = todo.pop() {
+        let Some(ins) = instrs.get(i).filter(|_| !seen[i]) else {
+            continue;
+        };
+        seen[i] = true;
+        let target = at(ins.near_branch_target());
+        match ins.flow_control() {
+            FlowControl::Next | FlowControl::IndirectCall => todo.push(i + 1),
+            FlowControl::Call => {
+                if to(ins.near_branch_target()) {
+                    calls.push(ins.ip());
+                }
+                todo.push(i + 1);
+            }
+            FlowControl::UnconditionalBranch => todo.extend(target),
+            FlowControl::ConditionalBranch => {
+                todo.extend([Some(i + 1), target].into_iter().flatten())
+            }
+            _ => {}
+        }
+    }
+    calls.sort_unstable();
+    Some(calls)
 }
 
 /// Whether a call anywhere in `image`'s code goes to `target`, directly or through its PLT stub.
@@ -542,6 +595,46 @@ mod tests {
 
     /// Debian 13's CONTAINS_OP_DICT after its lookup call: -3, then -1; its BINARY_SUBSCR_DICT
     /// reads the value found instead.
+    #[test]
+    fn the_copy_behind_a_pointer_check_is_walked_alone() {
+        // As Debian 3.14's method_vectorcall_FASTCALL: `cmp $dict_get,%rax; jne generic`, the
+        // copy (two lookup calls, one on a branch of its own, and a call to something else), a
+        // shared return, then the generic path's own lookup call, which is not the copy's.
+        const LOOKUP: u64 = 0x8000;
+        let call = |from: u64, to: u64| {
+            let mut b = vec![0xe8];
+            b.extend_from_slice(&((to as i64 - (from as i64 + 5)) as i32).to_le_bytes());
+            b
+        };
+        let mut code = Vec::new();
+        code.extend_from_slice(&[0x48, 0x3d, 0xb0, 0x3a, 0x60, 0x00]); // cmp $0x603ab0,%rax
+        code.extend_from_slice(&[0x75, 0x14]); // jne generic (START+0x1c)
+        code.extend_from_slice(&[0x85, 0xc9]); // test %ecx,%ecx
+        code.extend_from_slice(&[0x74, 0x05]); // je second (START+0x11)
+        code.extend(call(START + 0xc, LOOKUP)); // first lookup call
+        code.extend(call(START + 0x11, LOOKUP)); // second
+        code.extend(call(START + 0x16, 0x9000)); // something else
+        code.push(0xc3); // ret
+        code.extend(call(START + 0x1c, LOOKUP)); // generic: not the copy's
+        code.push(0xc3);
+        let instrs: Vec<Instruction> = Decoder::with_ip(64, &code, START, DecoderOptions::NONE)
+            .iter()
+            .collect();
+        let calls = calls_in_copy(&instrs, START, |t| t == LOOKUP);
+        assert_eq!(calls, Some(vec![START + 0xc, START + 0x11]));
+        // `je` instead: the copy is the branch taken, and the fall-through is left out.
+        code[6] = 0x74;
+        let instrs: Vec<Instruction> = Decoder::with_ip(64, &code, START, DecoderOptions::NONE)
+            .iter()
+            .collect();
+        assert_eq!(
+            calls_in_copy(&instrs, START, |t| t == LOOKUP),
+            Some(vec![START + 0x1c])
+        );
+        // No branch after the check: nothing to tell the copy by.
+        assert_eq!(calls_in_copy(&instrs, START + 0x1c, |t| t == LOOKUP), None);
+    }
+
     #[test]
     fn the_inlined_set_in_is_told_from_other_set_lookups() {
         let after = |bytes: &[u8]| {

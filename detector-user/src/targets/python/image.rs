@@ -222,6 +222,15 @@ impl Image {
         Some(f)
     }
 
+    /// The function whose extent (from `.eh_frame`) holds `vaddr`, named `name`.
+    pub fn function_containing(&self, vaddr: u64, name: &str) -> Option<Function> {
+        let i = self.extents.partition_point(|&(start, _)| start <= vaddr);
+        let (start, _) = self.extents[..i]
+            .last()
+            .filter(|&&(start, len)| vaddr < start + len)?;
+        self.function_at(*start, name)
+    }
+
     /// Whether the file keeps a full symbol table (static functions included).
     pub fn has_symtab(&self) -> bool {
         self.has_symtab

@@ -273,22 +273,46 @@ fn quiet_probes(
             .as_ref()
             .map(|c| Quiet::SetContains(place("k in s", c))),
     );
+    // A lookup call in an inlined copy of a probed function: where the object, the key and its
+    // hash are the call's first three arguments.
+    let call_site = |at: u64, what: &str| {
+        let function = image.function_at(at, &format!("{what} (inlined)"))?;
+        if verbose {
+            eprintln!("racewatch: {what}: an inlined copy's lookup call at {at:#x}");
+        }
+        Some(Placed {
+            function,
+            offset: 0,
+            emulated: true,
+            object: None,
+        })
+    };
     // A copy profile-guided optimisation inlined where a caller checks the function pointer first
-    // runs without the probe: said, not watched.
+    // runs without the probe. `.get`'s copy is watched at its calls to the dict lookup; any other
+    // is said, not watched.
     let entries: Vec<&crate::probe::symbols::Function> =
         quiet.iter().map(|q| &q.at().function).collect();
-    let mut unwatched: Vec<String> = eval_loop::speculated_copies(image, &entries)
-        .into_iter()
-        .map(|(i, at)| {
-            format!(
+    let lookup = eval_loop::dict_lookup(image, &methods.contains, &methods.get);
+    let mut copied = Vec::new();
+    let mut unwatched = Vec::new();
+    for (i, guard) in eval_loop::speculated_copies(image, &entries) {
+        let calls = (entries[i].address == methods.get.address)
+            .then_some(lookup.as_ref().ok())
+            .flatten()
+            .and_then(|&lookup| eval_loop::copy_calls(image, guard, lookup))
+            .filter(|calls| !calls.is_empty());
+        match calls {
+            Some(calls) => copied.extend(calls.into_iter().filter_map(|at| call_site(at, "d.get"))),
+            None => unwatched.push(format!(
                 "{} where {} runs an inlined copy of it after checking the function pointer (at \
-                 {at:#x}, profile-guided optimisation): the calls that take that copy",
+                 {guard:#x}, profile-guided optimisation): the calls that take that copy",
                 entries[i].display,
                 image.path.display()
-            )
-        })
-        .collect();
+            )),
+        }
+    }
     if version < (3, 13) {
+        quiet.extend(copied.into_iter().map(Quiet::GetCall));
         return (quiet, unwatched);
     }
     // Where the eval loop's specialised `in` (CONTAINS_OP_DICT, CONTAINS_OP_SET) calls none of
@@ -298,18 +322,7 @@ fn quiet_probes(
             InlineContains::Called => Vec::new(),
             InlineContains::At(sites) => sites
                 .into_iter()
-                .filter_map(|at| {
-                    let function = image.function_at(at, &format!("{what} (inlined)"))?;
-                    if verbose {
-                        eprintln!("racewatch: {what}: an inlined copy's lookup call at {at:#x}");
-                    }
-                    Some(Placed {
-                        function,
-                        offset: 0,
-                        emulated: true,
-                        object: None,
-                    })
-                })
+                .filter_map(|at| call_site(at, what))
                 .collect(),
             InlineContains::Unknown(why) => {
                 unwatched.push(format!(
@@ -329,7 +342,12 @@ fn quiet_probes(
     let probed: Vec<&crate::probe::symbols::Function> =
         entries.into_iter().chain(&callees).collect();
     let dict_sites = eval_loop::inline_contains(image, &methods.contains, &methods.get, &probed);
-    let dict_calls = inlined(dict_sites, ("k in d", "CONTAINS_OP_DICT"), &mut unwatched);
+    let mut dict_calls = inlined(dict_sites, ("k in d", "CONTAINS_OP_DICT"), &mut unwatched);
+    dict_calls.retain(|c| {
+        !copied
+            .iter()
+            .any(|g| g.function.address == c.function.address)
+    });
     let set_calls = match &set_contains {
         Some(c) => inlined(
             eval_loop::inline_set_contains(image, c),
@@ -338,6 +356,7 @@ fn quiet_probes(
         ),
         None => Vec::new(),
     };
+    quiet.extend(copied.into_iter().map(Quiet::GetCall));
     quiet.extend(dict_calls.into_iter().map(Quiet::ContainsCall));
     quiet.extend(set_calls.into_iter().map(Quiet::SetContainsCall));
     (quiet, unwatched)
@@ -447,7 +466,12 @@ pub fn plan(
                     quiet
                         .iter()
                         .filter(|q| {
-                            !matches!(q, Quiet::ContainsCall(_) | Quiet::SetContainsCall(_))
+                            !matches!(
+                                q,
+                                Quiet::ContainsCall(_)
+                                    | Quiet::GetCall(_)
+                                    | Quiet::SetContainsCall(_)
+                            )
                         })
                         .map(|q| ("quiet miss", &q.at().function)),
                 )
