@@ -11,8 +11,8 @@ fifth reader's `key in ids` says no. Two more dicts are refreshed the same way, 
 reader of its own: `d.pop(key, None)` (the value put back after) and `d.setdefault(key, 0)`
 take their defaults in the window.
 
-    quiet.py [--fixed] [--kind dict|counter|defaultdict] [--seconds S] [--keys N]
-             [--refresh-ms MS] [--switch-interval S] [--gap-ms MS] [--absent-every N]
+    quiet.py [--fixed] [--racy OBJ,...] [--kind dict|counter|defaultdict] [--seconds S]
+             [--keys N] [--refresh-ms MS] [--switch-interval S] [--gap-ms MS] [--absent-every N]
 
 --fixed            refresh by build-then-swap: no empty window, no quiet miss.
 --kind K           the cache's type: dict (default), collections.Counter, or
@@ -20,6 +20,9 @@ take their defaults in the window.
                    defaultdict, inserts it).
 --gap-ms MS        sleep between clear() and update(), as the seed's repro did: every refresh
                    then lets the readers in.
+--racy OBJ,...     refresh only these by clear() then refill, the rest build-then-swap:
+                   cache (the dict), values (the list), ids (the set), popped, defaults
+                   (default: all of them).
 --absent-every N   every N lookups, each reader also asks for a key that never exists (a miss no
                    window causes).
 
@@ -38,6 +41,10 @@ import threading
 import time
 
 
+# The refreshed objects: the dict cache (read by .get, `in` and d[k]), the list of its values
+# (values[i]), the set of its keys (`in`), and the dicts read by .pop and by .setdefault.
+OBJECTS = ("cache", "values", "ids", "popped", "defaults")
+
 KINDS = {
     "dict": dict,
     "counter": collections.Counter,
@@ -55,30 +62,46 @@ class Cache:
         self._defaults = dict(data)
 
     def refresh(self, data, racy, gap):
-        if racy:
+        """Refreshes the objects named in `racy` by clear() then refill, the others by
+        build-then-swap."""
+        if "cache" in racy:
             self._cache.clear()  # the window opens: the cache is empty until update() returns
+        if "values" in racy:
             self._values.clear()
+        if "ids" in racy:
             self._ids.clear()
+        if "popped" in racy:
             self._popped.clear()
+        if "defaults" in racy:
             self._defaults.clear()
-            if gap:
-                time.sleep(gap)  # the seed's repro: widen the window on purpose
+        if gap and racy:
+            time.sleep(gap)  # the seed's repro: widen the window on purpose
+        if "cache" in racy:
             self._cache.update(data)
-            self._values.extend(data.values())
-            self._ids.update(data)
-            self._popped.update(data)
-            self._defaults.update(data)
         else:
             self._cache = self._kind(data)  # build, then swap: no empty window
+        if "values" in racy:
+            self._values.extend(data.values())
+        else:
             self._values = list(data.values())
+        if "ids" in racy:
+            self._ids.update(data)
+        else:
             self._ids = set(data)
+        if "popped" in racy:
+            self._popped.update(data)
+        else:
             self._popped = dict(data)
+        if "defaults" in racy:
+            self._defaults.update(data)
+        else:
             self._defaults = dict(data)
 
 
 def parse():
     ap = argparse.ArgumentParser()
     ap.add_argument("--fixed", action="store_true")
+    ap.add_argument("--racy", default=",".join(OBJECTS))
     ap.add_argument("--kind", choices=sorted(KINDS), default="dict")
     ap.add_argument("--seconds", type=float, default=3.0)
     ap.add_argument("--keys", type=int, default=20000)
@@ -96,6 +119,9 @@ def main():
     data = {f"k{i}": i + 1 for i in range(args.keys)}
     keys = list(data)
     cache = Cache(data, KINDS[args.kind])
+    racy = set() if args.fixed else set(args.racy.split(","))
+    if racy - set(OBJECTS):
+        sys.exit(f"quiet.py: --racy names {', '.join(OBJECTS)}, not {args.racy}")
     stop = threading.Event()
     counts = {
         "get_lookups": 0,
@@ -176,7 +202,7 @@ def main():
 
     def refresher():
         while not stop.is_set():
-            cache.refresh(data, not args.fixed, args.gap_ms / 1000)
+            cache.refresh(data, racy, args.gap_ms / 1000)
             counts["refreshes"] += 1
             time.sleep(args.refresh_ms / 1000)
 

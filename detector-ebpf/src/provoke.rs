@@ -24,7 +24,7 @@ pub(crate) fn gil_handover() -> bool {
     global(&DROP_REQUEST_VADDR) != 0 || global(&DROP_REQUEST_IN_THREAD) != 0
 }
 
-/// CPython `--provoke`, at `dict_clear`'s entry (configured by `cfg`): arms the
+/// CPython `--provoke`, at a clear's entry (configured by `cfg`): arms the
 /// handover (see on_clear_return and on_take_gil) if the budget allows a wait for a reader to ask
 /// for the GIL (as long as the interpreter's switch interval, read now) and the hold after it.
 pub(crate) fn arm_gil_handover(
@@ -78,7 +78,7 @@ pub(crate) fn arm_gil_handover(
     }
 }
 
-/// CPython's `static PyObject *dict_clear(PyDictObject *mp, PyObject *ignored)`, its return,
+/// The return of CPython's clear of a dict (`dict_clear`), an OrderedDict, a list or a set,
 /// attached with `python --provoke`: the window is open and the writer holds the GIL. It is kept
 /// here until a thread waiting for the GIL asks for it (sets the interpreter's
 /// `gil_drop_request`, as CPython does after the switch interval) or the wait ends. Asked, the

@@ -270,11 +270,20 @@ fn a_dict_subclass_s_keyerrors_are_counted() {
 
 /// demo/quiet.py under `racewatch python` with `flags`: (exit code, truth, stdout).
 fn watch_quiet(flags: &[&str]) -> (i32, std::collections::HashMap<String, u64>, String) {
+    watch_quiet_with(flags, &["--seconds", "1", "--gap-ms", "0.1"])
+}
+
+/// demo/quiet.py run with `worker` under `racewatch python` with `flags`: (exit code, truth,
+/// stdout).
+fn watch_quiet_with(
+    flags: &[&str],
+    worker: &[&str],
+) -> (i32, std::collections::HashMap<String, u64>, String) {
     let quiet = workspace().join("demo/quiet.py");
     let mut args = vec!["python"];
     args.extend(flags);
     args.extend(["--", "python3", quiet.to_str().unwrap()]);
-    args.extend(["--seconds", "1", "--gap-ms", "0.1"]);
+    args.extend(worker);
     let o = racewatch(&args);
     let out = String::from_utf8_lossy(&o.stdout).into_owned();
     (
@@ -504,6 +513,42 @@ fn provoke_shorter_than_the_switch_interval_waits_for_a_reader_to_ask() {
     let windows = p["windows"].as_u64().unwrap();
     assert!(p["unanswered"].as_u64().unwrap() < windows, "{p}");
     assert_eq!(code, 1);
+}
+
+/// A list's and a set's windows are provoked as a dict's are: at CPython's default switch interval,
+/// with only the list and the set refreshed by clear() then refill (no dict clear to provoke) and
+/// no sleep inside the refresh, their readers land in their windows only when each clear's
+/// return hands the GIL over, and every miss is counted by its form.
+#[test]
+#[ignore = "root"]
+fn provoke_hands_the_gil_over_in_list_and_set_windows_too() {
+    let flags = ["--quiet-misses", "--provoke", "1ms", "--json"];
+    let worker = [
+        "--seconds",
+        "3",
+        "--switch-interval",
+        "0.005",
+        "--refresh-ms",
+        "50",
+        "--racy",
+        "values,ids",
+    ];
+    let (code, truth, text) = watch_quiet_with(&flags, &worker);
+    let summary = parse_ndjson(&text).1;
+    let what = format!("{truth:?}; {summary}");
+    assert!(
+        truth["index_misses"] > 0 && truth["member_misses"] > 0,
+        "{what}"
+    );
+    let forms = &summary["misses_by_form"];
+    assert_eq!(forms["index"], truth["index_misses"], "{what}");
+    assert_eq!(
+        forms["contains"],
+        truth["contains_misses"] + truth["member_misses"],
+        "{what}"
+    );
+    assert!(summary["provoke"]["windows"].as_u64() > Some(0), "{what}");
+    assert_eq!(code, 1, "{what}");
 }
 
 /// A switch interval longer than a hold may last (50 ms): no hold could hand the GIL over, so

@@ -452,7 +452,11 @@ impl Loaded {
         }
         if let Some(g) = &plan.gil {
             let t = &g.take_gil;
-            self.attach_one("on_clear_return", "clear return", bin, &g.clear, 0, cfg)?;
+            // Each clear's return: a dict's, an OrderedDict's, a list's or a set's window is open
+            // there, and the writer holds the GIL.
+            for c in &plan.clear {
+                self.attach_one("on_clear_return", "clear return", bin, &c.function, 0, cfg)?;
+            }
             self.attach_one("on_take_gil", "take_gil", bin, &t.function, t.offset, cfg)?;
         }
         if let Some(sample) = &plan.sample {

@@ -153,10 +153,9 @@ impl Quiet {
     }
 }
 
-/// CPython `--provoke`: `dict_clear` (its return is probed), `take_gil`, and where a thread
-/// waiting for the GIL asks its holder for it.
+/// CPython `--provoke`: `take_gil`, and where a thread waiting for the GIL asks its holder for
+/// it (the plan's clears have their returns probed too).
 pub struct GilHandover {
-    pub clear: Function,
     pub take_gil: Placed,
     pub drop_request: DropRequest,
     /// The file address of the main interpreter's switch interval.

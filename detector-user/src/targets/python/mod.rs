@@ -502,7 +502,6 @@ pub fn plan(
             .and_then(|t| t.resolve(TAKE_GIL).ok())
             .ok_or_else(|| no_provoke("symbol take_gil"))?;
         Some(GilHandover {
-            clear: clear.function.clone(),
             take_gil: place_entry(path, TAKE_GIL, take_gil, 0, None, verbose),
             drop_request: state.drop_request,
             switch_interval_vaddr: state.switch_interval_vaddr,
