@@ -11,8 +11,9 @@ fifth reader's `key in ids` says no. Two more dicts are refreshed the same way, 
 reader of its own: `d.pop(key, None)` (the value put back after) and `d.setdefault(key, 0)`
 take their defaults in the window.
 
-    quiet.py [--fixed] [--racy OBJ,...] [--kind dict|counter|defaultdict] [--seconds S]
-             [--keys N] [--refresh-ms MS] [--switch-interval S] [--gap-ms MS] [--absent-every N]
+    quiet.py [--fixed] [--racy OBJ,...] [--kind dict|counter|defaultdict] [--ordered]
+             [--seconds S] [--keys N] [--refresh-ms MS] [--switch-interval S] [--gap-ms MS]
+             [--absent-every N]
 
 --fixed            refresh by build-then-swap: no empty window, no quiet miss.
 --kind K           the cache's type: dict (default), collections.Counter, or
@@ -20,6 +21,8 @@ take their defaults in the window.
                    defaultdict, inserts it).
 --gap-ms MS        sleep between clear() and update(), as the seed's repro did: every refresh
                    then lets the readers in.
+--ordered          the dicts read by .pop and .setdefault are OrderedDicts, whose own
+                   methods those are, called with their arguments by position and by keyword.
 --racy OBJ,...     refresh only these by clear() then refill, the rest build-then-swap:
                    cache (the dict), values (the list), ids (the set), popped, defaults
                    (default: all of them).
@@ -53,13 +56,14 @@ KINDS = {
 
 
 class Cache:
-    def __init__(self, data, kind):
+    def __init__(self, data, kind, own):
         self._kind = kind
+        self._own = own
         self._cache = kind(data)
         self._values = list(data.values())
         self._ids = set(data)
-        self._popped = dict(data)
-        self._defaults = dict(data)
+        self._popped = own(data)
+        self._defaults = own(data)
 
     def refresh(self, data, racy, gap):
         """Refreshes the objects named in `racy` by clear() then refill, the others by
@@ -91,17 +95,18 @@ class Cache:
         if "popped" in racy:
             self._popped.update(data)
         else:
-            self._popped = dict(data)
+            self._popped = self._own(data)
         if "defaults" in racy:
             self._defaults.update(data)
         else:
-            self._defaults = dict(data)
+            self._defaults = self._own(data)
 
 
 def parse():
     ap = argparse.ArgumentParser()
     ap.add_argument("--fixed", action="store_true")
     ap.add_argument("--racy", default=",".join(OBJECTS))
+    ap.add_argument("--ordered", action="store_true")
     ap.add_argument("--kind", choices=sorted(KINDS), default="dict")
     ap.add_argument("--seconds", type=float, default=3.0)
     ap.add_argument("--keys", type=int, default=20000)
@@ -118,7 +123,7 @@ def main():
     # Values from 1: a 0 from a Counter or a defaultdict is its `__missing__`'s answer.
     data = {f"k{i}": i + 1 for i in range(args.keys)}
     keys = list(data)
-    cache = Cache(data, KINDS[args.kind])
+    cache = Cache(data, KINDS[args.kind], collections.OrderedDict if args.ordered else dict)
     racy = set() if args.fixed else set(args.racy.split(","))
     if racy - set(OBJECTS):
         sys.exit(f"quiet.py: --racy names {', '.join(OBJECTS)}, not {args.racy}")
@@ -164,13 +169,26 @@ def main():
             elif form == "pop":
                 # Its own dict, so no other reader sees the key gone before it is put back.
                 popped = cache._popped
-                value = popped.pop(key, None)
+                if not args.ordered or i % 3 == 0:
+                    value = popped.pop(key, None)
+                elif i % 3 == 1:
+                    # An OrderedDict's own pop takes its arguments by keyword too.
+                    value = popped.pop(key, default=None)
+                else:
+                    value = popped.pop(key=key, default=None)
                 if value is None:
                     misses += 1
                 else:
                     popped[key] = value
             elif form == "setdefault":
-                if cache._defaults.setdefault(key, 0) == 0:
+                defaults = cache._defaults
+                if not args.ordered or i % 3 == 0:
+                    value = defaults.setdefault(key, 0)
+                elif i % 3 == 1:
+                    value = defaults.setdefault(key, default=0)
+                else:
+                    value = defaults.setdefault(default=0, key=key)
+                if value == 0:
                     misses += 1
             elif form == "index":
                 try:

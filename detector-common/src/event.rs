@@ -317,6 +317,8 @@ pub struct PyLayout {
     /// Where a compact ASCII str's characters start, and any other compact str's.
     pub ascii_data: u64,
     pub compact_data: u64,
+    /// A tuple's first item (3.14 caches the tuple's hash before it).
+    pub tuple_items: u64,
     /// `_Py_HashSecret`'s address in the file, for hashing a str CPython has not hashed yet
     /// (0: the build's str hash is not SipHash-1-3, or it exports no secret).
     pub hash_secret: u64,

@@ -30,7 +30,7 @@ const TP_FLAGS: u64 = 168;
 const TP_BASE: u64 = 256;
 const DICT_SUBCLASS: u64 = 1 << 29;
 const LIST_SUBCLASS: u64 = 1 << 25;
-/// A list's length (`ob_size`).
+/// A list's or a tuple's length (`ob_size`).
 const OB_SIZE: u64 = 16;
 
 /// Whether `obj` is a list or an instance of a subclass of list.
@@ -448,7 +448,7 @@ pub fn on_keyerror_inline(ctx: ProbeContext) -> u32 {
     // A one-item tuple, else this is not the raise racewatch placed the probe for.
     if read_user::<u64>(tuple.wrapping_add(8)) == Some(tuple_type)
         && read_user::<i64>(tuple.wrapping_add(16)) == Some(1)
-        && let Some(key) = read_user::<u64>(tuple.wrapping_add(24))
+        && let Some(key) = read_user::<u64>(tuple.wrapping_add(py.layout.tuple_items))
     {
         keyerror(&ctx, &cfg, key);
     }
@@ -536,6 +536,61 @@ pub fn on_dict_setdefault(ctx: ProbeContext) -> u32 {
     let key = fastcall_key(&ctx);
     quiet_lookup(&ctx, key, UNKNOWN_HASH, FORM_SETDEFAULT, false);
     0
+}
+
+/// An OrderedDict's own `od.pop(key, default)`, `OrderedDict_pop(self, args, nargs, kwnames)`
+/// (METH_FASTCALL|METH_KEYWORDS), at its entry (`--quiet-misses`): with a default, by position
+/// or keyword, a miss returns it; without, it raises the KeyError that counts it.
+#[uprobe]
+pub fn on_odict_pop(ctx: ProbeContext) -> u32 {
+    match keywords_key(&ctx) {
+        Some((key, given)) if given >= 2 => {
+            quiet_lookup(&ctx, key, UNKNOWN_HASH, FORM_POP, false);
+        }
+        _ => bump(Stat::HitsQuietLookup),
+    }
+    0
+}
+
+/// An OrderedDict's own `od.setdefault(key, default=None)`, `OrderedDict_setdefault(self, args,
+/// nargs, kwnames)` (METH_FASTCALL|METH_KEYWORDS), at its entry (`--quiet-misses`): a miss
+/// inserts the default and returns it.
+#[uprobe]
+pub fn on_odict_setdefault(ctx: ProbeContext) -> u32 {
+    match keywords_key(&ctx) {
+        Some((key, given)) if given >= 1 => {
+            quiet_lookup(&ctx, key, UNKNOWN_HASH, FORM_SETDEFAULT, false);
+        }
+        _ => bump(Stat::HitsQuietLookup),
+    }
+    0
+}
+
+/// The key of a METH_FASTCALL|METH_KEYWORDS method `(self, args, nargs, kwnames)` whose
+/// parameters are `(key, default)`, and how many arguments were given: positional ones first in
+/// `args`, then the values of the keywords `kwnames` names. `key` is `args[0]` unless no argument
+/// is positional and the first keyword is not `key`.
+fn keywords_key(ctx: &ProbeContext) -> Option<(u64, i64)> {
+    let args = ctx.arg::<u64>(1)?;
+    let nargs = ctx.arg::<i64>(2)?;
+    let kwnames = ctx.arg::<u64>(3)?;
+    let keywords = match kwnames {
+        0 => 0,
+        tuple => read_user::<i64>(tuple.wrapping_add(OB_SIZE))?,
+    };
+    let mut at = 0u64;
+    if nargs == 0 && keywords > 0 {
+        let cfg = config(ctx)?;
+        // SAFETY: the context's registers are valid for the whole program.
+        let py = Interp::at(unsafe { &*ctx.regs }, &cfg)?;
+        let first = read_user::<u64>(kwnames.wrapping_add(py.layout.tuple_items))?;
+        let name = read_user::<[u8; 4]>(first.wrapping_add(py.layout.ascii_data))?;
+        if name != *b"key\0" {
+            at = 1;
+        }
+    }
+    let key = read_user::<u64>(args.wrapping_add(at * 8))?;
+    Some((key, nargs.saturating_add(keywords)))
 }
 
 /// `d[k]` on an instance of a dict subclass, `dict_subscript(self, key)` (its `mp_subscript`,

@@ -102,6 +102,11 @@ pub enum Quiet {
     Pop(Placed),
     /// `d.setdefault(k, default)`: `dict_setdefault(self, args, nargs)`, the key `args[0]`.
     SetDefault(Placed),
+    /// An OrderedDict's own `od.pop(k, default)`: `OrderedDict_pop(self, args, nargs, kwnames)`.
+    OrderedPop(Placed),
+    /// An OrderedDict's own `od.setdefault(k, default)`: `OrderedDict_setdefault(self, args,
+    /// nargs, kwnames)`.
+    OrderedSetDefault(Placed),
     /// `k in d`: the dict type's `sq_contains(self, key)`.
     Contains(Placed),
     /// `d[k]` on a dict subclass (a `Counter`'s, a `defaultdict`'s `__missing__` answers it):
@@ -126,6 +131,8 @@ impl Quiet {
             Quiet::Get(p)
             | Quiet::Pop(p)
             | Quiet::SetDefault(p)
+            | Quiet::OrderedPop(p)
+            | Quiet::OrderedSetDefault(p)
             | Quiet::Contains(p)
             | Quiet::Subscript(p)
             | Quiet::ContainsCall(p)
@@ -142,6 +149,8 @@ impl Quiet {
             Quiet::Get(_) => "on_dict_get",
             Quiet::Pop(_) => "on_dict_pop",
             Quiet::SetDefault(_) => "on_dict_setdefault",
+            Quiet::OrderedPop(_) => "on_odict_pop",
+            Quiet::OrderedSetDefault(_) => "on_odict_setdefault",
             Quiet::Contains(_) => "on_dict_contains",
             Quiet::Subscript(_) => "on_dict_subscript",
             Quiet::ContainsCall(_) => "on_dict_contains_call",

@@ -75,20 +75,24 @@ pub fn dict_methods(image: &Image) -> Result<DictMethods, DictTypeError> {
 
 /// `collections.OrderedDict`'s own `clear()`, `update(...)` and `|=`, read from the exported
 /// `PyODict_Type`: an OrderedDict is emptied and refilled by these, not by dict's (its `d[k]` is
-/// dict's).
+/// dict's); and its own `pop` and `setdefault` (`--quiet-misses`).
 #[derive(Debug)]
 pub struct OrderedDictMethods {
     pub clear: Function,
     pub update: Function,
     pub ior: Function,
+    pub pop: Function,
+    pub setdefault: Function,
 }
 
 pub fn ordered_dict_methods(image: &Image) -> Result<OrderedDictMethods, DictTypeError> {
     let t = TypeObject::of(image, "PyODict_Type", "collections.OrderedDict")?;
-    let [clear, update] = t.methods(["clear", "update"])?;
+    let [clear, update, pop, setdefault] = t.methods(["clear", "update", "pop", "setdefault"])?;
     Ok(OrderedDictMethods {
         clear: t.function(clear, "clear", "odict_clear")?,
         update: t.function(update, "update", "mutablemapping_update")?,
+        pop: t.function(pop, "pop", "OrderedDict_pop")?,
+        setdefault: t.function(setdefault, "setdefault", "OrderedDict_setdefault")?,
         ior: t.function(
             t.slot(TP_AS_NUMBER, NB_INPLACE_OR),
             "|=",

@@ -139,11 +139,13 @@ mod tests {
         ascii_data: 48,
         compact_data: 72,
         long_tagged: false,
+        tuple_items: 24,
     };
     const V3_12: ObjectLayout = ObjectLayout {
         ascii_data: 40,
         compact_data: 56,
         long_tagged: true,
+        tuple_items: 24,
     };
 
     fn ascii(s: &str, l: &ObjectLayout) -> [u8; KEY_OBJ_LEN] {

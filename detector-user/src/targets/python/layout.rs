@@ -30,6 +30,8 @@ pub struct ObjectLayout {
     pub compact_data: usize,
     /// An int's digit count is in `lv_tag` (3.12+), not `ob_size`.
     pub long_tagged: bool,
+    /// A tuple's first item (3.14 caches the tuple's hash before it).
+    pub tuple_items: usize,
 }
 
 /// How the layout was learnt, for messages.
@@ -324,12 +326,14 @@ pub fn objects(version: (u32, u32)) -> ObjectLayout {
             ascii_data: 40,
             compact_data: 56,
             long_tagged: true,
+            tuple_items: if version >= (3, 14) { 32 } else { 24 },
         }
     } else {
         ObjectLayout {
             ascii_data: 48,
             compact_data: 72,
             long_tagged: false,
+            tuple_items: 24,
         }
     }
 }
@@ -340,6 +344,7 @@ pub fn layout(image: &Image) -> Result<Layout, LayoutError> {
     let mut l = read_layout(image)?;
     l.kernel.ascii_data = l.objects.ascii_data as u64;
     l.kernel.compact_data = l.objects.compact_data as u64;
+    l.kernel.tuple_items = l.objects.tuple_items as u64;
     l.kernel.hash_secret = if hashes_with_siphash13(image) {
         image.symbol("_Py_HashSecret").map_or(0, |s| s.0)
     } else {
@@ -473,6 +478,7 @@ fn from_debug_offsets(d: &DebugOffsets, at: Anchors) -> Result<Layout, String> {
         },
         objects: ObjectLayout {
             ascii_data: d.get("unicode_object.asciiobject_size") as usize,
+            tuple_items: d.get("tuple_object.ob_item") as usize,
             ..objects(d.version)
         },
     })

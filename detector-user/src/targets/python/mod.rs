@@ -246,12 +246,15 @@ fn quiet_probes(
     methods: &dict_type::DictMethods,
     lists: Option<&dict_type::ListMethods>,
     sets: Option<&dict_type::SetMethods>,
+    ordered: Option<&dict_type::OrderedDictMethods>,
     verbose: bool,
 ) -> (Vec<Quiet>, Vec<String>) {
-    let args = [Register::RDI, Register::RSI];
-    let place = |role, f: &crate::probe::symbols::Function| {
-        crate::probe::placement::place_entry_reading(&image.path, role, f.clone(), &args, verbose)
+    let reading = |regs: &[Register], role, f: &crate::probe::symbols::Function| {
+        crate::probe::placement::place_entry_reading(&image.path, role, f.clone(), regs, verbose)
     };
+    let place = |role, f| reading(&[Register::RDI, Register::RSI], role, f);
+    // The object, the arguments, their count and the keywords' names.
+    let keywords = [Register::RDI, Register::RSI, Register::RDX, Register::RCX];
     let mut quiet = vec![
         Quiet::Get(place("d.get", &methods.get)),
         Quiet::Pop(place("d.pop", &methods.pop)),
@@ -260,6 +263,11 @@ fn quiet_probes(
         Quiet::Subscript(place("d[k] (dict subclasses)", &methods.subscript)),
     ];
     quiet.extend(lists.map(|l| Quiet::Index(place("lst[i]", &l.subscript))));
+    if let Some(o) = ordered {
+        quiet.push(Quiet::OrderedPop(reading(&keywords, "od.pop", &o.pop)));
+        let setdefault = reading(&keywords, "od.setdefault", &o.setdefault);
+        quiet.push(Quiet::OrderedSetDefault(setdefault));
+    }
     // `in` on a subclass calls the method; where the method calls the type's `in` (3.13+), that
     // probe counts it already.
     if !eval_loop::reaches(image, &methods.contains_method, methods.contains.address) {
@@ -401,6 +409,11 @@ pub fn plan(
         Some(Err(e)) => (None, Some(format!("set windows: {e}"))),
         None => (None, None),
     };
+    // OrderedDict empties and refills itself with its own methods; its d[k] is dict's.
+    let (ordered, no_ordered) = match dict_type::ordered_dict_methods(&image) {
+        Ok(o) => (Some(o), None),
+        Err(e) => (None, Some(format!("OrderedDict windows: {e}"))),
+    };
     let (quiet, no_quiet) = if quiet_misses {
         quiet_probes(
             &image,
@@ -408,6 +421,7 @@ pub fn plan(
             &methods,
             lists.as_ref(),
             sets.as_ref(),
+            ordered.as_ref(),
             verbose,
         )
     } else {
@@ -426,11 +440,6 @@ pub fn plan(
         })
     };
     let clear = place_entry(path, "clear", methods.clear, 0, None, verbose);
-    // OrderedDict empties and refills itself with its own methods; its d[k] is dict's.
-    let (ordered, no_ordered) = match dict_type::ordered_dict_methods(&image) {
-        Ok(o) => (Some(o), None),
-        Err(e) => (None, Some(format!("OrderedDict windows: {e}"))),
-    };
     let ordered_clear = ordered
         .as_ref()
         .map(|o| place_entry(path, "OrderedDict clear", o.clear.clone(), 0, None, verbose));
