@@ -3,7 +3,8 @@
 One writer empties three dicts at once, A, B and D (three windows open together; B is an instance
 of a subclass of dict, as applications write them, D an OrderedDict, whose clear() and update()
 are its own), looks a key up in A
-itself while it is empty (the writer's own KeyError), then refills them with update(). Two readers
+itself while it is empty (the writer's own KeyError), lets the readers in, empties A once more,
+then refills them with update(). Two readers
 look up keys that always exist in A, in B (catching the KeyError and re-raising it, caught once
 more outside), in D, and in C, another dict holding the same key objects for half of them.
 
@@ -45,6 +46,10 @@ def main():
                 a[KEYS[0]]
             except KeyError:
                 counts["writer_keyerrors"] += 1
+            time.sleep(0)  # lets the readers in
+            # Emptied again while empty, as a writer that clears twice does: the readers' misses
+            # so far are still this window's.
+            a.clear()
             a.update(dict.fromkeys(KEYS, 1))
             b.update(dict.fromkeys(KEYS, 2))
             d.update(dict.fromkeys(KEYS, 4))

@@ -388,6 +388,16 @@ extern "C" fn judge_key(
     0
 }
 
+/// Whether the dict, list or set at `obj` is empty: a dict's `ma_used` and a list's `ob_size` at
+/// +16, a set's `used` at +24. An object that cannot be read is not taken for empty.
+pub(crate) fn holds_nothing(obj: u64) -> bool {
+    let at = if is_set(obj) { SET_USED } else { OB_SIZE };
+    read_user::<i64>(obj.wrapping_add(at)) == Some(0)
+}
+
+/// A set's count of live entries (`used`).
+const SET_USED: u64 = 24;
+
 /// At a window's close, tells userspace whether each key that raised KeyError inside it is in the
 /// dict just refilled: a key absent even now was not the window's doing.
 pub(crate) fn judge_pending(dict: ObjKey) {

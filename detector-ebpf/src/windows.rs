@@ -11,7 +11,7 @@ use detector_common::{EventKind, ObjKey, Stat, Window};
 use crate::{
     maps::{GIL_HOLDS, PENDING_DICTS, REFILLS},
     provoke::{arm_gil_handover, gil_handover, hold_writer},
-    python::judge_pending,
+    python::{holds_nothing, judge_pending},
     stacks::writer_opened,
     util::{bump, caller, store_window, watched_object, window, window_event},
 };
@@ -28,10 +28,16 @@ pub fn on_clear(ctx: ProbeContext) -> u32 {
     // SAFETY: the context's registers are valid for the whole program.
     let regs = unsafe { &*ctx.regs };
     let prev = window(&cache);
-    // Emptied again while still open (never refilled by the refill racewatch knows, or freed and
-    // its address reused): the KeyErrors it holds are judged against what the dict holds now,
-    // before it is emptied, which is what was filled in since.
-    if prev.is_some_and(|w| w.open != 0) && PENDING_DICTS.remove(&cache).is_ok() {
+    // Emptied again while still open (refilled by assignments racewatch does not watch, or freed
+    // and its address reused): the KeyErrors it holds are judged against what the dict holds
+    // now, before it is emptied, which is what was filled in since. An object still empty (a
+    // writer that clears twice, or a second writer's clear) tells nothing yet: they wait for
+    // the close.
+    if prev.is_some_and(|w| w.open != 0)
+        && PENDING_DICTS.get_ptr(&cache).is_some()
+        && !holds_nothing(cache.object)
+        && PENDING_DICTS.remove(&cache).is_ok()
+    {
         judge_pending(cache);
     }
     if let Some(w) = Window::on_clear(prev.as_ref(), tid, unsafe { bpf_ktime_get_ns() }) {
