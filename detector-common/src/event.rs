@@ -623,7 +623,7 @@ mod decode {
                 size_of::<PyFrames>(),
                 4 * 4 + 8 + 4 + 4 + 16 * PY_FRAMES_MAX
             );
-            assert_eq!(size_of::<PyLayout>(), 8 * 21);
+            assert_eq!(size_of::<PyLayout>(), 8 * 22);
         }
 
         #[test]
