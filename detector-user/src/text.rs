@@ -35,6 +35,16 @@ pub fn fmt_ns(ns: u64) -> String {
     }
 }
 
+/// A span of `secs` seconds as a person says it: seconds, minutes, hours or days.
+pub fn fmt_span(secs: f64) -> String {
+    match secs {
+        s if s < 90.0 => format!("{:.0} s", s.max(1.0)),
+        s if s < 90.0 * 60.0 => format!("{:.0} min", s / 60.0),
+        s if s < 48.0 * 3600.0 => format!("{:.1} h", s / 3600.0),
+        s => format!("{:.0} days", s / 86400.0),
+    }
+}
+
 /// A thread name as the kernel stores it: NUL-padded bytes, not always UTF-8.
 pub fn comm_str(comm: &[u8; detector_common::COMM_LEN]) -> String {
     let end = comm

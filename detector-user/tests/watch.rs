@@ -452,6 +452,22 @@ fn rare_race_gets_a_hazard_line_within_the_run() {
         got > 0.0 && (got - expected).abs() < 1e-6 * expected,
         "{last}"
     );
+    // Its interval, from the windows and lookups counted (docs/HAZARD.md), and the run that
+    // would see one collision with 95% odds: three expected.
+    let spread = 1.96 * (1.0 / refreshes as f64 + 1.0 / lookups as f64).sqrt();
+    let interval = &last["expected_interval_per_hour"];
+    for (i, bound) in [got * (-spread).exp(), got * spread.exp()]
+        .iter()
+        .enumerate()
+    {
+        let printed = interval[i].as_f64().unwrap();
+        assert!((printed - bound).abs() < 1e-6 * bound, "{last}");
+    }
+    let confirm = last["confirm_s"].as_f64().unwrap();
+    assert!(
+        (confirm - 3.0 * 3600.0 / got).abs() < 1e-6 * confirm,
+        "{last}"
+    );
     assert_eq!(last["sampled_fraction"], 1.0);
     assert_eq!(summary["misses_in_window"], misses, "summary: {summary}");
     assert_eq!(summary["lost_events"], 0, "summary: {summary}");

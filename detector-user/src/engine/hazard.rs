@@ -49,6 +49,10 @@ pub struct Hazard {
     pub time_in_window: f64,
     pub readers: Vec<ReaderHazard>,
     pub expected_collisions_per_hour: f64,
+    /// The forecast's 95% interval from the counts it rests on (windows and lookups seen).
+    pub interval_per_hour: (f64, f64),
+    /// How long a run would need for a collision to happen at 95%, at the forecast rate.
+    pub confirm_s: Option<f64>,
     /// Share of the watched time in which lookups were counted (1 when every lookup is probed).
     pub sampled_fraction: f64,
     pub elapsed_s: f64,
@@ -189,6 +193,29 @@ pub fn collisions_per_hour(lookups_per_s: f64, time_in_window: f64) -> f64 {
     lookups_per_s * time_in_window * 3600.0
 }
 
+/// The 95% interval of a forecast resting on `windows` windows and `lookups` lookups seen: each
+/// count is taken as Poisson (its relative error 1/sqrt(n)), the two errors combined on the log
+/// scale. It covers the measurement, not the model (docs/HAZARD.md, "Where it does not").
+pub fn interval(per_hour: f64, windows: u64, lookups: u64) -> (f64, f64) {
+    if windows == 0 || lookups == 0 {
+        return (0.0, f64::INFINITY);
+    }
+    let spread = (1.0 / windows as f64 + 1.0 / lookups as f64).sqrt() * Z_95;
+    (per_hour * (-spread).exp(), per_hour * spread.exp())
+}
+
+/// The two-sided 95% point of the normal distribution.
+const Z_95: f64 = 1.96;
+
+/// How long a run takes for a collision to happen with 95% odds at `per_hour`: 3 expected
+/// (a Poisson count is 0 with odds e^-3, 5%). None for no collisions at all.
+pub fn confirm_seconds(per_hour: f64) -> Option<f64> {
+    (per_hour > 0.0).then(|| CONFIRMING / per_hour * 3600.0)
+}
+
+/// Expected collisions that make one happen with 95% odds: -ln(0.05).
+const CONFIRMING: f64 = 3.0;
+
 fn cache_hazard(
     obj: ObjKey,
     c: &CacheWindows,
@@ -215,6 +242,12 @@ fn cache_hazard(
         })
         .collect();
     rs.sort_by(|a, b| b.lookups.cmp(&a.lookups).then(a.tid.cmp(&b.tid)));
+    // A fold from +0: `sum` of no reader would be -0, printed "-0.0".
+    let expected = rs
+        .iter()
+        .map(|r| r.expected_collisions_per_hour)
+        .fold(0.0, |a, b| a + b);
+    let lookups = rs.iter().map(|r| r.lookups).sum();
     Hazard {
         cache: obj.object,
         pid: obj.tgid,
@@ -225,11 +258,9 @@ fn cache_hazard(
         window_p99_ns: c.widths.quantile(0.99),
         window_max_ns: c.widths.max(),
         time_in_window,
-        // A fold from +0: `sum` of no reader would be -0, printed "-0.0".
-        expected_collisions_per_hour: rs
-            .iter()
-            .map(|r| r.expected_collisions_per_hour)
-            .fold(0.0, |a, b| a + b),
+        expected_collisions_per_hour: expected,
+        interval_per_hour: interval(expected, c.widths.count(), lookups),
+        confirm_s: confirm_seconds(expected),
         readers: rs,
         sampled_fraction: rate(sampled_s, elapsed_s).min(1.0),
         elapsed_s,
@@ -335,6 +366,24 @@ mod tests {
         // 1000 lookups/s × 5e-5 × 3600 s = 180 per hour.
         assert!((h.expected_collisions_per_hour - 180.0).abs() < 1e-6);
         assert_eq!(h.sampled_fraction, 1.0);
+        // From 10 windows and 1000 lookups: 180 × e^(±1.96 × sqrt(1/10 + 1/1000)).
+        let spread = (0.101f64).sqrt() * 1.96;
+        let (low, high) = h.interval_per_hour;
+        assert!((low - 180.0 * (-spread).exp()).abs() < 1e-9, "{low}");
+        assert!((high - 180.0 * spread.exp()).abs() < 1e-9, "{high}");
+        // Three collisions expected in a minute: one happens with 95% odds.
+        assert_eq!(h.confirm_s, Some(60.0));
+    }
+
+    #[test]
+    fn the_interval_narrows_with_the_counts_and_a_forecast_of_none_confirms_nothing() {
+        let (l1, h1) = interval(100.0, 4, 100);
+        let (l2, h2) = interval(100.0, 400, 10_000);
+        assert!(l1 < l2 && l2 < 100.0 && 100.0 < h2 && h2 < h1);
+        // Nothing seen: the measurement bounds nothing.
+        assert_eq!(interval(100.0, 0, 100), (0.0, f64::INFINITY));
+        assert_eq!(confirm_seconds(0.0), None);
+        assert_eq!(confirm_seconds(3.0), Some(3600.0));
     }
 
     #[test]

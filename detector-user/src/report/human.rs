@@ -13,7 +13,7 @@ use crate::{
     },
     process::container::Identity,
     report::Sink,
-    text::{escape, fmt_ns},
+    text::{escape, fmt_ns, fmt_span},
 };
 
 /// `pid 4242`, followed where the process is in a container of its own by its pid there and
@@ -230,27 +230,40 @@ impl<W: Write> Sink for HumanSink<W> {
     }
 
     fn hazard(&mut self, h: &Hazard, who: &Identity, window: &str) -> io::Result<()> {
-        let sampled = if h.sampled_fraction < 1.0 {
+        let sampled = (h.sampled_fraction < 1.0).then(|| {
             format!(
-                " (lookups sampled {:.1}% of the time)",
+                "lookups sampled {:.1}% of the time",
                 h.sampled_fraction * 100.0
             )
-        } else {
-            String::new()
-        };
+        });
         // With no reader counted there is no forecast, not a forecast of none.
         let forecast = if h.readers.is_empty() {
-            "no forecast".to_string()
+            let sampled = sampled.map_or_else(String::new, |s| format!(" ({s})"));
+            format!("no forecast{sampled}")
         } else {
+            let (low, high) = h.interval_per_hour;
+            let high = if high.is_finite() {
+                format!("{high:.1}")
+            } else {
+                "?".to_string()
+            };
+            let notes = [Some(format!("95%: {low:.1}-{high}")), sampled]
+                .into_iter()
+                .flatten()
+                .collect::<Vec<_>>()
+                .join("; ");
+            let confirm = h.confirm_s.map_or_else(String::new, |s| {
+                format!("; a run of {} would see one, 95% likely", fmt_span(s))
+            });
             format!(
-                "expect {:.1} collisions/hour",
+                "expect {:.1} collisions/hour ({notes}){confirm}",
                 h.expected_collisions_per_hour
             )
         };
         writeln!(
             self.out,
             "HAZARD cache {:#x} in {}: {} windows ({:.1}/s), width p50 {} p99 {} max {}, empty {:.4}% of \
-             the time; {forecast}{sampled} (window {})",
+             the time; {forecast} (window {})",
             h.cache,
             pid_text(h.pid, who),
             h.windows,

@@ -85,6 +85,13 @@ impl<W: Write> Sink for JsonSink<W> {
             "readers": readers,
             // null, not 0, when no reader's lookups were counted: no forecast.
             "expected_collisions_per_hour": (!h.readers.is_empty()).then_some(h.expected_collisions_per_hour),
+            // The 95% interval of the measurement (null for an unbounded end), and how long a
+            // run would need for a collision at 95% odds.
+            "expected_interval_per_hour": (!h.readers.is_empty()).then(|| {
+                let (low, high) = h.interval_per_hour;
+                [Some(low), high.is_finite().then_some(high)]
+            }),
+            "confirm_s": h.confirm_s,
             "sampled_fraction": h.sampled_fraction,
             "elapsed_s": h.elapsed_s,
         });
