@@ -443,6 +443,8 @@ pub fn run(runs: usize, seconds: f64, baseline: Option<&Path>, soak_minutes: f64
     std::fs::write(&path, &doc)?;
     eprintln!("bench: wrote {} and docs/benchmarks.png", path.display());
     print!("{doc}");
+    // The hazard forecast against what happens, in docs/HAZARD.md.
+    crate::forecast::run(&racewatch, &demo, &interpreter, &worker, FORECAST_SECONDS)?;
     Ok(())
 }
 
@@ -664,6 +666,25 @@ pub fn run_first_finding(runs: usize) -> Result<()> {
     );
     print!("{section}");
     Ok(())
+}
+
+/// Seconds of each run of the forecast's sweep: long enough for a few hundred windows.
+const FORECAST_SECONDS: f64 = 8.0;
+
+/// `cargo xtask bench --forecast`: the hazard forecast against what happens, into
+/// docs/HAZARD.md.
+pub fn run_forecast(seconds: f64) -> Result<()> {
+    if !crate::is_root() {
+        bail!("the benchmark loads BPF programs: run it as root");
+    }
+    let racewatch = build_racewatch()?.to_string_lossy().into_owned();
+    let demo = build_demos()?.to_string_lossy().into_owned();
+    let worker = workspace_root()
+        .join("demo/worker.py")
+        .to_string_lossy()
+        .into_owned();
+    let interpreter = ask_python("import sys; print(sys.executable)")?;
+    crate::forecast::run(&racewatch, &demo, &interpreter, &worker, seconds)
 }
 
 /// Every zoo cache, unobserved and under `racewatch watch` given its three functions alone (and

@@ -11,8 +11,8 @@ use plotters::{
 /// Where Debian's fonts-dejavu-core puts the font the chart is lettered in.
 const FONT: &str = "/usr/share/fonts/truetype/dejavu/DejaVuSans.ttf";
 
-/// One panel per workload: (title, [(configuration, ratio)]).
-pub fn draw(path: &Path, panels: &[(&str, Vec<(String, f64)>)]) -> Result<()> {
+/// Registers the font the charts are lettered in, as "sans-serif".
+pub fn register() -> Result<()> {
     crate::setup::ensure_font(FONT)?;
     let font = std::fs::read(FONT).with_context(|| format!("cannot read {FONT}"))?;
     // The font must outlive every drawing: leak it once for the process.
@@ -21,7 +21,12 @@ pub fn draw(path: &Path, panels: &[(&str, Vec<(String, f64)>)]) -> Result<()> {
         FontStyle::Normal,
         Box::leak(font.into_boxed_slice()),
     )
-    .map_err(|_| anyhow!("{FONT} is not a font plotters can read"))?;
+    .map_err(|_| anyhow!("{FONT} is not a font plotters can read"))
+}
+
+/// One panel per workload: (title, [(configuration, ratio)]).
+pub fn draw(path: &Path, panels: &[(&str, Vec<(String, f64)>)]) -> Result<()> {
+    register()?;
     let rows: usize = panels.iter().map(|(_, bars)| bars.len()).sum();
     let height = 120 + 44 * rows as u32 + 60 * panels.len() as u32;
     let root = BitMapBackend::new(path, (1200, height)).into_drawing_area();

@@ -5,6 +5,7 @@ mod chart;
 mod demo;
 mod dist;
 mod first_finding;
+mod forecast;
 mod fuzz;
 mod setup;
 mod soak;
@@ -69,6 +70,11 @@ enum Task {
         /// and put their table in docs/BENCHMARKS.md in place of the one there.
         #[arg(long, conflicts_with_all = ["zoo", "first_finding"])]
         quiet: bool,
+        /// Measure the hazard forecast against what happens over a sweep of configurations, and
+        /// put its table and chart in docs/HAZARD.md (each configuration run once, `--seconds`
+        /// long).
+        #[arg(long, conflicts_with_all = ["zoo", "first_finding", "quiet"])]
+        forecast: bool,
     },
 }
 
@@ -160,6 +166,11 @@ fn main() -> Result<()> {
             quiet: true,
             ..
         } => bench::run_quiet(runs, seconds),
+        Task::Bench {
+            seconds,
+            forecast: true,
+            ..
+        } => bench::run_forecast(seconds),
         Task::Bench {
             runs,
             seconds,
