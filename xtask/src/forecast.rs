@@ -147,6 +147,8 @@ struct Outcome {
 fn once(racewatch: &str, args: &[&str], command: &[&str]) -> Result<Outcome> {
     let report =
         std::env::temp_dir().join(format!("racewatch-forecast-{}.ndjson", std::process::id()));
+    // A report left by an earlier run must not pass for this one's.
+    let _ = std::fs::remove_file(&report);
     let status = Command::new(racewatch)
         .args(args)
         .args(["--json", "-o"])
@@ -159,6 +161,7 @@ fn once(racewatch: &str, args: &[&str], command: &[&str]) -> Result<Outcome> {
         .with_context(|| format!("cannot run {racewatch}"))?;
     let text = std::fs::read_to_string(&report)
         .with_context(|| format!("racewatch ({status}) wrote no report"))?;
+    let _ = std::fs::remove_file(&report);
     let lines: Vec<Value> = text
         .lines()
         .filter_map(|l| serde_json::from_str(l).ok())

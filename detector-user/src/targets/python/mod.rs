@@ -236,10 +236,13 @@ pub struct Options {
     pub verbose: bool,
 }
 
-/// `--quiet-misses`: `d.get`, `in`, a subclass's `d[k]`, `lst[i]` (of `lists`, where found)
-/// and `k in s` (of `sets`) at their entries, where the object and the key are still in the
-/// argument registers; and where link-time optimisation inlined `PyDict_Contains` or the set's
-/// `in` (3.13+), their calls to the lookup there. The second value says what could not be found.
+/// `--quiet-misses`: `d.get`, `d.pop`, `d.setdefault`, `in`, a subclass's `d[k]`, `lst[i]` (of
+/// `lists`, where found), an OrderedDict's own `pop` and `setdefault` (of `ordered`) and `k in s`
+/// (of `sets`) at their entries, where the object and the arguments are still in their
+/// registers; where link-time optimisation inlined `PyDict_Contains` or the set's `in` (3.13+),
+/// their calls to the lookup there; and where profile-guided optimisation inlined `dict_get`
+/// behind a check of the function pointer, that copy's calls to the lookup. The second value
+/// says what could not be found.
 fn quiet_probes(
     image: &image::Image,
     version: (u32, u32),
