@@ -637,19 +637,45 @@ pub fn run_zoo(runs: usize, seconds: f64, baseline: Option<&Path>) -> Result<()>
     Ok(())
 }
 
+/// What the sections measured apart (first finding, forecast) run: racewatch's release build,
+/// the native demo, the Python interpreter and the seed-like worker.
+struct Targets {
+    racewatch: String,
+    demo: String,
+    interpreter: String,
+    worker: String,
+}
+
+impl Targets {
+    fn build() -> Result<Targets> {
+        if !crate::is_root() {
+            bail!("the benchmark loads BPF programs: run it as root");
+        }
+        let racewatch = build_racewatch()?.to_string_lossy().into_owned();
+        let demo = build_demos()?.to_string_lossy().into_owned();
+        let worker = workspace_root()
+            .join("demo/worker.py")
+            .to_string_lossy()
+            .into_owned();
+        let interpreter = ask_python("import sys; print(sys.executable)")?;
+        Ok(Targets {
+            racewatch,
+            demo,
+            interpreter,
+            worker,
+        })
+    }
+}
+
 /// `cargo xtask bench --first-finding`: the time-to-first-finding table alone, put in
 /// docs/BENCHMARKS.md in place of the one there (or before the zoo's tables).
 pub fn run_first_finding(runs: usize) -> Result<()> {
-    if !crate::is_root() {
-        bail!("the benchmark loads BPF programs: run it as root");
-    }
-    let racewatch = build_racewatch()?.to_string_lossy().into_owned();
-    let demo = build_demos()?.to_string_lossy().into_owned();
-    let worker = workspace_root()
-        .join("demo/worker.py")
-        .to_string_lossy()
-        .into_owned();
-    let interpreter = ask_python("import sys; print(sys.executable)")?;
+    let Targets {
+        racewatch,
+        demo,
+        interpreter,
+        worker,
+    } = Targets::build()?;
     let mut section = String::new();
     crate::first_finding::run(&racewatch, &demo, &interpreter, &worker, runs, &mut section)?;
     let path = workspace_root().join("docs/BENCHMARKS.md");
@@ -674,16 +700,12 @@ const FORECAST_SECONDS: f64 = 8.0;
 /// `cargo xtask bench --forecast`: the hazard forecast against what happens, into
 /// docs/HAZARD.md.
 pub fn run_forecast(seconds: f64) -> Result<()> {
-    if !crate::is_root() {
-        bail!("the benchmark loads BPF programs: run it as root");
-    }
-    let racewatch = build_racewatch()?.to_string_lossy().into_owned();
-    let demo = build_demos()?.to_string_lossy().into_owned();
-    let worker = workspace_root()
-        .join("demo/worker.py")
-        .to_string_lossy()
-        .into_owned();
-    let interpreter = ask_python("import sys; print(sys.executable)")?;
+    let Targets {
+        racewatch,
+        demo,
+        interpreter,
+        worker,
+    } = Targets::build()?;
     crate::forecast::run(&racewatch, &demo, &interpreter, &worker, seconds)
 }
 
