@@ -84,8 +84,15 @@ pub struct WindowEvent {
     pub open_ns: u64,
     /// 0 on [`EventKind::WindowOpen`].
     pub close_ns: u64,
+    /// On [`EventKind::WindowClose`] of a CPython window: how many times the GIL went to another
+    /// thread while it was open (its `switch_number`'s increase): 0 means no other thread ran
+    /// Python code inside it. [`NO_GIL`] for a native window, or on an opening.
+    pub gil_switches: u64,
     pub writer_comm: [u8; COMM_LEN],
 }
+
+/// [`WindowEvent::gil_switches`] of a window no GIL serialises (or whose count is not known).
+pub const NO_GIL: u64 = u64::MAX;
 
 /// A lookup that overlapped an open window.
 #[repr(C)]
@@ -276,6 +283,9 @@ pub struct PyFrames {
 
 /// Hops from `_PyRuntime` to the current thread state, at most.
 pub const TSTATE_HOPS: usize = 3;
+/// `switch_number`'s offset in CPython's `struct _gil_runtime_state`, after `interval`,
+/// `last_holder` and `locked` (and 3.13+'s `enabled`) in every version with a GIL, 3.11 to 3.14.
+pub const GIL_SWITCH_NUMBER: u64 = 24;
 /// Value stack slots the kernel searches for the failed dict, at most.
 pub const STACK_SLOTS: usize = 64;
 
@@ -296,6 +306,13 @@ pub struct PyLayout {
     /// tstate[0]`, then at that pointer plus `tstate[i]` for each of `tstate_hops` reads.
     pub tstate: [u64; TSTATE_HOPS],
     pub tstate_hops: u64,
+    /// The main interpreter's GIL (`struct _gil_runtime_state`), whose `switch_number` at
+    /// [`GIL_SWITCH_NUMBER`] says whether another thread took it during a window: at
+    /// `_PyRuntime + gil[0]` (3.11's static `ceval.gil`), or through `gil_hops` pointer reads,
+    /// each followed by adding the next offset (3.12+: the main interpreter, its `ceval.gil`).
+    /// `gil[0]` 0: not known.
+    pub gil: [u64; 3],
+    pub gil_hops: u64,
     /// From the thread state to its innermost frame the same way: one read, or two through
     /// 3.11's and 3.12's `cframe`.
     pub frame: [u64; 2],
@@ -593,7 +610,7 @@ mod decode {
 
         #[test]
         fn layouts_have_no_padding() {
-            assert_eq!(size_of::<WindowEvent>(), 4 * 4 + 8 + 8 + 8 + COMM_LEN);
+            assert_eq!(size_of::<WindowEvent>(), 4 * 4 + 8 + 8 + 8 + 8 + COMM_LEN);
             assert_eq!(
                 size_of::<LookupEvent>(),
                 4 * 4 + 8 + 8 + 8 + 4 + 4 + 8 + COMM_LEN
@@ -614,7 +631,7 @@ mod decode {
             );
             assert_eq!(size_of::<Inflight>(), 16 + 8);
             assert_eq!(size_of::<ReaderState>(), 8 + 8 + COMM_LEN);
-            assert_eq!(size_of::<crate::Window>(), 4 + 4 + 8 + 8);
+            assert_eq!(size_of::<crate::Window>(), 4 + 4 + 8 + 8 + 8 + 8);
             assert_eq!(
                 size_of::<NativeStack>(),
                 4 * 4 + 8 * 4 + 4 + 4 + STACK_BYTES
@@ -623,7 +640,7 @@ mod decode {
                 size_of::<PyFrames>(),
                 4 * 4 + 8 + 4 + 4 + 16 * PY_FRAMES_MAX
             );
-            assert_eq!(size_of::<PyLayout>(), 8 * 22);
+            assert_eq!(size_of::<PyLayout>(), 8 * 26);
         }
 
         #[test]
@@ -636,6 +653,7 @@ mod decode {
                 cache: 0xdead_beef,
                 open_ns: 10,
                 close_ns: 20,
+                gil_switches: 3,
                 writer_comm: *b"refresher\0\0\0\0\0\0\0",
             };
             assert_eq!(Event::decode(as_bytes(&w)), Ok(Event::WindowClose(w)));

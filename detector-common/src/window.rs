@@ -5,6 +5,8 @@
 //! thread returns. A lookup by another thread overlaps it when the window was open at some point
 //! between the lookup's entry and its return.
 
+use crate::NO_GIL;
+
 /// State of one cache, stored in the kernel's `WINDOWS` map.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -17,6 +19,10 @@ pub struct Window {
     pub open_ns: u64,
     /// When the refill returned; 0 while open.
     pub close_ns: u64,
+    /// A CPython window's: where the GIL's `switch_number` is in the writer's process, 0 when
+    /// no GIL serialises the window, and its value when the window opened.
+    pub gil_switch_at: u64,
+    pub gil_switch: u64,
 }
 
 impl Window {
@@ -30,6 +36,8 @@ impl Window {
                 open: 1,
                 open_ns: now,
                 close_ns: 0,
+                gil_switch_at: 0,
+                gil_switch: 0,
             }),
         }
     }
@@ -44,6 +52,15 @@ impl Window {
             open: 0,
             close_ns: now,
             ..*self
+        }
+    }
+
+    /// The window's GIL switches ([`crate::WindowEvent::gil_switches`]) when `switch_number` reads
+    /// `now` at its close: [`NO_GIL`] without a GIL, or when it could not be read.
+    pub fn gil_switches(&self, now: Option<u64>) -> u64 {
+        match now {
+            Some(n) if self.gil_switch_at != 0 => n.wrapping_sub(self.gil_switch).min(NO_GIL - 1),
+            _ => NO_GIL,
         }
     }
 
@@ -76,6 +93,17 @@ pub struct WriterAt {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn gil_switches_count_from_the_opening() {
+        let mut w = Window::on_clear(None, 1, 100).unwrap();
+        assert_eq!(w.gil_switches(Some(7)), NO_GIL, "no GIL: not known");
+        w.gil_switch_at = 0x1000;
+        w.gil_switch = 5;
+        assert_eq!(w.gil_switches(Some(5)), 0);
+        assert_eq!(w.gil_switches(Some(7)), 2);
+        assert_eq!(w.gil_switches(None), NO_GIL, "unreadable: not known");
+    }
 
     #[test]
     fn reader_inside_open_window_overlaps() {

@@ -12,9 +12,9 @@ use aya_ebpf::{
 };
 use detector_common::{
     EventKind, FORM_CONTAINS, FORM_GET, FORM_INDEX, FORM_POP, FORM_SETDEFAULT, FORM_SUBSCRIPT,
-    HASHED_STR_MAX, KEY_ABSENT, KEY_HEADER_LEN, KEY_PRESENT, KEY_UNKNOWN, KeyErrorEvent,
-    KeyVerdict, ObjKey, PendingKey, ProbeConfig, STACK_SLOTS, Stat, UNKNOWN_HASH, Window, key_hash,
-    small_int, str_hash,
+    GIL_SWITCH_NUMBER, HASHED_STR_MAX, KEY_ABSENT, KEY_HEADER_LEN, KEY_PRESENT, KEY_UNKNOWN,
+    KeyErrorEvent, KeyVerdict, ObjKey, PendingKey, ProbeConfig, STACK_SLOTS, Stat, UNKNOWN_HASH,
+    Window, key_hash, small_int, str_hash,
 };
 
 use crate::{
@@ -393,6 +393,23 @@ extern "C" fn judge_key(
 pub(crate) fn holds_nothing(obj: u64) -> bool {
     let at = if is_set(obj) { SET_USED } else { OB_SIZE };
     read_user::<i64>(obj.wrapping_add(at)) == Some(0)
+}
+
+/// Where the main interpreter's GIL keeps its `switch_number` in the process `py` runs in
+/// (`PyLayout::gil`), None when the layout does not say or a pointer on the way cannot be read.
+pub(crate) fn gil_switch_at(py: Interp) -> Option<u64> {
+    let l = py.layout;
+    if l.gil[0] == 0 {
+        return None;
+    }
+    let mut at = py.bias.wrapping_add(l.runtime).wrapping_add(l.gil[0]);
+    for i in 0..2 {
+        if i as u64 >= l.gil_hops {
+            break;
+        }
+        at = read_user::<u64>(at)?.wrapping_add(l.gil[i + 1]);
+    }
+    Some(at.wrapping_add(GIL_SWITCH_NUMBER))
 }
 
 /// A set's count of live entries (`used`).

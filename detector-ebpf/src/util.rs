@@ -164,7 +164,8 @@ pub(crate) fn store_window(obj: &ObjKey, w: &Window) {
     }
 }
 
-pub(crate) fn window_event(kind: EventKind, obj: &ObjKey, w: &Window, tid: u32) {
+/// `gil_switches`: [`WindowEvent::gil_switches`].
+pub(crate) fn window_event(kind: EventKind, obj: &ObjKey, w: &Window, tid: u32, gil_switches: u64) {
     send(
         kind,
         WindowEvent {
@@ -175,6 +176,7 @@ pub(crate) fn window_event(kind: EventKind, obj: &ObjKey, w: &Window, tid: u32) 
             cache: obj.object,
             open_ns: w.open_ns,
             close_ns: w.close_ns,
+            gil_switches,
             writer_comm: comm(),
         },
     );

@@ -6,14 +6,14 @@ use aya_ebpf::{
     macros::{uprobe, uretprobe},
     programs::{ProbeContext, RetProbeContext},
 };
-use detector_common::{EventKind, ObjKey, Stat, Window};
+use detector_common::{EventKind, NO_GIL, ObjKey, Stat, Window};
 
 use crate::{
     maps::{GIL_HOLDS, PENDING_DICTS, REFILLS},
     provoke::{arm_gil_handover, gil_handover, hold_writer},
-    python::{holds_nothing, judge_pending},
-    stacks::writer_opened,
-    util::{bump, caller, store_window, watched_object, window, window_event},
+    python::{gil_switch_at, holds_nothing, judge_pending},
+    stacks::{Interp, writer_opened},
+    util::{bump, caller, read_user, store_window, watched_object, window, window_event},
 };
 
 /// The cache's clear function, `void clear(Cache *c)` (the cache where the probe's
@@ -40,12 +40,20 @@ pub fn on_clear(ctx: ProbeContext) -> u32 {
     {
         judge_pending(cache);
     }
-    if let Some(w) = Window::on_clear(prev.as_ref(), tid, unsafe { bpf_ktime_get_ns() }) {
+    if let Some(mut w) = Window::on_clear(prev.as_ref(), tid, unsafe { bpf_ktime_get_ns() }) {
+        // A CPython window: whether the GIL goes to another thread before it closes is what
+        // lets a reader in at all (the hazard forecast's reachable windows).
+        if let Some(at) = Interp::at(regs, &cfg).and_then(gil_switch_at)
+            && let Some(n) = read_user::<u64>(at)
+        {
+            w.gil_switch_at = at;
+            w.gil_switch = n;
+        }
         // Stack and event first: a lookup that sees the stored window then reserves its own
         // event later in the ring, so userspace always reads a window's opening (and the
         // writer's stack, when it is sent now, just before it) before its lookups.
         writer_opened(regs, &cache, &w, &cfg);
-        window_event(EventKind::WindowOpen, &cache, &w, tid);
+        window_event(EventKind::WindowOpen, &cache, &w, tid, NO_GIL);
         store_window(&cache, &w);
         if gil_handover() {
             arm_gil_handover(&ctx, &cfg, cache, tid, w.open_ns);
@@ -137,8 +145,9 @@ pub fn on_refill_close(ctx: ProbeContext) -> u32 {
 fn close(cache: &ObjKey, tid: u32) {
     if let Some(w) = window(cache).filter(|w| w.closes_on_refill(tid)) {
         let closed = w.closed(unsafe { bpf_ktime_get_ns() });
+        let switches = w.gil_switches(read_user::<u64>(w.gil_switch_at));
         store_window(cache, &closed);
-        window_event(EventKind::WindowClose, cache, &closed, tid);
+        window_event(EventKind::WindowClose, cache, &closed, tid, switches);
         if PENDING_DICTS.remove(cache).is_ok() {
             judge_pending(*cache);
         }

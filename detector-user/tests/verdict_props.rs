@@ -174,6 +174,7 @@ impl Kernel {
             cache: dict,
             open_ns: w.open_ns,
             close_ns: w.close_ns,
+            gil_switches: detector_common::NO_GIL,
             writer_comm: [0; COMM_LEN],
         };
         self.events.push(match kind {

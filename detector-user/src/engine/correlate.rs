@@ -635,6 +635,7 @@ mod tests {
             cache: DICT,
             open_ns,
             close_ns: 0,
+            gil_switches: detector_common::NO_GIL,
             writer_comm: [0; COMM_LEN],
         };
         match kind {

@@ -4,7 +4,7 @@
 //! I/O, no clock. The estimate and its limits are in docs/HAZARD.md.
 use std::collections::{HashMap, HashSet, VecDeque};
 
-use detector_common::{Event, NearEvent, ObjKey, ReaderKey, ReaderState, WindowEvent};
+use detector_common::{Event, NO_GIL, NearEvent, ObjKey, ReaderKey, ReaderState, WindowEvent};
 
 use crate::{engine::histogram::Histogram, text::comm_str};
 
@@ -47,6 +47,9 @@ pub struct Hazard {
     pub window_max_ns: u64,
     /// Share of the watched time the cache spent empty.
     pub time_in_window: f64,
+    /// A CPython cache's: in how many of its windows the GIL went to another thread. Only those
+    /// let a reader in, and the forecast rests on them alone.
+    pub gil: Option<GilReach>,
     pub readers: Vec<ReaderHazard>,
     pub expected_collisions_per_hour: f64,
     /// The forecast's 95% interval from the counts it rests on (windows and lookups seen).
@@ -56,6 +59,14 @@ pub struct Hazard {
     /// Share of the watched time in which lookups were counted (1 when every lookup is probed).
     pub sampled_fraction: f64,
     pub elapsed_s: f64,
+}
+
+/// What the GIL let through: of `windows` whose switches were counted, `handed_over` saw the GIL
+/// go to another thread.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct GilReach {
+    pub windows: u64,
+    pub handed_over: u64,
 }
 
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -71,6 +82,11 @@ fn keep_min(slot: &mut Option<u64>, v: u64) {
 #[derive(Default)]
 struct CacheWindows {
     widths: Histogram,
+    /// Windows whose GIL switches were counted, those in which the GIL went to another thread,
+    /// and their summed widths.
+    gil_windows: u64,
+    handed_over: u64,
+    handed_over_ns: u64,
     recent_opens: VecDeque<u64>,
     writers: HashSet<u32>,
     closest: HashMap<u32, Closest>,
@@ -114,7 +130,15 @@ impl HazardTracker {
             Event::WindowClose(w) => {
                 let c = self.caches.entry(w.obj()).or_default();
                 c.writers.insert(w.writer_tid);
-                c.widths.record(w.close_ns.saturating_sub(w.open_ns));
+                let width = w.close_ns.saturating_sub(w.open_ns);
+                c.widths.record(width);
+                if w.gil_switches != NO_GIL {
+                    c.gil_windows += 1;
+                    if w.gil_switches > 0 {
+                        c.handed_over += 1;
+                        c.handed_over_ns += width;
+                    }
+                }
             }
             Event::Near(n) => self
                 .caches
@@ -188,7 +212,8 @@ fn rate(n: f64, secs: f64) -> f64 {
 }
 
 /// Expected collisions per hour of one reader: its lookup rate times the share of time the cache
-/// is empty, times 3600 (lookups assumed to fall independently of the windows: docs/HAZARD.md).
+/// is empty where a reader can get in, times 3600 (lookups assumed to fall independently of
+/// those windows: docs/HAZARD.md).
 pub fn collisions_per_hour(lookups_per_s: f64, time_in_window: f64) -> f64 {
     lookups_per_s * time_in_window * 3600.0
 }
@@ -196,7 +221,20 @@ pub fn collisions_per_hour(lookups_per_s: f64, time_in_window: f64) -> f64 {
 /// The 95% interval of a forecast resting on `windows` windows and `lookups` lookups seen: each
 /// count is taken as Poisson (its relative error 1/sqrt(n)), the two errors combined on the log
 /// scale. It covers the measurement, not the model (docs/HAZARD.md, "Where it does not").
-pub fn interval(per_hour: f64, windows: u64, lookups: u64) -> (f64, f64) {
+/// `windows` 0 with a forecast of none: `if_all` is the forecast had every window let a reader
+/// in, and the upper end that of 3 windows in `of` doing so (the rule of three: none seen in
+/// `of` bounds the share below 3/`of` at 95%).
+pub fn interval(
+    per_hour: f64,
+    windows: u64,
+    lookups: u64,
+    none_of: Option<(u64, f64)>,
+) -> (f64, f64) {
+    if windows == 0
+        && let Some((of, if_all)) = none_of.filter(|(of, _)| *of > 0)
+    {
+        return (0.0, if_all * (CONFIRMING / of as f64).min(1.0));
+    }
     if windows == 0 || lookups == 0 {
         return (0.0, f64::INFINITY);
     }
@@ -224,6 +262,19 @@ fn cache_hazard(
     sampled_s: f64,
 ) -> Hazard {
     let time_in_window = rate(c.widths.sum() as f64 / 1e9, elapsed_s).min(1.0);
+    let gil = (c.gil_windows > 0).then_some(GilReach {
+        windows: c.gil_windows,
+        handed_over: c.handed_over,
+    });
+    // Under the GIL a reader runs only in windows the GIL went to another thread in (scaled up
+    // when some windows' switches could not be read).
+    let reachable = match gil {
+        Some(g) => {
+            let scale = c.widths.count() as f64 / g.windows as f64;
+            rate(c.handed_over_ns as f64 * scale / 1e9, elapsed_s).min(1.0)
+        }
+        None => time_in_window,
+    };
     let mut rs: Vec<ReaderHazard> = readers
         .iter()
         .filter(|(k, _)| k.obj == obj && !c.writers.contains(&k.tid))
@@ -237,7 +288,7 @@ fn cache_hazard(
                 lookups_per_s,
                 closest_before_ns: closest.before,
                 closest_after_ns: closest.after,
-                expected_collisions_per_hour: collisions_per_hour(lookups_per_s, time_in_window),
+                expected_collisions_per_hour: collisions_per_hour(lookups_per_s, reachable),
             }
         })
         .collect();
@@ -248,6 +299,18 @@ fn cache_hazard(
         .map(|r| r.expected_collisions_per_hour)
         .fold(0.0, |a, b| a + b);
     let lookups = rs.iter().map(|r| r.lookups).sum();
+    let lookups_per_s: f64 = rs.iter().map(|r| r.lookups_per_s).sum();
+    // The windows the forecast rests on, and for none reachable, what bounds it.
+    let (counted, none_of) = match gil {
+        Some(g) => (
+            g.handed_over,
+            Some((
+                g.windows,
+                collisions_per_hour(lookups_per_s, time_in_window),
+            )),
+        ),
+        None => (c.widths.count(), None),
+    };
     Hazard {
         cache: obj.object,
         pid: obj.tgid,
@@ -258,8 +321,9 @@ fn cache_hazard(
         window_p99_ns: c.widths.quantile(0.99),
         window_max_ns: c.widths.max(),
         time_in_window,
+        gil,
         expected_collisions_per_hour: expected,
-        interval_per_hour: interval(expected, c.widths.count(), lookups),
+        interval_per_hour: interval(expected, counted, lookups, none_of),
         confirm_s: confirm_seconds(expected),
         readers: rs,
         sampled_fraction: rate(sampled_s, elapsed_s).min(1.0),
@@ -290,6 +354,7 @@ mod tests {
             cache: CACHE,
             open_ns,
             close_ns,
+            gil_switches: NO_GIL,
             writer_comm: [0; COMM_LEN],
         };
         match kind {
@@ -377,13 +442,60 @@ mod tests {
 
     #[test]
     fn the_interval_narrows_with_the_counts_and_a_forecast_of_none_confirms_nothing() {
-        let (l1, h1) = interval(100.0, 4, 100);
-        let (l2, h2) = interval(100.0, 400, 10_000);
+        let (l1, h1) = interval(100.0, 4, 100, None);
+        let (l2, h2) = interval(100.0, 400, 10_000, None);
         assert!(l1 < l2 && l2 < 100.0 && 100.0 < h2 && h2 < h1);
         // Nothing seen: the measurement bounds nothing.
-        assert_eq!(interval(100.0, 0, 100), (0.0, f64::INFINITY));
+        assert_eq!(interval(100.0, 0, 100, None), (0.0, f64::INFINITY));
         assert_eq!(confirm_seconds(0.0), None);
         assert_eq!(confirm_seconds(3.0), Some(3600.0));
+    }
+
+    /// Windows like [`windows`], each closing with `switches` GIL switches.
+    fn gil_windows(t: &mut HazardTracker, opens: &[u64], width: u64, switches: u64) {
+        for &o in opens {
+            t.on_event(&window(EventKind::WindowOpen, o, 0));
+            let Event::WindowClose(mut w) = window(EventKind::WindowClose, o, o + width) else {
+                unreachable!()
+            };
+            w.gil_switches = switches;
+            t.on_event(&Event::WindowClose(w));
+        }
+    }
+
+    #[test]
+    fn under_the_gil_only_windows_handed_over_let_a_reader_in() {
+        let mut t = HazardTracker::default();
+        // Ten 1 ms windows in 10 s; the GIL went to another thread in two of them.
+        gil_windows(&mut t, &[0, 1, 2, 3, 4, 5, 6, 7], 1_000_000, 0);
+        gil_windows(&mut t, &[8, 9], 1_000_000, 3);
+        let h = &t.report(&[reader(2, 1000)], 10.0, 10.0)[0];
+        assert_eq!(
+            h.gil,
+            Some(GilReach {
+                windows: 10,
+                handed_over: 2
+            })
+        );
+        assert!((h.time_in_window - 0.001).abs() < 1e-12);
+        // 100 lookups/s × (2 ms / 10 s) × 3600 = 72, on two windows' evidence.
+        assert!((h.expected_collisions_per_hour - 72.0).abs() < 1e-9);
+        let spread = (0.5f64 + 0.001).sqrt() * 1.96;
+        assert!((h.interval_per_hour.1 - 72.0 * spread.exp()).abs() < 1e-9);
+    }
+
+    #[test]
+    fn under_the_gil_no_window_handed_over_forecasts_none_bounded_by_the_windows_seen() {
+        let mut t = HazardTracker::default();
+        gil_windows(&mut t, &(0..10).collect::<Vec<_>>(), 1_000_000, 0);
+        let h = &t.report(&[reader(2, 1000)], 10.0, 10.0)[0];
+        assert_eq!(h.expected_collisions_per_hour, 0.0);
+        assert_eq!(h.confirm_s, None);
+        // Had every window let the reader in: 100/s × 1e-3 × 3600 = 360; none in 10 bounds the
+        // share below 3/10 at 95%.
+        let (low, high) = h.interval_per_hour;
+        assert_eq!(low, 0.0);
+        assert!((high - 108.0).abs() < 1e-9, "{high}");
     }
 
     #[test]

@@ -260,10 +260,17 @@ impl<W: Write> Sink for HumanSink<W> {
                 h.expected_collisions_per_hour
             )
         };
+        // Under the GIL, only windows in which it went to another thread let a reader in.
+        let gil = h.gil.map_or_else(String::new, |g| {
+            format!(
+                ", the GIL went to another thread in {} of {} windows",
+                g.handed_over, g.windows
+            )
+        });
         writeln!(
             self.out,
             "HAZARD cache {:#x} in {}: {} windows ({:.1}/s), width p50 {} p99 {} max {}, empty {:.4}% of \
-             the time; {forecast} (window {})",
+             the time{gil}; {forecast} (window {})",
             h.cache,
             pid_text(h.pid, who),
             h.windows,

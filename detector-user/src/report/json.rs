@@ -82,6 +82,12 @@ impl<W: Write> Sink for JsonSink<W> {
             "window_p99_ns": h.window_p99_ns,
             "window_max_ns": h.window_max_ns,
             "time_in_window": h.time_in_window,
+            // A CPython cache's windows, and those in which the GIL went to another thread (the
+            // only ones a reader can get into); null for a native cache.
+            "gil": h.gil.map(|g| json!({
+                "windows": g.windows,
+                "handed_over": g.handed_over,
+            })),
             "readers": readers,
             // null, not 0, when no reader's lookups were counted: no forecast.
             "expected_collisions_per_hour": (!h.readers.is_empty()).then_some(h.expected_collisions_per_hour),

@@ -148,6 +148,42 @@ mod tests {
         }
     }
 
+    /// What the hazard forecast reads at each window's ends: `switch_number` where every build
+    /// keeps it, and 3.11's GIL where the layout places it.
+    #[test]
+    fn the_layout_finds_the_gil_switch_number() {
+        for v in ["3.11.7", "3.12.1", "3.13.0"] {
+            let minor = &v[..4];
+            let lib = format!("/root/.pyenv/versions/{v}/lib/libpython{minor}.so.1.0");
+            let lib = Path::new(&lib);
+            if !lib.is_file() {
+                eprintln!("skipped: no {}", lib.display());
+                continue;
+            }
+            let Some(at) = gdb_address(lib, "&((struct _gil_runtime_state *)0)->switch_number")
+            else {
+                eprintln!("skipped: no gdb");
+                return;
+            };
+            assert_eq!(at, detector_common::GIL_SWITCH_NUMBER, "{v}");
+            let image = crate::targets::python::image::Image::load(lib).unwrap();
+            let l = crate::targets::python::layout::layout(&image)
+                .unwrap()
+                .kernel;
+            if v.starts_with("3.11") {
+                assert_eq!(l.gil_hops, 0);
+                let want = gdb_address(lib, "&_PyRuntime.ceval.gil.switch_number").unwrap();
+                assert_eq!(
+                    l.runtime + l.gil[0] + detector_common::GIL_SWITCH_NUMBER,
+                    want
+                );
+            } else {
+                // Through the main interpreter to its `ceval.gil` pointer, as the thread state.
+                assert_eq!((l.gil_hops, &l.gil[..2]), (2, &l.tstate[..2]), "{v}");
+            }
+        }
+    }
+
     #[test]
     fn an_image_without_the_runtime_says_what_is_missing() {
         let err = find_gil_state(Path::new("/bin/true"), false).unwrap_err();

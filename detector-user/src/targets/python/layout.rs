@@ -456,6 +456,12 @@ fn from_debug_offsets(d: &DebugOffsets, at: Anchors) -> Result<Layout, String> {
                 holder.wrapping_sub(gil),
             ],
             tstate_hops: 3,
+            gil: [
+                d.get("runtime_state.interpreters_head"),
+                d.get("interpreter_state.ceval_gil"),
+                0,
+            ],
+            gil_hops: 2,
             frame: [d.get("thread_state.current_frame"), 0],
             frame_hops: 1,
             f_code: d.get("interpreter_frame.executable"),
@@ -486,7 +492,7 @@ fn from_debug_offsets(d: &DebugOffsets, at: Anchors) -> Result<Layout, String> {
 
 /// 3.11's and 3.12's fields, by (struct, member); the thread state is reached through 3.11's
 /// `gilstate.tstate_current`, or 3.12's main interpreter's GIL holder.
-const MEMBERS: [(&str, &str); 17] = [
+const MEMBERS: [(&str, &str); 19] = [
     ("pyruntimestate", "gilstate"),
     ("_gilstate_runtime_state", "tstate_current"),
     ("pyruntimestate", "interpreters"),
@@ -504,6 +510,9 @@ const MEMBERS: [(&str, &str); 17] = [
     ("PyCodeObject", "co_filename"),
     ("PyCodeObject", "co_linetable"),
     ("PyCodeObject", "co_code_adaptive"),
+    // 3.11's GIL, `_PyRuntime.ceval.gil` (3.12's is reached through the interpreter, as above).
+    ("pyruntimestate", "ceval"),
+    ("_ceval_runtime_state", "gil"),
 ];
 
 /// The offsets of [`MEMBERS`] (those a version lacks are 0) and the code counts.
@@ -515,10 +524,15 @@ struct Offsets {
 fn assemble(version: (u32, u32), source: Source, at: Anchors, o: &Offsets) -> Layout {
     let m = &o.members;
     let [_, stacksize, firstlineno, nlocalsplus] = o.counts;
-    let (tstate, tstate_hops) = if version == (3, 11) {
-        ([m[0] + m[1], 0, 0], 1)
+    let (tstate, tstate_hops, gil, gil_hops) = if version == (3, 11) {
+        ([m[0] + m[1], 0, 0], 1, [m[17] + m[18], 0, 0], 0)
     } else {
-        ([m[2] + m[3], m[5] + m[4], m[6]], 3)
+        (
+            [m[2] + m[3], m[5] + m[4], m[6]],
+            3,
+            [m[2] + m[3], m[5] + m[4], 0],
+            2,
+        )
     };
     Layout {
         version,
@@ -526,6 +540,8 @@ fn assemble(version: (u32, u32), source: Source, at: Anchors, o: &Offsets) -> La
         kernel: at.set(PyLayout {
             tstate,
             tstate_hops,
+            gil,
+            gil_hops,
             frame: [m[7], m[8]],
             frame_hops: 2,
             f_code: m[9],
@@ -564,7 +580,7 @@ fn from_dwarf(image: &Image, version: (u32, u32), at: Anchors) -> Result<Layout,
         let counts = dwarf::member_offsets(d, &COUNTS).map_err(dwarf_err)?;
         // The members this version reaches the thread state by, and all the others.
         let needed = |i: usize| match i {
-            0 | 1 => version == (3, 11),
+            0 | 1 | 17 | 18 => version == (3, 11),
             2..=6 => version != (3, 11),
             _ => true,
         };
@@ -605,14 +621,14 @@ const TABLES: [((u32, u32), [u64; MEMBERS.len()]); 2] = [
         (3, 11),
         [
             0x238, 0x8, 0x28, 0x8, 0, 0, 0, 0x38, 0x8, 0x20, 0x30, 0x38, 0x48, 0x80, 0x70, 0x88,
-            0xb8,
+            0xb8, 0x160, 0x8,
         ],
     ),
     (
         (3, 12),
         [
             0xa00, 0, 0x28, 0x8, 0x10, 0x170, 0x8, 0x38, 0x0, 0x0, 0x8, 0x38, 0x48, 0x80, 0x70,
-            0x88, 0xc0,
+            0x88, 0xc0, 0x798, 0,
         ],
     ),
 ];
