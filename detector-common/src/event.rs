@@ -88,6 +88,13 @@ pub struct WindowEvent {
     /// thread while it was open (its `switch_number`'s increase): 0 means no other thread ran
     /// Python code inside it. [`NO_GIL`] for a native window, or on an opening.
     pub gil_switches: u64,
+    /// On [`EventKind::WindowClose`] of a window whose cache's lock racewatch sees: the time
+    /// from each of the clear's unlocks to the refill's lock that followed, summed over
+    /// `reach_pairs` such spans, with racewatch's two traps in each (`Costs::lock_edges_ns`
+    /// takes them out). `reach_pairs` 0: not measured, all of the window counts.
+    pub reach_ns: u64,
+    pub reach_pairs: u32,
+    pub _pad: u32,
     pub writer_comm: [u8; COMM_LEN],
 }
 
@@ -404,10 +411,12 @@ pub enum Stat {
     /// `d.get(k)` or `k in d` in a window whose key the kernel could not hash or look up: each
     /// may have missed, so a run that has any cannot report clean.
     UnjudgedQuiet = 27,
+    /// The clear's unlock and the refill's lock (`on_clear_unlock`, `on_refill_locked`).
+    HitsLockEdge = 28,
 }
 
 impl Stat {
-    pub const COUNT: u32 = 28;
+    pub const COUNT: u32 = 29;
     /// Every kind of event the kernel could not deliver.
     pub const LOST: [Stat; 9] = [
         Stat::LostWindowOpen,
@@ -610,7 +619,10 @@ mod decode {
 
         #[test]
         fn layouts_have_no_padding() {
-            assert_eq!(size_of::<WindowEvent>(), 4 * 4 + 8 + 8 + 8 + 8 + COMM_LEN);
+            assert_eq!(
+                size_of::<WindowEvent>(),
+                4 * 4 + 8 + 8 + 8 + 8 + 8 + 4 + 4 + COMM_LEN
+            );
             assert_eq!(
                 size_of::<LookupEvent>(),
                 4 * 4 + 8 + 8 + 8 + 4 + 4 + 8 + COMM_LEN
@@ -631,7 +643,10 @@ mod decode {
             );
             assert_eq!(size_of::<Inflight>(), 16 + 8);
             assert_eq!(size_of::<ReaderState>(), 8 + 8 + COMM_LEN);
-            assert_eq!(size_of::<crate::Window>(), 4 + 4 + 8 + 8 + 8 + 8);
+            assert_eq!(
+                size_of::<crate::Window>(),
+                4 + 4 + 8 + 8 + 8 + 8 + 8 + 8 + 4 + 4
+            );
             assert_eq!(
                 size_of::<NativeStack>(),
                 4 * 4 + 8 * 4 + 4 + 4 + STACK_BYTES
@@ -654,6 +669,9 @@ mod decode {
                 open_ns: 10,
                 close_ns: 20,
                 gil_switches: 3,
+                reach_ns: 900,
+                reach_pairs: 2,
+                _pad: 0,
                 writer_comm: *b"refresher\0\0\0\0\0\0\0",
             };
             assert_eq!(Event::decode(as_bytes(&w)), Ok(Event::WindowClose(w)));

@@ -23,6 +23,12 @@ pub struct Window {
     /// no GIL serialises the window, and its value when the window opened.
     pub gil_switch_at: u64,
     pub gil_switch: u64,
+    /// A lock-guarded cache's: when the writer's clear last released the lock (0: not since
+    /// the refill took it), and the spans from such a release to the refill's lock so far.
+    pub unlocked_ns: u64,
+    pub reach_ns: u64,
+    pub reach_pairs: u32,
+    pub _pad: u32,
 }
 
 impl Window {
@@ -38,6 +44,10 @@ impl Window {
                 close_ns: 0,
                 gil_switch_at: 0,
                 gil_switch: 0,
+                unlocked_ns: 0,
+                reach_ns: 0,
+                reach_pairs: 0,
+                _pad: 0,
             }),
         }
     }
@@ -62,6 +72,26 @@ impl Window {
             Some(n) if self.gil_switch_at != 0 => n.wrapping_sub(self.gil_switch).min(NO_GIL - 1),
             _ => NO_GIL,
         }
+    }
+
+    /// The writer `tid` released the cache's lock in its clear at `now`: readers can get in.
+    pub fn on_unlock(&mut self, tid: u32, now: u64) -> bool {
+        if !self.closes_on_refill(tid) {
+            return false;
+        }
+        self.unlocked_ns = now;
+        true
+    }
+
+    /// The writer `tid`'s refill took the cache's lock at `now`: readers are kept out again.
+    pub fn on_locked(&mut self, tid: u32, now: u64) -> bool {
+        if !self.closes_on_refill(tid) || self.unlocked_ns == 0 {
+            return false;
+        }
+        self.reach_ns += now.saturating_sub(self.unlocked_ns);
+        self.reach_pairs += 1;
+        self.unlocked_ns = 0;
+        true
     }
 
     /// Did a lookup by `tid` overlap this window? `entry_ns` is when the lookup began, or `None`
@@ -93,6 +123,27 @@ pub struct WriterAt {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn reach_spans_run_from_the_clear_unlock_to_the_refill_lock() {
+        let mut w = Window::on_clear(None, 1, 100).unwrap();
+        assert!(!w.on_locked(1, 150), "no unlock seen yet");
+        assert!(
+            !w.on_unlock(2, 160),
+            "another thread's unlock is not the clear's"
+        );
+        assert!(w.on_unlock(1, 200));
+        assert!(
+            !w.on_locked(2, 250),
+            "another thread's lock is not the refill's"
+        );
+        assert!(w.on_locked(1, 260));
+        assert!(w.on_unlock(1, 300));
+        assert!(w.on_locked(1, 340));
+        assert_eq!((w.reach_ns, w.reach_pairs, w.unlocked_ns), (100, 2, 0));
+        let mut closed = w.closed(400);
+        assert!(!closed.on_unlock(1, 410), "a closed window has no reach");
+    }
 
     #[test]
     fn gil_switches_count_from_the_opening() {

@@ -6,7 +6,7 @@ use aya_ebpf::{
     macros::{uprobe, uretprobe},
     programs::{ProbeContext, RetProbeContext},
 };
-use detector_common::{EventKind, NO_GIL, ObjKey, Stat, Window};
+use detector_common::{EventKind, NO_GIL, ObjKey, ProbeConfig, Stat, Window};
 
 use crate::{
     maps::{GIL_HOLDS, PENDING_DICTS, REFILLS},
@@ -24,42 +24,51 @@ pub fn on_clear(ctx: ProbeContext) -> u32 {
     let Some((who, cache, cfg)) = watched_object(&ctx) else {
         return 0;
     };
-    let tid = who.tid;
-    // SAFETY: the context's registers are valid for the whole program.
-    let regs = unsafe { &*ctx.regs };
-    let prev = window(&cache);
+    let open = window(&cache).is_some_and(|w| w.open != 0);
     // Emptied again while still open (refilled by assignments racewatch does not watch, or freed
     // and its address reused): the KeyErrors it holds are judged against what the dict holds
     // now, before it is emptied, which is what was filled in since. An object still empty (a
     // writer that clears twice, or a second writer's clear) tells nothing yet: they wait for
-    // the close.
-    if prev.is_some_and(|w| w.open != 0)
-        && PENDING_DICTS.get_ptr(&cache).is_some()
-        && !holds_nothing(cache.object)
-        && PENDING_DICTS.remove(&cache).is_ok()
-    {
-        judge_pending(cache);
-    }
-    if let Some(mut w) = Window::on_clear(prev.as_ref(), tid, unsafe { bpf_ktime_get_ns() }) {
-        // A CPython window: whether the GIL goes to another thread before it closes is what
-        // lets a reader in at all (the hazard forecast's reachable windows).
-        if let Some(at) = Interp::at(regs, &cfg).and_then(gil_switch_at)
-            && let Some(n) = read_user::<u64>(at)
+    // the close. A second clear keeps the first opening: the cache has been empty since then.
+    if open {
+        if PENDING_DICTS.get_ptr(&cache).is_some()
+            && !holds_nothing(cache.object)
+            && PENDING_DICTS.remove(&cache).is_ok()
         {
-            w.gil_switch_at = at;
-            w.gil_switch = n;
+            judge_pending(cache);
         }
-        // Stack and event first: a lookup that sees the stored window then reserves its own
-        // event later in the ring, so userspace always reads a window's opening (and the
-        // writer's stack, when it is sent now, just before it) before its lookups.
-        writer_opened(regs, &cache, &w, &cfg);
-        window_event(EventKind::WindowOpen, &cache, &w, tid, NO_GIL);
-        store_window(&cache, &w);
-        if gil_handover() {
-            arm_gil_handover(&ctx, &cfg, cache, tid, w.open_ns);
-        }
+    } else {
+        open_window(&ctx, &cache, &cfg, who.tid);
     }
     0
+}
+
+/// Opens `cache`'s window, written by `tid`. A function of its own so that its frame and
+/// `judge_pending`'s are not on the stack at once.
+#[inline(never)]
+fn open_window(ctx: &ProbeContext, cache: &ObjKey, cfg: &ProbeConfig, tid: u32) {
+    // SAFETY: the context's registers are valid for the whole program.
+    let regs = unsafe { &*ctx.regs };
+    let Some(mut w) = Window::on_clear(None, tid, unsafe { bpf_ktime_get_ns() }) else {
+        return;
+    };
+    // A CPython window: whether the GIL goes to another thread before it closes is what lets a
+    // reader in at all (the hazard forecast's reachable windows).
+    if let Some(at) = Interp::at(regs, cfg).and_then(gil_switch_at)
+        && let Some(n) = read_user::<u64>(at)
+    {
+        w.gil_switch_at = at;
+        w.gil_switch = n;
+    }
+    // Stack and event first: a lookup that sees the stored window then reserves its own event
+    // later in the ring, so userspace always reads a window's opening (and the writer's stack,
+    // when it is sent now, just before it) before its lookups.
+    writer_opened(regs, cache, &w, cfg);
+    window_event(EventKind::WindowOpen, cache, &w, tid, NO_GIL);
+    store_window(cache, &w);
+    if gil_handover() {
+        arm_gil_handover(ctx, cfg, *cache, tid, w.open_ns);
+    }
 }
 
 /// The cache's refill function's entry, `void update(Cache *c, ...)`: remembers which cache this
@@ -137,6 +146,36 @@ pub fn on_refill_close(ctx: ProbeContext) -> u32 {
         // Left by the entry probe that holds the writer under `--provoke`.
         let _ = REFILLS.remove(&who.tid);
         close(&cache, who.tid);
+    }
+    0
+}
+
+/// The clear's release of the cache's lock (its last call, to `pthread_mutex_unlock` or the like;
+/// the cache where the probe's configuration says): from here until the refill takes the lock,
+/// a reader can take it and find the cache empty. A trap inside the clear's critical section, so
+/// the span readers can get in is not widened.
+#[uprobe]
+pub fn on_clear_unlock(ctx: ProbeContext) -> u32 {
+    bump(Stat::HitsLockEdge);
+    if let Some((who, cache, _)) = watched_object(&ctx)
+        && let Some(mut w) = window(&cache)
+        && w.on_unlock(who.tid, unsafe { bpf_ktime_get_ns() })
+    {
+        store_window(&cache, &w);
+    }
+    0
+}
+
+/// The first instruction the refill runs holding the cache's lock (after its first call, to
+/// `pthread_mutex_lock` or the like): the span since the clear's unlock ends.
+#[uprobe]
+pub fn on_refill_locked(ctx: ProbeContext) -> u32 {
+    bump(Stat::HitsLockEdge);
+    if let Some((who, cache, _)) = watched_object(&ctx)
+        && let Some(mut w) = window(&cache)
+        && w.on_locked(who.tid, unsafe { bpf_ktime_get_ns() })
+    {
+        store_window(&cache, &w);
     }
     0
 }

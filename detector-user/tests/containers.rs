@@ -95,10 +95,12 @@ fn watch_finds_every_miss_of_a_process_in_a_container() {
     let c = demo_in_container(&app, "/app");
     let pid = c.worker();
     let (line, misses, alerts, summary) = watch_in_container(c, &[]);
-    // The program is found through the process's root: the host has no /app.
+    // The program is found through the process's root: the host has no /app. Five probes: the
+    // clear, the refill's unlock, the lookup's miss path, and the cache's lock released by the
+    // clear and taken again by the refill.
     assert!(
         line.contains(&format!(
-            "watching pid {pid} (pid 1 in its pid namespace): 3 probes attached to /proc/{pid}/root/app/cache_demo"
+            "watching pid {pid} (pid 1 in its pid namespace): 5 probes attached to /proc/{pid}/root/app/cache_demo"
         )),
         "{line}"
     );

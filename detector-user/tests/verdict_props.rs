@@ -175,6 +175,9 @@ impl Kernel {
             open_ns: w.open_ns,
             close_ns: w.close_ns,
             gil_switches: detector_common::NO_GIL,
+            reach_ns: 0,
+            reach_pairs: 0,
+            _pad: 0,
             writer_comm: [0; COMM_LEN],
         };
         self.events.push(match kind {

@@ -410,6 +410,40 @@ fn rare_race_misses_in_few_windows_in_ten_unobserved_seconds() {
     );
 }
 
+/// Two readers on a lock-guarded cache refreshed every 2 ms: the race fires hundreds of times a
+/// second, and the forecast from the span the lock is free in each window comes within 3x of it
+/// (the whole windows would forecast several times more).
+#[test]
+#[ignore = "root"]
+fn a_lock_guarded_cache_is_forecast_from_the_span_its_lock_is_free() {
+    let demo = [
+        "--seconds",
+        "4",
+        "--keys",
+        "2000",
+        "--refresh-us",
+        "2000",
+        "--pause-us",
+        "20",
+        "--readers",
+        "2",
+    ];
+    let (_, (_, misses, _), text) = watch_demo_with(&["--interval", "1"], &demo);
+    let last = hazard_lines(&text)
+        .pop()
+        .unwrap_or_else(|| panic!("no hazard line:\n{text}"));
+    assert_eq!(last["lock"]["windows"], last["windows"], "{last}");
+    assert!(misses > 100, "the race barely fired: {misses} misses");
+    let forecast = last["expected_collisions_per_hour"].as_f64().unwrap()
+        * last["elapsed_s"].as_f64().unwrap()
+        / 3600.0;
+    let misses = misses as f64;
+    assert!(
+        forecast > misses / 3.0 && forecast < misses * 3.0,
+        "forecast {forecast:.1} for the run, {misses} happened: {last}"
+    );
+}
+
 #[test]
 #[ignore = "root"]
 fn rare_race_gets_a_hazard_line_within_the_run() {
@@ -445,8 +479,15 @@ fn rare_race_gets_a_hazard_line_within_the_run() {
     assert!((rate * elapsed - lookups as f64).abs() < 1.0, "{r}");
     assert!(r["closest_before_ns"].as_u64().is_some(), "{r}");
     assert!(r["closest_after_ns"].as_u64().is_some(), "{r}");
+    // The cache's lock is seen released by the clear and taken again by the refill in every
+    // window: the estimate rests on the span it was free, a small part of each window.
+    let lock = &last["lock"];
+    assert_eq!(lock["windows"], last["windows"], "{last}");
+    let free_ns = lock["released_ns"].as_f64().unwrap();
+    assert!(free_ns > 0.0 && free_ns < p50 as f64, "{last}");
     // The estimate is the formula of docs/HAZARD.md on the line's own numbers.
-    let expected = rate * last["time_in_window"].as_f64().unwrap() * 3600.0;
+    let reachable = free_ns * refreshes as f64 / 1e9 / elapsed;
+    let expected = rate * reachable * 3600.0;
     let got = last["expected_collisions_per_hour"].as_f64().unwrap();
     assert!(
         got > 0.0 && (got - expected).abs() < 1e-6 * expected,
@@ -621,6 +662,7 @@ fn the_summary_says_what_racewatch_added_to_the_target() {
         "refill_return",
         "lookup_miss",
         "lookup_sample",
+        "lock_edge",
     ]
     .iter()
     .map(|k| hits[k].as_u64().unwrap())

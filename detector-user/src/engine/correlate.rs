@@ -636,6 +636,9 @@ mod tests {
             open_ns,
             close_ns: 0,
             gil_switches: detector_common::NO_GIL,
+            reach_ns: 0,
+            reach_pairs: 0,
+            _pad: 0,
             writer_comm: [0; COMM_LEN],
         };
         match kind {

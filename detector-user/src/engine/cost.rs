@@ -10,6 +10,9 @@ pub struct Costs {
     pub single_stepped_ns: f64,
     /// What probing the return adds to the entry's trap.
     pub return_ns: f64,
+    /// What a lock-guarded cache's unlock and lock probes add to each span they measure
+    /// between them (`WindowEvent::reach_ns`): the hazard report takes it out.
+    pub lock_edges_ns: f64,
 }
 
 /// How each probe of a run traps: true where the probed instruction is emulated.
@@ -73,6 +76,7 @@ pub fn required_ns(costs: &Costs, traps: &Traps, hits: &ProbeHits) -> f64 {
         + hits.lookup_miss as f64 * trap(costs, traps.lookup_miss)
         + hits.keyerror as f64 * trap(costs, traps.keyerror)
         + hits.quiet_lookup as f64 * trap(costs, traps.quiet_lookup)
+        + hits.lock_edge as f64 * costs.emulated_ns
 }
 
 /// What the hazard report's lookup sampling added.
@@ -93,6 +97,8 @@ pub struct ProbeHits {
     pub keyerror: u64,
     /// `--quiet-misses`: every `d.get` and `in` on a dict.
     pub quiet_lookup: u64,
+    /// A lock-guarded cache's clear unlocks and refill locks (always emulated instructions).
+    pub lock_edge: u64,
 }
 
 /// The time racewatch's probes added to the target: each probe's hits times what one hit costs on
@@ -145,6 +151,7 @@ mod tests {
         emulated_ns: 1000.0,
         single_stepped_ns: 10_000.0,
         return_ns: 2000.0,
+        lock_edges_ns: 1500.0,
     };
 
     #[test]

@@ -50,6 +50,10 @@ pub struct Hazard {
     /// A CPython cache's: in how many of its windows the GIL went to another thread. Only those
     /// let a reader in, and the forecast rests on them alone.
     pub gil: Option<GilReach>,
+    /// A lock-guarded native cache's: how long its lock was free in each window, between the
+    /// clear's unlock and the refill's lock. Only then can a reader get in, and the forecast
+    /// rests on that span.
+    pub lock: Option<LockReach>,
     pub readers: Vec<ReaderHazard>,
     pub expected_collisions_per_hour: f64,
     /// The forecast's 95% interval from the counts it rests on (windows and lookups seen).
@@ -69,6 +73,14 @@ pub struct GilReach {
     pub handed_over: u64,
 }
 
+/// What the cache's lock let through: in `windows` windows where racewatch saw it released and
+/// taken again, it was free `released_ns` a window on average (racewatch's own traps taken out).
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct LockReach {
+    pub windows: u64,
+    pub released_ns: f64,
+}
+
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 struct Closest {
     before: Option<u64>,
@@ -82,11 +94,18 @@ fn keep_min(slot: &mut Option<u64>, v: u64) {
 #[derive(Default)]
 struct CacheWindows {
     widths: Histogram,
-    /// Windows whose GIL switches were counted, those in which the GIL went to another thread,
-    /// and their summed widths.
+    /// The summed widths of the windows a reader could get into: those in which the GIL went to
+    /// another thread, and those neither a GIL nor a lock racewatch sees serialises.
+    reachable_ns: u64,
+    /// Windows whose GIL switches were counted, and those in which the GIL went to another
+    /// thread.
     gil_windows: u64,
     handed_over: u64,
-    handed_over_ns: u64,
+    /// Windows whose lock spans were measured, the spans' count and their summed time, with
+    /// racewatch's traps in.
+    lock_windows: u64,
+    lock_spans: u64,
+    lock_ns: u64,
     recent_opens: VecDeque<u64>,
     writers: HashSet<u32>,
     closest: HashMap<u32, Closest>,
@@ -116,6 +135,8 @@ impl CacheWindows {
 
 #[derive(Default)]
 pub struct HazardTracker {
+    /// What racewatch's own traps add to each lock span measured (`Costs::lock_edges_ns`).
+    lock_edges_ns: f64,
     caches: HashMap<ObjKey, CacheWindows>,
     /// Processes that ended, oldest first.
     ended: VecDeque<u32>,
@@ -124,6 +145,14 @@ pub struct HazardTracker {
 }
 
 impl HazardTracker {
+    /// `lock_edges_ns`: what racewatch's traps add to each lock span it measures.
+    pub fn new(lock_edges_ns: f64) -> HazardTracker {
+        HazardTracker {
+            lock_edges_ns,
+            ..HazardTracker::default()
+        }
+    }
+
     pub fn on_event(&mut self, event: &Event) {
         match event {
             Event::WindowOpen(w) => self.on_open(w),
@@ -136,8 +165,14 @@ impl HazardTracker {
                     c.gil_windows += 1;
                     if w.gil_switches > 0 {
                         c.handed_over += 1;
-                        c.handed_over_ns += width;
+                        c.reachable_ns += width;
                     }
+                } else if w.reach_pairs > 0 {
+                    c.lock_windows += 1;
+                    c.lock_spans += u64::from(w.reach_pairs);
+                    c.lock_ns += w.reach_ns;
+                } else {
+                    c.reachable_ns += width;
                 }
             }
             Event::Near(n) => self
@@ -195,7 +230,9 @@ impl HazardTracker {
             .caches
             .iter()
             .filter(|(_, c)| c.widths.count() > 0)
-            .map(|(&obj, c)| cache_hazard(obj, c, readers, elapsed_s, sampled_s))
+            .map(|(&obj, c)| {
+                cache_hazard(obj, c, readers, elapsed_s, sampled_s, self.lock_edges_ns)
+            })
             .collect();
         out.sort_by(|a, b| {
             b.expected_collisions_per_hour
@@ -260,21 +297,20 @@ fn cache_hazard(
     readers: &[(ReaderKey, ReaderState)],
     elapsed_s: f64,
     sampled_s: f64,
+    lock_edges_ns: f64,
 ) -> Hazard {
     let time_in_window = rate(c.widths.sum() as f64 / 1e9, elapsed_s).min(1.0);
     let gil = (c.gil_windows > 0).then_some(GilReach {
         windows: c.gil_windows,
         handed_over: c.handed_over,
     });
-    // Under the GIL a reader runs only in windows the GIL went to another thread in (scaled up
-    // when some windows' switches could not be read).
-    let reachable = match gil {
-        Some(g) => {
-            let scale = c.widths.count() as f64 / g.windows as f64;
-            rate(c.handed_over_ns as f64 * scale / 1e9, elapsed_s).min(1.0)
-        }
-        None => time_in_window,
-    };
+    // A lock span's time less racewatch's two traps in it, summed, never below none.
+    let lock_free_ns = (c.lock_ns as f64 - c.lock_spans as f64 * lock_edges_ns).max(0.0);
+    let lock = (c.lock_windows > 0).then(|| LockReach {
+        windows: c.lock_windows,
+        released_ns: lock_free_ns / c.lock_windows as f64,
+    });
+    let reachable = rate((c.reachable_ns as f64 + lock_free_ns) / 1e9, elapsed_s).min(1.0);
     let mut rs: Vec<ReaderHazard> = readers
         .iter()
         .filter(|(k, _)| k.obj == obj && !c.writers.contains(&k.tid))
@@ -322,6 +358,7 @@ fn cache_hazard(
         window_max_ns: c.widths.max(),
         time_in_window,
         gil,
+        lock,
         expected_collisions_per_hour: expected,
         interval_per_hour: interval(expected, counted, lookups, none_of),
         confirm_s: confirm_seconds(expected),
@@ -355,6 +392,9 @@ mod tests {
             open_ns,
             close_ns,
             gil_switches: NO_GIL,
+            reach_ns: 0,
+            reach_pairs: 0,
+            _pad: 0,
             writer_comm: [0; COMM_LEN],
         };
         match kind {
@@ -482,6 +522,34 @@ mod tests {
         assert!((h.expected_collisions_per_hour - 72.0).abs() < 1e-9);
         let spread = (0.5f64 + 0.001).sqrt() * 1.96;
         assert!((h.interval_per_hour.1 - 72.0 * spread.exp()).abs() < 1e-9);
+    }
+
+    #[test]
+    fn a_lock_guarded_cache_is_reachable_only_while_its_lock_is_free() {
+        // Ten 1 ms windows in 10 s, each with one span of 1,500 ns measured from the clear's
+        // unlock to the refill's lock, 1,000 ns of which are racewatch's traps.
+        let mut t = HazardTracker::new(1_000.0);
+        for o in 0..10 {
+            t.on_event(&window(EventKind::WindowOpen, o, 0));
+            let Event::WindowClose(mut w) = window(EventKind::WindowClose, o, o + 1_000_000) else {
+                unreachable!()
+            };
+            (w.reach_ns, w.reach_pairs) = (1_500, 1);
+            t.on_event(&Event::WindowClose(w));
+        }
+        let h = &t.report(&[reader(2, 1000)], 10.0, 10.0)[0];
+        assert_eq!(
+            h.lock,
+            Some(LockReach {
+                windows: 10,
+                released_ns: 500.0
+            })
+        );
+        // 100 lookups/s × (10 × 500 ns / 10 s) × 3600 = 0.18, not the 360 of whole windows.
+        assert!(
+            (h.expected_collisions_per_hour - 0.18).abs() < 1e-9,
+            "{h:?}"
+        );
     }
 
     #[test]

@@ -10,7 +10,7 @@ use aya::{
     maps::PerCpuArray,
     programs::{UProbe, uprobe::UProbeScope},
 };
-use detector_common::{ARG_SLOTS, ProbeConfig, STATS_MAP, Stat};
+use detector_common::{ARG_SLOTS, ObjKey, ProbeConfig, STATS_MAP, Stat, WINDOWS_MAP, Window};
 use serde::Serialize;
 
 use crate::{
@@ -80,6 +80,16 @@ std::arch::global_asm!(
     "mov %rdi,%rax",
     "ret",
     ".size racewatch_calibrate_sub, .-racewatch_calibrate_sub",
+    // Two emulated jumps in a row: a lock-guarded cache's unlock and lock probes with nothing
+    // between them, so the span they measure is racewatch's own (see `lock_edges`).
+    ".globl racewatch_calibrate_edges",
+    ".type racewatch_calibrate_edges,@function",
+    "racewatch_calibrate_edges:",
+    "jmp 2f",
+    "2: jmp 3f",
+    "3: mov %rdi,%rax",
+    "ret",
+    ".size racewatch_calibrate_edges, .-racewatch_calibrate_edges",
     options(att_syntax)
 );
 
@@ -92,6 +102,7 @@ unsafe extern "C" {
     fn racewatch_calibrate_call(x: u64) -> u64;
     fn racewatch_calibrate_endbr64(x: u64) -> u64;
     fn racewatch_calibrate_sub(x: u64) -> u64;
+    fn racewatch_calibrate_edges(x: u64) -> u64;
 }
 
 type Target = unsafe extern "C" fn(u64) -> u64;
@@ -255,6 +266,73 @@ impl Bench {
         Ok((t - self.base).max(0.0))
     }
 
+    /// The span a lock-guarded cache's unlock and lock probes measure with no code between
+    /// them: the tail of the first trap and the head of the second, which every span measured
+    /// in a target holds too. The median over the batches of each batch's mean.
+    fn lock_edges(&mut self) -> Result<f64, CalibrationError> {
+        let load = |e: &dyn std::fmt::Display| CalibrationError::Load(e.to_string());
+        let f = racewatch_calibrate_edges as Target;
+        let at = file_offset(f as *const () as u64)?;
+        let mut links = Vec::new();
+        // `jmp rel8` is two bytes: the second probe is on the second jump.
+        for (program, offset) in [("on_clear_unlock", 0), ("on_refill_locked", 2)] {
+            let prog: &mut UProbe = self
+                .ebpf
+                .program_mut(program)
+                .and_then(|p| p.try_into().ok())
+                .ok_or_else(|| load(&program))?;
+            prog.load().map_err(|e| load(&e))?;
+            let link = prog
+                .attach(at + offset, &self.exe, self.scope)
+                .map_err(|e| load(&e))?;
+            links.push((program, link));
+        }
+        let mut windows: aya::maps::HashMap<_, ObjKey, Window> = self
+            .ebpf
+            .map_mut(WINDOWS_MAP)
+            .ok_or_else(|| load(&WINDOWS_MAP))?
+            .try_into()
+            .map_err(|e| load(&e))?;
+        // A window this thread has open on a made-up cache, the calls' argument.
+        let cache = ObjKey {
+            object: 0x5eed,
+            tgid: std::process::id(),
+            window: 0,
+        };
+        // SAFETY: gettid has no preconditions.
+        let tid = unsafe { libc::gettid() } as u32;
+        let open = Window::on_clear(None, tid, 1).ok_or_else(|| load(&"no window"))?;
+        const CALLS: u64 = 2_000;
+        let mut means = Vec::new();
+        for _ in 0..self.batches {
+            windows.insert(cache, open, 0).map_err(|e| load(&e))?;
+            for _ in 0..CALLS {
+                // SAFETY: the calibration functions only copy their argument.
+                black_box(unsafe { f(black_box(cache.object)) });
+            }
+            let w = windows.get(&cache, 0).map_err(|e| load(&e))?;
+            if u64::from(w.reach_pairs) != CALLS {
+                return Err(CalibrationError::Miscount {
+                    fired: u64::from(w.reach_pairs),
+                    calls: CALLS,
+                });
+            }
+            means.push(w.reach_ns as f64 / CALLS as f64);
+        }
+        let _ = windows.remove(&cache);
+        for (program, link) in links {
+            if let Some(prog) = self
+                .ebpf
+                .program_mut(program)
+                .and_then(|p| <&mut UProbe>::try_from(p).ok())
+            {
+                let _ = prog.detach(link);
+            }
+        }
+        means.sort_by(f64::total_cmp);
+        Ok(means[means.len() / 2])
+    }
+
     fn fired(&self, stat: Stat) -> Result<u64, CalibrationError> {
         let load = |e: &dyn std::fmt::Display| CalibrationError::Load(e.to_string());
         let stats: PerCpuArray<_, u64> = self
@@ -281,6 +359,7 @@ pub fn calibrate() -> Result<Costs, CalibrationError> {
         emulated_ns: emulated,
         single_stepped_ns: stepped,
         return_ns: (with_return - emulated).max(0.0),
+        lock_edges_ns: bench.lock_edges()?,
     })
 }
 

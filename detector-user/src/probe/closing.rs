@@ -123,6 +123,116 @@ pub fn close_sites(
         .collect()
 }
 
+/// The clear's releases of the cache's lock: its close sites (see [`close_sites`]), each a call
+/// `is_unlock` names as releasing a lock. `Err` says why the clear is not seen to end with one.
+pub fn unlock_sites(
+    d: &Decoded,
+    exits: &[usize],
+    arg: Option<Register>,
+    fixed: Option<ObjectAt>,
+    is_unlock: &dyn Fn(&Instruction) -> bool,
+) -> Result<Vec<(Site, ObjectAt)>, String> {
+    let sites = close_sites(d, exits, arg, fixed)?;
+    for (s, _) in &sites {
+        let Some(i) = d.index_of(d.start + s.offset) else {
+            return Err(format!("no instruction at +{:#x}", s.offset));
+        };
+        if !is_unlock(&d.instrs[i]) {
+            return Err(format!(
+                "its last call at {} releases no lock racewatch knows",
+                at(d, &d.instrs[i])
+            ));
+        }
+    }
+    Ok(sites)
+}
+
+/// Where the refill first holds the cache's lock: on every path from its entry, the first call
+/// must be one `is_lock` names as taking a lock; after each, the first instruction the kernel
+/// emulates on the straight line that follows its return, before any other path joins it, with
+/// where the cache is there. A trap there falls inside the critical section, not in the span
+/// readers can get in. `Err` says why the refill is not seen to begin with a lock.
+pub fn locked_sites(
+    d: &Decoded,
+    arg: Option<Register>,
+    fixed: Option<ObjectAt>,
+    is_lock: &dyn Fn(&Instruction) -> bool,
+) -> Result<Vec<(Site, ObjectAt)>, String> {
+    let mut firsts = Vec::new();
+    let mut seen = vec![false; d.instrs.len()];
+    let mut work = vec![0];
+    while let Some(i) = work.pop() {
+        if std::mem::replace(&mut seen[i], true) {
+            continue;
+        }
+        let ins = &d.instrs[i];
+        if matches!(
+            ins.flow_control(),
+            FlowControl::Call | FlowControl::IndirectCall
+        ) {
+            firsts.push(i);
+            continue;
+        }
+        let next = successors(d, i);
+        if next.leaves || ins.flow_control() == FlowControl::Return {
+            return Err(format!(
+                "a path from its entry leaves at {} before any call",
+                at(d, ins)
+            ));
+        }
+        work.extend(next.inside);
+    }
+    if firsts.is_empty() {
+        return Err("it calls nothing".into());
+    }
+    firsts.sort_unstable();
+    let preds = predecessors(d);
+    let objects = arg.map(|r| object_before_each(d, r));
+    firsts
+        .into_iter()
+        .map(|f| {
+            if !is_lock(&d.instrs[f]) {
+                return Err(format!(
+                    "its first call at {} takes no lock racewatch knows",
+                    at(d, &d.instrs[f])
+                ));
+            }
+            let mut j = f + 1;
+            let site = loop {
+                let Some(ins) = d.instrs.get(j) else {
+                    return Err(format!(
+                        "its lock at {} does not return",
+                        at(d, &d.instrs[f])
+                    ));
+                };
+                if preds[j].len() != 1 {
+                    return Err(format!(
+                        "another path joins at {} before an instruction the kernel emulates",
+                        at(d, ins)
+                    ));
+                }
+                if is_emulated(ins) {
+                    break j;
+                }
+                if ins.flow_control() != FlowControl::Next {
+                    return Err(format!("it branches at {} after its lock", at(d, ins)));
+                }
+                j += 1;
+            };
+            let ins = &d.instrs[site];
+            let object = fixed
+                .or_else(|| objects.as_ref().and_then(|o| o[site]))
+                .ok_or_else(|| {
+                    format!(
+                        "the cache is in no register or stack slot after its lock, at {}",
+                        at(d, ins)
+                    )
+                })?;
+            Ok((d.site(ins), object))
+        })
+        .collect()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -201,6 +311,52 @@ mod tests {
         ];
         let err = sites(&code).unwrap_err();
         assert!(err.contains("after its call at +0x4"), "{err}");
+    }
+
+    /// The call or jump at `+offset` in fixtures whose calls all target the next instruction.
+    fn targets(offsets: &'static [u64]) -> impl Fn(&Instruction) -> bool {
+        move |ins: &Instruction| offsets.contains(&(ins.ip() - START))
+    }
+
+    #[test]
+    fn the_refill_holds_its_lock_at_the_first_emulated_instruction_after_taking_it() {
+        // The native demo's update (g++ -O2): 0: push %rbp; 1: mov %rdi,%rbp; 4: call lock;
+        // 9: test %eax,%eax; b: jne 0x13; d: call fill; 12: pop %rbp; 13: ret
+        let code = [
+            0x55, 0x48, 0x89, 0xfd, 0xe8, 0, 0, 0, 0, 0x85, 0xc0, 0x75, 0x06, 0xe8, 0, 0, 0, 0,
+            0x5d, 0xc3,
+        ];
+        let d = Decoded::decode(&code, START).unwrap();
+        let found = locked_sites(&d, Some(Register::RDI), None, &targets(&[0x4])).unwrap();
+        let found: Vec<_> = found.into_iter().map(|(s, o)| (s.offset, o)).collect();
+        assert_eq!(found, vec![(0xb, reg(Register::RBP))]);
+        let err = locked_sites(&d, Some(Register::RDI), None, &targets(&[0xd])).unwrap_err();
+        assert!(err.contains("first call at +0x4 takes no lock"), "{err}");
+    }
+
+    #[test]
+    fn a_refill_that_may_return_before_locking_is_not_lock_guarded() {
+        // 0: test %rdi,%rdi; 3: je 0xa; 5: call lock; a: ret
+        let code = [0x48, 0x85, 0xff, 0x74, 0x05, 0xe8, 0, 0, 0, 0, 0xc3];
+        let d = Decoded::decode(&code, START).unwrap();
+        let err = locked_sites(&d, Some(Register::RDI), None, &targets(&[0x5])).unwrap_err();
+        assert!(err.contains("leaves at +0xa before any call"), "{err}");
+    }
+
+    #[test]
+    fn the_clear_must_end_with_an_unlock() {
+        // 0: push %rbx; 1: mov %rdi,%rbx; 4: call fill; 9: mov %rbx,%rdi; c: pop %rbx;
+        // d: jmp unlock
+        let code = [
+            0x53, 0x48, 0x89, 0xfb, 0xe8, 0, 0, 0, 0, 0x48, 0x89, 0xdf, 0x5b, 0xe9, 0, 0x10, 0, 0,
+        ];
+        let d = Decoded::decode(&code, START).unwrap();
+        let exits = d.exits(&|_| false).unwrap();
+        let found = unlock_sites(&d, &exits, Some(Register::RDI), None, &targets(&[0xd])).unwrap();
+        assert_eq!(found[0].0.offset, 0xd);
+        let err =
+            unlock_sites(&d, &exits, Some(Register::RDI), None, &targets(&[0x4])).unwrap_err();
+        assert!(err.contains("last call at +0xd releases no lock"), "{err}");
     }
 
     #[test]

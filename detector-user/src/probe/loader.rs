@@ -441,6 +441,17 @@ impl Loaded {
                 }
             }
         }
+        if let Some(edges) = &plan.lock_edges {
+            for (program, what, sites) in [
+                ("on_clear_unlock", "clear unlock", &edges.unlocks),
+                ("on_refill_locked", "refill lock", &edges.locked),
+            ] {
+                for s in sites {
+                    let c = &with_object(cfg, s.object);
+                    self.attach_one(program, what, bin, &s.function, s.offset, c)?;
+                }
+            }
+        }
         match &plan.lookup {
             LookupProbe::Entry(placed) => {
                 for p in placed {

@@ -1,6 +1,7 @@
 //! Probing: reading ELF files for functions and where to probe them, loading racewatch's eBPF
 //! object, attaching it, and asking the kernel what it supports and what a probe costs.
 pub mod calibrate;
+pub mod callees;
 pub mod closing;
 pub mod code;
 pub mod copies;

@@ -9,13 +9,14 @@ use iced_x86::{Decoder, DecoderOptions, FlowControl, InstructionInfoFactory, Reg
 
 use crate::{
     probe::{
+        callees::{Callees, releases_lock, takes_lock},
         closing,
         code::{
             ARG_REGS, Decoded, Site, code_of, describe, how, is_emulated, slot_name, slot_register,
             writes,
         },
         miss_path::{self, ReturnReg},
-        plan::{MissSite, ObjectAt, Placed, RefillProbe},
+        plan::{LockEdges, MissSite, ObjectAt, Placed, RefillProbe},
         symbols::{Function, SymbolTable},
     },
     text::escape,
@@ -307,6 +308,75 @@ fn describe_object(object: ObjectAt) -> String {
         ObjectAt::Memory { slot, offset } => format!("at {offset:+#x}({})", slot_name(slot)),
         ObjectAt::Static(address) => format!("the global at {address:#x}"),
     }
+}
+
+/// Where a lock-guarded cache's readers can get in: from each of clear `clear`'s releases of
+/// the cache's lock to the first instruction refill `refill` runs holding it again (see
+/// `closing::unlock_sites` and `closing::locked_sites`), both traps inside the critical
+/// sections. The object arrives in argument `arg` of both. `Err` says why racewatch does not
+/// see the lock (then the hazard counts all of each window).
+pub fn place_lock_edges(
+    binary: &Path,
+    table: &SymbolTable,
+    clear: &Function,
+    refill: &Function,
+    arg: u32,
+    verbose: bool,
+) -> Result<LockEdges, String> {
+    let callees = Callees::load(binary);
+    let callees = &callees;
+    let named = |pred: fn(&str) -> bool| {
+        move |ins: &iced_x86::Instruction| callees.name(ins, table).is_some_and(|n| pred(&n))
+    };
+    let (arrives, _) = arrival(arg, None);
+    let placed = |f: &Function, sites: Vec<(Site, ObjectAt)>| -> Vec<Placed> {
+        sites
+            .into_iter()
+            .map(|(s, o)| Placed {
+                function: f.clone(),
+                offset: s.offset,
+                emulated: s.emulated,
+                object: Some(o),
+            })
+            .collect()
+    };
+    let decoded = |f: &Function| code_of(binary, f).and_then(|c| Decoded::decode(&c, f.address));
+    let d = decoded(clear).map_err(|e| format!("clear: {e}"))?;
+    let exits = d.exits(&|_| false).map_err(|e| format!("clear: {e}"))?;
+    let unlocks = closing::unlock_sites(&d, &exits, arrives, None, &named(releases_lock))
+        .map_err(|e| format!("clear: {e}"))?;
+    let d = decoded(refill).map_err(|e| format!("update: {e}"))?;
+    let locked = closing::locked_sites(&d, arrives, None, &named(takes_lock))
+        .map_err(|e| format!("update: {e}"))?;
+    if verbose {
+        let list = |f: &Function, sites: &[(Site, ObjectAt)]| {
+            sites
+                .iter()
+                .map(|(s, o)| {
+                    format!(
+                        "{:#x}+{:#x} ({}, {}), cache {}",
+                        f.address,
+                        s.offset,
+                        s.instruction,
+                        how(s.emulated),
+                        describe_object(*o)
+                    )
+                })
+                .collect::<Vec<_>>()
+                .join("; ")
+        };
+        eprintln!(
+            "racewatch: the cache's lock: released by {} at {}, taken again by {} at {}",
+            escape(&clear.display),
+            list(clear, &unlocks),
+            escape(&refill.display),
+            list(refill, &locked),
+        );
+    }
+    Ok(LockEdges {
+        unlocks: placed(clear, unlocks),
+        locked: placed(refill, locked),
+    })
 }
 
 /// The cheapest sure way to probe refill `f`: its last calls, each reading the cache (see

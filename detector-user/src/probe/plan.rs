@@ -195,6 +195,9 @@ pub struct Plan {
     /// Functions whose return closes the window (CPython has two ways to refill a dict).
     pub refills: Vec<RefillProbe>,
     pub lookup: LookupProbe,
+    /// A lock-guarded native cache's lock, where racewatch sees it taken and released: what
+    /// the hazard report counts of each window.
+    pub lock_edges: Option<LockEdges>,
     /// CPython `--provoke`: how to make a writer hand the GIL over (None: native holds).
     pub gil: Option<GilHandover>,
     /// Where lookups are counted in short bursts (see `sampling`), when `lookup` does not probe
@@ -208,6 +211,13 @@ pub struct Plan {
     /// CPython: where this interpreter keeps a thread's frames, for the kernel (stored by
     /// window).
     pub py_layout: Option<detector_common::PyLayout>,
+}
+
+/// Where the clear releases the cache's lock and where the refill holds it again (see
+/// `placement::place_lock_edges`), each with where the cache is there.
+pub struct LockEdges {
+    pub unlocks: Vec<Placed>,
+    pub locked: Vec<Placed>,
 }
 
 /// How a refill is probed: where it ends, and at its entry when only the entry says which cache.

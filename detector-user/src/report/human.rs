@@ -240,6 +240,15 @@ impl<W: Write> Sink for HumanSink<W> {
         let forecast = if h.readers.is_empty() {
             let sampled = sampled.map_or_else(String::new, |s| format!(" ({s})"));
             format!("no forecast{sampled}")
+        } else if h.expected_collisions_per_hour == 0.0
+            && let (_, high) = h.interval_per_hour
+            && high.is_finite()
+            && high > 0.0
+        {
+            // No window let a reader in yet (the GIL stayed with the writer): a bound, not
+            // "none".
+            let sampled = sampled.map_or_else(String::new, |s| format!("; {s}"));
+            format!("no reader could get in yet: at most {high:.1} collisions/hour (95%{sampled})")
         } else {
             let (low, high) = h.interval_per_hour;
             let high = if high.is_finite() {
@@ -267,10 +276,18 @@ impl<W: Write> Sink for HumanSink<W> {
                 g.handed_over, g.windows
             )
         });
+        // A lock-guarded cache: readers get in only while its lock is free.
+        let lock = h.lock.map_or_else(String::new, |l| {
+            format!(
+                ", its lock free {} a window between the clear and the refill ({} windows)",
+                fmt_ns(l.released_ns.round() as u64),
+                l.windows
+            )
+        });
         writeln!(
             self.out,
             "HAZARD cache {:#x} in {}: {} windows ({:.1}/s), width p50 {} p99 {} max {}, empty {:.4}% of \
-             the time{gil}; {forecast} (window {})",
+             the time{gil}{lock}; {forecast} (window {})",
             h.cache,
             pid_text(h.pid, who),
             h.windows,

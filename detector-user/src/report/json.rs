@@ -88,6 +88,13 @@ impl<W: Write> Sink for JsonSink<W> {
                 "windows": g.windows,
                 "handed_over": g.handed_over,
             })),
+            // A lock-guarded native cache's windows whose lock racewatch saw released and taken
+            // again, and how long it was free in each on average: the only span a reader can
+            // get into. Null where racewatch does not see the lock.
+            "lock": h.lock.map(|l| json!({
+                "windows": l.windows,
+                "released_ns": l.released_ns,
+            })),
             "readers": readers,
             // null, not 0, when no reader's lookups were counted: no forecast.
             "expected_collisions_per_hour": (!h.readers.is_empty()).then_some(h.expected_collisions_per_hour),

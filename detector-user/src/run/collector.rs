@@ -256,7 +256,8 @@ impl Run<'_> {
         let mut feed = Consumers {
             correlator,
             windows,
-            hazard: HazardTracker::default(),
+            // Without the costs, lock spans keep racewatch's traps in: the forecast errs high.
+            hazard: HazardTracker::new(costs.map_or(0.0, |c| c.lock_edges_ns)),
             resolver,
             pairs: Pairs::default(),
             sink,
@@ -683,5 +684,6 @@ fn probe_hits(s: &[u64]) -> ProbeHits {
         lookup_sample: stat(Stat::HitsLookupSample),
         keyerror: stat(Stat::HitsKeyError),
         quiet_lookup: stat(Stat::HitsQuietLookup),
+        lock_edge: stat(Stat::HitsLockEdge),
     }
 }

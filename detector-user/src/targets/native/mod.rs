@@ -205,6 +205,34 @@ fn plan(
                 object_arg,
             )
         });
+    // Where the cache's lock is released and taken again, for the hazard report: the named
+    // functions only, where they receive the cache in its argument.
+    let in_arg = |c: &Copies| {
+        c.each
+            .iter()
+            .any(|(f, object)| f.address == c.named.address && object.is_none())
+    };
+    let lock_edges = (in_arg(&clears) && in_arg(&refills))
+        .then(|| {
+            placement::place_lock_edges(
+                &binary,
+                &table,
+                &clears.named,
+                &refills.named,
+                object_arg,
+                verbose,
+            )
+            .inspect_err(|why| {
+                if verbose {
+                    eprintln!(
+                        "racewatch: the hazard report counts all of each window: racewatch \
+                         does not see the cache's lock ({why})"
+                    );
+                }
+            })
+            .ok()
+        })
+        .flatten();
     let refills = refills
         .each
         .iter()
@@ -326,6 +354,7 @@ fn plan(
         sample: sample.filter(|_| matches!(lookup, LookupProbe::Miss { .. })),
         sample_always: false,
         unprobed,
+        lock_edges,
         gil: None,
         lookup,
         py_layout: None,

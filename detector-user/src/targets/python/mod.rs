@@ -566,6 +566,7 @@ pub fn plan(
         },
         sample: Some(sample),
         sample_always: every_lookup,
+        lock_edges: None,
         gil,
         py_layout: Some(layout.kernel),
     };
