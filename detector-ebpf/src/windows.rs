@@ -182,22 +182,22 @@ pub fn on_refill_locked(ctx: ProbeContext) -> u32 {
 
 /// Closes `cache`'s window when `tid` opened it.
 fn close(cache: &ObjKey, tid: u32) {
-    if window(cache).is_some_and(|w| w.closes_on_refill(tid)) {
-        store_closed(cache, tid);
-        if PENDING_DICTS.remove(cache).is_ok() {
-            judge_pending(*cache);
-        }
+    if store_closed(cache, tid) && PENDING_DICTS.remove(cache).is_ok() {
+        judge_pending(*cache);
     }
 }
 
-/// Stores `cache`'s window closed now and sends its close. A function of its own so that its
-/// frame and `judge_pending`'s are not on the stack at once.
+/// Stores `cache`'s window closed now and sends its close, when `tid` opened it; false when it
+/// did not. A function of its own so that its frame and `judge_pending`'s are not on the stack
+/// at once.
 #[inline(never)]
-fn store_closed(cache: &ObjKey, tid: u32) {
-    if let Some(w) = window(cache) {
-        let closed = w.closed(unsafe { bpf_ktime_get_ns() });
-        let switches = w.gil_switches(read_user::<u64>(w.gil_switch_at));
-        store_window(cache, &closed);
-        window_event(EventKind::WindowClose, cache, &closed, tid, switches);
-    }
+fn store_closed(cache: &ObjKey, tid: u32) -> bool {
+    let Some(w) = window(cache).filter(|w| w.closes_on_refill(tid)) else {
+        return false;
+    };
+    let closed = w.closed(unsafe { bpf_ktime_get_ns() });
+    let switches = w.gil_switches(read_user::<u64>(w.gil_switch_at));
+    store_window(cache, &closed);
+    window_event(EventKind::WindowClose, cache, &closed, tid, switches);
+    true
 }

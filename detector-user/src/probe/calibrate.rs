@@ -348,8 +348,9 @@ impl Bench {
     }
 }
 
-/// Measures the three costs a run's estimate needs.
-pub fn calibrate() -> Result<Costs, CalibrationError> {
+/// Measures the costs a run's estimate needs; what the lock edges add to a lock span only where
+/// the run probes a cache's lock (`lock_edges`), 0 otherwise.
+pub fn calibrate(lock_edges: bool) -> Result<Costs, CalibrationError> {
     // ~50 ms in all: the run's end waits for it.
     let mut bench = Bench::new(3, 4_000_000)?;
     let emulated = bench.cost(Kind::Entry, racewatch_calibrate_push)?;
@@ -359,7 +360,7 @@ pub fn calibrate() -> Result<Costs, CalibrationError> {
         emulated_ns: emulated,
         single_stepped_ns: stepped,
         return_ns: (with_return - emulated).max(0.0),
-        lock_edges_ns: bench.lock_edges()?,
+        lock_edges_ns: if lock_edges { bench.lock_edges()? } else { 0.0 },
     })
 }
 

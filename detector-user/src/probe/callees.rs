@@ -117,23 +117,22 @@ fn c_name(name: &str) -> &str {
     base_symbol(name.split('@').next().unwrap_or(name)).trim_start_matches('_')
 }
 
+/// C++'s lock guards, whose constructor takes a lock and whose destructor releases it.
+const GUARDS: [&str; 3] = ["lock_guard", "unique_lock", "scoped_lock"];
+
 /// Whether a function named `name` takes a lock: a C lock function, or a C++ mutex's `lock()`
 /// or a lock guard's constructor, called out of line (an unoptimised build).
 pub fn takes_lock(name: &str) -> bool {
     LOCKS.contains(&c_name(name))
         || name.ends_with("::lock()")
-        || ["lock_guard", "unique_lock", "scoped_lock"]
-            .iter()
-            .any(|g| name.contains(&format!("::{g}(")))
+        || GUARDS.iter().any(|g| name.contains(&format!("::{g}(")))
 }
 
 /// Whether a function named `name` releases a lock (see [`takes_lock`]).
 pub fn releases_lock(name: &str) -> bool {
     UNLOCKS.contains(&c_name(name))
         || name.ends_with("::unlock()")
-        || ["lock_guard", "unique_lock", "scoped_lock"]
-            .iter()
-            .any(|g| name.contains(&format!("::~{g}(")))
+        || GUARDS.iter().any(|g| name.contains(&format!("::~{g}(")))
 }
 
 #[cfg(test)]

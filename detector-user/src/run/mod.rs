@@ -195,8 +195,9 @@ pub async fn run(
         None => Vec::new(),
     };
     let mut forks_unfollowed = tgid_offset.as_ref().err().cloned();
+    let lock_edges = plans.iter().any(|p| p.lock_edges.is_some());
     let costs = (!args.dry_run)
-        .then(|| per_hit_costs(args.verbose))
+        .then(|| per_hit_costs(args.verbose, lock_edges))
         .flatten();
     let attached = Loaded::load(
         &Options {
@@ -320,8 +321,8 @@ pub async fn run(
 /// What one probe hit costs here, for the budget and the summary: measured (~50 ms) before the
 /// probes are attached and before a launched command is released, so that measuring never runs
 /// beside a target racewatch started.
-fn per_hit_costs(verbose: bool) -> Option<Costs> {
-    let costs = crate::probe::calibrate::calibrate()
+fn per_hit_costs(verbose: bool, lock_edges: bool) -> Option<Costs> {
+    let costs = crate::probe::calibrate::calibrate(lock_edges)
         .inspect_err(|e| {
             eprintln!(
                 "racewatch: cannot estimate what its probes cost ({e}): lookups are sampled in \
